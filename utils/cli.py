@@ -1,0 +1,83 @@
+"""What every stage script shares: common flags, device choice, seeding, error handling."""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+
+BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8, 32)  # 32 = leave the layer in float
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("common options (shared by all stages)")
+    g.add_argument("--data-dir", default="data", type=Path,
+                   help="CIFAR-10 location: a folder with cifar-10-batches-py/, an image-folder tree "
+                        "(train/<class>/*, test/<class>/*), or a .tar/.tar.gz of such a tree; "
+                        "downloaded here if none is found (default: data)")
+    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"),
+                   help="cifar10, or a small deterministic synthetic set for offline demos (default: cifar10)")
+    g.add_argument("--results-dir", default="results", type=Path, help="where JSON results go (default: results)")
+    g.add_argument("--checkpoint-dir", default="checkpoints", type=Path,
+                   help="where checkpoints go (default: checkpoints)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto = cuda if available, else cpu (default: auto)")
+    g.add_argument("--seed", default=0, type=int,
+                   help="seeds data order, augmentation, validation split and initialization (default: 0)")
+    g.add_argument("--val-size", default=None, type=int,
+                   help="images held out of the 50,000 training images for validation; stage 1 default "
+                        "5000, 0 = train on all and search on test; stages 2-4 default to the value "
+                        "recorded in the checkpoint")
+    g.add_argument("--quick", action="store_true", help="smoke-test setting: tiny data and work (default: off)")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "
+                        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}). "
+                        "Run with --device cpu (or auto), or check the driver with nvidia-smi.")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_bits(bits, what="--bits"):
+    bad = [b for b in bits if b not in BIT_CHOICES]
+    if bad or not bits:
+        raise UserError(f"{what} {bad or bits}: weight widths must be among 2-8 bits, or 32 for float. "
+                        f"For example: {what} 8 6 4 3 2.")
+
+
+def check_non_negative(value, flag):
+    if value is not None and value < 0:
+        raise UserError(f"{flag} must be >= 0, got {value}.")
+
+
+def run(main, parser: argparse.ArgumentParser, argv=None):
+    """Parse args, run `main(args)`, and turn expected failures into one-paragraph messages.
+
+    Exit codes: 0 ok, 2 bad input (UserError), 130 interrupted by Ctrl-C.
+    """
+    args = parser.parse_args(argv)
+    print(args)
+    try:
+        main(args)
+    except UserError as e:
+        print("\n" + textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): no partial output was written.", file=sys.stderr)
+        sys.exit(130)
