@@ -17,12 +17,13 @@ BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8, 32)  # 32 = leave the layer in float
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("common options (shared by all stages)")
-    g.add_argument("--data-dir", default="data", type=Path,
+    g.add_argument("--data-dir", default=None, type=Path,
                    help="CIFAR-10 location: a folder with cifar-10-batches-py/, an image-folder tree "
                         "(train/<class>/*, test/<class>/*), or a .tar/.tar.gz of such a tree; "
-                        "downloaded here if none is found (default: data)")
-    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "synthetic"),
-                   help="cifar10, or a small deterministic synthetic set for offline demos (default: cifar10)")
+                        "downloaded here if none is found (default: data; stages 2-4: the checkpoint's)")
+    g.add_argument("--dataset", default=None, choices=("cifar10", "synthetic"),
+                   help="cifar10, or a small deterministic synthetic set for offline demos "
+                        "(default: cifar10; stages 2-4: the checkpoint's)")
     g.add_argument("--results-dir", default="results", type=Path, help="where JSON results go (default: results)")
     g.add_argument("--checkpoint-dir", default="checkpoints", type=Path,
                    help="where checkpoints go (default: checkpoints)")

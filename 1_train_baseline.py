@@ -1,0 +1,51 @@
+"""Stage 1: train the float ResNet baseline on CIFAR-10.
+
+    python 1_train_baseline.py                      # 200 epochs, the default recipe
+    python 1_train_baseline.py --data-dir ../shared/data/cifar10-jpeg.tar.gz --epochs 30
+    python 1_train_baseline.py --resume             # continue an interrupted run
+    python 1_train_baseline.py --quick --dataset synthetic   # smoke test, seconds on CPU
+
+Writes checkpoints/resnet20_baseline.pt and results/01_baseline.json.
+"""
+import argparse
+
+from utils.baseline import train_baseline
+from utils.cli import add_common_args, run
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- model ---
+    p.add_argument("--depth", default=20, type=int, help="ResNet depth 6n+2: 20, 32, 44, 56, 110 (default: 20)")
+    p.add_argument("--shortcut", default="B", choices=("A", "B"),
+                   help="A = zero-pad identity (paper), B = 1x1 conv projection (default: B)")
+    # --- optimization (He et al. 2015 recipe with a cosine schedule) ---
+    p.add_argument("--epochs", default=200, type=int, help="training epochs (default: 200)")
+    p.add_argument("--batch-size", default=128, type=int, help="images per step (default: 128)")
+    p.add_argument("--lr", default=0.1, type=float,
+                   help="peak learning rate per 128 images; scaled linearly with --batch-size (default: 0.1)")
+    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default: 0.9)")
+    p.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum (default: Nesterov)")
+    p.add_argument("--weight-decay", default=5e-4, type=float, help="L2 weight decay (default: 5e-4)")
+    p.add_argument("--warmup-epochs", default=0, type=int,
+                   help="linear LR warm-up before the cosine decay; useful for large batches (default: 0)")
+    # --- speed ---
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA instead of bf16 autocast (default: bf16)")
+    p.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
+    p.add_argument("--eval-every", default=1, type=int,
+                   help="evaluate validation accuracy every N epochs for the training curve; 0 = only at the end (default: 1)")
+    # --- files ---
+    p.add_argument("--checkpoint", default=None,
+                   help="checkpoint path (default: <checkpoint-dir>/resnet<depth>_baseline.pt)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in the checkpoint, with its settings (default: off)")
+    return add_common_args(p)
+
+
+def main(args):
+    return train_baseline(args)
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,122 @@
+"""Device-resident training and evaluation: the whole data set lives on the device as uint8,
+batches are gathered, cropped and flipped there, so no per-batch host work is done."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+PAD = 4  # random-crop padding, as in He et al. 2015
+
+
+class Normalizer:
+    """uint8 NHWC -> normalized float NCHW (channels_last memory, free from NHWC)."""
+
+    def __init__(self, mean, std, device):
+        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=device))).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=device) /
+                      torch.tensor(std, dtype=torch.float32, device=device)).view(1, -1, 1, 1)
+
+    def __call__(self, x_u8):
+        return x_u8.permute(0, 3, 1, 2).float() * self.scale + self.shift
+
+
+def to_device_uint8(x: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+class WarmupCosine:
+    """Per-step LR factor: linear warm-up, then cosine to zero. A plain object, so LambdaLR's
+    state_dict saves it and a resumed run continues the same curve."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def epoch_plan(n: int, seed: int, epoch: int):
+    """Order, crop offsets and flips of one epoch, from (seed, epoch) alone: a resumed run
+    draws exactly what the uninterrupted one drew, on any device."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    flips = torch.randint(0, 2, (n,), generator=g, dtype=torch.bool)
+    return perm, offsets, flips
+
+
+def augmented_batch(padded: torch.Tensor, idx, offsets, flips) -> torch.Tensor:
+    """Random crop + horizontal flip as one gather on the padded uint8 NHWC tensor."""
+    size = padded.shape[1] - 2 * PAD
+    ar = torch.arange(size, device=padded.device)
+    rows = offsets[:, 0:1] + ar                                          # (B, H)
+    cols = offsets[:, 1:2] + torch.where(flips[:, None], size - 1 - ar, ar)  # (B, W)
+    return padded[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def train_one_epoch(model, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
+                    use_amp=False, desc="train", log_every=20):
+    model.train()
+    device = padded.device
+    n = len(labels)
+    perm, offsets, flips = (t.to(device) for t in epoch_plan(n, seed, epoch))
+    steps = max(1, n // batch_size)  # drop the ragged last batch: BN dislikes tiny batches
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    for step in bar:
+        sl = slice(step * batch_size, min(n, (step + 1) * batch_size))
+        idx = perm[sl]
+        x = normalize(augmented_batch(padded, idx, offsets[sl], flips[sl]))
+        y = labels[idx]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(idx)
+        if step % log_every == 0 or step == steps - 1:  # .item() syncs: not every step
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.4f}")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen}
+
+
+@torch.inference_mode()
+def evaluate(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_size: int = 1000,
+             desc: str | None = None) -> dict:
+    """Loss and accuracy (percent) of `model` on device-resident uint8 images, in fp32."""
+    was_training = model.training
+    model.eval()
+    n = len(labels)
+    loss_sum = torch.zeros((), device=x_u8.device, dtype=torch.float64)
+    correct = torch.zeros((), device=x_u8.device, dtype=torch.long)
+    starts = range(0, n, batch_size)
+    for s in (tqdm(starts, desc=desc, leave=False) if desc else starts):
+        out = model(normalize(x_u8[s:s + batch_size]))
+        y = labels[s:s + batch_size]
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    c = int(correct.item())
+    return {"loss": loss_sum.item() / max(n, 1), "acc": 100.0 * c / max(n, 1), "correct": c, "n": n}
+
+
+def timed(fn, *a, **k):
+    t = time.perf_counter()
+    out = fn(*a, **k)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
