@@ -64,9 +64,10 @@ class BasicBlock(nn.Module):
                     nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out += self.shortcut(x)  # in place, as torchvision: saves a full activation copy
+        return F.relu(out, inplace=True)
 
 
 class CifarResNet(nn.Module):
@@ -94,7 +95,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def stem(self, x):
-        return F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn1(self.conv1(x)), inplace=True)
 
     def head(self, x):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
