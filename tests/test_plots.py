@@ -1,0 +1,289 @@
+"""Plots and summary of stage 5, from realistic ResNet-20 (shortcut B) fixture results."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from models.resnet import resnet20
+from utils.ai_calculator import layer_table, model_cost
+from utils.errors import UserError
+from utils.io import REPO_ROOT, SCHEMA_VERSION
+from utils.plots import (INPUTS, PLOTS, bits_summary, figure_title, generate_plots, layer_group, load_inputs,
+                         plot_pareto, style, summary_markdown)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOT_NAMES = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
+BITS = [8, 6, 4, 3, 2]
+MAX_DROP = 1.0
+
+
+def _common(stage, synthetic):
+    return {
+        "stage": stage, "schema_version": SCHEMA_VERSION,
+        "dataset": {"name": "synthetic" if synthetic else "cifar10",
+                    "source": "generated (seed 0)" if synthetic else "data/cifar-10-batches-py",
+                    "synthetic": synthetic},
+        "model_args": {"arch": "resnet", "depth": 20, "shortcut": "B", "num_classes": 10},
+        "provenance": {"args": {}, "inputs": {}, "git_commit": None, "seconds": 1.0},
+    }
+
+
+def write_fixture_results(folder, synthetic=False, seed=0):
+    """Write 01-04 results JSONs like the stages would for a trained ResNet-20 B; returns the folder."""
+    rng = np.random.default_rng(seed)
+    table = layer_table(resnet20("B"))
+    names = [l.name for l in table]
+    params = {l.name: l.weights for l in table}
+
+    def ai(cfg):
+        return model_cost(table, cfg)["ai"]
+
+    def nbytes(cfg):
+        return model_cost(table, cfg)["bytes"]
+
+    fp32_ai = ai({})
+    base_val, base_test = 91.86, 91.62
+    # stage 1
+    epochs = 30
+    hist = []
+    for e in range(1, epochs + 1):
+        t = e / epochs
+        hist.append(dict(epoch=e, train_loss=1.9 * math.exp(-4 * t) + 0.05, train_acc=99 - 60 * math.exp(-4.5 * t),
+                         lr=0.05 * (1 + math.cos(math.pi * t)), val_loss=1.7 * math.exp(-3.5 * t) + 0.3,
+                         val_acc=min(base_val, 92 - 55 * math.exp(-4 * t)), seconds=12.5))
+    b01 = dict(_common("1", synthetic), test_acc=base_test, val_acc=base_val, epochs=epochs,
+               seconds_per_epoch=12.5, train_seconds=12.5 * epochs, history=hist)
+    # stage 2: drops grow as width shrinks; the stem, shortcuts and head are the sensitive ones
+    factor = {8: 0.01, 6: 0.03, 4: 0.12, 3: 0.7, 2: 5.0}
+    layers = []
+    drops = {}
+    for l in table:
+        g = layer_group(l.name)
+        s = {"stem": 3.5, "head": 2.2, "layer1": 1.3, "layer2": 0.8, "layer3": 0.3}[g]
+        if "shortcut" in l.name:
+            s = 1.6
+        res = []
+        for b in BITS:
+            d = round(min(80.0, s * factor[b] * (1 + 0.3 * rng.standard_normal())) + 0.03 * rng.standard_normal(), 2)
+            drops[l.name, b] = d
+            cfg = {l.name: b}
+            res.append(dict(bits=b, val_acc=round(base_val - d, 2), drop=d, model_ai=ai(cfg),
+                            bytes_saved=params[l.name] * (32 - b) / 8))
+        layers.append(dict(name=l.name, kind=l.kind, params=l.weights, macs=l.macs, results=res))
+    p02 = dict(_common("2", synthetic), baseline_val_acc=base_val, bits=BITS, fp32_ai=fp32_ai, layers=layers)
+
+    def est(cfg):
+        return sum(max(0.0, drops[n, b]) for n, b in cfg.items() if b != 32)
+
+    def measured(cfg):
+        return round(base_val - 1.1 * est(cfg) + 0.05 * rng.standard_normal(), 2)
+
+    # stage 3: greedy (one layer one step narrower, best AI gain per estimated drop)
+    ladder = [32] + BITS
+    cfg = {n: 32 for n in names}
+    traj = [dict(step=0, layer=None, from_bits=None, bits=None, ai=fp32_ai, val_acc=base_val, est_drop=0.0)]
+    while True:
+        best = None
+        for n in names:
+            i = ladder.index(cfg[n])
+            if i + 1 == len(ladder):
+                continue
+            new = dict(cfg, **{n: ladder[i + 1]})
+            gain = ai(new) - ai(cfg)
+            cost = max(0.01, est(new) - est(cfg))
+            if best is None or gain / cost > best[0]:
+                best = (gain / cost, n, new)
+        if best is None:
+            break
+        _, n, new = best
+        acc = measured(new)
+        if base_val - acc > MAX_DROP:
+            break
+        traj.append(dict(step=len(traj), layer=n, from_bits=cfg[n], bits=new[n], ai=ai(new), val_acc=acc,
+                         est_drop=est(new)))
+        cfg = new
+    greedy = dict(trajectory=traj, config=cfg, ai=ai(cfg), val_acc=traj[-1]["val_acc"], evaluations=len(traj) + 3)
+    # estimated Pareto frontier: the non-dominated ones among mutations of the greedy's configurations
+    pts = [(0.0, nbytes({}), {n: 32 for n in names})]
+    for t in range(1, len(traj)):
+        base_cfg = {n: 32 for n in names}
+        for e in traj[1:t + 1]:
+            base_cfg[e["layer"]] = e["bits"]
+        for _ in range(12):
+            c = dict(base_cfg)
+            for n in rng.choice(names, size=3, replace=False):
+                c[n] = int(ladder[min(len(ladder) - 1, max(0, ladder.index(c[n]) + int(rng.integers(-1, 2))))])
+            pts.append((est(c), nbytes(c), c))
+    pts.sort(key=lambda t: (t[0], t[1]))
+    frontier, best_bytes = [], float("inf")
+    for d, by, c in pts:
+        if by < best_bytes:
+            best_bytes = by
+            frontier.append(dict(config=c, est_drop=d, ai=ai(c), bytes=by))
+    for f in sorted(frontier, key=lambda f: -f["ai"]):   # verify, highest AI first
+        if f["est_drop"] <= MAX_DROP:
+            f["val_acc"] = measured(f["config"])
+            if base_val - f["val_acc"] <= MAX_DROP:
+                chosen = f
+                break
+    pareto = dict(frontier=frontier, config=chosen["config"], ai=chosen["ai"], val_acc=chosen["val_acc"],
+                  evaluations=3)
+    s03 = dict(_common("3", synthetic), max_drop=MAX_DROP, baseline_val_acc=base_val, fp32_ai=fp32_ai, bits=BITS,
+               best="greedy" if greedy["ai"] >= pareto["ai"] else "pareto", greedy=greedy, pareto=pareto,
+               layers=[dict(name=n, params=params[n]) for n in names])
+    # stage 4
+    uni_acc = {8: (91.8, 91.55), 6: (91.5, 91.3), 4: (89.7, 89.4), 3: (81.9, 81.2), 2: (18.3, 17.6)}
+    configs = [dict(name="fp32", config={}, ai=fp32_ai, bytes=nbytes({}), val_acc=base_val, test_acc=base_test)]
+    for b in BITS:
+        c = {n: b for n in names}
+        configs.append(dict(name=f"uniform_w{b}", config=c, ai=ai(c), bytes=nbytes(c), val_acc=uni_acc[b][0],
+                            test_acc=uni_acc[b][1]))
+    for name, res in (("greedy", greedy), ("pareto", pareto)):
+        configs.append(dict(name=name, config=res["config"], ai=res["ai"], bytes=nbytes(res["config"]),
+                            val_acc=res["val_acc"], test_acc=round(res["val_acc"] - 0.3, 2)))
+    dominates = {}
+    for s in configs[-2:]:
+        dominates[s["name"]] = [u["name"] for u in configs[1:-2]
+                                if s["ai"] >= u["ai"] and s["val_acc"] >= u["val_acc"]
+                                and (s["ai"], s["val_acc"]) != (u["ai"], u["val_acc"])]
+    b04 = dict(_common("4", synthetic), baseline="fp32", configs=configs, dominates=dominates,
+               eval_split="val", max_drop=MAX_DROP)
+    folder.mkdir(parents=True, exist_ok=True)
+    for obj, (fname, _) in zip((b01, p02, s03, b04), INPUTS.values()):
+        (folder / fname).write_text(json.dumps(obj, indent=1))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fixture_dirs(tmp_path_factory):
+    """Fixture results, made once: {"real": folder, "synthetic": folder} (copy before changing them)."""
+    real = write_fixture_results(tmp_path_factory.mktemp("fixture") / "real")
+    synth = real.parent / "synthetic"
+    synth.mkdir()
+    for fname, _ in INPUTS.values():
+        obj = json.loads((real / fname).read_text())
+        obj["dataset"] = {"name": "synthetic", "source": "generated (seed 0)", "synthetic": True}
+        (synth / fname).write_text(json.dumps(obj))
+    return {"real": real, "synthetic": synth}
+
+
+@pytest.fixture(scope="module")
+def results(fixture_dirs, tmp_path_factory):
+    """The script run end to end on the fixture results (the one full rendering in this file)."""
+    folder = tmp_path_factory.mktemp("run") / "results"
+    shutil.copytree(fixture_dirs["real"], folder)
+    p = subprocess.run([sys.executable, "5_generate_plots.py", "--results-dir", str(folder)],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return folder, p
+
+
+def _check_png(path):
+    from matplotlib.image import imread
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+    img = imread(path)
+    h, w = img.shape[:2]
+    assert 600 <= w <= 4000 and 600 <= h <= 4000, (path.name, img.shape)
+
+
+def test_script_makes_every_plot_as_png_and_pdf(results):
+    folder, p = results
+    assert f"6 plots (PNG + PDF) in {folder / 'plots'}: {', '.join(PLOTS)}" in p.stdout
+    assert set(PLOTS) == set(PLOT_NAMES)
+    assert "skipped" not in p.stdout and "synthetic" not in p.stdout and "Traceback" not in p.stderr
+    for name in PLOT_NAMES:
+        _check_png(folder / "plots" / f"{name}.png")
+        pdf = folder / "plots" / f"{name}.pdf"
+        assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 1000
+    assert sorted(f.name for f in (folder / "plots").iterdir()) == sorted(
+        f"{n}.{ext}" for n in PLOT_NAMES for ext in ("png", "pdf"))   # no temp files left behind
+
+
+def test_summary_table(results):
+    folder, _ = results
+    text = (folder / "summary.md").read_text()
+    b04 = json.loads((folder / "04_baselines.json").read_text())
+    for c in b04["configs"]:
+        row = next(l for l in text.splitlines() if l.startswith(f"| {c['name']} |"))
+        assert f"{c['ai']:.2f}" in row and f"{c['test_acc']:.2f}" in row
+    assert "| fp32 | all fp32 | 29.85 | +0.0% |" in text
+    assert "| uniform_w8 | all 8-bit | 42.47 | +42.3% |" in text
+    for searched in b04["dominates"]:
+        assert f"- {searched} dominates" in text
+    assert "CIFAR-10" in text and "synthetic" not in text
+
+
+def test_bits_summary():
+    names = ["a", "b", "c", "d"]
+    params = {"a": 10, "b": 10, "c": 20, "d": 60}
+    assert bits_summary({}, names) == "all fp32"
+    assert bits_summary({n: 4 for n in names}, names, params) == "all 4-bit"
+    assert bits_summary({"a": 8, "b": 4, "c": 4}, names, params) == "fp32×1 8b×1 4b×2 (21.20 bits/weight)"
+
+
+def test_missing_inputs_skip_only_their_plots(fixture_dirs, tmp_path, capsys):
+    folder = tmp_path / "r"
+    shutil.copytree(fixture_dirs["real"], folder)
+    (folder / "01_baseline.json").unlink()
+    (folder / "02_per_layer.json").write_text("{not json")
+    s03 = json.loads((folder / "03_search.json").read_text())
+    s03.update(greedy=None, best="pareto")
+    (folder / "03_search.json").write_text(json.dumps(s03))
+    out = generate_plots(folder, progress=False)
+    assert set(out["skipped"]) == {"training_curve", "sensitivity", "search_trajectory"}
+    assert "01_baseline.json does not exist" in out["skipped"]["training_curve"]
+    assert "not valid JSON" in out["skipped"]["sensitivity"]
+    assert "greedy" in out["skipped"]["search_trajectory"]
+    assert set(out["made"]) == {"pareto", "bit_allocation", "roofline"}
+    assert "pareto search" in out["made"]["bit_allocation"]["title"]   # falls back to the method that ran
+    assert not (folder / "plots" / "training_curve.png").exists()
+    assert out["summary"].is_file()
+    notes = [l for l in capsys.readouterr().out.splitlines() if l.startswith("skipped")]
+    assert len(notes) == 3 and all(l.count("\n") == 0 for l in notes)
+
+
+def test_no_results_at_all(tmp_path):
+    with pytest.raises(UserError, match="Run stages 1-4 first"):
+        generate_plots(tmp_path, progress=False)
+    p = subprocess.run([sys.executable, "5_generate_plots.py", "--results-dir", str(tmp_path / "none")],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "stages 1-4" in p.stderr
+    assert not (tmp_path / "none" / "plots").exists()
+
+
+def test_synthetic_titles(fixture_dirs):
+    data, why = load_inputs(fixture_dirs["synthetic"])
+    assert not why
+    with style():
+        for name, (_, build) in PLOTS.items():
+            assert "synthetic data" in figure_title(build(data, True)), name
+        assert "synthetic data" not in figure_title(PLOTS["training_curve"][1](data, False))
+    assert "synthetic data" in summary_markdown(data["baselines"], data["search"], synthetic=True)
+
+
+def test_dominance_lines():
+    b04 = {"baseline": "fp32", "eval_split": "val", "max_drop": 1.0,
+           "configs": [dict(name="fp32", config={}, ai=29.85, val_acc=91.0, test_acc=90.5),
+                       dict(name="uniform_w4", config={"a": 4, "b": 4}, ai=45.69, val_acc=89.0, test_acc=88.0),
+                       dict(name="greedy", config={"a": 4, "b": 3}, ai=46.0, val_acc=None, test_acc=90.0)],
+           "dominates": {"greedy": ["uniform_w4"], "pareto": []}}
+    text = summary_markdown(b04)
+    assert "- greedy dominates uniform_w4." in text
+    assert "- pareto dominates none of the uniform configurations." in text
+    assert "| greedy | 4b×1 3b×1 | 46.00 | +54.1% | – | 90.00 | – | 0.50 |" in text
+
+
+def test_off_scale_points_are_labelled():
+    b04 = {"baseline": "fp32", "max_drop": 1.0, "configs": [
+        dict(name="fp32", ai=29.85, test_acc=91.6), dict(name="uniform_w2", ai=47.0, test_acc=10.0),
+        dict(name="greedy", ai=46.0, test_acc=90.9)]}
+    fig = plot_pareto(b04)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any("uniform W2" in t and "off scale" in t for t in texts)
+    assert fig.axes[0].get_ylim()[0] > 50
