@@ -29,6 +29,10 @@ def check_args(args):
         v = getattr(args, flag)
         if v is not None and (v < 0 or (flag in ("batch_size", "eval_batch_size") and v == 0)):
             raise UserError(f"--{flag.replace('_', '-')} must be {'> 0' if 'batch' in flag else '>= 0'}, got {v}.")
+    if args.depth < 8 or (args.depth - 2) % 6:
+        raise UserError(f"--depth {args.depth}: a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110).")
+    if args.eval_every < 0:
+        raise UserError(f"--eval-every must be >= 0, got {args.eval_every}.")
     if not 0 <= args.momentum < 1:
         raise UserError(f"--momentum must be in [0, 1), got {args.momentum}.")
     if args.val_size is not None and args.val_size < 0:
