@@ -55,10 +55,16 @@ def bit_search(args) -> dict:
 
     evaluator = CachedEvaluator(s.model, s.quantizer, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
     base_acc = evaluator.base_accuracy
-    if abs(base_acc - s2["baseline_val_acc"]) > 1e-9 and not args.force:
-        raise UserError(f"the float model scores {base_acc:.2f}% on this {s.eval_split} split but "
-                        f"{s2_path} recorded {s2['baseline_val_acc']:.2f}%: it was measured on other data "
-                        f"(--quick, --val-size or --data-dir differ). Re-run 2_per_layer_analysis.py with the same flags.")
+    same_data = {k: (s2["dataset"].get(k), s.data_info.get(k)) for k in ("name", "seed", "val_size", "quick", "eval_split")}
+    same_data["eval_images"] = (s2.get("eval_images"), evaluator.n)
+    differ = {k: v for k, v in same_data.items() if v[0] != v[1]}
+    if differ and not args.force:
+        raise UserError(f"{s2_path} was measured on other data than this run would search on ({differ}, as "
+                        f"(recorded, now)). Re-run 2_per_layer_analysis.py with the same --quick / --val-size / "
+                        f"--dataset flags, or pass --force.")
+    if abs(base_acc - s2["baseline_val_acc"]) > 1e-9:
+        print(f"note: the float model scores {base_acc:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
+              f"(non-deterministic kernels?); the search uses {base_acc:.2f}%")
     drops = {l["name"]: {r["bits"]: r["drop"] for r in l["results"]} for l in s2["layers"]}
     info_of = {info.name: info for info in s.table}
     flops = model_cost(s.table)["flops"]
