@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,11 +195,21 @@ def _download(data_dir: Path):
 
 
 def _cache_path(cache_dir: Path, kind: str, src: Path) -> Path:
-    st = src.stat()
-    ident = f"{CACHE_VERSION}|{kind}|{src.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    if src.is_dir():  # a folder's own mtime misses edits deep inside: include its files
+    ident = f"{CACHE_VERSION}|{kind}|{src.resolve()}"
+    if src.is_dir():
+        # A folder's own mtime misses edits deep inside: its files identify it. Not the cache's
+        # own files, nor the folder's mtime, which writing the cache changes: the default
+        # <data-dir>/cache lies inside an image-folder source.
+        try:
+            skip = cache_dir.resolve().relative_to(src.resolve()).parts
+        except ValueError:
+            skip = None
         ident += "|" + "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                                for p in sorted(src.rglob("*")) if p.is_file())
+                                for p in sorted(src.rglob("*")) if p.is_file()
+                                and not (skip and p.relative_to(src).parts[:len(skip)] == skip))
+    else:
+        st = src.stat()
+        ident += f"|{st.st_size}|{st.st_mtime_ns}"
     return cache_dir / f"cifar10-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.npz"
 
 
@@ -222,7 +233,7 @@ def load_dataset(name: str = "cifar10", data_dir="data", cache_dir=None, downloa
                 arrays = [z[k] for k in ("train_x", "train_y", "test_x", "test_y")]
                 classes = tuple(str(c) for c in z["classes"])
             return Dataset(*arrays, classes, "cifar10", f"{kind}: {src}")
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # a damaged cache is rebuilt below
     loader = {"python batches": _load_python_batches, "image folder": _load_image_folder,
               "tarball": _load_tarball}[kind]
