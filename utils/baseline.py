@@ -131,7 +131,7 @@ def train_baseline(args) -> dict:
 
     print(f"training {len(train_idx)} images ({data.source}), validating on {len(val_idx)}, "
           f"{args.epochs} epochs at batch {args.batch_size}, lr {lr:g}, on {device}")
-    epoch = start_epoch
+    epoch, saved = start_epoch, start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
             t0 = time.perf_counter()
@@ -149,19 +149,23 @@ def train_baseline(args) -> dict:
                   f"train {stats['train_acc']:.2f}%  " + (f"val {val['acc']:.2f}%  " if val else "") +
                   f"lr {history[-1]['lr']:.4f}  {seconds:.1f}s")
             save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, finished=False))
+            saved = epoch + 1
+        # The final evaluation is inside too: a Ctrl-C there must also say how to resume.
+        val = evaluate(model, val_x, val_y, normalize, args.eval_batch_size) if len(val_y) else None
+        test = evaluate(model, test_x, test_y, normalize, args.eval_batch_size)
+        final = {"val_acc": val["acc"] if val else None, "test_acc": test["acc"]}
+        save_checkpoint(ckpt_path, checkpoint_state(args.epochs, finished=True, final=final))
     except KeyboardInterrupt:
-        done = len(history)
-        print(f"\ninterrupted during epoch {epoch + 1}; {ckpt_path} holds the {done} complete epoch(s). "
+        when = f"during epoch {epoch + 1}" if saved < args.epochs else "during the final evaluation"
+        print(f"\ninterrupted {when}; {ckpt_path} holds the {saved} complete epoch(s). "
               f"Resume with: python 1_train_baseline.py --resume "
-              f"--checkpoint-dir {args.checkpoint_dir}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else ""),
+              f"--checkpoint-dir {args.checkpoint_dir}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+              # not a training flag, so not restored from the checkpoint: the results must land where asked
+              + (f" --results-dir {args.results_dir}" if str(args.results_dir) != "results" else ""),
               file=sys.stderr)
         raise SystemExit(130)
 
-    val = evaluate(model, val_x, val_y, normalize, args.eval_batch_size) if len(val_y) else None
-    test = evaluate(model, test_x, test_y, normalize, args.eval_batch_size)
     train_seconds = sum(h["seconds"] for h in history)
-    final = {"val_acc": val["acc"] if val else None, "test_acc": test["acc"]}
-    save_checkpoint(ckpt_path, checkpoint_state(args.epochs, finished=True, final=final))
 
     results = {
         "stage": "1", "schema_version": SCHEMA_VERSION,

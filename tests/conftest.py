@@ -1,0 +1,58 @@
+"""Shared fixtures: ONE quick synthetic stage-1 run (and stage 2 on it) per test session.
+
+Tests that only read these outputs use them directly; tests that write (stale inputs, edited
+JSON, other stages) copy what they need into their own tmp_path, so the shared folder stays as
+the stages wrote it.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One intra-op thread: on the shared, busy 2-core machine two threads per process ran the quick
+# stages about 4x slower than one (and the results are identical).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# The quick pipeline of the tests: --quick on synthetic data, plus a 200-image validation split and
+# two candidate widths, which keep stages 2-3 to seconds (with the default 1,000 images and five
+# widths stage 3 alone runs minutes on CPU).
+QUICK_VAL_SIZE = 200
+QUICK_BITS = (4, 2)
+COMMON = ("--quick", "--device", "cpu", "--seed", "0")
+
+
+def run_script(script, *args, check=True, timeout=600, env=None):
+    """Run a stage script as the user would; returns the CompletedProcess (text output)."""
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env=env or SUBPROCESS_ENV)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stderr (tail) ---\n"
+                             f"{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def quick_stage1(tmp_path_factory):
+    """Stage 1 --quick --dataset synthetic, once per session: {root, results, checkpoints,
+    checkpoint, proc}."""
+    root = tmp_path_factory.mktemp("quick_pipeline")
+    out = {"root": root, "results": root / "results", "checkpoints": root / "checkpoints"}
+    out["checkpoint"] = out["checkpoints"] / "resnet20_baseline.pt"
+    out["stage1_args"] = (*COMMON, "--dataset", "synthetic", "--val-size", QUICK_VAL_SIZE)
+    out["proc"] = run_script("1_train_baseline.py", *out["stage1_args"], "--results-dir", out["results"],
+                             "--checkpoint-dir", out["checkpoints"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_stage2(quick_stage1):
+    """Stage 2 --quick on the session's checkpoint, written next to 01_baseline.json."""
+    s = quick_stage1
+    args = (*COMMON, "--bits", *QUICK_BITS)
+    proc = run_script("2_per_layer_analysis.py", *args, "--results-dir", s["results"],
+                      "--checkpoint-dir", s["checkpoints"])
+    return {**s, "stage2_args": args, "stage2_proc": proc}
