@@ -24,6 +24,16 @@ QUICK_BITS = (4, 2)
 COMMON = ("--quick", "--device", "cpu", "--seed", "0")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in the test process too: on busy shared cores it is several times faster."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_script(script, *args, check=True, timeout=600, env=None):
     """Run a stage script as the user would; returns the CompletedProcess (text output)."""
     cmd = [sys.executable, str(REPO / script), *map(str, args)]

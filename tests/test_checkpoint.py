@@ -11,13 +11,6 @@ from utils.checkpoint import (DEFAULT_NORMALIZATION, default_checkpoint_path, ex
 from utils.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class NotATensor:
     """A custom class: a pickle holding one needs arbitrary code to load, so weights_only refuses it."""

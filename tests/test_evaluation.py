@@ -21,13 +21,6 @@ N_IMAGES, BATCH = 64, 16
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.26, 0.27]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def random_model(shortcut, seed=0, depth=20):
     """A model in eval mode with random weights, BN affine and running statistics.

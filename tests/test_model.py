@@ -6,14 +6,6 @@ from models.resnet import (DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShor
                            count_parameters, resnet20)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads on busy shared cores run many times slower than one thread: keep the file fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def expected_keys(depth, shortcut):
     """The state_dict keys of the common CIFAR ResNet convention, spelled out by hand."""

@@ -25,14 +25,6 @@ def skewed(seed=0):
     return w * torch.logspace(-3, 0, 16).view(-1, 1, 1, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads on busy shared cores run many times slower than one thread: keep the file fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def channel_sse(q, w):
     return (q.double() - w.double()).square().flatten(1).sum(1)

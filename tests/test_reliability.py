@@ -40,13 +40,6 @@ from utils.io import SCHEMA_VERSION, atomic_torch_save, atomic_write_json, atomi
 BITS = [str(b) for b in QUICK_BITS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---------------------------------------------------------------- helpers
 

@@ -24,14 +24,6 @@ from utils.train import PAD, Normalizer, WarmupCosine, augmented_batch, epoch_pl
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads on busy shared cores run many times slower than one thread: keep the file fast."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def load_stage1():
     spec = importlib.util.spec_from_file_location("stage1_train_baseline", REPO / "1_train_baseline.py")

@@ -39,14 +39,14 @@ def check_args(args):
         raise UserError(f"--val-size must be >= 0, got {args.val_size}.")
 
 
-def prepare_split(data, seed: int, val_size, quick: bool):
+def prepare_split(data, seed: int, val_size, quick: bool, quick_eval: int = QUICK_EVAL_IMAGES):
     """The train/val split stage 1 trains on and stages 2-4 search on (same seed, same size)."""
     if val_size is None:
         val_size = default_val_size(len(data.train_y))
     train_idx, val_idx = stratified_split(data.train_y, val_size, seed)
     if quick:
         train_idx = train_idx[subset_indices(len(train_idx), QUICK_TRAIN_IMAGES, seed)]
-        val_idx = val_idx[subset_indices(len(val_idx), QUICK_EVAL_IMAGES, seed)]
+        val_idx = val_idx[subset_indices(len(val_idx), quick_eval, seed)]
     return train_idx, val_idx, val_size
 
 

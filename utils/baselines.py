@@ -10,11 +10,10 @@ from tqdm import tqdm
 
 from utils.ai_calculator import model_cost
 from utils.bitsearch import RESULTS_NAME as STAGE3_NAME
-from utils.cli import check_bits
 from utils.config import FLOAT_BITS, full_config, uniform_config, validate_config
 from utils.errors import UserError
 from utils.io import SCHEMA_VERSION, atomic_write_json, check_same_checkpoint, load_results_json, provenance
-from utils.stage import load_setup
+from utils.stage import load_setup, resolve_bits
 from utils.evaluation import CachedEvaluator
 
 RESULTS_NAME = "04_baselines.json"
@@ -38,7 +37,7 @@ def load_stage3(args):
 
 def create_baselines(args) -> dict:
     t0 = time.time()
-    check_bits(args.bits)
+    resolve_bits(args)
     s3_path, s3 = load_stage3(args)
     quant = s3.get("quantization", {"granularity": "channel", "clip": "mse"})
     s = load_setup(args, need_test=True, per_channel=quant["granularity"] == "channel", clip=quant["clip"])

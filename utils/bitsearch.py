@@ -7,14 +7,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from utils.ai_calculator import layer_bytes, model_cost
-from utils.cli import check_bits
 from utils.config import FLOAT_BITS, full_config
 from utils.errors import UserError
 from utils.evaluation import CachedEvaluator
 from utils.io import SCHEMA_VERSION, atomic_write_json, check_same_checkpoint, load_results_json, provenance
 from utils.search import EvalCache, greedy_search, pareto_frontier, verify_frontier
 from utils.sensitivity import RESULTS_NAME as STAGE2_NAME
-from utils.stage import load_setup
+from utils.stage import load_setup, resolve_bits
 
 RESULTS_NAME = "03_search.json"
 
@@ -43,7 +42,7 @@ def bit_search(args) -> dict:
         raise UserError(f"--max-drop must be >= 0 points, got {args.max_drop}.")
     if args.verify_top_k < 1 or args.pareto_verify < 1:
         raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
-    check_bits(args.bits)
+    resolve_bits(args)
     ladder = sorted({b for b in args.bits if b != FLOAT_BITS}, reverse=True)
     s2_path, s2 = load_stage2(args)
     quant = s2.get("quantization", {"granularity": "channel", "clip": "mse"})

@@ -35,8 +35,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="images held out of the 50,000 training images for validation; stage 1 default "
                         "5000, 0 = train on all and search on test; stages 2-4 default to the value "
                         "recorded in the checkpoint")
-    g.add_argument("--quick", action="store_true", help="smoke-test setting, seconds to a minute on CPU: stage 1 trains 1 epoch on 2,000 "
-                        "images at batch 32, stages 1-4 evaluate at most 1,000 images (default: off)")
+    g.add_argument("--quick", action="store_true", help="smoke-test setting, under a minute per stage on CPU: stage 1 trains 1 epoch on 2,000 "
+                        "images at batch 32 and evaluates at most 1,000; stages 2-4 evaluate at most 250 "
+                        "images and search widths 8 4 2 (default: off)")
     return parser
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.ai_calculator import model_ai, model_cost
+from utils.ai_calculator import model_cost
 from utils.evaluation import CachedEvaluator
 from utils.io import SCHEMA_VERSION, atomic_write_json, provenance
-from utils.stage import load_setup
+from utils.stage import load_setup, resolve_bits
 
 RESULTS_NAME = "02_per_layer.json"
 
@@ -20,6 +20,7 @@ def quant_settings(args) -> dict:
 
 def per_layer_analysis(args) -> dict:
     t0 = time.time()
+    resolve_bits(args)
     s = load_setup(args, per_channel=args.granularity == "channel", clip=args.clip)
     bits = list(dict.fromkeys(args.bits))  # keep order, drop repeats
     evaluator = CachedEvaluator(s.model, s.quantizer, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)

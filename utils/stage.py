@@ -16,7 +16,10 @@ from utils.errors import UserError
 from utils.quantization import WeightQuantizer
 from utils.train import Normalizer, to_device_uint8
 
-QUICK_EVAL_IMAGES = 1000
+DEFAULT_BITS = [8, 6, 4, 3, 2]
+# --quick: a smoke test of the whole search in about a minute on 2 CPU cores.
+QUICK_BITS = [8, 4, 2]
+QUICK_EVAL_IMAGES = 250
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -35,13 +38,21 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def add_quant_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("quantization")
-    g.add_argument("--bits", default=[8, 6, 4, 3, 2], type=int, nargs="+",
-                   help="candidate weight widths, 2-8 (default: 8 6 4 3 2)")
+    g.add_argument("--bits", default=None, type=int, nargs="+",
+                   help="candidate weight widths, 2-8 (default: 8 6 4 3 2; with --quick: 8 4 2)")
     g.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
                    help="one scale per output channel or per tensor (default: channel)")
     g.add_argument("--clip", default="mse", choices=("mse", "maxabs"),
                    help="clipping range: MSE-optimal search or max |w| (default: mse)")
     return p
+
+
+def resolve_bits(args) -> list[int]:
+    """--bits as given, else the default ladder (a shorter one with --quick); validated."""
+    if args.bits is None:
+        args.bits = list(QUICK_BITS if args.quick else DEFAULT_BITS)
+    check_bits(args.bits)
+    return args.bits
 
 
 def _depth_from_arch(arch):
@@ -75,8 +86,8 @@ def load_setup(args, need_test: bool = False, per_channel: bool = True, clip: st
     """Checkpoint -> model, preprocessing and the same split stage 1 held out."""
     if getattr(args, "eval_batch_size", 1) <= 0:
         raise UserError(f"--eval-batch-size must be > 0, got {args.eval_batch_size}.")
-    if getattr(args, "bits", None) is not None:
-        check_bits(args.bits)
+    if hasattr(args, "bits"):
+        resolve_bits(args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     depth = _depth_from_arch(args.arch)
@@ -91,7 +102,7 @@ def load_setup(args, need_test: bool = False, per_channel: bool = True, clip: st
     data = load_dataset(dataset, data_dir)
     seed = recorded.get("seed", args.seed)
     val_size = args.val_size if args.val_size is not None else recorded.get("val_size")
-    _, val_idx, val_size = prepare_split(data, seed, val_size, quick=args.quick)
+    _, val_idx, val_size = prepare_split(data, seed, val_size, quick=args.quick, quick_eval=QUICK_EVAL_IMAGES)
     test_sel = subset_indices(len(data.test_y), QUICK_EVAL_IMAGES, seed) if args.quick else slice(None)
     test_x = to_device_uint8(data.test_x[test_sel], device)
     test_y = torch.from_numpy(data.test_y[test_sel]).to(device)
