@@ -1,5 +1,6 @@
 """Property tests for utils/search.py, with fake evaluators instead of models."""
 import itertools
+import math
 import random
 import time
 import zlib
@@ -272,34 +273,41 @@ def test_verify_frontier_picks_highest_ai_feasible_verified(seed, max_evaluation
         assert res["config"] == max(feas, key=lambda v: v["ai"])["config"]
     else:
         assert res["config"] == {n: 32 for n in options} and res["note"]
-    # Evaluated in AI order; everything evaluated before the chosen point was infeasible.
-    ais = [v["ai"] for v in res["verified"]]
-    assert ais == sorted(ais, reverse=True)
-    assert all(not v["feasible"] for v in res["verified"][:-1])
-    if len(res["verified"]) == max_evaluations and not res["verified"][-1]["feasible"]:
-        assert res["note"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_verify_frontier_bisection_finds_the_boundary(seed):
+    """With feasibility monotone along the frontier, the answer is exactly the highest-AI
+    feasible candidate, found in at most ceil(log2(n + 1)) evaluations of n candidates."""
+    options, front, ai_of = frontier_fixture(seed)
+    cands = [p for p in front if p.est_drop <= 2.0 + 1e-9]
+    evaluate = lambda c: BASELINE - 1.3 * recompute(options, c)[0]   # monotone in the estimate
+    res = verify_frontier(front, evaluate, BASELINE, 1.0, ai_of, max_evaluations=50)
+    feasible = [p for p in cands if BASELINE - 1.3 * p.est_drop >= BASELINE - 1.0 - 1e-9]
+    best = max(feasible, key=lambda p: ai_of(p.config))
+    assert res["config"] == best.config and res["note"] is None
+    assert res["evaluations"] <= math.ceil(math.log2(len(cands) + 1))
 
 
 def test_verify_frontier_all_float_fallback():
     """When every verified point is infeasible the answer is all-float at baseline accuracy,
-    with a note, and no evaluation is spent on the float model."""
+    with a note, and no evaluation is spent on the float model; the bisection walks down to the
+    lowest-estimate point."""
     options, front, ai_of = frontier_fixture(2)
     cache = EvalCache(lambda c: BASELINE - 50.0)
-    res = verify_frontier(front, cache, BASELINE, 1.0, ai_of, max_evaluations=4)
+    res = verify_frontier(front, cache, BASELINE, 1.0, ai_of, max_evaluations=20)
     assert res["config"] == {n: 32 for n in options}
     assert res["val_acc"] == BASELINE and res["est_drop"] == 0.0 and res["note"]
-    assert res["evaluations"] == cache.count <= 4
-    assert front[0].config in [v["config"] for v in res["verified"]]   # the reserved fallback was tried
+    assert res["evaluations"] == cache.count <= 20
+    assert front[0].config in [v["config"] for v in res["verified"]]
 
 
-def test_verify_frontier_zero_drop_fallback():
-    """Budget exhausted on infeasible high-AI points: the held-back evaluation checks the
-    zero-estimated-drop point, which is returned if feasible."""
+def test_verify_frontier_budget_note():
+    """A budget too small for the bisection to converge is reported in the note."""
     options, front, ai_of = frontier_fixture(4)
-    zero = front[0].config
-    res = verify_frontier(front, lambda c: BASELINE if c == zero else BASELINE - 50.0,
-                          BASELINE, 1.0, ai_of, max_evaluations=2)
-    assert res["config"] == zero and res["evaluations"] == 2 and res["note"]
+    res = verify_frontier(front, lambda c: BASELINE - 0.5 * recompute(options, c)[0], BASELINE, 1.0, ai_of,
+                          max_evaluations=1)
+    assert res["evaluations"] == 1 and "budget" in res["note"]
 
 
 def test_shared_cache_between_searches():

@@ -258,14 +258,16 @@ def greedy_search(layer_names, ladder, bytes_of, est_drop, evaluate, baseline_ac
 
 def verify_frontier(frontier, evaluate, baseline_acc: float, max_drop: float, ai_of,
                     max_evaluations: int = 10, slack: float = 2.0) -> dict:
-    """Evaluate frontier points, highest AI first, and return the first within budget.
+    """The highest-AI frontier point that real evaluation keeps within budget, by bisection.
 
-    The additive estimate is optimistic or pessimistic depending on layer interactions, so points
-    estimated up to ``slack`` x ``max_drop`` are candidates. Going down in AI, the first feasible
-    point is the best verified one. One of the ``max_evaluations`` real evaluations is held back
-    for the zero-estimated-drop point (frontier[0]), the safest quantized fallback; if even that
-    fails, all-float (accuracy = baseline by definition, no evaluation) is returned. Cached
-    accuracies (e.g. from a greedy run sharing the ``EvalCache``) cost nothing and do not count.
+    Along the frontier, estimated drop and AI rise together, and the real drop tends to rise with
+    the estimate, so feasibility is (close to) monotone along it: bisecting between the all-float
+    end (feasible by definition) and the last candidate finds the boundary in about log2(n)
+    evaluations, where a scan down from the top could spend the whole budget on points over
+    budget. Candidates are the points estimated within ``slack`` x ``max_drop`` (the additive
+    estimate is optimistic or pessimistic depending on layer interactions). The answer is the
+    highest-AI feasible point verified, or all-float (accuracy = baseline, no evaluation) when
+    none was. Cached accuracies (e.g. from a greedy run sharing the ``EvalCache``) cost nothing.
     """
     frontier = list(frontier)
     if not frontier:
@@ -276,48 +278,34 @@ def verify_frontier(frontier, evaluate, baseline_acc: float, max_drop: float, ai
     names = list(frontier[0].config)
     float_cfg = {n: FLOAT_BITS for n in names}
     cache.remember(float_cfg, baseline_acc)
-    zero = min(frontier, key=lambda p: (p.est_drop, p.bytes))
 
     limit = slack * max_drop + FEASIBILITY_TOL
-    cands = [(ai_of(p.config), p) for p in frontier if p.est_drop <= limit]
-    cands.sort(key=lambda t: (-t[0], t[1].bytes, t[1].est_drop))
-
+    cands = sorted((p for p in frontier if p.est_drop <= limit), key=lambda p: (p.est_drop, -p.bytes))
     verified = []
-    def check(ai, p):
-        acc = cache(p.config)
-        verified.append(dict(config=dict(p.config), est_drop=p.est_drop, ai=ai, val_acc=acc,
-                             feasible=acc >= floor))
-        return acc >= floor
-
-    done = set()
-    found = False
-    skipped = 0
-    for ai, p in cands:
-        used = cache.count - start_count
-        reserve = 0 if (p is zero or id(zero) in done) else 1
-        if p.config not in cache and used + reserve >= max_evaluations:
-            skipped += 1
-            continue                     # over budget; later cached points may still be free
-        done.add(id(p))
-        if check(ai, p):
-            found = True
+    lo, hi = -1, len(cands)  # cands[lo] is known feasible (-1: all-float), cands[hi] known infeasible
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        p = cands[mid]
+        if p.config not in cache and cache.count - start_count >= max_evaluations:
             break
+        acc = cache(p.config)
+        ok = acc >= floor
+        verified.append(dict(config=dict(p.config), est_drop=p.est_drop, ai=ai_of(p.config), val_acc=acc,
+                             feasible=ok))
+        lo, hi = (mid, hi) if ok else (lo, mid)
 
     notes = []
-    if skipped:
-        notes.append(f"the evaluation budget ({max_evaluations}) ran out: {skipped} frontier point(s) "
-                     "within slack were not verified")
-    if not found and id(zero) not in done and (zero.config in cache
-                                               or cache.count - start_count < max_evaluations):
-        check(ai_of(zero.config), zero)
+    if hi - lo > 1:
+        notes.append(f"the evaluation budget ({max_evaluations}) ran out before the bisection converged: "
+                     f"{hi - lo - 1} frontier point(s) between the best feasible and the first infeasible one "
+                     "were not verified")
     feasible = [v for v in verified if v["feasible"]]
     if feasible:
-        best = max(feasible, key=lambda v: v["ai"])   # the first one found, unless we fell back
+        best = max(feasible, key=lambda v: v["ai"])
         out = dict(config=best["config"], ai=best["ai"], val_acc=best["val_acc"], est_drop=best["est_drop"])
     else:
         notes.append(f"none of the {len(verified)} verified frontier points stayed within {max_drop} "
                      "points of the baseline; falling back to all-float")
         out = dict(config=float_cfg, ai=ai_of(float_cfg), val_acc=float(baseline_acc), est_drop=0.0)
-    note = "; ".join(notes) or None
-    out.update(evaluations=cache.count - start_count, verified=verified, note=note)
+    out.update(evaluations=cache.count - start_count, verified=verified, note="; ".join(notes) or None)
     return out
