@@ -29,9 +29,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_quant_args(p)
+    p.add_argument("--images", default=None, type=int,
+                   help="time on the first N images of the search split (default: all of it)")
     args = add_common_args(p).parse_args()
     print(args)
     s = load_setup(args, per_channel=args.granularity == "channel", clip=args.clip)
+    if args.images:
+        s.eval_x, s.eval_y = s.eval_x[:args.images], s.eval_y[:args.images]
     grid = [{info.name: b} for info in s.table for b in args.bits]
     for cfg in grid:  # quantize every (layer, width) once up front: both methods then share the cache
         s.quantizer.quantized(*next(iter(cfg.items())))
