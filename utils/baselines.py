@@ -12,8 +12,8 @@ from utils.ai_calculator import model_cost
 from utils.bitsearch import RESULTS_NAME as STAGE3_NAME
 from utils.config import FLOAT_BITS, full_config, uniform_config, validate_config
 from utils.errors import UserError
-from utils.io import SCHEMA_VERSION, atomic_write_json, check_same_checkpoint, load_results_json, provenance
-from utils.stage import load_setup, resolve_bits
+from utils.io import check_same_checkpoint, load_results_json
+from utils.stage import load_setup, resolve_bits, results_header, write_results
 from utils.evaluation import CachedEvaluator
 
 RESULTS_NAME = "04_baselines.json"
@@ -67,17 +67,11 @@ def create_baselines(args) -> dict:
     by_name = {c["name"]: c for c in configs}
     uniform = [c for c in configs if c["name"].startswith("uniform_")]
     dom = {m: [u["name"] for u in uniform if dominates(by_name[m], u)] for m in ("greedy", "pareto") if m in by_name}
-    seconds = time.time() - t0
-    result = {"stage": "4", "schema_version": SCHEMA_VERSION, "dataset": s.data_info,
-              "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint), "eval_split": s.eval_split,
-              "max_drop": s3.get("max_drop"), "baseline": "fp32", "quantization": quant,
-              "configs": configs, "dominates": dom, "dominance_basis": "test_acc and ai", "seconds": seconds}
-    result["provenance"] = provenance(args, s.device, inputs={"checkpoint": s.checkpoint, "search": s3_path},
-                                      seconds=seconds)
-    path = Path(args.results_dir) / RESULTS_NAME
-    atomic_write_json(path, result)
+    result = {**results_header("4", s), "max_drop": s3.get("max_drop"), "baseline": "fp32", "quantization": quant,
+              "configs": configs, "dominates": dom, "dominance_basis": "test_acc and ai"}
+    path = write_results(result, args, s, {"checkpoint": s.checkpoint, "search": s3_path}, t0, RESULTS_NAME)
     print_comparison(result)
-    print(f"\n{len(configs)} configurations in {seconds:.1f} s; wrote {path}")
+    print(f"\n{len(configs)} configurations in {result['seconds']:.1f} s; wrote {path}")
     return result
 
 

@@ -10,10 +10,10 @@ from utils.ai_calculator import layer_bytes, model_cost
 from utils.config import FLOAT_BITS, full_config
 from utils.errors import UserError
 from utils.evaluation import CachedEvaluator
-from utils.io import SCHEMA_VERSION, atomic_write_json, check_same_checkpoint, load_results_json, provenance
+from utils.io import check_same_checkpoint, load_results_json
 from utils.search import EvalCache, greedy_search, pareto_frontier, verify_frontier
 from utils.sensitivity import RESULTS_NAME as STAGE2_NAME
-from utils.stage import load_setup, resolve_bits
+from utils.stage import load_setup, resolve_bits, results_header, write_results
 
 RESULTS_NAME = "03_search.json"
 
@@ -79,9 +79,7 @@ def bit_search(args) -> dict:
 
     cache = EvalCache(evaluator.accuracy)
     cache.remember(full_config({}, names), base_acc)
-    result = {"stage": "3", "schema_version": SCHEMA_VERSION, "dataset": s.data_info,
-              "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint), "eval_split": s.eval_split,
-              "eval_images": evaluator.n, "max_drop": args.max_drop, "baseline_val_acc": base_acc,
+    result = {**results_header("3", s), "eval_images": evaluator.n, "max_drop": args.max_drop, "baseline_val_acc": base_acc,
               "fp32_ai": ai_of({}), "bits": ladder, "quantization": quant,
               "layers": [{"name": i.name, "params": i.weights, "macs": i.macs} for i in s.table],
               "greedy": None, "pareto": None}
@@ -117,13 +115,8 @@ def bit_search(args) -> dict:
     ran = [m for m in ("greedy", "pareto") if result[m]]
     result["best"] = max(ran, key=lambda m: (result[m]["ai"], result[m]["val_acc"])) if ran else None
     s.quantizer.restore()
-    seconds = time.time() - t0
     result["evaluations"] = cache.count
-    result["seconds"] = seconds
-    result["provenance"] = provenance(args, s.device, inputs={"checkpoint": s.checkpoint, "per_layer": s2_path},
-                                      seconds=seconds)
-    path = Path(args.results_dir) / RESULTS_NAME
-    atomic_write_json(path, result)
+    path = write_results(result, args, s, {"checkpoint": s.checkpoint, "per_layer": s2_path}, t0, RESULTS_NAME)
     label = " (synthetic data)" if s.data_info.get("synthetic") else ""
     print(f"\nsearch{label}: float {base_acc:.2f}% at AI {result['fp32_ai']:.2f}; budget {args.max_drop} points")
     for m in ran:
@@ -132,5 +125,5 @@ def bit_search(args) -> dict:
               f"{s.eval_split} {r['val_acc']:.2f}% (drop {base_acc - r['val_acc']:.2f})")
     if len(ran) == 2:
         print(f"  higher AI within budget: {result['best']}")
-    print(f"{cache.count} evaluations in {seconds:.1f} s; wrote {path}")
+    print(f"{cache.count} evaluations in {result['seconds']:.1f} s; wrote {path}")
     return result

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from tqdm import tqdm
 
 from utils.ai_calculator import model_cost
 from utils.evaluation import CachedEvaluator
-from utils.io import SCHEMA_VERSION, atomic_write_json, provenance
-from utils.stage import load_setup, resolve_bits
+from utils.stage import load_setup, resolve_bits, results_header, write_results
 
 RESULTS_NAME = "02_per_layer.json"
 
@@ -43,20 +41,14 @@ def per_layer_analysis(args) -> dict:
             layers.append({"name": info.name, "kind": info.kind, "params": info.weights, "macs": info.macs,
                            "results": results})
     s.quantizer.restore()
-    seconds = time.time() - t0
-    out = {
-        "stage": "2", "schema_version": SCHEMA_VERSION,
-        "dataset": s.data_info, "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint),
-        "eval_split": s.eval_split, "eval_images": evaluator.n,
-        "baseline_val_acc": base_acc, "bits": bits, "quantization": quant_settings(args),
-        "ai_convention": {"a_bits": 32, "batch_size": 1}, "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
-        "layers": layers, "evaluations": evaluator.evaluations, "seconds": seconds,
-    }
-    out["provenance"] = provenance(args, s.device, inputs={"checkpoint": s.checkpoint}, seconds=seconds)
-    path = Path(args.results_dir) / RESULTS_NAME
-    atomic_write_json(path, out)
+    out = {**results_header("2", s), "eval_images": evaluator.n,
+           "baseline_val_acc": base_acc, "bits": bits, "quantization": quant_settings(args),
+           "ai_convention": {"a_bits": 32, "batch_size": 1}, "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
+           "layers": layers, "evaluations": evaluator.evaluations}
+    path = write_results(out, args, s, {"checkpoint": s.checkpoint}, t0, RESULTS_NAME)
     print_sensitivity(out)
-    print(f"\n{len(layers)} layers x {len(bits)} widths in {seconds:.1f} s ({evaluator.evaluations} evaluations); wrote {path}")
+    print(f"\n{len(layers)} layers x {len(bits)} widths in {out['seconds']:.1f} s "
+          f"({evaluator.evaluations} evaluations); wrote {path}")
     return out
 
 

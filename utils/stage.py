@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from utils.checkpoint import default_checkpoint_path, load_model
 from utils.cli import check_bits, resolve_device, seed_everything
 from utils.data import load_dataset, subset_indices
 from utils.errors import UserError
+from utils.io import SCHEMA_VERSION, atomic_write_json, provenance
 from utils.quantization import WeightQuantizer
 from utils.train import Normalizer, to_device_uint8
 
@@ -123,3 +125,18 @@ def load_setup(args, need_test: bool = False, per_channel: bool = True, clip: st
                  test_y if need_test or split == "test" else None,
                  layer_table(model, (1, 3, 32, 32)),
                  WeightQuantizer(model, per_channel=per_channel, clip=clip))
+
+
+def results_header(stage: str, s: Setup) -> dict:
+    """The fields every post-training results file starts with."""
+    return {"stage": stage, "schema_version": SCHEMA_VERSION, "dataset": s.data_info,
+            "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint), "eval_split": s.eval_split}
+
+
+def write_results(result: dict, args, s: Setup, inputs: dict, t0: float, name: str) -> Path:
+    """Stamp seconds and provenance, then write atomically to --results-dir/name."""
+    result["seconds"] = time.time() - t0
+    result["provenance"] = provenance(args, s.device, inputs=inputs, seconds=result["seconds"])
+    path = Path(args.results_dir) / name
+    atomic_write_json(path, result)
+    return path
