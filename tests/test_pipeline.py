@@ -166,13 +166,13 @@ def test_pareto_frontier_and_choice(pipeline, table, names):
         assert_full_config(pt["config"], names, r["bits"])
         assert pt["ai"] == pytest.approx(model_ai(table, pt["config"]), rel=1e-12)
     for a, b in zip(front, front[1:]):
-        assert b["est_drop"] > a["est_drop"] - 1e-12 and b["bytes"] < a["bytes"], (a["est_drop"], b["est_drop"])
-    assert front[0]["est_drop"] == pytest.approx(0.0, abs=1e-12)
+        assert b["estimated_drop"] > a["estimated_drop"] - 1e-12 and b["bytes"] < a["bytes"], (a["estimated_drop"], b["estimated_drop"])
+    assert front[0]["estimated_drop"] == pytest.approx(0.0, abs=1e-12)
     # The estimate is the sum of the (clamped) per-layer drops of stage 2.
     drops = {l["name"]: {x["bits"]: x["drop"] for x in l["results"]} for l in pipeline["res"]["2"]["layers"]}
     for pt in front:
         est = sum(max(0.0, drops[n][b]) for n, b in pt["config"].items() if b != FLOAT_BITS)
-        assert pt["est_drop"] == pytest.approx(est, abs=1e-9)
+        assert pt["estimated_drop"] == pytest.approx(est, abs=1e-9)
     assert_full_config(p["config"], names, r["bits"])
     assert p["val_acc"] >= floor_of(r)
     assert p["ai"] == pytest.approx(model_ai(table, p["config"]), rel=1e-12)

@@ -85,7 +85,7 @@ def write_fixture_results(folder, synthetic=False, seed=0):
     # stage 3: greedy (one layer one step narrower, best AI gain per estimated drop)
     ladder = [32] + BITS
     cfg = {n: 32 for n in names}
-    traj = [dict(step=0, layer=None, from_bits=None, bits=None, ai=fp32_ai, val_acc=base_val, est_drop=0.0)]
+    traj = [dict(step=0, layer=None, from_bits=None, bits=None, ai=fp32_ai, val_acc=base_val, estimated_drop=0.0)]
     while True:
         best = None
         for n in names:
@@ -104,7 +104,7 @@ def write_fixture_results(folder, synthetic=False, seed=0):
         if base_val - acc > MAX_DROP:
             break
         traj.append(dict(step=len(traj), layer=n, from_bits=cfg[n], bits=new[n], ai=ai(new), val_acc=acc,
-                         est_drop=est(new)))
+                         estimated_drop=est(new)))
         cfg = new
     greedy = dict(trajectory=traj, config=cfg, ai=ai(cfg), val_acc=traj[-1]["val_acc"], evaluations=len(traj) + 3)
     # estimated Pareto frontier: the non-dominated ones among mutations of the greedy's configurations
@@ -123,9 +123,9 @@ def write_fixture_results(folder, synthetic=False, seed=0):
     for d, by, c in pts:
         if by < best_bytes:
             best_bytes = by
-            frontier.append(dict(config=c, est_drop=d, ai=ai(c), bytes=by))
+            frontier.append(dict(config=c, estimated_drop=d, ai=ai(c), bytes=by))
     for f in sorted(frontier, key=lambda f: -f["ai"]):   # verify, highest AI first
-        if f["est_drop"] <= MAX_DROP:
+        if f["estimated_drop"] <= MAX_DROP:
             f["val_acc"] = measured(f["config"])
             if base_val - f["val_acc"] <= MAX_DROP:
                 chosen = f

@@ -95,7 +95,9 @@ def bit_search(args) -> dict:
         g = greedy_search(names, ladder, bytes_of, est_drop, cache, base_acc, args.max_drop,
                           args.verify_top_k, ai_of=ai_of, on_accept=evaluator.set_base, progress=progress)
         bar.close()
-        result["greedy"] = {k: g[k] for k in ("trajectory", "config", "ai", "val_acc", "evaluations", "steps")}
+        result["greedy"] = {k: g[k] for k in ("config", "ai", "val_acc", "evaluations", "steps")}
+        result["greedy"]["trajectory"] = [{("estimated_drop" if k == "est_drop" else k): v for k, v in t.items()}
+                                          for t in g["trajectory"]]
         print(f"greedy: AI {g['ai']:.2f} at {g['val_acc']:.2f}% after {g['steps']} steps, {g['evaluations']} evaluations")
 
     if args.method in ("pareto", "both"):
@@ -105,9 +107,9 @@ def bit_search(args) -> dict:
         p = verify_frontier(frontier, cache, base_acc, args.max_drop, ai_of, args.pareto_verify, args.pareto_slack)
         measured = {tuple(sorted(v["config"].items())): v["val_acc"] for v in p["verified"]}
         result["pareto"] = {
-            "frontier": [{"config": pt.config, "est_drop": pt.est_drop, "bytes": pt.bytes, "ai": flops / pt.bytes,
+            "frontier": [{"config": pt.config, "estimated_drop": pt.est_drop, "bytes": pt.bytes, "ai": flops / pt.bytes,
                           "val_acc": measured.get(tuple(sorted(pt.config.items())))} for pt in frontier],
-            "config": p["config"], "ai": p["ai"], "val_acc": p["val_acc"], "est_drop": p["est_drop"],
+            "config": p["config"], "ai": p["ai"], "val_acc": p["val_acc"], "estimated_drop": p["est_drop"],
             "evaluations": p["evaluations"], "note": p["note"]}
         print(f"pareto: {len(frontier)} frontier points; best verified AI {p['ai']:.2f} at {p['val_acc']:.2f}% "
               f"(estimated drop {p['est_drop']:.2f}), {p['evaluations']} evaluations" + (f"; {p['note']}" if p["note"] else ""))

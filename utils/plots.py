@@ -265,9 +265,9 @@ def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> 
 
     frontier = []
     if s03 and ref is not None and isinstance(s03.get("pareto"), dict):
-        frontier = sorted(((_num(p.get("ai")), ref - _num(p.get("est_drop")))
+        frontier = sorted(((_num(p.get("ai")), ref - _num(p.get("estimated_drop")))
                            for p in s03["pareto"].get("frontier") or []
-                           if _num(p.get("ai")) is not None and _num(p.get("est_drop")) is not None))
+                           if _num(p.get("ai")) is not None and _num(p.get("estimated_drop")) is not None))
 
     accs = [_num(c["test_acc"]) for c in rows]
     top = max(accs + ([ref] if ref is not None else []))
@@ -512,8 +512,8 @@ def plot_search_trajectory(s03: dict, synthetic: bool = False) -> Figure:
         handles.append(h)
     est = []
     if base is not None:
-        est = [(s, base - _num(t.get("est_drop"))) for s, t in zip(steps, traj)
-               if _num(t.get("est_drop")) is not None]
+        est = [(s, base - _num(t.get("estimated_drop"))) for s, t in zip(steps, traj)
+               if _num(t.get("estimated_drop")) is not None]
         if est:
             (h,) = ax2.plot(*zip(*est), color=GREEDY_COLOR, ls=":", lw=1.2, alpha=0.8,
                             label="FP32 val acc − additive estimated drop (right axis)")
