@@ -462,10 +462,12 @@ def test_checkpoint_of_another_architecture(quick_stage1, tmp_path):
     ("4_create_baselines.py", "03_search.json", "3_greedy_search.py"),
 ])
 @pytest.mark.parametrize("garbage", [b'{"stage": "2", "layers": [', b"\x00\xff garbage", b"[1, 2, 3]"])
-def test_malformed_results_json(quick_stage1, tmp_path, stage, name, producer, garbage):
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_malformed_results_json(quick_stage1, tmp_path, stage, name, producer, garbage, force):
+    """Malformed input is refused with a message, --force or not (--force only waives schema/checkpoint checks)."""
     (tmp_path / name).write_bytes(garbage)
     code, _, err = run_stage(stage, *COMMON, "--bits", *BITS, "--results-dir", tmp_path,
-                             "--checkpoint", quick_stage1["checkpoint"])
+                             "--checkpoint", quick_stage1["checkpoint"], *force)
     assert_user_error(code, err, name, producer)
 
 

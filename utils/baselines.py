@@ -2,7 +2,6 @@
 validation split and the held-out test set."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,7 +10,6 @@ from tqdm import tqdm
 from utils.ai_calculator import model_cost
 from utils.bitsearch import RESULTS_NAME as STAGE3_NAME
 from utils.config import FLOAT_BITS, full_config, uniform_config, validate_config
-from utils.errors import UserError
 from utils.io import check_same_checkpoint, load_results_json
 from utils.stage import load_setup, resolve_bits, results_header, write_results
 from utils.evaluation import CachedEvaluator
@@ -27,12 +25,7 @@ def dominates(a: dict, b: dict) -> bool:
 
 def load_stage3(args):
     path = Path(args.results_dir) / STAGE3_NAME
-    try:
-        return path, load_results_json(path, "3", "3_greedy_search.py")
-    except UserError:
-        if not (args.force and path.is_file()):
-            raise
-        return path, json.loads(path.read_text())
+    return path, load_results_json(path, "3", "3_greedy_search.py", force=args.force)
 
 
 def create_baselines(args) -> dict:

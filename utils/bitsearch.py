@@ -21,13 +21,7 @@ RESULTS_NAME = "03_search.json"
 def load_stage2(args):
     """The stage-2 table, checked against the checkpoint and the requested widths."""
     path = Path(args.results_dir) / STAGE2_NAME
-    try:
-        res = load_results_json(path, "2", "2_per_layer_analysis.py")
-    except UserError:
-        if not (args.force and path.is_file()):
-            raise
-        import json
-        res = json.loads(path.read_text())
+    res = load_results_json(path, "2", "2_per_layer_analysis.py", force=args.force)
     missing = [b for b in args.bits if b not in res["bits"]]
     if missing:
         raise UserError(f"{path} has no measurements for widths {missing} (it has {res['bits']}). Re-run "

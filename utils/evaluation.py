@@ -29,7 +29,7 @@ class FoldedModel:
         self.src = model
         self.model = copy.deepcopy(model).eval()
         src_mods, dst_mods = dict(model.named_modules()), dict(self.model.named_modules())
-        self.pairs = []  # (layer name, source BN or None)
+        self.pairs = []  # (layer name, source layer, folded layer, source BN or None)
         for name in quantizable_layers(model):
             parent, _, leaf = name.rpartition(".")
             bn_name = (f"{parent}." if parent else "") + (leaf.replace("conv", "bn") if leaf.startswith("conv")
@@ -60,7 +60,6 @@ class FoldedModel:
 
 def segment_layers(model) -> list[tuple[str, object, list[str]]]:
     """(segment name, callable, names of the quantizable layers inside it), in order."""
-    from utils.config import quantizable_layers
     names = list(quantizable_layers(model))
     out = []
     for seg_name, fn in model.segments():

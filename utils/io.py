@@ -104,8 +104,8 @@ def provenance(args, device, inputs: dict | None = None, seconds: float | None =
     }
 
 
-def load_results_json(path, expected_stage: str, producer: str) -> dict:
-    """Load a stage's results JSON, refusing missing, malformed or old-schema files.
+def load_results_json(path, expected_stage: str, producer: str, force: bool = False) -> dict:
+    """Load a stage's results JSON, refusing missing, malformed or (unless `force`) old-schema files.
 
     `producer` names the script that writes it, for the message that says what to run.
     """
@@ -121,7 +121,7 @@ def load_results_json(path, expected_stage: str, producer: str) -> dict:
     if not isinstance(obj, dict) or obj.get("stage") != expected_stage:
         raise UserError(f"{path} is not a stage-{expected_stage} results file (its 'stage' field is "
                         f"{obj.get('stage') if isinstance(obj, dict) else None!r}). Re-run {producer}.")
-    if obj.get("schema_version") != SCHEMA_VERSION:
+    if obj.get("schema_version") != SCHEMA_VERSION and not force:
         raise UserError(f"{path} was written with results schema version {obj.get('schema_version')!r}, "
                         f"this code reads version {SCHEMA_VERSION}. Re-run {producer} to refresh it "
                         f"(or pass --force to use it anyway).")
