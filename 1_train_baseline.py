@@ -1,32 +1,35 @@
 """Stage 1: train the float ResNet baseline on CIFAR-10.
 
-    python 1_train_baseline.py                      # 200 epochs, the default recipe
+    python 1_train_baseline.py                      # ResNet-20, 200 epochs, the default recipe
     python 1_train_baseline.py --data-dir ../shared/data/cifar10-jpeg.tar.gz --epochs 30
+    python 1_train_baseline.py --arch mobilenetv2   # any registered architecture
     python 1_train_baseline.py --resume             # continue an interrupted run
     python 1_train_baseline.py --quick --dataset synthetic   # smoke test, seconds on CPU
 
-Writes checkpoints/resnet20_baseline.pt and results/01_baseline.json.
+Writes checkpoints/<arch>_baseline.pt and results/01_baseline.json.
 """
 import argparse
 
-from utils.baseline import train_baseline
-from utils.cli import add_common_args, run
+from utils.cli import add_arch_args, add_common_args, run
+from utils.stages.train_baseline import train_baseline
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # --- model ---
-    p.add_argument("--depth", default=20, type=int, help="ResNet depth 6n+2: 20, 32, 44, 56, 110 (default: 20)")
-    p.add_argument("--shortcut", default="B", choices=("A", "B"),
-                   help="A = zero-pad identity (paper), B = 1x1 conv projection (default: B)")
-    # --- optimization (He et al. 2015 recipe with a cosine schedule) ---
+    add_arch_args(p, training=True)
+    # --- optimization: SGD + Nesterov, one cosine decay (optionally after a linear warm-up), weight
+    # decay on conv/linear weights only. Not He et al. 2015's step schedule. ---
     p.add_argument("--epochs", default=200, type=int, help="training epochs (default: 200)")
     p.add_argument("--batch-size", default=128, type=int, help="images per step (default: 128)")
     p.add_argument("--lr", default=0.1, type=float,
                    help="peak learning rate per 128 images; scaled linearly with --batch-size (default: 0.1)")
     p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default: 0.9)")
     p.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum (default: Nesterov)")
-    p.add_argument("--weight-decay", default=5e-4, type=float, help="L2 weight decay (default: 5e-4)")
+    p.add_argument("--weight-decay", default=5e-4, type=float,
+                   help="L2 weight decay on conv and linear weights (default: 5e-4)")
+    p.add_argument("--decay-norm-and-bias", action="store_true", default=None,
+                   help="also decay BN parameters and biases, the recipe of checkpoints before version 2 "
+                        "(default: off, as torchvision's references allow)")
     p.add_argument("--warmup-epochs", default=0, type=int,
                    help="linear LR warm-up before the cosine decay; useful for large batches (default: 0)")
     # --- speed ---
@@ -37,7 +40,7 @@ def get_args_parser():
                    help="evaluate validation accuracy every N epochs for the training curve; 0 = only at the end (default: 1)")
     # --- files ---
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint path (default: <checkpoint-dir>/resnet<depth>_baseline.pt)")
+                   help="checkpoint path (default: <checkpoint-dir>/<arch>_baseline.pt)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in the checkpoint, with its settings (default: off)")
     return add_common_args(p)

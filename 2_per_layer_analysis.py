@@ -9,14 +9,14 @@ Reads checkpoints/resnet20_baseline.pt; writes results/02_per_layer.json.
 import argparse
 
 from utils.cli import add_common_args, run
-from utils.sensitivity import per_layer_analysis
-from utils.stage import add_model_args, add_quant_args
+from utils.stages.per_layer_analysis import per_layer_analysis
+from utils.stages.common import add_model_args, add_quant_args
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    add_quant_args(p)
+    add_quant_args(p, "2")
     return add_common_args(p)
 
 

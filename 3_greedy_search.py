@@ -1,39 +1,56 @@
-"""Stage 3: search per-layer weight widths that maximize arithmetic intensity within an
-accuracy budget, greedily (as the reference work) and exactly (Pareto frontier by dynamic
-programming over layers, verified by real evaluation).
+"""Stage 3: search per-layer widths that maximize arithmetic intensity within an accuracy
+budget, greedily (as the reference work) and exactly (Pareto frontier by dynamic programming
+over layers, verified by real evaluation). Searches (weight, activation) pairs when stage 2
+measured activation widths.
 
     python 3_greedy_search.py                       # both methods, 1.0 point budget
     python 3_greedy_search.py --method pareto --max-drop 0.5
+
+The budget holds out of sample: a configuration is accepted when its drop on the search images
+plus z standard errors stays within --max-drop (see the README).
 
 Reads the checkpoint and results/02_per_layer.json; writes results/03_search.json.
 """
 import argparse
 
-from utils.bitsearch import bit_search
 from utils.cli import add_common_args, run
-from utils.stage import add_model_args, add_quant_args
+from utils.stages.common import add_model_args, add_quant_args
+from utils.stages.greedy_search import QUICK_MAX_EVALUATIONS, RANK_SIGNALS, search_widths
+from utils.stats import BUDGET_Z
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("search")
     g.add_argument("--method", default="both", choices=("greedy", "pareto", "both"),
-                   help="which search to run (default: both)")
+                   help="which search to run; with both, the greedy's answer seeds the Pareto one (default: both)")
     g.add_argument("--max-drop", default=1.0, type=float,
-                   help="accuracy budget: points of validation accuracy the search may lose (default: 1.0)")
+                   help="accuracy budget: points below the float model (default: 1.0)")
+    g.add_argument("--z", default=round(BUDGET_Z, 3), type=float,
+                   help="standard errors of margin: drop + z * SE <= --max-drop; 2.326 = 1.645 * sqrt(2) keeps the "
+                        "chance of exceeding the budget on fresh data of the same size near 5%% (default: %(default)s)")
+    g.add_argument("--rank-by", default="kl", choices=tuple(RANK_SIGNALS),
+                   help="stage-2 signal that ranks moves and builds the frontier: kl (divergence from the float "
+                        "outputs), loss (cross-entropy increase) or drop (accuracy) (default: kl)")
     g.add_argument("--verify-top-k", default=3, type=int,
                    help="greedy: moves checked by real evaluation per batch, best estimate first (default: 3)")
-    g.add_argument("--pareto-verify", default=10, type=int,
-                   help="pareto: at most this many frontier points evaluated for real (default: 10)")
-    g.add_argument("--pareto-slack", default=2.0, type=float,
-                   help="pareto: verify points whose estimated drop is <= slack x max-drop (default: 2.0)")
+    g.add_argument("--no-prune-infeasible", action="store_true",
+                   help="greedy: re-measure moves found infeasible from a wider configuration (default: off, "
+                        "they are skipped)")
+    g.add_argument("--no-fast-forward", action="store_true",
+                   help="greedy: verify every step from all-float, instead of first bisecting the path the estimate "
+                        "alone would take (default: off)")
+    g.add_argument("--max-evaluations", default=None, type=int,
+                   help=f"hard cap on real evaluations (default: none; with --quick: {QUICK_MAX_EVALUATIONS})")
+    g.add_argument("--pareto-verify", default=24, type=int,
+                   help="pareto: at most this many frontier points evaluated for real (default: 24)")
     add_model_args(p)
-    add_quant_args(p)
+    add_quant_args(p, "3")
     return add_common_args(p)
 
 
 def main(args):
-    return bit_search(args)
+    return search_widths(args)
 
 
 if __name__ == "__main__":

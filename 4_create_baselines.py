@@ -8,15 +8,15 @@ Reads the checkpoint and results/03_search.json; writes results/04_baselines.jso
 """
 import argparse
 
-from utils.baselines import create_baselines
+from utils.stages.create_baselines import create_baselines
 from utils.cli import add_common_args, run
-from utils.stage import add_model_args, add_quant_args
+from utils.stages.common import add_model_args, add_quant_args
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    add_quant_args(p)  # --bits: the uniform widths to compare (quantizer settings come from stage 3)
+    add_quant_args(p, "4")  # --bits: the uniform widths to compare (quantizer settings come from stage 3)
     return add_common_args(p)
 
 

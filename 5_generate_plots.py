@@ -13,7 +13,7 @@ no GPU, data set or checkpoint is needed.
 import argparse
 
 from utils.cli import add_common_args, run
-from utils.plots import generate_plots
+from utils.stages.generate_plots import generate_plots
 
 
 def get_args_parser():

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from utils.cli import add_common_args  # noqa: E402
 from utils.evaluation import CachedEvaluator  # noqa: E402
-from utils.stage import add_model_args, add_quant_args, load_setup  # noqa: E402
+from utils.stages.common import add_model_args, add_quant_args, load_setup  # noqa: E402
 from utils.train import evaluate  # noqa: E402
 
 

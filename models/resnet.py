@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.structure import Segment, module_name
+
 DEPTHS = (20, 32, 44, 56, 110)
 SHORTCUTS = ("A", "B")
 # Checked by _self_check() and the tests; (depth, shortcut) -> parameter count.
@@ -56,6 +58,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
+        self.projection = (stride != 1 or in_planes != planes) and shortcut == "B"
         if stride != 1 or in_planes != planes:
             if shortcut == "A":
                 self.shortcut = PadShortcut(planes - in_planes)
@@ -78,7 +81,7 @@ class CifarResNet(nn.Module):
         if shortcut not in SHORTCUTS:
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
-        self.model_args = {"arch": "resnet", "depth": depth, "shortcut": shortcut, "num_classes": num_classes}
+        self.model_args = {"arch": f"resnet{depth}", "shortcut": shortcut, "num_classes": num_classes}
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         planes_in = 16
@@ -100,36 +103,32 @@ class CifarResNet(nn.Module):
     def head(self, x):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def segments(self):
-        """The network as a chain of (name, callable): stem, every block, head.
+    def blocks(self):
+        return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
 
-        Evaluation code caches activations at these boundaries (utils/evaluation.py).
-        """
-        segs = [("stem", self.stem)]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            segs.extend((f"{self._name_of(b)}", b) for b in stage)
-        segs.append(("head", self.head))
+    def segments(self) -> list[Segment]:
+        """Stem, every block, head (see models/structure.py)."""
+        segs = [Segment("stem", self.stem, ("conv1",))]
+        for b in self.blocks():
+            name = module_name(self, b)
+            convs = ["conv1", "conv2"] + (["shortcut.0"] if b.projection else [])
+            segs.append(Segment(name, b, tuple(f"{name}.{c}" for c in convs)))
+        segs.append(Segment("head", self.head, ("linear",)))
         return segs
 
-    def _name_of(self, module):
-        for name, m in self.named_modules():
-            if m is module:
-                return name
-        raise KeyError(module)
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        pairs = [("conv1", "bn1")]
+        for b in self.blocks():
+            name = module_name(self, b)
+            pairs += [(f"{name}.conv1", f"{name}.bn1"), (f"{name}.conv2", f"{name}.bn2")]
+            if b.projection:
+                pairs.append((f"{name}.shortcut.0", f"{name}.shortcut.1"))
+        return pairs
 
     def forward(self, x):
         x = self.stem(x)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.head(x)
-
-
-def build_model(model_args: dict) -> CifarResNet:
-    """Rebuild a model from the `model_args` a checkpoint carries."""
-    arch = model_args.get("arch", "resnet")
-    if arch != "resnet":
-        raise ValueError(f"unknown arch {arch!r}: only 'resnet' (CIFAR ResNet) is supported")
-    return CifarResNet(int(model_args.get("depth", 20)), str(model_args.get("shortcut", "B")),
-                       int(model_args.get("num_classes", 10)))
 
 
 def resnet20(shortcut: str = "B", num_classes: int = 10) -> CifarResNet:

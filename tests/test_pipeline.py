@@ -14,7 +14,7 @@ import torch
 from conftest import COMMON, QUICK_BITS, QUICK_VAL_SIZE, REPO, run_script
 from models.resnet import resnet20
 from utils.ai_calculator import layer_table, model_ai
-from utils.baselines import dominates
+from utils.stages.create_baselines import dominates
 from utils.config import FLOAT_BITS, uniform_config
 from utils.io import SCHEMA_VERSION, sha256_file
 

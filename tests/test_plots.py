@@ -12,7 +12,7 @@ from models.resnet import resnet20
 from utils.ai_calculator import layer_table, model_cost
 from utils.errors import UserError
 from utils.io import REPO_ROOT, SCHEMA_VERSION
-from utils.plots import (INPUTS, PLOTS, bits_summary, figure_title, generate_plots, layer_group, load_inputs,
+from utils.stages.generate_plots import (INPUTS, PLOTS, bits_summary, figure_title, generate_plots, layer_group, load_inputs,
                          plot_pareto, style, summary_markdown)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

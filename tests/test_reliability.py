@@ -102,7 +102,7 @@ def state_dicts_equal(a, b):
 # ---------------------------------------------------------------- interruption (stage 1)
 
 DRIVER = """\
-# Stage 1 on a tiny synthetic set (400 train / 100 test): utils.baseline.load_dataset is replaced,
+# Stage 1 on a tiny synthetic set (400 train / 100 test): utils.stages.train_baseline.load_dataset is replaced,
 # everything else is the real 1_train_baseline.py behind the real utils.cli.run.
 import importlib.util
 import os
@@ -110,7 +110,7 @@ import signal
 import sys
 
 sys.path.insert(0, {repo!r})
-import utils.baseline as B
+import utils.stages.train_baseline as B
 from utils.cli import run
 from utils.data import make_synthetic
 
@@ -289,7 +289,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(interrupted_runs):
 def test_ctrl_c_during_final_evaluation_says_how_to_resume(tmp_path, monkeypatch):
     """Ctrl-C after the last epoch (in the final evaluation) also exits 130 with the --resume
     hint, and resuming then finishes the run without training again."""
-    import utils.baseline as B
+    import utils.stages.train_baseline as B
     from utils.data import make_synthetic
     data = make_synthetic(n_train=200, n_test=50)
     monkeypatch.setattr(B, "load_dataset", lambda name, data_dir=None, **kw: data)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.baseline as B
+import utils.stages.train_baseline as B
 from utils.checkpoint import load_model, read_checkpoint
 from utils.data import make_synthetic
 from utils.errors import UserError

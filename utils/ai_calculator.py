@@ -1,30 +1,33 @@
-"""Arithmetic intensity (FLOPs per byte moved) of Conv2d/Linear networks under weight bit widths.
+"""Arithmetic intensity (FLOPs per byte moved) of Conv2d/Linear networks under per-layer widths.
 
-Convention (the reference work's; its anchors are checked in tests/test_ai_calculator.py):
-a layer moves weights*w_bits/8 + bias*4 + (input + output activations)*a_bits/8*batch bytes.
-Weights are read once per batch, bias stays fp32, and every layer's input and output are
-counted (no fusion or cache reuse between layers). Model AI = total FLOPs / total bytes,
-not a mean of per-layer AIs, so big layers weigh in proportion to their traffic.
+One cost model (``CostModel``) says what a layer is charged. The reference convention, its
+default: a layer moves weights*w/8 + bias*4 + (input + output activations)*a/8*batch bytes, where
+w and a are the layer's weight and activation widths. Weights are read once per batch, bias stays
+fp32, and every layer's input and output are counted at the layer's own ``a`` (no fusion or cache
+reuse between layers), so bytes add up per layer. Model AI = total FLOPs / total bytes, not a mean
+of per-layer AIs. Defaults (a = 32, batch 1) give ResNet-20 (shortcut B) an FP32 AI of 29.85; the
+anchors are checked in tests/test_ai_calculator.py.
 
-Defaults (w_bits 32, a_bits 32, batch 1) give ResNet-20 (shortcut B) an FP32 AI of 29.85.
+    python -m utils.ai_calculator --arch resnet20 --w-bits 8
+    python -m utils.ai_calculator --config my_bits.json --a-bits 8 --json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.config import FLOAT_BITS, load_config, validate_config
+from utils.config import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, load_config, parse_config
 from utils.errors import UserError
 
 BIAS_BYTES = 4  # bias is kept in fp32 whatever the weight width
+CHARGES = ("weights", "bias", "inputs", "outputs")
 
 
 @dataclass(frozen=True)
@@ -87,36 +90,80 @@ def layer_table(model: nn.Module, input_shape=(1, 3, 32, 32)) -> list[LayerInfo]
     return table
 
 
-def layer_bytes(info: LayerInfo, w_bits: int = FLOAT_BITS, a_bits: int = 32, batch_size: int = 1) -> float:
-    """Bytes one batch moves through this layer: weights once, activations once per sample."""
-    return (info.weights * w_bits / 8 + info.bias * BIAS_BYTES
-            + (info.in_elems + info.out_elems) * a_bits / 8 * batch_size)
+@dataclass(frozen=True)
+class CostModel:
+    """What a layer is charged, in one object that every stage records in its results.
+
+    ``a_bits`` is the activation width of layers whose configuration names none; ``charge`` is the
+    subset of CHARGES that count as traffic.
+    """
+    a_bits: int = FLOAT_BITS
+    batch_size: int = 1
+    charge: tuple = CHARGES
+
+    def __post_init__(self):
+        if self.a_bits not in ACT_BITS or self.batch_size < 1 or not set(self.charge) <= set(CHARGES):
+            raise UserError(f"cost model: a_bits must be 2-8 or 32, batch_size >= 1 and charge a subset of "
+                            f"{CHARGES}; got {self.a_bits}, {self.batch_size}, {self.charge}.")
+        object.__setattr__(self, "charge", tuple(c for c in CHARGES if c in self.charge))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "charge": list(self.charge),
+                "convention": "bytes = weights*w/8 + bias*4 + (inputs + outputs)*a/8*batch per layer; "
+                              "AI = total FLOPs / total bytes"}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "CostModel":
+        d = d or {}
+        return cls(int(d.get("a_bits", FLOAT_BITS)), int(d.get("batch_size", 1)), tuple(d.get("charge", CHARGES)))
+
+    def layer_bytes(self, info: "LayerInfo", w_bits: int = FLOAT_BITS, a_bits: int | None = None) -> float:
+        """Bytes one batch moves through this layer: weights once, activations once per sample."""
+        a = self.a_bits if a_bits is None else a_bits
+        c = self.charge
+        return (("weights" in c) * info.weights * w_bits / 8 + ("bias" in c) * info.bias * BIAS_BYTES
+                + (("inputs" in c) * info.in_elems + ("outputs" in c) * info.out_elems) * a / 8 * self.batch_size)
+
+    def full(self, table, config) -> dict[str, tuple[int, int]]:
+        """{name: (w, a)} for every layer, from a full config or a file-form one."""
+        names = [t.name for t in table]
+        config = config or {}
+        if config and all(isinstance(v, tuple) for v in config.values()) and list(config) == names:
+            return config
+        return parse_config(config, names, self.a_bits)
+
+    def cost(self, table, config=None) -> dict:
+        """Totals and per-layer FLOPs/bytes/AI of a configuration (missing layers: float weights)."""
+        full = self.full(table, config)
+        layers = []
+        for info in table:
+            w, a = full[info.name]
+            flops = info.flops * self.batch_size
+            nbytes = self.layer_bytes(info, w, a)
+            layers.append({"name": info.name, "kind": info.kind, "macs": info.macs, "weights": info.weights,
+                           "flops": flops, "bytes": nbytes, "ai": flops / nbytes if nbytes else 0.0,
+                           "w_bits": w, "a_bits": a})
+        flops = sum(layer["flops"] for layer in layers)
+        nbytes = float(sum(layer["bytes"] for layer in layers))
+        return {"flops": flops, "bytes": nbytes, "ai": flops / nbytes if nbytes else 0.0, "layers": layers}
+
+    def ai(self, table, config=None) -> float:
+        return self.cost(table, config)["ai"]
 
 
-def model_cost(table: list[LayerInfo], config: dict | None = None, a_bits: int = 32,
-               batch_size: int = 1) -> dict:
-    """Totals and per-layer FLOPs/bytes/AI; `config` maps layer names to weight bits (missing = float)."""
-    config = validate_config(config or {}, [layer.name for layer in table])
-    layers = []
-    for info in table:
-        w_bits = config.get(info.name, FLOAT_BITS)
-        flops = info.flops * batch_size
-        nbytes = layer_bytes(info, w_bits, a_bits, batch_size)
-        layers.append({"name": info.name, "kind": info.kind, "flops": flops, "bytes": nbytes,
-                       "ai": flops / nbytes, "w_bits": w_bits})
-    flops = sum(layer["flops"] for layer in layers)
-    nbytes = float(sum(layer["bytes"] for layer in layers))
-    return {"flops": flops, "bytes": nbytes, "ai": flops / nbytes if nbytes else 0.0, "layers": layers}
+REFERENCE = CostModel()
 
 
-def model_ai(table: list[LayerInfo], config: dict | None = None, a_bits: int = 32, batch_size: int = 1) -> float:
-    return model_cost(table, config, a_bits, batch_size)["ai"]
+def layer_bytes(info: LayerInfo, w_bits: int = FLOAT_BITS, a_bits: int = FLOAT_BITS, batch_size: int = 1) -> float:
+    return CostModel(a_bits, batch_size).layer_bytes(info, w_bits)
 
 
-def weight_bytes_saved(table: list[LayerInfo], config: dict) -> float:
-    """Weight traffic removed by `config` relative to all-float weights (activations are unchanged)."""
-    config = validate_config(config, [layer.name for layer in table])
-    return sum(layer.weights * (FLOAT_BITS - config.get(layer.name, FLOAT_BITS)) / 8 for layer in table)
+def model_cost(table: list[LayerInfo], config: dict | None = None, cost_model: CostModel = REFERENCE) -> dict:
+    return cost_model.cost(table, config)
+
+
+def model_ai(table: list[LayerInfo], config: dict | None = None, cost_model: CostModel = REFERENCE) -> float:
+    return cost_model.ai(table, config)
 
 
 # Roofline: peak dense (no 2:4 sparsity) BF16/FP16 tensor-core throughput, and peak memory bandwidth.
@@ -159,13 +206,6 @@ def ridge_point(device) -> float:
     return d["peak_flops"] / d["bandwidth"]
 
 
-def _arch_depth(text: str) -> int:
-    m = re.fullmatch(r"resnet(\d+)", text.strip().lower())
-    if not m or int(m.group(1)) not in (20, 32, 44, 56, 110):
-        raise argparse.ArgumentTypeError(f"{text!r}: choose resnet20, resnet32, resnet44, resnet56 or resnet110")
-    return int(m.group(1))
-
-
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -177,45 +217,54 @@ def _positive_int(text: str) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Per-layer and model arithmetic intensity (FLOPs/byte) of a CIFAR "
-                                            "ResNet under a weight bit configuration.")
-    p.add_argument("--arch", default=20, type=_arch_depth, metavar="resnetN",
-                   help="resnet20, resnet32, resnet44, resnet56 or resnet110 (default: resnet20)")
-    p.add_argument("--shortcut", default="B", choices=("A", "B"),
-                   help="A = zero-pad identity, B = 1x1 conv projection (default: B)")
+    from models import arch_names
+    p = argparse.ArgumentParser(description="Per-layer and model arithmetic intensity (FLOPs/byte) of a registered "
+                                            "architecture under a weight/activation width configuration.")
+    p.add_argument("--arch", default="resnet20", choices=arch_names(), metavar="ARCH",
+                   help=f"{', '.join(arch_names())} (default: resnet20)")
+    p.add_argument("--shortcut", default=None, choices=("A", "B"),
+                   help="ResNets only: A = zero-pad identity, B = 1x1 conv projection (default: B)")
     bits = p.add_mutually_exclusive_group()
-    bits.add_argument("--w-bits", type=int, choices=(2, 3, 4, 5, 6, 7, 8, 32), default=None,
+    bits.add_argument("--w-bits", type=int, choices=WEIGHT_BITS, default=None,
                       help="same weight width for every layer (default: 32, i.e. float)")
     bits.add_argument("--config", default=None, metavar="FILE",
-                      help="JSON object {layer name: weight bits}; layers not named stay float (default: none)")
-    p.add_argument("--a-bits", type=_positive_int, default=32, help="activation width in bits (default: 32)")
+                      help='JSON object {layer: {"w": 4, "a": 8}} or {layer: w}; layers not named have float '
+                           'weights (default: none)')
+    p.add_argument("--a-bits", type=int, choices=ACT_BITS, default=FLOAT_BITS,
+                   help="activation width of every layer the configuration gives none (default: 32)")
     p.add_argument("--batch-size", type=_positive_int, default=1,
                    help="samples per weight read; activations scale with it (default: 1)")
+    p.add_argument("--charge", nargs="+", choices=CHARGES, default=list(CHARGES),
+                   help="what counts as traffic (default: weights bias inputs outputs)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table (default: off)")
     return p
 
 
 def main(args):
-    from models.resnet import CifarResNet
-    table = layer_table(CifarResNet(args.arch, args.shortcut))
+    from models import build_model, describe
+    try:
+        model = build_model(args.arch, args.shortcut)
+    except ValueError as e:
+        raise UserError(f"{e}.") from None
+    table = layer_table(model)
     names = [layer.name for layer in table]
+    cm = CostModel(args.a_bits, args.batch_size, tuple(args.charge))
     if args.config is not None:
-        config = load_config(args.config, names)
-    elif args.w_bits is not None:
-        config = {n: args.w_bits for n in names}
+        config = load_config(args.config, names, cm.a_bits)
     else:
-        config = {}
-    cost = model_cost(table, config, args.a_bits, args.batch_size)
+        config = {n: args.w_bits for n in names} if args.w_bits is not None else {}
+    cost = cm.cost(table, config)
     if args.json:
-        cost.update(arch=f"resnet{args.arch}", shortcut=args.shortcut, a_bits=args.a_bits,
-                    batch_size=args.batch_size)
+        cost.update(model_args=model.model_args, cost_model=cm.to_json())
         print(json.dumps(cost, indent=2))
         return
-    print(f"resnet{args.arch} shortcut {args.shortcut}, a_bits {args.a_bits}, batch {args.batch_size}")
-    print(f"{'layer':<22}{'kind':<8}{'MACs':>12}{'weights':>10}{'w_bits':>8}{'bytes':>14}{'AI':>9}")
-    for info, row in zip(table, cost["layers"]):
-        print(f"{info.name:<22}{info.kind:<8}{info.macs:>12,}{info.weights:>10,}{row['w_bits']:>8}"
-              f"{row['bytes']:>14,.0f}{row['ai']:>9.2f}")
+    print(f"{describe(model.model_args)}, default activation width {cm.a_bits}, batch {cm.batch_size}, "
+          f"charged: {' '.join(cm.charge)}")
+    width = max(22, max(len(n) for n in names) + 2)
+    print(f"{'layer':<{width}}{'kind':<8}{'MACs':>12}{'weights':>10}{'w':>4}{'a':>4}{'bytes':>14}{'AI':>9}")
+    for row in cost["layers"]:
+        print(f"{row['name']:<{width}}{row['kind']:<8}{row['macs']:>12,}{row['weights']:>10,}{row['w_bits']:>4}"
+              f"{row['a_bits']:>4}{row['bytes']:>14,.0f}{row['ai']:>9.2f}")
     print(f"model: {cost['flops']:,} FLOPs, {cost['bytes']:,.0f} bytes, AI {cost['ai']:.2f} FLOPs/byte")
 
 

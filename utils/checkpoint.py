@@ -1,5 +1,6 @@
 """Checkpoints: ours carry everything the next stage needs to rebuild model and inputs;
-foreign ones (raw state_dicts, DataParallel, {'state_dict': ...}) load too."""
+foreign ones (plain state_dicts, DataParallel, torch.compile, {'net': ...}, {'state_dict': ...})
+load too, with the architecture and input normalization given by flags."""
 from __future__ import annotations
 
 import pickle
@@ -8,17 +9,38 @@ from pathlib import Path
 
 import torch
 
-from models.resnet import build_model
+from models import arch_flags, build_from_args, closest_architectures, describe, normalize_model_args
 from utils.errors import UserError
 from utils.io import atomic_torch_save
 
-CHECKPOINT_VERSION = 1
-# CIFAR-10 statistics for checkpoints that carry no normalization of their own.
-DEFAULT_NORMALIZATION = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
+CHECKPOINT_VERSION = 2   # 2: registry model_args, split identity, weight-decay groups
+# What --normalization names. "cifar10" is what stage 1 computes on CIFAR-10's 50,000 training images.
+NORMALIZATIONS = {
+    "cifar10": {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]},
+    "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+}
+DEFAULT_NORMALIZATION = NORMALIZATIONS["cifar10"]
+_PREFIXES = ("module.", "_orig_mod.")   # DataParallel/DDP, torch.compile
 
 
-def default_checkpoint_path(checkpoint_dir, depth: int = 20) -> Path:
-    return Path(checkpoint_dir) / f"resnet{depth}_baseline.pt"
+def default_checkpoint_path(checkpoint_dir, arch: str = "resnet20") -> Path:
+    return Path(checkpoint_dir) / f"{arch}_baseline.pt"
+
+
+def parse_normalization(text: str | None) -> dict | None:
+    """--normalization cifar10 | imagenet | m1,m2,m3,s1,s2,s3 -> {"mean": [...], "std": [...]}."""
+    if text is None:
+        return None
+    if text in NORMALIZATIONS:
+        return {k: list(v) for k, v in NORMALIZATIONS[text].items()}
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 6 or not all(s > 0 for s in vals[3:]):
+        raise UserError(f"--normalization {text!r}: give cifar10, imagenet, or six numbers m1,m2,m3,s1,s2,s3 "
+                        f"(per-channel mean and std of images scaled to [0, 1], stds > 0).")
+    return {"mean": vals[:3], "std": vals[3:]}
 
 
 def save_checkpoint(path, state: dict):
@@ -42,22 +64,35 @@ def read_checkpoint(path) -> dict:
     return obj
 
 
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
 def extract_state_dict(obj) -> dict:
-    """Accept a raw state_dict, {'state_dict': ...} or {'model': ...}, with or without 'module.'."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        sd = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd = obj
-    else:
+    """Accept a plain state_dict or one under 'model', 'state_dict' or 'net', with or without
+    'module.' (DataParallel, DDP) and '_orig_mod.' (torch.compile) prefixes."""
+    sd = None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "net"):
+            if isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+        if sd is None and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = obj
+    if sd is None:
         raise UserError("the checkpoint holds no model weights: expected a state_dict, or a dict with "
-                        "a 'state_dict' or 'model' entry.")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+                        "a 'model', 'state_dict' or 'net' entry.")
+    return {_strip(k): v for k, v in sd.items()}
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint"):
-    """Strict load that names missing/unexpected keys and shape mismatches in one message."""
+    """Strict load that names missing/unexpected keys, shape mismatches and the closest architecture."""
     own = model.state_dict()
     # Checkpoints from PyTorch < 0.4.1 lack BN's num_batches_tracked, which eval never uses.
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
@@ -66,30 +101,50 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkp
               for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         ma = getattr(model, "model_args", {})
+        best = closest_architectures(state_dict, ma.get("num_classes", 10))
+        args, score = best[0]
+        hint = (f"The keys fit {describe(args)} exactly: pass {arch_flags(args)}" if score == 1.0 else
+                f"The closest registered architecture is {describe(args)} ({100 * score:.0f}% of the tensors "
+                f"fit; {arch_flags(args)})")
         raise UserError(
-            f"{source} does not fit {ma.get('arch', '')}{ma.get('depth', '')} shortcut "
-            f"{ma.get('shortcut', '?')}: missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
-            f"{', shape mismatches ' + str(shapes[:4]) if shapes else ''}. It is probably another "
-            f"architecture: pass the right --depth / --shortcut, or another --checkpoint.")
+            f"{source} does not fit {describe(ma) if ma else type(model).__name__}: missing keys "
+            f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected keys "
+            f"{unexpected[:6]}{'...' if len(unexpected) > 6 else ''}"
+            f"{', shape mismatches ' + str(shapes[:3]) if shapes else ''}. {hint}, or use another --checkpoint.")
     model.load_state_dict({k: state_dict.get(k, own[k]) for k in own})
 
 
-def load_model(path, model_args_override: dict | None = None, require_finished: bool = True):
+def load_model(path, arch: str | None = None, shortcut: str | None = None, normalization: dict | None = None,
+               require_finished: bool = True, num_classes: int | None = None):
     """Rebuild model and preprocessing from a checkpoint file alone.
 
-    Returns (model in eval mode, meta) with meta keys model_args, normalization, data,
-    finished, foreign (True for checkpoints not written by stage 1).
+    Ours record their model_args and normalization: a conflicting ``arch`` / ``shortcut`` /
+    ``normalization`` is an error. A foreign checkpoint takes them from the arguments (default
+    resnet20 shortcut B, CIFAR-10 statistics). Returns (model in eval mode, meta) with meta keys
+    model_args, normalization, normalization_source, data, finished, foreign, epoch.
     """
     obj = read_checkpoint(path)
     ours = isinstance(obj, dict) and "model_args" in obj
-    model_args = dict(obj["model_args"]) if ours else {"arch": "resnet", "depth": 20, "shortcut": "B",
-                                                        "num_classes": 10}
-    for k, v in (model_args_override or {}).items():
-        if v is not None:
-            model_args[k] = v
+    if ours:
+        model_args = normalize_model_args(obj["model_args"])
+        given = {"arch": arch, "shortcut": shortcut}
+        clash = {k: (model_args.get(k), v) for k, v in given.items() if v is not None and model_args.get(k) != v}
+        if clash:
+            raise UserError(f"checkpoint {path} holds a {describe(model_args)}, but the flags ask for "
+                            f"{', '.join(f'--{k} {v[1]}' for k, v in clash.items())}. Drop those flags (the "
+                            f"checkpoint says what it is), or pass another --checkpoint.")
+        recorded_norm = obj.get("normalization") or DEFAULT_NORMALIZATION
+        if normalization is not None and normalization != recorded_norm:
+            raise UserError(f"checkpoint {path} records its input normalization {recorded_norm}; "
+                            f"--normalization {normalization} contradicts it. Drop --normalization.")
+        norm, norm_source = recorded_norm, "recorded in the checkpoint"
+    else:
+        model_args = normalize_model_args({"arch": arch or "resnet20", "num_classes": num_classes or 10,
+                                           **({"shortcut": shortcut} if shortcut else {})})
+        norm = normalization or DEFAULT_NORMALIZATION
+        norm_source = "--normalization" if normalization else "default (cifar10 statistics)"
     try:
-        model = build_model(model_args)
+        model = build_from_args(model_args)
     except ValueError as e:
         raise UserError(f"cannot build the model for {path}: {e}.") from None
     load_weights(model, extract_state_dict(obj), source=f"checkpoint {path}")
@@ -100,10 +155,19 @@ def load_model(path, model_args_override: dict | None = None, require_finished: 
                         f"`python 1_train_baseline.py --resume` (or pass --force to use it as it is).")
     meta = {
         "model_args": model_args,
-        "normalization": obj.get("normalization", DEFAULT_NORMALIZATION) if ours else DEFAULT_NORMALIZATION,
+        "normalization": {"mean": list(norm["mean"]), "std": list(norm["std"])},
+        "normalization_source": norm_source,
         "data": obj.get("data", {}) if ours else {},
         "finished": finished,
         "foreign": not ours,
         "epoch": obj.get("epoch") if ours else None,
     }
     return model.eval(), meta
+
+
+def slim_checkpoint(src, dst):
+    """A finished checkpoint without optimizer and scheduler state (half the size), for shipping."""
+    obj = read_checkpoint(src)
+    if not (isinstance(obj, dict) and "model_args" in obj and obj.get("finished")):
+        raise UserError(f"{src} is not a finished stage-1 checkpoint; only those can be slimmed.")
+    save_checkpoint(dst, {k: v for k, v in obj.items() if k not in ("optimizer", "scheduler", "checkpoint_version")})

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models import ARCHS, arch_names, takes_shortcut
 from utils.errors import UserError
-
-BIT_CHOICES = (2, 3, 4, 5, 6, 7, 8, 32)  # 32 = leave the layer in float
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -29,16 +28,45 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="where checkpoints go (default: checkpoints)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto = cuda if available, else cpu (default: auto)")
-    g.add_argument("--seed", default=0, type=int,
-                   help="seeds data order, augmentation, validation split and initialization (default: 0)")
+    g.add_argument("--seed", default=None, type=int,
+                   help="seeds data order, augmentation, validation split and initialization (stage 1 default: 0; "
+                        "stages 2-4: the checkpoint's, and a different value is an error)")
     g.add_argument("--val-size", default=None, type=int,
                    help="images held out of the 50,000 training images for validation; stage 1 default "
-                        "5000, 0 = train on all and search on test; stages 2-4 default to the value "
-                        "recorded in the checkpoint")
+                        "5000, 0 = train on all (stages 2-4 then search on half of the test set); stages "
+                        "2-4: the checkpoint's, and a different value is an error")
     g.add_argument("--quick", action="store_true", help="smoke-test setting, under a minute per stage on CPU: stage 1 trains 1 epoch on 2,000 "
                         "images at batch 32 and evaluates at most 1,000; stages 2-4 evaluate at most 250 "
                         "images and search widths 8 4 2 (default: off)")
     return parser
+
+
+def add_arch_args(parser: argparse.ArgumentParser, training: bool) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("model")
+    default = "resnet20" if training else "the checkpoint's; for a checkpoint without model_args, resnet20"
+    g.add_argument("--arch", default=None, choices=arch_names(), metavar="ARCH",
+                   help=f"architecture: {', '.join(arch_names())} (default: {default})")
+    g.add_argument("--depth", default=None, type=int,
+                   help="ResNet depth, an alias: --depth 56 is --arch resnet56 (default: none)")
+    g.add_argument("--shortcut", default=None, choices=("A", "B"),
+                   help="ResNets only: A = zero-pad identity (the paper's), B = 1x1 conv projection "
+                        f"(default: {'B' if training else 'the checkpoint' + chr(39) + 's, else B'})")
+    return parser
+
+
+def resolve_arch(arch: str | None, depth: int | None, shortcut: str | None) -> tuple[str | None, str | None]:
+    """(--arch, --shortcut) after the --depth alias; None where no flag was given."""
+    if depth is not None:
+        alias = f"resnet{depth}"
+        if alias not in ARCHS:
+            raise UserError(f"--depth {depth}: a CIFAR ResNet has depth 6n+2, and the registered ones are "
+                            f"20, 32, 44, 56 and 110. Or name the whole architecture with --arch.")
+        if arch is not None and arch != alias:
+            raise UserError(f"--depth {depth} (= {alias}) conflicts with --arch {arch}; give one of them.")
+        arch = alias
+    if shortcut is not None and arch is not None and not takes_shortcut(arch):
+        raise UserError(f"--shortcut applies to ResNets only; {arch} has no shortcut choice. Drop --shortcut.")
+    return arch, shortcut
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,13 +83,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_bits(bits, what="--bits"):
-    bad = [b for b in bits if b not in BIT_CHOICES]
-    if bad or not bits:
-        raise UserError(f"{what} {bad or bits}: weight widths must be among 2-8 bits, or 32 for float. "
-                        f"For example: {what} 8 6 4 3 2.")
 
 
 def check_non_negative(value, flag):

@@ -16,8 +16,12 @@ import torch
 from utils.errors import UserError
 
 # Bump when the layout of any results JSON changes; stages refuse older files.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# stage -> the results file it writes into --results-dir, and the script that writes it
+RESULTS_FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
+PRODUCERS = {"1": "1_train_baseline.py", "2": "2_per_layer_analysis.py", "3": "3_greedy_search.py",
+             "4": "4_create_baselines.py"}
 
 
 def _atomic_write(path, write_fn, mode="wb"):

@@ -1,4 +1,6 @@
-"""Weight fake-quantization: symmetric signed uniform quantize-dequantize, 2-8 bits or float.
+"""Fake quantization of weights (per channel, MSE clip) and activations (per tensor, calibrated).
+
+Weights: symmetric signed uniform quantize-dequantize, 2-8 bits or float.
 
 The grid is restricted-range signed with zero point 0 (levels -q..q, q = 2^(b-1) - 1), so zero
 is exact and the grid is symmetric; 2 bits is ternary {-s, 0, s}. Scales are per output channel
@@ -7,23 +9,33 @@ orders of magnitude and one shared scale wastes most levels on the small ones.
 
 All rounding is PyTorch's own fake_quantize_* ops, so the results match what torch.ao would
 produce and carry a straight-through gradient for later quantization-aware training.
+
+Activations: one scale per tensor, on an unsigned grid 0..2^a-1 where the tensor is never negative
+(post-ReLU) and a symmetric signed grid otherwise (the stem's normalized image, MobileNetV2's linear
+bottlenecks), measured on the calibration images. Ranges minimize the squared quantization error
+of the calibration histogram (torch.ao's HistogramObserver, told the real number of levels).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from utils.config import FLOAT_BITS, WEIGHT_BITS, full_config, quantizable_layers, validate_config
+from torch.ao.quantization.observer import HistogramObserver
+
+from models.structure import quantizable_layers
+from utils.config import ACT_BITS, FLOAT_BITS, WEIGHT_BITS
 from utils.errors import UserError
 
 CLIP_MODES = ("mse", "maxabs")
-# Candidate clip ratios of max|w| for the MSE search, largest first so that ties (e.g. all-zero
-# channels, already-quantized weights) resolve to plain max-abs. 1.0 is included exactly, which
-# makes the MSE clip never worse than max-abs. 0.2 is well below the optimum even at 2 bits
-# (about 0.4-0.5 of max|w| for Gaussian channels of CIFAR ResNet size).
-MSE_RATIOS = torch.linspace(1.0, 0.2, 100)
+# Candidate clip ratios of max|w| for the MSE search: a log grid from 1.0 down to 0.03, largest first
+# so that ties (all-zero channels, already-quantized weights) resolve to plain max-abs. 1.0 is exact,
+# so the MSE clip is never worse than max-abs. The floor is low because one outlier can hold max|w|:
+# a channel whose largest weight is 16 sigma out needs a clip near 0.1 of it at 2 bits, or every
+# other weight rounds to zero.
+MSE_RATIOS = torch.logspace(0.0, float(torch.log10(torch.tensor(0.03))), 120)
 # Floor on scales: all-zero channels would otherwise get scale 0 (division by zero, NaN).
 SCALE_EPS = 1e-12
 # Bound on the temporary (ratios x weights) tensor of the vectorized search, in elements.
@@ -104,6 +116,7 @@ class WeightQuantizer:
         _check(8, clip)
         self.model, self.per_channel, self.clip = model, per_channel, clip
         self.layers = quantizable_layers(model)
+        self.current: dict[str, int] = {n: FLOAT_BITS for n in self.layers}
         self.originals = {n: m.weight.detach().clone() for n, m in self.layers.items()}
         self._cache: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -115,11 +128,19 @@ class WeightQuantizer:
         return self._cache[key]
 
     def apply(self, config: dict) -> dict[str, int]:
-        """Set every layer to its width in `config` (float if absent); return the full config applied."""
-        full = full_config(validate_config(config, self.layers), self.layers)
+        """Set every layer to its weight width in `config` ({name: bits}, float if absent); return
+        the full {name: bits} applied. Only layers whose width changes are copied."""
+        unknown = [k for k in config if k not in self.layers]
+        if unknown:
+            raise UserError(f"bit configuration names layers this model does not have: {unknown}.")
+        full = {n: config.get(n, FLOAT_BITS) for n in self.layers}
+        for name, bits in full.items():
+            _check(bits, self.clip)
         with torch.no_grad():
             for name, bits in full.items():
-                self.layers[name].weight.copy_(self.quantized(name, bits))
+                if self.current[name] != bits:
+                    self.layers[name].weight.copy_(self.quantized(name, bits))
+                    self.current[name] = bits
         return full
 
     def restore(self) -> None:
@@ -140,3 +161,101 @@ class WeightQuantizer:
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+
+
+class _LevelsHistogramObserver(HistogramObserver):
+    """HistogramObserver whose range search models the real number of levels.
+
+    Its error model assumes 2^8 destination bins whatever quant_min/quant_max say, which would pick
+    an 8-bit range for a 4-bit grid; this sets the bin count from the grid."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.dst_nbins = self.quant_max - self.quant_min + 1
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """Per-tensor fake quantization of one layer's input at one width."""
+    bits: int
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    signed: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def levels(self) -> torch.Tensor:
+        return (torch.arange(self.qmin, self.qmax + 1) - self.zero_point) * self.scale
+
+
+def act_grid(bits: int, signed: bool) -> tuple[int, int]:
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+CALIBRATION_METHOD = "mse: torch.ao HistogramObserver (2048 bins) with the grid's real number of levels"
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches, layer_names, widths) -> dict[tuple[str, int], ActQuant]:
+    """Ranges of every listed layer's input at every width, from float forward passes of `batches`
+    (normalized image tensors of the calibration set, never validation or test images).
+
+    A layer's input is signed unless it was >= 0 on every calibration value."""
+    widths = sorted({int(b) for b in widths if b != FLOAT_BITS})
+    for b in widths:
+        if b not in ACT_BITS:
+            raise UserError(f"activation width {b} is not supported; use 2-8, or 32 for float.")
+    mods = dict(model.named_modules())
+    batches = list(batches)
+    lows = {n: float("inf") for n in layer_names}
+
+    def record_min(name):
+        def hook(_m, inputs):
+            lows[name] = min(lows[name], float(inputs[0].min()))
+        return hook
+
+    def run(hooks):
+        handles = [mods[n].register_forward_pre_hook(h) for n, h in hooks.items()]
+        try:
+            for x in batches:
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    was_training = model.training
+    model.eval()
+    try:
+        run({n: record_min(n) for n in layer_names})
+        signed = {n: lows[n] < 0 for n in layer_names}
+        observers = {}
+        for n in layer_names:
+            for b in widths:
+                qmin, qmax = act_grid(b, signed[n])
+                observers[n, b] = _LevelsHistogramObserver(
+                    dtype=torch.qint8 if signed[n] else torch.quint8,
+                    qscheme=torch.per_tensor_symmetric if signed[n] else torch.per_tensor_affine,
+                    quant_min=qmin, quant_max=qmax)
+
+        def observe(name):
+            def hook(_m, inputs):
+                x = inputs[0].detach().float().cpu()
+                for b in widths:
+                    observers[name, b](x)
+            return hook
+        run({n: observe(n) for n in layer_names})
+    finally:
+        model.train(was_training)
+    out = {}
+    for (n, b), obs in observers.items():
+        scale, zp = obs.calculate_qparams()
+        qmin, qmax = act_grid(b, signed[n])
+        out[n, b] = ActQuant(b, float(scale), int(zp), qmin, qmax, signed[n])
+    return out

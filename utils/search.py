@@ -1,63 +1,70 @@
-"""Bit-width search: choose a weight width per layer to maximize arithmetic intensity under an
-accuracy-drop budget.
+"""Width search: choose a (weight, activation) width per layer to maximize arithmetic intensity
+under an accuracy budget.
 
-FLOPs do not depend on weight bits, so maximizing AI = FLOPs / bytes is the same as minimizing
-total bytes. Two searches live here, both free of models and I/O so they can be tested with fakes:
+FLOPs do not depend on widths, so maximizing AI = FLOPs / bytes is the same as minimizing total
+bytes. Two searches live here, both free of models and I/O so they can be tested with fakes:
 
 * ``pareto_frontier`` + ``verify_frontier``: an exact multiple-choice-knapsack DP over an
-  *additive* per-layer drop estimate, followed by real evaluation of the best frontier points.
-* ``greedy_search``: the reference work's greedy, one layer narrowed per step, each step checked
-  by real evaluation.
+  *additive* per-layer estimate, then real evaluation along the frontier.
+* ``greedy_search``: the reference work's greedy, one width of one layer narrowed per step, each
+  step checked by real evaluation.
 
-Per-layer drops are clamped at 0 before they are summed. A layer whose accuracy happened to rise
-when quantized alone (evaluation noise, or mild regularization) must not earn credit that pays
-for the real loss of other layers: such gains do not add up when layers are combined, and letting
-them subtract would make the estimate promise configurations that are in fact over budget.
+A layer's option is a tuple ``(w, a)``. The estimate of an option is a per-layer sensitivity
+signal measured by stage 2 with only that layer changed: by default the KL divergence from the
+float model's outputs (continuous, so it does not move in whole images as accuracy does), summed
+over the weight and the activation part. Per-layer estimates are clamped at 0 before they are
+summed: a layer whose loss happened to fall when quantized alone must not pay for other layers.
+
+Real evaluation returns a ``Measured``; a configuration is feasible when the ``Budget`` holds for
+its paired drop and standard error (utils/stats.py).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from utils.config import FLOAT_BITS
+from utils.stats import Budget
 
-FEASIBILITY_TOL = 1e-9   # accuracy is a float; an exact hit on the budget edge must count as within
-SCORE_EPS = 0.01         # points; a move estimated (or measured) free must not divide by zero
-DROP_RESOLUTION = 1e-9   # points; drop sums are compared as integers of this unit
-
-
-def clamp_drop(drop: float) -> float:
-    """Per-layer drop as the additive estimate uses it (see module docstring for why >= 0)."""
-    return max(0.0, float(drop))
+EST_RESOLUTION = 1e-9   # estimates are compared as integers of this unit (sums in any order agree)
 
 
-def _drop_key(drop: float, resolution: float) -> int:
-    # Drops are measured as multiples of 100/N (N validation images); summing such floats in
-    # different orders gives different last bits. Integer units make equal sums compare equal.
-    return int(round(clamp_drop(drop) / resolution))
+def clamp(x: float) -> float:
+    return max(0.0, float(x))
+
+
+def _key(x: float, resolution: float) -> int:
+    return int(round(clamp(x) / resolution))
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A configuration evaluated on the search images."""
+    acc: float        # percent
+    drop: float       # points below the float model, paired
+    se: float         # standard error of `drop`, points
+    signal: float     # the same sensitivity signal as the estimate (e.g. KL to the float model)
 
 
 @dataclass
 class FrontierPoint:
-    config: dict          # {layer name: bits}, every layer, in layer order
-    est_drop: float       # additive estimate: sum of clamped per-layer drops, in points
-    bytes: float          # total weight bytes
+    config: dict          # {layer: option}, every layer, in layer order
+    est: float            # additive estimate (sum of clamped per-layer signals)
+    bytes: float          # total bytes
 
 
 class EvalCache:
-    """Wraps ``evaluate(config) -> val accuracy (%)`` so that no configuration is evaluated twice.
+    """Wraps ``evaluate(config) -> Measured`` so that no configuration is evaluated twice.
 
-    Real evaluations are the expensive part of a search (a pass over the validation set each), so
-    the greedy and the frontier verification may share one cache: whatever one measured, the
-    other reuses for free. ``count`` is the number of real evaluate calls (= distinct configs).
-    """
+    The greedy and the frontier verification share one cache; ``count`` is the number of real
+    evaluations (distinct configurations)."""
 
-    def __init__(self, evaluate: Callable[[dict], float]):
+    def __init__(self, evaluate: Callable[[dict], Measured]):
         self._evaluate = evaluate
-        self._acc: dict[tuple, float] = {}
+        self._seen: dict[tuple, Measured] = {}
         self.count = 0
 
     @staticmethod
@@ -65,43 +72,36 @@ class EvalCache:
         return tuple(sorted(config.items()))
 
     def __contains__(self, config: dict) -> bool:
-        return self.key(config) in self._acc
+        return self.key(config) in self._seen
 
     def get(self, config: dict):
-        return self._acc.get(self.key(config))
+        return self._seen.get(self.key(config))
 
-    def remember(self, config: dict, acc: float):
-        """Record an accuracy known without evaluating (e.g. the float baseline); not counted."""
-        self._acc.setdefault(self.key(config), float(acc))
+    def remember(self, config: dict, m: Measured):
+        """Record a result known without evaluating (the float model); not counted."""
+        self._seen.setdefault(self.key(config), m)
 
-    def __call__(self, config: dict) -> float:
+    def __call__(self, config: dict) -> Measured:
         k = self.key(config)
-        if k not in self._acc:
-            self._acc[k] = float(self._evaluate(dict(config)))
+        if k not in self._seen:
+            self._seen[k] = self._evaluate(dict(config))
             self.count += 1
-        return self._acc[k]
+        return self._seen[k]
 
 
-def _as_cache(evaluate) -> EvalCache:
-    return evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
+def pareto_frontier(options: dict, max_est: float | None = None,
+                    resolution: float = EST_RESOLUTION) -> list[FrontierPoint]:
+    """All non-dominated (estimate, bytes) configurations, exactly.
 
-
-def pareto_frontier(options: dict, max_est_drop: float | None = None,
-                    resolution: float = DROP_RESOLUTION) -> list[FrontierPoint]:
-    """All non-dominated (estimated total drop, total bytes) configurations, exactly.
-
-    ``options`` maps each layer name (in layer order) to a list of ``(bits, bytes, est_drop)``.
+    ``options`` maps each layer name (in layer order) to a list of ``(option, bytes, est)``.
     Dynamic programming over layers keeps only non-dominated partial states: with both objectives
     additive, a dominated partial state can never complete into a frontier point, so pruning is
-    exact. Of states with identical (drop, bytes) one is kept (the first in layer/option order),
-    which loses alternative configs but no frontier value.
+    exact. Of states with identical (estimate, bytes) one is kept (the first in layer/option
+    order), which loses alternative configs but no frontier value. ``max_est`` drops states whose
+    estimate already exceeds it; estimates only grow, so the result is the restricted frontier.
 
-    ``max_est_drop`` (optional) drops states whose estimate already exceeds it; drops only grow, so
-    the result is exactly the frontier restricted to est_drop <= max_est_drop, found faster.
-
-    Bytes are summed as floats; widths x parameter counts / 8 are multiples of 1/8, exact in float.
-    Returned sorted by est_drop ascending (bytes then strictly descending): first the cheapest
-    zero-estimated-drop configuration, last the minimum-bytes configuration.
+    Returned sorted by estimate ascending (bytes strictly descending): first the cheapest
+    zero-estimate configuration, last the minimum-bytes one.
     """
     names = list(options)
     if not names:
@@ -111,34 +111,33 @@ def pareto_frontier(options: dict, max_est_drop: float | None = None,
         opts = list(options[name])
         if not opts:
             raise ValueError(f"layer {name!r} has no width options")
-        for bits, b, d in opts:
+        for opt, b, d in opts:
             if not (math.isfinite(float(b)) and math.isfinite(float(d))):
-                raise ValueError(f"layer {name!r}, {bits} bits: bytes and drop must be finite, got {b}, {d}")
+                raise ValueError(f"layer {name!r}, option {opt}: bytes and estimate must be finite, got {b}, {d}")
         per_layer.append(opts)
-    cap = None if max_est_drop is None else _drop_key(max_est_drop, resolution)
+    cap = None if max_est is None else _key(max_est, resolution)
 
     keys = np.zeros(1, dtype=np.int64)
     byts = np.zeros(1, dtype=np.float64)
     back = []   # per layer: (parent state index, option index) of each surviving state
     for opts in per_layer:
-        ok = np.array([_drop_key(d, resolution) for _, _, d in opts], dtype=np.int64)
+        ok = np.array([_key(d, resolution) for _, _, d in opts], dtype=np.int64)
         ob = np.array([float(b) for _, b, _ in opts], dtype=np.float64)
         ck = (keys[:, None] + ok[None, :]).ravel()
         cb = (byts[:, None] + ob[None, :]).ravel()
-        order = np.lexsort((cb, ck))          # by drop, then bytes; stable, so ties keep index order
+        order = np.lexsort((cb, ck))          # by estimate, then bytes; stable, so ties keep index order
         sb = cb[order]
         keep = np.empty(len(order), dtype=bool)
         keep[0] = True
-        keep[1:] = sb[1:] < np.minimum.accumulate(sb)[:-1]   # strictly fewer bytes than all cheaper-drop states
+        keep[1:] = sb[1:] < np.minimum.accumulate(sb)[:-1]   # strictly fewer bytes than all lower-estimate states
         sel = order[keep]
         if cap is not None:
             sel = sel[ck[sel] <= cap]
             if len(sel) == 0:
-                raise ValueError(f"no configuration has an estimated drop <= {max_est_drop}")
+                raise ValueError(f"no configuration has an estimate <= {max_est}")
         back.append((sel // len(opts), sel % len(opts)))
         keys, byts = ck[sel], cb[sel]
 
-    # Walk the back-pointers for all final states at once.
     n = len(keys)
     choice = np.empty((len(names), n), dtype=np.int64)
     idx = np.arange(n)
@@ -147,165 +146,247 @@ def pareto_frontier(options: dict, max_est_drop: float | None = None,
         choice[li] = opt[idx]
         idx = parent[idx]
 
-    bits_tab = [[int(o[0]) for o in opts] for opts in per_layer]
-    drop_tab = [np.array([clamp_drop(o[2]) for o in opts]) for opts in per_layer]
-    byte_tab = [np.array([float(o[1]) for o in opts]) for opts in per_layer]
-    # Stated values are re-summed in layer order, as anyone recomputing them from a config would.
     est = np.zeros(n)
     tot = np.zeros(n)
-    for li in range(len(names)):
-        est = est + drop_tab[li][choice[li]]
-        tot = tot + byte_tab[li][choice[li]]
-    cols = [[bits_tab[li][j] for j in choice[li]] for li in range(len(names))]
-    points = [FrontierPoint(config=dict(zip(names, (c[i] for c in cols))), est_drop=float(est[i]),
-                            bytes=float(tot[i])) for i in range(n)]
-    # States come out sorted by drop key with strictly falling bytes; keep that order explicit.
-    order = sorted(range(n), key=lambda i: (int(keys[i]), -float(byts[i])))
-    return [points[i] for i in order]
+    for li, opts in enumerate(per_layer):   # re-summed in layer order, as anyone checking a config would
+        est = est + np.array([clamp(o[2]) for o in opts])[choice[li]]
+        tot = tot + np.array([float(o[1]) for o in opts])[choice[li]]
+    return [FrontierPoint(config={name: per_layer[li][choice[li, i]][0] for li, name in enumerate(names)},
+                          est=float(est[i]), bytes=float(tot[i])) for i in range(n)]
 
 
-def _ai_from_bytes(layer_names, bytes_of):
-    # AI = FLOPs / bytes with FLOPs fixed, so 1/bytes ranks configurations (and score ratios) the same.
-    def ai_of(config):
-        return 1.0 / sum(float(bytes_of(n, config[n])) for n in layer_names)
-    return ai_of
+def _narrower(option: tuple, coord: int, ladder) -> list[tuple]:
+    return [option[:coord] + (v,) + option[coord + 1:] for v in ladder if v < option[coord]]
 
 
-def greedy_search(layer_names, ladder, bytes_of, est_drop, evaluate, baseline_acc: float,
-                  max_drop: float = 1.0, verify_top_k: int = 3, ai_of=None, on_accept=None,
-                  progress=None) -> dict:
-    """The reference greedy: from all-float, repeatedly narrow the one layer that buys the most AI
-    per point of accuracy, until no single narrowing keeps validation accuracy within budget.
+@dataclass
+class _Pruned:
+    """Moves measured infeasible: (layer, coordinate) -> the widest value found infeasible.
 
-    Moves are ranked by the *estimated* score (AI gained / estimated loss, the loss from the
-    clamped per-layer table) because evaluating every move every step would cost one validation
-    pass per (layer, width). The estimate ignores interactions, so moves are verified for real,
-    ``verify_top_k`` at a time, best estimate first; within a batch the best *real* score among
-    feasible moves wins. A later batch is only opened when a whole batch is infeasible, so the
-    search stops exactly when every remaining move has been measured infeasible.
+    Assumption (stated in the README, tested, and switchable off with --no-prune-infeasible):
+    accuracy only falls as widths narrow, so a move found infeasible from one configuration stays
+    infeasible from any narrower configuration, and so does narrowing the same width further."""
+    enabled: bool = True
+    bound: dict = field(default_factory=dict)
 
-    ``bytes_of(name, bits)`` gives a layer's weight bytes; ``est_drop(name, bits)`` its measured
-    single-layer drop; ``ai_of(config)`` the AI (default 1/total bytes, which ranks the same);
-    ``evaluate(config)`` the validation accuracy in percent, or an ``EvalCache`` to share.
-    ``on_accept(config)`` runs after each accepted move; ``progress(step, entry)`` gets each
-    accepted trajectory entry (with the running ``evaluations`` count).
-    """
-    names = list(layer_names)
-    index = {n: i for i, n in enumerate(names)}
-    ladder = sorted({int(b) for b in ladder if int(b) != FLOAT_BITS}, reverse=True)
-    if verify_top_k < 1:
-        raise ValueError("verify_top_k must be >= 1")
-    cache = _as_cache(evaluate)
-    start_count = cache.count
-    ai_of = ai_of or _ai_from_bytes(names, bytes_of)
-    floor = baseline_acc - max_drop - FEASIBILITY_TOL
+    def blocks(self, name, coord, value) -> bool:
+        return self.enabled and value <= self.bound.get((name, coord), -1)
 
-    def layer_drop(name, bits):
-        return 0.0 if bits == FLOAT_BITS else clamp_drop(est_drop(name, bits))
+    def add(self, name, coord, value):
+        self.bound[name, coord] = max(value, self.bound.get((name, coord), -1))
 
-    config = {n: FLOAT_BITS for n in names}
-    cache.remember(config, baseline_acc)
-    ai, acc, total_est = ai_of(config), float(baseline_acc), 0.0
-    trajectory = [dict(step=0, layer=None, from_bits=None, bits=None, ai=ai, val_acc=acc, est_drop=0.0)]
 
-    while True:
-        moves = []
-        for name in names:
-            cur = config[name]
-            for bits in ladder:
-                if bits >= cur:
+def _ranked_moves(config, names, ladders, ai, ai_of, layer_est, score_eps, pruned=None):
+    """Every single narrowing of `config`, best estimated score (AI gained per estimated loss) first."""
+    moves = []
+    for i, name in enumerate(names):
+        cur = config[name]
+        for coord, lad in enumerate(ladders):
+            for new_opt in _narrower(cur, coord, lad):
+                if pruned is not None and pruned.blocks(name, coord, new_opt[coord]):
                     continue
                 new = dict(config)
-                new[name] = bits
+                new[name] = new_opt
                 d_ai = ai_of(new) - ai
-                if d_ai <= 0:       # cannot happen with monotone bytes; keeps AI strictly rising
+                if d_ai <= 0:
                     continue
-                est_loss = layer_drop(name, bits) - layer_drop(name, cur)
-                moves.append((d_ai / max(est_loss, SCORE_EPS), d_ai, index[name], bits, name, new, est_loss))
-        moves.sort(key=lambda m: (-m[0], -m[1], m[2], m[3]))
+                est_loss = layer_est(name, new_opt) - layer_est(name, cur)
+                moves.append((d_ai / max(est_loss, score_eps), d_ai, i, coord, -new_opt[coord], name, new, est_loss))
+    moves.sort(key=lambda m: (-m[0], -m[1], m[2], m[3], m[4]))
+    return moves
 
+
+def greedy_search(layer_names, ladders, bytes_of, est, evaluate, budget: Budget, float_option=(FLOAT_BITS, FLOAT_BITS),
+                  verify_top_k: int = 3, ai_of=None, on_accept=None, progress=None, prune_infeasible: bool = True,
+                  max_evaluations: int | None = None, score_eps: float = 1e-6, fast_forward: bool = True) -> dict:
+    """The reference greedy: from all-float, repeatedly narrow the one width that buys the most AI
+    per unit of estimated loss, until no single narrowing keeps the budget.
+
+    ``ladders`` gives each option coordinate's candidate widths, e.g. ``[(8, 6, 4, 3, 2), ()]``
+    for weights only or ``[(8, 6, 4, 3, 2), (8, 6, 4)]`` for weights and activations. Moves are
+    ranked by the estimated score (AI gained / estimated signal increase); ``verify_top_k`` of them
+    are evaluated for real at a time, best first, and the best *measured* score among the feasible
+    ones wins. A later batch is only opened when a whole batch is infeasible.
+
+    ``fast_forward`` first walks the path the estimate alone would take (each step its best-ranked
+    move, down to the narrowest configuration) and bisects it for the last configuration that holds
+    the budget: about log2(path length) evaluations instead of one batch per step for the easy
+    first part of the descent. The verified greedy continues from there.
+
+    ``bytes_of(name, option)``: a layer's bytes; ``est(name, option)``: its stage-2 signal;
+    ``evaluate``: config -> Measured (or a shared EvalCache); ``ai_of(config)``: the AI (default
+    1 / total bytes, which ranks the same). ``on_accept(config, measured)`` runs after each
+    accepted configuration, ``progress(step, entry)`` gets each trajectory entry. ``max_evaluations``
+    caps the real evaluations of this call; the result says whether the cap stopped it.
+    """
+    names = list(layer_names)
+    ladders = [sorted({int(v) for v in lad if int(v) != FLOAT_BITS}, reverse=True) for lad in ladders]
+    if verify_top_k < 1:
+        raise ValueError("verify_top_k must be >= 1")
+    cache = evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
+    start_count = cache.count
+    ai_of = ai_of or (lambda c: 1.0 / sum(float(bytes_of(n, c[n])) for n in names))
+    pruned = _Pruned(prune_infeasible)
+
+    def layer_est(name, option):
+        return 0.0 if option == float_option else clamp(est(name, option))
+
+    def out_of_budget(config):
+        return config not in cache and max_evaluations is not None and cache.count - start_count >= max_evaluations
+
+    config = {n: tuple(float_option) for n in names}
+    current = cache(config)
+    ai = ai_of(config)
+    trajectory = [dict(step=0, layer=None, width=None, from_bits=None, bits=None, ai=ai, val_acc=current.acc,
+                       drop=current.drop, drop_se=current.se, estimated=0.0, verified=True)]
+    total_est, stopped_by, infeasible_seen = 0.0, None, 0
+
+    def record(name, coord, from_bits, new, m, est_loss, phase):
+        nonlocal total_est
+        total_est += est_loss
+        entry = dict(step=len(trajectory), layer=name, width="wa"[coord], from_bits=from_bits, bits=new[name][coord],
+                     ai=ai_of(new), val_acc=m.acc if m else None, drop=m.drop if m else None,
+                     drop_se=m.se if m else None, estimated=total_est, verified=m is not None, phase=phase)
+        trajectory.append(entry)
+        if progress is not None:
+            progress(entry["step"], dict(entry, evaluations=cache.count - start_count))
+
+    if fast_forward:
+        path, c, a = [], config, ai
+        while True:
+            moves = _ranked_moves(c, names, ladders, a, ai_of, layer_est, score_eps)
+            if not moves:
+                break
+            _, _, _, coord, _, name, new, est_loss = moves[0]
+            path.append((name, coord, c[name][coord], new, est_loss))
+            c, a = new, ai_of(new)
+        lo, hi = -1, len(path)     # path[lo] holds the budget (-1: the float start), path[hi] does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if out_of_budget(path[mid][3]):
+                stopped_by = "max_evaluations"
+                break
+            m = cache(path[mid][3])
+            if budget.holds(m.drop, m.se):
+                lo = mid
+            else:
+                hi = mid
+                infeasible_seen += 1
+        if hi == lo + 1 and hi < len(path):   # the move out of path[lo] is measured infeasible
+            name, coord, _, new, _ = path[hi]
+            pruned.add(name, coord, new[name][coord])
+        for i in range(lo + 1):
+            name, coord, from_bits, new, est_loss = path[i]
+            record(name, coord, from_bits, new, cache.get(new), est_loss, "fast-forward")
+        if lo >= 0:
+            config, current, ai = path[lo][3], cache.get(path[lo][3]), ai_of(path[lo][3])
+            if on_accept is not None:
+                on_accept(dict(config), current)
+
+    while stopped_by is None:
+        moves = _ranked_moves(config, names, ladders, ai, ai_of, layer_est, score_eps, pruned)
         chosen = None
-        for start in range(0, len(moves), verify_top_k):
+        for first in range(0, len(moves), verify_top_k):
             best = None
-            for rank, (_, d_ai, _, bits, name, new, est_loss) in enumerate(moves[start:start + verify_top_k]):
-                new_acc = cache(new)
-                if new_acc < floor:
+            for rank, (_, d_ai, _, coord, _, name, new, est_loss) in enumerate(moves[first:first + verify_top_k]):
+                if out_of_budget(new):
+                    stopped_by = "max_evaluations"
+                    break
+                m = cache(new)
+                if not budget.holds(m.drop, m.se):
+                    infeasible_seen += 1
+                    pruned.add(name, coord, new[name][coord])
                     continue
-                real = (d_ai / max(acc - new_acc, SCORE_EPS), d_ai, -rank)
+                real = (d_ai / max(m.signal - current.signal, score_eps), d_ai, -rank)
                 if best is None or real > best[0]:
-                    best = (real, name, bits, new, new_acc, est_loss)
-            if best is not None:
+                    best = (real, name, coord, new, m, est_loss)
+            if best is not None or stopped_by:
                 chosen = best
                 break
         if chosen is None:
             break
-
-        _, name, bits, new, new_acc, est_loss = chosen
-        from_bits = config[name]
-        config, acc, ai = new, new_acc, ai_of(new)
-        total_est += est_loss
-        entry = dict(step=len(trajectory), layer=name, from_bits=from_bits, bits=bits, ai=ai,
-                     val_acc=acc, est_drop=total_est)
-        trajectory.append(entry)
+        _, name, coord, new, m, est_loss = chosen
+        from_bits = config[name][coord]
+        config, current, ai = new, m, ai_of(new)
+        record(name, coord, from_bits, new, m, est_loss, "verified")
         if on_accept is not None:
-            on_accept(dict(config))
-        if progress is not None:
-            progress(entry["step"], dict(entry, evaluations=cache.count - start_count))
+            on_accept(dict(config), m)
 
-    return dict(trajectory=trajectory, config=dict(config), ai=ai, val_acc=acc,
-                evaluations=cache.count - start_count, steps=len(trajectory) - 1)
+    return dict(trajectory=trajectory, config=dict(config), ai=ai, measured=current,
+                evaluations=cache.count - start_count, steps=len(trajectory) - 1, stopped_by=stopped_by,
+                pruned_moves=len(pruned.bound), infeasible_evaluations=infeasible_seen)
 
 
-def verify_frontier(frontier, evaluate, baseline_acc: float, max_drop: float, ai_of,
-                    max_evaluations: int = 10, slack: float = 2.0) -> dict:
-    """The highest-AI frontier point that real evaluation keeps within budget, by bisection.
+def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: int = 24, seed_config=None,
+                    float_option=(FLOAT_BITS, FLOAT_BITS)) -> dict:
+    """The highest-AI frontier point that real evaluation keeps within budget.
 
-    Along the frontier, estimated drop and AI rise together, and the real drop tends to rise with
-    the estimate, so feasibility is (close to) monotone along it: bisecting between the all-float
-    end (feasible by definition) and the last candidate finds the boundary in about log2(n)
-    evaluations, where a scan down from the top could spend the whole budget on points over
-    budget. Candidates are the points estimated within ``slack`` x ``max_drop`` (the additive
-    estimate is optimistic or pessimistic depending on layer interactions). The answer is the
-    highest-AI feasible point verified, or all-float (accuracy = baseline, no evaluation) when
-    none was. Cached accuracies (e.g. from a greedy run sharing the ``EvalCache``) cost nothing.
+    Along the frontier the estimate and the AI rise together, and the real drop tends to rise with
+    the estimate, so feasibility is close to monotone: bisecting between a known-feasible point
+    (at first all-float, which is not on the list) and the end finds the boundary in about log2(n)
+    evaluations. When ``seed_config`` (e.g. the greedy's answer, feasible by construction) is
+    given, the first frontier point with at least its AI is verified first and, if feasible,
+    becomes the lower end. If no non-float frontier point was verified feasible, the scan goes on
+    up from the float end until one is, within the evaluation budget. The answer is the highest-AI
+    feasible configuration verified, never below the seed's AI; all-float only when nothing
+    narrower held, and the result says why.
     """
-    frontier = list(frontier)
+    frontier = sorted(frontier, key=lambda p: (p.est, -p.bytes))
     if not frontier:
         raise ValueError("verify_frontier needs a non-empty frontier")
-    cache = _as_cache(evaluate)
+    cache = evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
     start_count = cache.count
-    floor = baseline_acc - max_drop - FEASIBILITY_TOL
-    names = list(frontier[0].config)
-    float_cfg = {n: FLOAT_BITS for n in names}
-    cache.remember(float_cfg, baseline_acc)
+    verified, notes = [], []
+    is_float = [all(o == float_option for o in p.config.values()) for p in frontier]
 
-    limit = slack * max_drop + FEASIBILITY_TOL
-    cands = sorted((p for p in frontier if p.est_drop <= limit), key=lambda p: (p.est_drop, -p.bytes))
-    verified = []
-    lo, hi = -1, len(cands)  # cands[lo] is known feasible (-1: all-float), cands[hi] known infeasible
+    def check(i):
+        p = frontier[i]
+        if p.config not in cache and cache.count - start_count >= max_evaluations:
+            return None
+        m = cache(p.config)
+        ok = budget.holds(m.drop, m.se)
+        verified.append(dict(config=dict(p.config), est=p.est, ai=ai_of(p.config), measured=m, feasible=ok, index=i))
+        return ok
+
+    lo, hi = -1, len(frontier)   # frontier[lo] known feasible (-1: only all-float), frontier[hi] infeasible
+    if seed_config is not None:
+        seed_ai = ai_of(seed_config)
+        i = next((j for j, p in enumerate(frontier) if ai_of(p.config) >= seed_ai), None)
+        if i is not None:
+            ok = check(i)
+            if ok:
+                lo = i
+            elif ok is False:
+                hi = len(frontier)   # no monotone conclusion from one point off the greedy's path
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        p = cands[mid]
-        if p.config not in cache and cache.count - start_count >= max_evaluations:
+        ok = check(mid)
+        if ok is None:
+            notes.append(f"the evaluation budget ({max_evaluations}) ran out before the bisection converged")
             break
-        acc = cache(p.config)
-        ok = acc >= floor
-        verified.append(dict(config=dict(p.config), est_drop=p.est_drop, ai=ai_of(p.config), val_acc=acc,
-                             feasible=ok))
         lo, hi = (mid, hi) if ok else (lo, mid)
+    if not any(v["feasible"] and not is_float[v["index"]] for v in verified):
+        done = {v["index"] for v in verified}
+        for i in range(len(frontier)):   # keep verifying up from the float end
+            if i in done or is_float[i]:
+                continue
+            ok = check(i)
+            if ok is None:
+                notes.append("the evaluation budget ran out before a feasible non-float frontier point was found")
+                break
+            if ok:
+                break
 
-    notes = []
-    if hi - lo > 1:
-        notes.append(f"the evaluation budget ({max_evaluations}) ran out before the bisection converged: "
-                     f"{hi - lo - 1} frontier point(s) between the best feasible and the first infeasible one "
-                     "were not verified")
     feasible = [v for v in verified if v["feasible"]]
-    if feasible:
-        best = max(feasible, key=lambda v: v["ai"])
-        out = dict(config=best["config"], ai=best["ai"], val_acc=best["val_acc"], est_drop=best["est_drop"])
-    else:
-        notes.append(f"none of the {len(verified)} verified frontier points stayed within {max_drop} "
-                     "points of the baseline; falling back to all-float")
-        out = dict(config=float_cfg, ai=ai_of(float_cfg), val_acc=float(baseline_acc), est_drop=0.0)
+    best = max(feasible, key=lambda v: (v["ai"], v["measured"].acc)) if feasible else None
+    out = {"config": None, "ai": None, "measured": None, "est": None, "source": None}
+    if best is not None:
+        out.update(config=best["config"], ai=best["ai"], measured=best["measured"], est=best["est"], source="frontier")
+    if seed_config is not None and (best is None or ai_of(seed_config) > best["ai"]):
+        out.update(config=dict(seed_config), ai=ai_of(seed_config), measured=cache(seed_config), est=None,
+                   source="seed")
+        notes.append("no verified frontier point reached the seed (greedy) configuration's AI, so it is the answer")
+    if out["config"] is None:
+        notes.append(f"none of the {len(verified)} verified frontier points held the budget")
     out.update(evaluations=cache.count - start_count, verified=verified, note="; ".join(notes) or None)
     return out

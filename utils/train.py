@@ -43,6 +43,20 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """SGD parameter groups: weight decay on conv/linear weights only, not on normalization
+    layers or biases (torchvision references' --norm-weight-decay 0 --bias-weight-decay 0),
+    unless `decay_norm_and_bias` (the recipe before checkpoint version 2: one group, decay on all)."""
+    if decay_norm_and_bias:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            norm = isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm))
+            (no_decay if norm or name == "bias" else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def epoch_plan(n: int, seed: int, epoch: int):
     """Order, crop offsets and flips of one epoch, from (seed, epoch) alone: a resumed run
     draws exactly what the uninterrupted one drew, on any device."""

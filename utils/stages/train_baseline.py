@@ -8,20 +8,20 @@ from pathlib import Path
 
 import torch
 
-from models.resnet import CifarResNet, count_parameters
+from models import build_model, normalize_model_args, takes_shortcut
+from models.resnet import count_parameters
 from utils.checkpoint import default_checkpoint_path, read_checkpoint, save_checkpoint
-from utils.cli import resolve_device, seed_everything
-from utils.data import channel_stats, default_val_size, load_dataset, stratified_split, subset_indices
+from utils.cli import resolve_arch, resolve_device, seed_everything
+from utils.data import channel_stats, load_dataset, subset_indices
 from utils.errors import UserError
-from utils.io import SCHEMA_VERSION, atomic_write_json, jsonable_args, provenance
-from utils.train import PAD, Normalizer, WarmupCosine, evaluate, to_device_uint8, train_one_epoch
+from utils.io import RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, jsonable_args, provenance
+from utils.split import QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_subset, split_identity, train_val_split
+from utils.train import PAD, Normalizer, WarmupCosine, evaluate, param_groups, to_device_uint8, train_one_epoch
 
-QUICK_TRAIN_IMAGES = 2000
-QUICK_EVAL_IMAGES = 1000
 QUICK_BATCH_SIZE = 32  # 62 steps instead of 15: enough for the synthetic set to be learned
 # Flags that shape the trained weights: a resumed run takes them from the checkpoint.
-TRAINING_FLAGS = ("depth", "shortcut", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                  "warmup_epochs", "nesterov", "seed", "val_size", "dataset", "quick")
+TRAINING_FLAGS = ("arch", "shortcut", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                  "decay_norm_and_bias", "warmup_epochs", "nesterov", "seed", "val_size", "dataset", "quick")
 
 
 def check_args(args):
@@ -29,8 +29,6 @@ def check_args(args):
         v = getattr(args, flag)
         if v is not None and (v < 0 or (flag in ("batch_size", "eval_batch_size") and v == 0)):
             raise UserError(f"--{flag.replace('_', '-')} must be {'> 0' if 'batch' in flag else '>= 0'}, got {v}.")
-    if args.depth < 8 or (args.depth - 2) % 6:
-        raise UserError(f"--depth {args.depth}: a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110).")
     if args.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0, got {args.eval_every}.")
     if not 0 <= args.momentum < 1:
@@ -39,23 +37,20 @@ def check_args(args):
         raise UserError(f"--val-size must be >= 0, got {args.val_size}.")
 
 
-def prepare_split(data, seed: int, val_size, quick: bool, quick_eval: int = QUICK_EVAL_IMAGES):
-    """The train/val split stage 1 trains on and stages 2-4 search on (same seed, same size)."""
-    if val_size is None:
-        val_size = default_val_size(len(data.train_y))
-    train_idx, val_idx = stratified_split(data.train_y, val_size, seed)
-    if quick:
-        train_idx = train_idx[subset_indices(len(train_idx), QUICK_TRAIN_IMAGES, seed)]
-        val_idx = val_idx[subset_indices(len(val_idx), quick_eval, seed)]
-    return train_idx, val_idx, val_size
-
-
 def _resume_args(args, path: Path):
     ckpt = read_checkpoint(path)
     if "model_args" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a stage-1 training checkpoint (it has no optimizer state), so it "
                         f"cannot be resumed. Start a new run without --resume.")
-    saved = ckpt["args"]
+    if ckpt.get("finished"):
+        raise UserError(f"{path} is from a finished run ({ckpt.get('epoch')} epochs); there is nothing to "
+                        f"resume. Train a new one without --resume, or use it in stages 2-4.")
+    saved = dict(ckpt["args"])
+    ma = normalize_model_args(ckpt["model_args"])
+    saved.update(arch=ma["arch"], shortcut=ma.get("shortcut"))
+    # Written before checkpoint version 2: weight decay on every parameter, which is kept so that
+    # the optimizer state (one parameter group) loads and the run continues its own recipe.
+    saved.setdefault("decay_norm_and_bias", True)
     changed = {f: (saved.get(f), getattr(args, f)) for f in TRAINING_FLAGS
                if f in saved and getattr(args, f, None) != saved.get(f) and getattr(args, f, None) is not None}
     if changed:
@@ -63,6 +58,7 @@ def _resume_args(args, path: Path):
     for f in TRAINING_FLAGS:
         if f in saved:
             setattr(args, f, saved[f])
+    args.depth = None
     if args.data_dir is None and saved.get("data_dir"):
         args.data_dir = Path(saved["data_dir"])
     return ckpt
@@ -72,9 +68,15 @@ def train_baseline(args) -> dict:
     """Train ResNet on CIFAR-10 (or synthetic data); returns the results dict it writes."""
     t_start = time.time()
     check_args(args)
+    args.arch, args.shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
+    args.arch = args.arch or "resnet20"
+    if takes_shortcut(args.arch):
+        args.shortcut = args.shortcut or "B"
     device = resolve_device(args.device)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.checkpoint_dir, args.depth)
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.checkpoint_dir, args.arch)
     resume_state = _resume_args(args, ckpt_path) if args.resume else None
+    args.seed = 0 if args.seed is None else args.seed
+    args.decay_norm_and_bias = bool(args.decay_norm_and_bias)
     args.dataset = args.dataset or "cifar10"
     args.data_dir = args.data_dir or Path("data")
     if args.quick:
@@ -83,8 +85,12 @@ def train_baseline(args) -> dict:
     seed_everything(args.seed)
 
     data = load_dataset(args.dataset, args.data_dir)
-    train_idx, val_idx, val_size = prepare_split(data, args.seed, args.val_size, args.quick)
+    train_idx, val_idx, val_size = train_val_split(data, args.seed, args.val_size)
+    split = split_identity(data, args.seed, val_size, val_idx)
     test_idx = subset_indices(len(data.test_y), QUICK_EVAL_IMAGES, args.seed) if args.quick else None
+    if args.quick:
+        train_idx = quick_subset(train_idx, QUICK_TRAIN_IMAGES, args.seed)
+        val_idx = quick_subset(val_idx, QUICK_EVAL_IMAGES, args.seed)
     mean, std = channel_stats(data.train_x[train_idx])
     normalize = Normalizer(mean, std, device)
 
@@ -95,21 +101,26 @@ def train_baseline(args) -> dict:
     test_sel = test_idx if test_idx is not None else slice(None)
     test_x, test_y = to_device_uint8(data.test_x[test_sel], device), torch.from_numpy(data.test_y[test_sel]).to(device)
 
-    model = CifarResNet(args.depth, args.shortcut, len(data.classes)).to(device)
+    model = build_model(args.arch, args.shortcut, len(data.classes)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     lr = args.lr * args.batch_size / 128  # linear scaling: --lr is per 128 images
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, nesterov=args.nesterov,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay, args.decay_norm_and_bias), lr=lr,
+                                momentum=args.momentum, nesterov=args.nesterov)
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch))
     start_epoch, history = 0, []
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        try:
+            model.load_state_dict(resume_state["model"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{ckpt_path} cannot be resumed by this version of AI-QS: its model, optimizer or "
+                            f"scheduler state does not fit the run it describes ({str(e).splitlines()[0][:160]}). "
+                            f"Start a new run without --resume (or with another --checkpoint).") from None
         start_epoch, history = int(resume_state["epoch"]), list(resume_state.get("history", []))
         print(f"resuming {ckpt_path} after epoch {start_epoch} of {args.epochs}")
     step_fn = torch.compile(model) if args.compile else model
@@ -118,15 +129,18 @@ def train_baseline(args) -> dict:
     data_info = {**data.describe(), "data_dir": str(args.data_dir), "seed": args.seed, "val_size": val_size,
                  "quick": bool(args.quick),
                  "train_split_images": len(train_idx), "val_split_images": len(val_idx),
-                 "test_images_used": len(test_y), "search_split": "val" if len(val_idx) else "test"}
+                 "test_images_used": len(test_y), "search_split": "val" if len(val_idx) else "test halves"}
+    split_summary = {k: v for k, v in split.items() if k != "val_indices"}
+    split_summary["val_indices_sha256"] = indices_sha256(split["val_indices"])
     model_args = dict(model.model_args)
 
     def checkpoint_state(epoch, finished, final=None):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "epochs": args.epochs,
-                "finished": finished, "rng": {"torch": torch.get_rng_state()},
+                "finished": finished,   # no RNG state: epoch_plan draws everything from (seed, epoch)
                 "args": jsonable_args(args), "model_args": model_args,
-                "normalization": {"mean": mean, "std": std}, "data": data_info, "history": history,
+                "normalization": {"mean": mean, "std": std}, "data": {**data_info, "split": split},
+                "history": history,
                 "final": final}
 
     print(f"training {len(train_idx)} images ({data.source}), validating on {len(val_idx)}, "
@@ -169,7 +183,7 @@ def train_baseline(args) -> dict:
 
     results = {
         "stage": "1", "schema_version": SCHEMA_VERSION,
-        "dataset": data_info, "model_args": model_args, "params": count_parameters(model),
+        "dataset": {**data_info, "split": split_summary}, "model_args": model_args, "params": count_parameters(model),
         "checkpoint": str(ckpt_path),
         "test_acc": test["acc"], "val_acc": final["val_acc"], "test_loss": test["loss"],
         "val_loss": val["loss"] if val else None,
@@ -180,7 +194,7 @@ def train_baseline(args) -> dict:
     }
     results["provenance"] = provenance(args, device, inputs={"checkpoint": ckpt_path},
                                        seconds=time.time() - t_start)
-    out = Path(args.results_dir) / "01_baseline.json"
+    out = Path(args.results_dir) / RESULTS_FILES["1"]
     atomic_write_json(out, results)
     label = " (synthetic data)" if data.synthetic else ""
     print(f"\nbaseline{label}: test {test['acc']:.2f}%" + (f", val {val['acc']:.2f}%" if val else "") +

@@ -1,0 +1,111 @@
+"""Test accuracy against arithmetic intensity, with intervals."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
+from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+
+
+def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> Figure:
+    """Test accuracy (with its 95% interval) vs AI of every stage-4 configuration, the budget band,
+    the estimated frontier, and, after fine-tuning, an arrow from each PTQ point to its QAT point."""
+    rows = [c for c in _configs_04(b04) if _num(c.get("test_acc")) is not None]
+    if not rows:
+        raise SkipPlot("04_baselines.json has no test accuracies")
+    fp32 = _fp32_row(b04)
+    ref = _num(fp32.get("test_acc")) if fp32 else None
+    max_drop = _max_drop(b04, s03)
+
+    frontier = []
+    if s03 and ref is not None and isinstance(s03.get("pareto"), dict):
+        frontier = sorted(((_num(p.get("ai")), ref - _num(p.get("estimated_drop")))
+                           for p in s03["pareto"].get("frontier") or []
+                           if _num(p.get("ai")) is not None and _num(p.get("estimated_drop")) is not None))
+
+    accs = [_num(c["test_acc"]) for c in rows]
+    qat = {c["name"]: _num(c.get("qat_test_acc")) for c in rows if _num(c.get("qat_test_acc")) is not None}
+    top = max(accs + list(qat.values()) + ([ref] if ref is not None else []))
+    # Zoom on the interesting range; configurations far below it are drawn on the bottom edge.
+    span = max(8.0, 5 * (max_drop or 0))
+    floor_ = (ref if ref is not None else top) - span
+    shown = [a for a in accs + list(qat.values()) if a >= floor_]
+    low = min(shown + ([ref - max_drop] if ref is not None and max_drop else []))
+    off_scale = any(a < floor_ for a in accs)
+    pad = max(0.4, 0.06 * (top - low))
+    ylo, yhi = low - pad * (2.5 if off_scale else 1), top + pad
+    ais = [_num(c["ai"]) for c in rows] + [f[0] for f in frontier]
+    log_x = max(ais) / min(ais) > 3     # weight-only spans 1.6x, activations up to 8x
+    if log_x:
+        xlo, xhi = min(ais) / 1.15, max(ais) * 1.15
+    else:
+        xpad = max(0.5, 0.06 * (max(ais) - min(ais)))
+        xlo, xhi = min(ais) - xpad, max(ais) + xpad
+
+    fig = _new_figure((9.0, 5.4))
+    ax = fig.add_subplot()
+    handles = []
+    if ref is not None and max_drop is not None:
+        ax.axhspan(ref - max_drop, ref, color=BUDGET_COLOR, alpha=0.13, lw=0, zorder=0)
+        ax.axhline(ref - max_drop, color=BUDGET_COLOR, lw=1, ls="--", zorder=1)
+        handles.append(Patch(fc=BUDGET_COLOR, alpha=0.25, ec=BUDGET_COLOR, ls="--",
+                             label=f"accuracy budget: FP32 − {_points(max_drop)}"))
+    if frontier:
+        fx, fy = zip(*frontier)
+        (line,) = ax.plot(fx, fy, ls="--", lw=1.1, color=PARETO_COLOR, alpha=0.75, marker=".",
+                          markersize=4, zorder=2,
+                          label="estimated frontier (FP32 test acc − additive val drops)")
+        handles.append(line)
+
+    labels = []
+    for c, a in zip(rows, accs):
+        st = config_style(c["name"])
+        x = _num(c["ai"])
+        if a >= floor_:
+            # smaller markers on top, so that coinciding points (greedy = pareto) both show
+            ci = c.get("test_acc_ci95")
+            if isinstance(ci, list) and len(ci) == 2 and None not in ci:
+                ax.errorbar([x], [a], yerr=[[max(0.0, a - max(ci[0], ylo))], [max(0.0, ci[1] - a)]], fmt="none", ecolor=st["color"],
+                            elinewidth=1.0, capsize=2.5, alpha=0.6, zorder=3)
+            ax.plot([x], [a], ls="none", marker=st["marker"], ms=st["markersize"], color=st["color"],
+                    mec="white", mew=0.6, zorder=4 + 1 / st["markersize"])
+            labels.append(dict(x=x, y=a, text=display_name(c["name"]), color=st["color"]))
+            label = f"{display_name(c['name'])}: {a:.2f}%"
+        else:
+            y = ylo + 0.6 * pad
+            ax.plot([x], [y], ls="none", marker="v", ms=8, color=st["color"], zorder=4, clip_on=False)
+            labels.append(dict(x=x, y=y, text=f"{display_name(c['name'])} ({a:.1f}%, off scale)",
+                               color=st["color"]))
+            label = f"{display_name(c['name'])}: {a:.2f}% (off scale, ▼)"
+        if c["name"] in qat:
+            q = qat[c["name"]]
+            ax.annotate("", (x, q), (x, min(max(a, ylo + 0.6 * pad), yhi)), zorder=5,
+                        arrowprops=dict(arrowstyle="->", color=st["color"], lw=1.1, alpha=0.9))
+            ax.plot([x], [q], ls="none", marker=st["marker"], ms=st["markersize"], mfc="white", mec=st["color"],
+                    mew=1.4, zorder=5)
+            label += f" → {q:.2f}% QAT"
+        handles.append(Line2D([], [], ls="none", marker=st["marker"], ms=st["markersize"] * 0.8,
+                              color=st["color"], label=label))
+    if qat:
+        epochs = next((c.get("qat_epochs") for c in rows if c.get("qat_epochs")), None)
+        handles.append(Line2D([], [], ls="none", marker="o", mfc="white", mec="k", mew=1.2,
+                              label=f"hollow, after the arrow: fine-tuned ({epochs} epochs QAT)"))
+
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlim(xlo, xhi)
+    ax.set_ylim(ylo, yhi)
+    ax.set_xlabel("Arithmetic intensity (FLOPs/byte" + (", log)" if log_x else ")"))
+    report = b04.get("report_split") or "test"
+    n = ((b04.get("dataset") or {}).get("report") or {}).get("images")
+    ax.set_ylabel(f"Accuracy on {report} (%)" + (f", {n} images" if n else ""))
+    fig.suptitle(_title("Accuracy vs arithmetic intensity (bars: 95% Wilson intervals)", synthetic))
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    _place_labels(fig, ax, labels)
+    return fig

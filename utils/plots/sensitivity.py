@@ -1,0 +1,96 @@
+"""Per-layer sensitivity heat map."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
+from matplotlib.colors import SymLogNorm
+
+from utils.plots.style import _groups, layer_segments
+from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+
+
+TEXT_ROWS = 60   # beyond this many layers the cells carry colour only, and rows get thinner
+
+
+def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
+    """Heatmap: accuracy drop with only one layer changed, layers x widths (weights, then
+    activations when stage 2 measured them); separators between the model's segments."""
+    layers = [l for l in p02["layers"] if isinstance(l, dict) and "name" in l]
+    if not layers:
+        raise SkipPlot("02_per_layer.json lists no layers")
+    cols = []   # (results key, width key, width)
+    for key, wkey, listed in (("results", "bits", p02.get("bits")), ("act_results", "a_bits", p02.get("a_bits"))):
+        widths = [int(b) for b in (listed or [])]
+        for l in layers:
+            for r in l.get(key) or []:
+                if int(r[wkey]) not in widths:
+                    widths.append(int(r[wkey]))
+        cols += [(key, wkey, b) for b in sorted(widths, reverse=True)]
+    if not cols:
+        raise SkipPlot("02_per_layer.json has no bit widths")
+    names = [str(l["name"]) for l in layers]
+    drop = np.full((len(names), len(cols)), np.nan)
+    for i, l in enumerate(layers):
+        for j, (key, wkey, b) in enumerate(cols):
+            for r in l.get(key) or []:
+                v = _num(r.get("drop"))
+                if v is None and _num(r.get("val_acc")) is not None and _num(p02.get("baseline_val_acc")) is not None:
+                    v = _num(p02["baseline_val_acc"]) - _num(r["val_acc"])
+                if int(r[wkey]) == b and v is not None:
+                    drop[i, j] = v
+
+    finite = drop[np.isfinite(drop)]
+    vmax = max(1.0, float(finite.max()) if finite.size else 1.0)
+    # Drops span 0.01 to ~80 points: log colors above 0.1 point, linear below; a rise in accuracy
+    # (negative drop, evaluation noise) gets the pale "under" color, its value is in the cell.
+    norm = SymLogNorm(linthresh=0.1, linscale=0.5, vmin=0.0, vmax=vmax, base=10)
+    cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#dddddd", under="#dbe7f5")
+    text = len(names) <= TEXT_ROWS
+    row_h = 0.27 if text else 0.15
+
+    fig = _new_figure((2.6 + 0.85 * len(cols) + 1.3, 1.6 + row_h * len(names)))
+    ax = fig.add_subplot()
+    ax.grid(False)
+    im = ax.imshow(np.ma.masked_invalid(drop), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    for i in range(len(names)) if text else ():
+        for j in range(len(cols)):
+            v = drop[i, j]
+            if np.isnan(v):
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=7, color="#555555")
+                continue
+            txt = f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+            dark = float(norm(v)) > 0.62
+            ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    for _, first, _last in _groups(names, layer_segments(p02))[1:]:
+        ax.axhline(first - 0.5, color="black", lw=1.0 if text else 0.5)
+    n_w = sum(1 for c in cols if c[0] == "results")
+    if 0 < n_w < len(cols):
+        ax.axvline(n_w - 0.5, color="black", lw=2.0)
+    ax.set_xticks(range(len(cols)), [("W" if key == "results" else "A") + (str(b) if b != FLOAT_BITS else "fp32")
+                                     for key, _, b in cols])
+    ax.set_yticks(range(len(names)), names, fontsize=7 if text else 5)
+    ax.xaxis.set_ticks_position("top")
+    ax.xaxis.set_label_position("top")
+    ax.tick_params(length=0)
+    ax.set_xlabel("width of the one quantized layer: W = its weights, A = its input activations "
+                  "(everything else fp32)")
+    ax.set_ylabel("layer (network order; lines separate the model's segments)")
+    cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02,
+                      extend="min" if finite.size and finite.min() < 0 else "neither")
+    ticks = [t for t in (0, 0.1, 0.3, 1, 3, 10, 30, 100) if t <= vmax]
+    cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+    cb.minorticks_off()
+    cb.set_label("accuracy drop (points); log color scale above 0.1, blue: accuracy rose")
+    base = _num(p02.get("baseline_val_acc"))
+    split = p02.get("eval_split") or "validation"
+    sub = (f"FP32 {split} accuracy {base:.2f}% on {p02.get('eval_images', '?')} images" if base is not None else "")
+    fig.suptitle(_title("Per-layer sensitivity: accuracy drop, one layer quantized at a time", synthetic)
+                 + (f"\n{sub}" if sub else ""))
+    return fig

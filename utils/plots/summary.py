@@ -1,0 +1,138 @@
+"""The Markdown summary table of stages 1-4."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
+from pathlib import Path
+
+from utils.plots.style import _layer_params, chosen_config, widths_of
+from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown summary
+
+
+def bits_summary(config: dict, layer_names=None, params: dict | None = None) -> str:
+    """'all 8-bit', 'all fp32', 'W8A8 all', or e.g. '8b×2 4b×12 fp32×2 (4.13 bits/weight)'; with
+    activation widths, 'W: 8b×2 4b×20; A: 8b×16 6b×6'."""
+    names = list(layer_names) if layer_names else list(config)
+    if not names:
+        return "all fp32"
+    widths = [widths_of(config.get(n, FLOAT_BITS)) for n in names]
+
+    def counts(bits):
+        if len(set(bits)) == 1:
+            return "all fp32" if bits[0] == FLOAT_BITS else f"all {bits[0]}-bit"
+        c = {}
+        for b in bits:
+            c[b] = c.get(b, 0) + 1
+        return " ".join(f"{'fp32' if b == FLOAT_BITS else f'{b}b'}×{k}"
+                        for b, k in sorted(c.items(), key=lambda t: (t[0] != FLOAT_BITS, -t[0])))
+    w = [a for a, _ in widths]
+    acts = [a for _, a in widths]
+    text = counts(w)
+    if params and all(params.get(n) for n in names) and len(set(w)) > 1:
+        tot = sum(params[n] for n in names)
+        text += f" ({sum(params[n] * b for n, b in zip(names, w)) / tot:.2f} bits/weight)"
+    if any(a != FLOAT_BITS for a in acts):
+        text = f"W: {text}; A: {counts(acts)}"
+    return text
+
+
+def _ci(pair):
+    return "–" if not isinstance(pair, list) or len(pair) != 2 or None in pair else f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None,
+                     dataset: dict | None = None, synthetic: bool = False, plots=()) -> str:
+    rows = [c for c in b04["configs"] if isinstance(c, dict) and "name" in c]
+    if not rows:
+        raise SkipPlot("04_baselines.json lists no configurations")
+    fp32 = _fp32_row(b04) or {}
+    ref_ai, ref_val = _num(fp32.get("ai")), _num(fp32.get("val_acc"))
+    layers = _layer_params(s03, p02)
+    names = [n for n, _ in layers] or None
+    params = {n: p for n, p in layers} if layers else None
+    dataset = dataset or b04.get("dataset") or {}
+    split = b04.get("eval_split") or "validation"
+    report = b04.get("report_split") or "test"
+    max_drop = _max_drop(b04, s03)
+    budget = b04.get("budget") or (s03 or {}).get("budget") or {}
+    qat = any(_num(c.get("qat_test_acc")) is not None for c in rows)
+
+    lines = ["# AI-QS results summary", ""]
+    ds_name = {"cifar10": "CIFAR-10"}.get(dataset.get("name"), dataset.get("name") or "unknown")
+    if synthetic:
+        lines.append(f"**Data: synthetic data** (source: {dataset.get('source', 'generated')}): a small "
+                     f"deterministic stand-in, these numbers say nothing about CIFAR-10.")
+    else:
+        lines.append(f"Data: {ds_name} (source: {dataset.get('source', 'not recorded')}).")
+    search, rep = dataset.get("search") or {}, dataset.get("report") or {}
+    if search or rep:
+        lines.append(f"Search images: {search.get('images', '?')} ({split}); reported on {rep.get('images', '?')} "
+                     f"images ({report}) that the search never saw.")
+    ma = b04.get("model_args") or {}
+    if ma:
+        lines.append(f"Model: {ma.get('arch', '?')}" + (f" (shortcut {ma['shortcut']})" if ma.get("shortcut") else "")
+                     + f", {ma.get('num_classes', '?')} classes.")
+    cm = b04.get("cost_model") or {}
+    if cm:
+        lines.append(f"AI: FLOPs / bytes at batch {cm.get('batch_size', 1)}, activations charged at each layer's "
+                     f"width (default {cm.get('a_bits', 32)} bits), charged: {', '.join(cm.get('charge', []))}.")
+    if max_drop is not None:
+        z = _num(budget.get("z"))
+        lines.append(f"Accuracy budget: at most {_points(max_drop)} below FP32"
+                     + (f", as search drop + {z:.2f} × its standard error" if z else "") + f" on the {split} split.")
+    head = ("| name | widths | AI (FLOPs/byte) | × fp32 | search acc (%) | test acc (%) | test 95% CI "
+            "| test drop | drop 95% CI |")
+    sep = "|---|---|---:|---:|---:|---:|---|---:|---|"
+    if qat:
+        head += " QAT test acc (%) | QAT drop vs fine-tuned fp32 |"
+        sep += "---:|---:|"
+    lines += ["", head, sep]
+    qat_ref = _num(fp32.get("qat_test_acc"))
+    for c in rows:
+        ai = _num(c.get("ai"))
+        gain = "–" if ai is None or not ref_ai else f"{ai / ref_ai:.2f}"
+        cfg = c.get("config") if isinstance(c.get("config"), dict) else {}
+        line = (f"| {c['name']} | {bits_summary(cfg, names, params)} | {_fmt(ai)} | {gain} | {_fmt(c.get('val_acc'))} "
+                f"| {_fmt(c.get('test_acc'))} | {_ci(c.get('test_acc_ci95'))} | {_fmt(c.get('test_drop'))} "
+                f"| {_ci(c.get('test_drop_ci95'))} |")
+        if qat:
+            q = _num(c.get("qat_test_acc"))
+            line += f" {_fmt(q)} | {_fmt(None if q is None or qat_ref is None else qat_ref - q)} |"
+        lines.append(line)
+    lines += ["", f"Drops are FP32 minus the configuration's accuracy on the same images (positive = worse); "
+                  f"accuracy intervals are Wilson's, drop intervals the paired bootstrap.", ""]
+    searched = [c for c in rows if "budget_holds_on_test" in c]
+    for c in searched:
+        lines.append(f"- {c['name']}: search drop {_fmt(c.get('search_drop'))}, test drop {_fmt(c.get('test_drop'))} "
+                     f"{_ci(c.get('test_drop_ci95'))}: budget {'held' if c['budget_holds_on_test'] else 'NOT held'} "
+                     f"on {report}.")
+    basis = b04.get("dominance_basis")
+    lines += ["", "Uniform configurations dominated by a searched one (at least as good in AI and accuracy, "
+                  "better in one), as judged by stage 4" + (f" on {basis}" if basis else "") + ":", ""]
+    dom = b04.get("dominates") or {}
+    if isinstance(dom, dict) and dom:
+        for name, beaten in dom.items():
+            beaten = list(beaten or [])
+            lines.append(f"- {name} dominates " + (", ".join(beaten) if beaten else
+                                                    "none of the uniform configurations") + ".")
+    else:
+        lines.append("- (stage 4 recorded no dominance results)")
+    if s03:
+        method, res = chosen_config(s03)
+        if method:
+            lines += ["", f"Stage 3's chosen configuration: {method} (AI {_fmt(res.get('ai'))} FLOPs/byte, "
+                          f"search accuracy {_fmt(res.get('val_acc'))}%)."]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,188 @@
+"""Which images a search sees and which it reports on, and proof that they are the ones meant.
+
+Stage 1 holds out a seeded, stratified validation split of the training images and records its
+*identity* in the checkpoint: the indices and a SHA-256 of the images' content (pixels and
+labels, not paths). Stages 2-4 rebuild the split and compare, so a moved or re-packed copy of the
+same data is accepted and a source whose image order differs is refused.
+
+A model with no validation split of its own (a foreign checkpoint, or ours trained with
+``--val-size 0``) must never be searched on images it was trained on. The default then splits
+the *test* set, seeded and stratified, into a search half and a report half. ``--holdout FILE``
+names another split (format in ``load_holdout``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils.data import default_val_size, stratified_split, subset_indices
+from utils.errors import UserError
+
+QUICK_TRAIN_IMAGES = 2000   # stage 1 --quick
+QUICK_EVAL_IMAGES = 1000    # stage 1 --quick: validation and test
+HOLDOUT_FORMAT = ('{"search": {"set": "train" | "test", "indices": [...]}, '
+                  '"report": {"set": "train" | "test", "indices": [...]}}')
+
+
+def content_sha256(x_u8: np.ndarray, y: np.ndarray) -> str:
+    """SHA-256 of images (uint8 NHWC) and labels, in order: the same pixels give the same hash
+    wherever and however the files are stored."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x_u8, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def indices_sha256(idx) -> str:
+    return hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()
+
+
+def train_val_split(data, seed: int, val_size):
+    """(train indices, val indices, val_size) of the training images, the split stage 1 holds out."""
+    if val_size is None:
+        val_size = default_val_size(len(data.train_y))
+    train_idx, val_idx = stratified_split(data.train_y, val_size, seed)
+    return train_idx, val_idx, val_size
+
+
+def quick_subset(idx: np.ndarray, k: int, seed: int) -> np.ndarray:
+    return idx[subset_indices(len(idx), k, seed)]
+
+
+def split_identity(data, seed: int, val_size: int, val_idx: np.ndarray) -> dict:
+    """What a checkpoint records about its validation split."""
+    return {"seed": int(seed), "val_size": int(val_size), "val_indices": [int(i) for i in val_idx],
+            "val_sha256": content_sha256(data.train_x[val_idx], data.train_y[val_idx])}
+
+
+def check_split_identity(recorded: dict, data, val_idx: np.ndarray, checkpoint) -> None:
+    """Refuse a data source whose validation split is not the one the checkpoint recorded."""
+    if [int(i) for i in recorded["val_indices"]] != [int(i) for i in val_idx]:
+        raise UserError(
+            f"the validation split rebuilt from seed {recorded['seed']} and size {recorded['val_size']} "
+            f"holds other image indices than {checkpoint} recorded. The data source has another "
+            f"number of images per class, or another version of AI-QS drew the split. Use the data "
+            f"the model was trained on (stage 1's --data-dir), or re-train.")
+    got = content_sha256(data.train_x[val_idx], data.train_y[val_idx])
+    if got != recorded["val_sha256"]:
+        raise UserError(
+            f"the validation images of this data source differ from those {checkpoint} was validated on "
+            f"(content SHA-256 {got[:12]}... instead of {recorded['val_sha256'][:12]}...), although "
+            f"indices and labels line up. The source orders its images differently (e.g. the same class "
+            f"folders with files named in another order) or holds other pixels, so the search would run "
+            f"on images the model may have been trained on. Point --data-dir at the copy stage 1 used.")
+
+
+@dataclass
+class Part:
+    """A named set of images: which set (train or test) and which indices of it."""
+    name: str                 # "val", "test", "test-search", "test-report", "holdout-search", ...
+    set: str                  # "train" or "test"
+    indices: np.ndarray
+    note: str = ""
+
+    def arrays(self, data):
+        x, y = (data.train_x, data.train_y) if self.set == "train" else (data.test_x, data.test_y)
+        return x[self.indices], y[self.indices]
+
+    def describe(self, data, with_indices: bool = False) -> dict:
+        x, y = self.arrays(data)
+        d = {"name": self.name, "set": self.set, "images": len(self.indices),
+             "indices_sha256": indices_sha256(self.indices), "content_sha256": content_sha256(x, y)}
+        if self.note:
+            d["policy"] = self.note
+        if with_indices:
+            d["indices"] = [int(i) for i in self.indices]
+        return d
+
+
+@dataclass
+class SearchSplit:
+    """The images a post-training search runs on, those its results are reported on, and the
+    training images activation ranges are calibrated on."""
+    search: Part
+    report: Part
+    calibration_pool: np.ndarray = field(repr=False)   # training-set indices, never val or test
+    policy: str = "val"                                # "val", "test halves" or "holdout file"
+
+
+def test_halves(test_y: np.ndarray, seed: int):
+    """Seeded, stratified halves of the test set: (search indices, report indices)."""
+    report, search = stratified_split(test_y, len(test_y) // 2, seed)
+    return search, report
+
+
+def load_holdout(path, data) -> tuple[Part, Part]:
+    """A user's own held-out split. The file is JSON:
+
+        {"search": {"set": "train" | "test", "indices": [...]},
+         "report": {"set": "train" | "test", "indices": [...]}}
+
+    Indices are 0-based positions in the training or test images, in the order the data source
+    lists them (class folders in label order, files in name order). Search and report must not
+    share an image. Use images the model was not trained on.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--holdout file {path} does not exist.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--holdout file {path} is not valid JSON ({e}). Its format: {HOLDOUT_FORMAT}.") from None
+    parts = []
+    for role in ("search", "report"):
+        entry = obj.get(role) if isinstance(obj, dict) else None
+        if not isinstance(entry, dict) or entry.get("set") not in ("train", "test") \
+                or not isinstance(entry.get("indices"), list) or not entry["indices"]:
+            raise UserError(f"--holdout file {path} needs a non-empty '{role}' entry; the format is {HOLDOUT_FORMAT}.")
+        n = len(data.train_y) if entry["set"] == "train" else len(data.test_y)
+        idx = entry["indices"]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in idx) \
+                or len(set(idx)) != len(idx):
+            raise UserError(f"--holdout file {path}: '{role}' indices must be distinct integers in "
+                            f"0..{n - 1} (the {entry['set']} set has {n} images).")
+        parts.append(Part(f"holdout-{role}", entry["set"], np.asarray(sorted(idx), dtype=np.int64),
+                          f"from {path.name}"))
+    search, report = parts
+    if search.set == report.set and np.intersect1d(search.indices, report.indices).size:
+        raise UserError(f"--holdout file {path}: search and report share images; they must be disjoint, "
+                        f"or the reported numbers are not out of sample.")
+    return search, report
+
+
+def search_split(data, meta: dict, seed: int, val_size, holdout=None, checkpoint="the checkpoint",
+                 warn=print) -> SearchSplit:
+    """The search / report / calibration images for a checkpoint, following the policy above.
+
+    ``meta["data"]`` is what the checkpoint recorded (empty for a foreign one); ``seed`` and
+    ``val_size`` are the recorded values (the caller refuses conflicting flags).
+    """
+    all_train = np.arange(len(data.train_y))
+    if holdout is not None:
+        search, report = load_holdout(holdout, data)
+        used = [p.indices for p in (search, report) if p.set == "train"]
+        pool = np.setdiff1d(all_train, np.concatenate(used)) if used else all_train
+        return SearchSplit(search, report, pool, "holdout file")
+    if not meta.get("foreign") and val_size:
+        train_idx, val_idx, val_size = train_val_split(data, seed, val_size)
+        recorded = meta.get("data", {}).get("split")
+        if recorded is None:
+            warn(f"warning: {checkpoint} predates split identities; rebuilt its validation split from the "
+                 f"recorded seed {seed} and size {val_size}, and recording it in the results from now on")
+        else:
+            check_split_identity(recorded, data, val_idx, checkpoint)
+        return SearchSplit(Part("val", "train", val_idx), Part("test", "test", np.arange(len(data.test_y))),
+                           train_idx, "val")
+    search, report = test_halves(data.test_y, seed)
+    why = ("a foreign checkpoint, probably trained on all training images" if meta.get("foreign")
+           else "trained with --val-size 0, on all training images")
+    note = f"stratified half of the test set, seed {seed}"
+    warn(f"note: {checkpoint} has no validation split ({why}): searching on a seeded, stratified half of the "
+         f"test set ({len(search)} images) and reporting on the other half ({len(report)}); --holdout FILE "
+         f"names another split")
+    return SearchSplit(Part("test-search", "test", search, note), Part("test-report", "test", report, note),
+                       all_train, "test halves")

@@ -1,0 +1,238 @@
+"""Set-up shared by the post-training stages (2-4): flags, checkpoint, data split, quantizers."""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from utils.ai_calculator import REFERENCE, CostModel, layer_table
+from utils.checkpoint import default_checkpoint_path, load_model, parse_normalization
+from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
+from utils.config import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, check_widths
+from utils.data import load_dataset
+from utils.errors import UserError
+from utils.evaluation import DEFAULT_CACHE_BYTES
+from utils.io import PRODUCERS, RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, load_results_json, provenance
+from utils.quantization import CALIBRATION_METHOD, WeightQuantizer, calibrate_activations
+from utils.split import Part, SearchSplit, quick_subset, search_split
+from utils.train import Normalizer, to_device_uint8
+
+QUICK_EVAL_IMAGES = 250      # --quick: search and report images
+CALIB_IMAGES = 1000          # training images the activation ranges are calibrated on
+QUICK_CALIB_IMAGES = 200
+
+
+def add_model_args(p: argparse.ArgumentParser):
+    add_arch_args(p, training=False)
+    g = p.add_argument_group("checkpoint and data (post-training stages)")
+    g.add_argument("--checkpoint", default=None,
+                   help="float checkpoint to quantize (default: the one recorded in <results-dir>/01_baseline.json, "
+                        "else <checkpoint-dir>/<arch>_baseline.pt)")
+    g.add_argument("--normalization", default=None,
+                   help="input normalization of a checkpoint that records none: cifar10 (stage 1's statistics), "
+                        "imagenet, or m1,m2,m3,s1,s2,s3 (default: the checkpoint's; else cifar10)")
+    g.add_argument("--holdout", default=None, metavar="FILE",
+                   help='your own held-out split, JSON {"search": {"set": "train"|"test", "indices": [...]}, '
+                        '"report": {...}} (default: the checkpoint\'s validation split; without one, halves of '
+                        'the test set)')
+    g.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
+    g.add_argument("--cache-gb", default=DEFAULT_CACHE_BYTES / 2 ** 30, type=float,
+                   help="bound on the cached activations; segments beyond it are recomputed, with identical "
+                        f"results (default: {DEFAULT_CACHE_BYTES / 2 ** 30:g})")
+    g.add_argument("--force", action="store_true",
+                   help="use inputs made from another checkpoint or schema, or an unfinished checkpoint (default: off)")
+    return p
+
+
+def add_quant_args(p: argparse.ArgumentParser, stage: str):
+    g = p.add_argument_group("quantization")
+    default_w = "8 6 4 3 2; with --quick: 8 4 2" if stage == "2" else "the widths stage 2 measured"
+    default_a = "none: activations stay float" if stage == "2" else "the widths stage 2 measured"
+    g.add_argument("--bits", default=None, type=int, nargs="+",
+                   help=f"candidate weight widths, 2-8 (default: {default_w})")
+    g.add_argument("--a-bits", default=None, type=int, nargs="+",
+                   help=f"candidate activation widths, 2-8, e.g. 8 6 4; 32 = float (default: {default_a})")
+    if stage == "2":
+        g.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
+                       help="weights: one scale per output channel or per tensor (default: channel)")
+        g.add_argument("--clip", default="mse", choices=("mse", "maxabs"),
+                       help="weights: MSE-optimal clipping range or max |w| (default: mse)")
+        g.add_argument("--calib-images", default=None, type=int,
+                       help=f"training images (never validation or test) that calibrate activation ranges "
+                            f"(default: {CALIB_IMAGES}; with --quick: {QUICK_CALIB_IMAGES})")
+    return p
+
+
+def weight_ladder(args) -> list[int]:
+    """Stage 2's --bits: as given, else the default ladder (a shorter one with --quick); validated."""
+    if args.bits is None:
+        args.bits = list(QUICK_W_LADDER if args.quick else DEFAULT_W_LADDER)
+    check_widths(args.bits, "--bits")
+    return list(dict.fromkeys(args.bits))
+
+
+def act_ladder(args) -> list[int]:
+    """Stage 2's --a-bits without 32 (float is always a choice); [] means weights only."""
+    if args.a_bits is None:
+        return []
+    check_widths(args.a_bits, "--a-bits", ACT_BITS)
+    return [b for b in dict.fromkeys(args.a_bits) if b != FLOAT_BITS]
+
+
+def resolve_checkpoint(args) -> Path:
+    """--checkpoint; else what stage 1 recorded in <results-dir>/01_baseline.json; else the default name."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    rec = Path(args.results_dir) / RESULTS_FILES["1"]
+    if rec.is_file():
+        recorded = load_results_json(rec, "1", PRODUCERS["1"], force=True).get("checkpoint")
+        if recorded:
+            return Path(recorded)
+    arch, _ = resolve_arch(args.arch, args.depth, args.shortcut)
+    return default_checkpoint_path(args.checkpoint_dir, arch or "resnet20")
+
+
+@dataclass
+class Setup:
+    """Everything a post-training stage evaluates with."""
+    model: torch.nn.Module
+    meta: dict
+    checkpoint: Path
+    device: torch.device
+    normalize: Normalizer
+    data_info: dict
+    split: SearchSplit
+    eval_x: torch.Tensor      # the search images
+    eval_y: torch.Tensor
+    report_x: torch.Tensor    # the images results are reported on (test, or the test report half)
+    report_y: torch.Tensor
+    table: list
+    quantizer: WeightQuantizer
+    calib_x: torch.Tensor     # uint8 training images for activation calibration
+    data: object = None       # the utils.data.Dataset
+    cost_model: CostModel = REFERENCE
+    act_quant: dict | None = None
+    act_calibration: dict | None = None
+
+    @property
+    def eval_split(self) -> str:
+        return self.split.search.name
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [t.name for t in self.table]
+
+    def calibrate(self, widths, batch_size: int = 250):
+        """Activation ranges at `widths` for every layer input, on the calibration images."""
+        widths = sorted({b for b in widths if b != FLOAT_BITS}, reverse=True)
+        self.act_quant = {}
+        self.act_calibration = None
+        if not widths:
+            return self.act_quant
+        from utils.evaluation import FoldedModel
+        self.quantizer.restore()
+        folded = FoldedModel(self.model).model   # ranges of what the deployed (folded) layers read
+        batches = [self.normalize(self.calib_x[i:i + batch_size]) for i in range(0, len(self.calib_x), batch_size)]
+        t = time.time()
+        self.act_quant = calibrate_activations(folded, batches, self.layer_names, widths)
+        self.act_calibration = {
+            "method": CALIBRATION_METHOD, "images": len(self.calib_x), "set": "train",
+            "widths": widths, "seconds": time.time() - t,
+            "layers": {n: {"signed": self.act_quant[n, widths[0]].signed,
+                           "scales": {str(b): self.act_quant[n, b].scale for b in widths}}
+                       for n in self.layer_names}}
+        return self.act_quant
+
+
+def _check_recorded(flag, given, recorded, ckpt):
+    if given is not None and recorded is not None and given != recorded:
+        raise UserError(f"--{flag.replace('_', '-')} {given} differs from the {recorded} that {ckpt} was trained "
+                        f"with. The search must run on the split the model was held out on: drop --"
+                        f"{flag.replace('_', '-')} (or pass {recorded}).")
+
+
+def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: int | None = None) -> Setup:
+    """Checkpoint -> model, preprocessing, and the search / report / calibration images."""
+    if getattr(args, "eval_batch_size", 1) <= 0:
+        raise UserError(f"--eval-batch-size must be > 0, got {args.eval_batch_size}.")
+    device = resolve_device(args.device)
+    arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
+    ckpt = resolve_checkpoint(args)
+    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(args.normalization),
+                             require_finished=not args.force)
+    if meta["foreign"]:
+        print(f"note: {ckpt} is a foreign checkpoint (no model_args): loaded as {meta['model_args']['arch']}, "
+              f"input normalization {meta['normalization']} ({meta['normalization_source']})")
+    recorded = meta["data"]
+    _check_recorded("seed", args.seed, recorded.get("seed"), ckpt)
+    _check_recorded("val_size", args.val_size, recorded.get("val_size"), ckpt)
+    if meta["foreign"] and args.val_size:
+        raise UserError(f"--val-size means nothing for the foreign checkpoint {ckpt}: it was probably trained on "
+                        f"all training images. Without flags the search runs on half of the test set; --holdout "
+                        f"FILE names another split.")
+    seed = recorded.get("seed", args.seed if args.seed is not None else 0)
+    dataset = args.dataset or recorded.get("name", "cifar10")
+    if recorded.get("name") and dataset != recorded["name"] and not args.force:
+        raise UserError(f"checkpoint {ckpt} was trained on {recorded['name']} data, but --dataset {dataset} "
+                        f"was given. Quantization results would mix data sets: drop --dataset, or pass --force.")
+    data_dir = args.data_dir or Path(recorded.get("data_dir") or "data")
+    data = load_dataset(dataset, data_dir)
+    seed_everything(seed)
+    split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt)
+    if args.quick:
+        split.search = Part(split.search.name, split.search.set, quick_subset(split.search.indices, QUICK_EVAL_IMAGES, seed),
+                            split.search.note)
+        split.report = Part(split.report.name, split.report.set, quick_subset(split.report.indices, QUICK_EVAL_IMAGES, seed),
+                            split.report.note)
+    n_calib = calib_images if calib_images is not None else (QUICK_CALIB_IMAGES if args.quick else CALIB_IMAGES)
+    if n_calib <= 0:
+        raise UserError(f"--calib-images must be > 0, got {n_calib}.")
+    calib_idx = quick_subset(split.calibration_pool, n_calib, seed)
+
+    def on_device(part):
+        x, y = part.arrays(data)
+        return to_device_uint8(x, device), torch.from_numpy(y).to(device)
+    eval_x, eval_y = on_device(split.search)
+    report_x, report_y = on_device(split.report)
+    model = model.to(device)
+    norm = meta["normalization"]
+    info = {**data.describe(), "data_dir": str(data_dir), "seed": seed, "val_size": recorded.get("val_size"),
+            "quick": bool(args.quick), "policy": split.policy, "eval_split": split.search.name,
+            "search": split.search.describe(data), "report": split.report.describe(data),
+            "calibration": {"set": "train", "images": len(calib_idx)},
+            "normalization": {**norm, "source": meta["normalization_source"]}}
+    return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
+                 eval_x, eval_y, report_x, report_y, layer_table(model, (1, 3, 32, 32)),
+                 WeightQuantizer(model, per_channel=per_channel, clip=clip),
+                 to_device_uint8(data.train_x[calib_idx], device), data)
+
+
+def results_header(stage: str, s: Setup) -> dict:
+    """The fields every post-training results file starts with."""
+    return {"stage": stage, "schema_version": SCHEMA_VERSION, "dataset": s.data_info,
+            "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint), "eval_split": s.eval_split,
+            "cost_model": s.cost_model.to_json(),
+            "segments": {n: seg.name for seg in s.model.segments() for n in seg.layers}}
+
+
+def check_same_data(obj: dict, path, s: Setup, producer: str, force: bool):
+    """Refuse results measured on other search images than this run's."""
+    rec, now = obj.get("dataset", {}).get("search", {}), s.data_info["search"]
+    differ = {k: (rec.get(k), now.get(k)) for k in ("name", "images", "indices_sha256", "content_sha256")
+              if rec.get(k) != now.get(k)}
+    if differ and not force:
+        raise UserError(f"{path} was measured on other data than this run would search on ({differ}, as "
+                        f"(recorded, now)). Re-run {producer} with the same --quick / --holdout / --data-dir "
+                        f"flags, or pass --force.")
+
+
+def write_results(result: dict, args, s: Setup, inputs: dict, t0: float, name: str) -> Path:
+    """Stamp seconds and provenance, then write atomically to --results-dir/name."""
+    result["seconds"] = time.time() - t0
+    result["provenance"] = provenance(args, s.device, inputs=inputs, seconds=result["seconds"])
+    path = Path(args.results_dir) / name
+    atomic_write_json(path, result)
+    return path

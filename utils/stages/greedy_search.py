@@ -1,0 +1,226 @@
+"""Stage 3 as an importable function: greedy and exact (Pareto) width search over stage 2's table.
+
+Both searches rank by stage 2's per-layer signal (``--rank-by``, default the KL divergence to the
+float model), check every answer by real evaluation on the search images, and hold the budget as
+``Budget`` defines it: drop + z * SE <= --max-drop. With activation widths in stage 2's table,
+the options of a layer are (w, a) pairs and both searches move in both.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from utils.config import FLOAT_BITS, config_json, uniform
+from utils.errors import UserError
+from utils.evaluation import CachedEvaluator
+from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
+from utils.search import EvalCache, Measured, greedy_search, pareto_frontier, verify_frontier
+from utils.stages.common import check_same_data, load_setup, results_header, write_results
+from utils.stats import Budget, paired_drop
+
+RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop"}
+# Scores divide by the estimated loss; a move estimated free must not divide by zero. In the units
+# of each signal: nats of KL or cross-entropy per image, or points of accuracy (half an image of 10,000).
+SCORE_EPS = {"kl": 1e-6, "loss": 1e-6, "drop": 0.005}
+QUICK_MAX_EVALUATIONS = 40
+FRONTIER_POINTS_SAVED = 300   # the frontier can have thousands of points: a thinned copy goes into the JSON
+
+
+def load_stage2(args):
+    """The stage-2 table, and the weight / activation ladders to search (default: all it measured)."""
+    path = Path(args.results_dir) / RESULTS_FILES["2"]
+    res = load_results_json(path, "2", PRODUCERS["2"], force=args.force)
+    ladders = []
+    for flag, key in (("bits", "bits"), ("a_bits", "a_bits")):
+        measured = [b for b in res.get(key) or [] if b != FLOAT_BITS]
+        given = getattr(args, flag)
+        if given is None:
+            ladders.append(measured)
+            continue
+        given = [b for b in dict.fromkeys(given) if b != FLOAT_BITS]
+        missing = [b for b in given if b not in measured]
+        if missing:
+            raise UserError(f"{path} has no measurements for --{flag.replace('_', '-')} widths {missing} (it has "
+                            f"{measured or 'none'}). Re-run {PRODUCERS['2']} --{flag.replace('_', '-')} "
+                            f"{' '.join(map(str, given))}, or drop the flag to search what stage 2 measured.")
+        ladders.append(given)
+    return path, res, ladders[0], ladders[1]
+
+
+def check_calibration(s2: dict, s, path, force: bool):
+    """Activation ranges must be the ones stage 2 measured sensitivities with."""
+    rec = (s2.get("activation_calibration") or {}).get("layers") or {}
+    now = (s.act_calibration or {}).get("layers") or {}
+    for name, layer in now.items():
+        for b, scale in layer["scales"].items():
+            if abs(rec.get(name, {}).get("scales", {}).get(b, float("nan")) - scale) > 1e-9 * max(1.0, abs(scale)) \
+                    and not force:
+                raise UserError(f"the activation range of {name} at {b} bits calibrates to {scale:.6g} here but "
+                                f"{path} recorded another: its table describes other quantizers. Re-run "
+                                f"{PRODUCERS['2']} (same flags), or pass --force.")
+
+
+def thin(points, k):
+    if len(points) <= k:
+        return list(points)
+    idx = sorted({round(i * (len(points) - 1) / (k - 1)) for i in range(k)})
+    return [points[i] for i in idx]
+
+
+def search_widths(args) -> dict:
+    t0 = time.time()
+    if args.max_drop < 0:
+        raise UserError(f"--max-drop must be >= 0 points, got {args.max_drop}.")
+    if args.z < 0:
+        raise UserError(f"--z must be >= 0, got {args.z}.")
+    if args.verify_top_k < 1 or args.pareto_verify < 1:
+        raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
+    if args.max_evaluations is not None and args.max_evaluations < 1:
+        raise UserError(f"--max-evaluations must be >= 1, got {args.max_evaluations}.")
+    cap = args.max_evaluations or (QUICK_MAX_EVALUATIONS if args.quick else None)
+    s2_path, s2, w_ladder, a_ladder = load_stage2(args)
+    if not w_ladder and not a_ladder:
+        raise UserError(f"{s2_path} measured no widths to search.")
+    quant = s2.get("quantization", {"granularity": "channel", "clip": "mse"})
+    calib = (s2.get("dataset") or {}).get("calibration", {}).get("images")
+    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib)
+    check_same_checkpoint(s2, s2_path, s.checkpoint, PRODUCERS["2"], args.force)
+    names = s.layer_names
+    if [l["name"] for l in s2["layers"]] != names:
+        raise UserError(f"{s2_path} describes other layers than {s.checkpoint} has. Re-run {PRODUCERS['2']}.")
+    check_same_data(s2, s2_path, s, PRODUCERS["2"], args.force)
+    act = s.calibrate(a_ladder)
+    check_calibration(s2, s, s2_path, args.force)
+    joint = bool(a_ladder)
+
+    evaluator = CachedEvaluator(s.model, s.quantizer, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size,
+                                act_quant=act, cache_bytes=int(args.cache_gb * 2 ** 30))
+    base = evaluator.float_outcome
+    if abs(base.accuracy - s2["baseline_val_acc"]) > 1e-9:
+        print(f"note: the float model scores {base.accuracy:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
+              f"(non-deterministic kernels?); the search uses {base.accuracy:.2f}%")
+    key = RANK_SIGNALS[args.rank_by]
+    sig = {(l["name"], "w", r["bits"]): r[key] for l in s2["layers"] for r in l["results"]}
+    sig.update({(l["name"], "a", r["a_bits"]): r[key] for l in s2["layers"] for r in l.get("act_results") or []})
+    drops = {(l["name"], "w", r["bits"]): r["drop"] for l in s2["layers"] for r in l["results"]}
+    drops.update({(l["name"], "a", r["a_bits"]): r["drop"] for l in s2["layers"] for r in l.get("act_results") or []})
+    info_of = {t.name: t for t in s.table}
+    cm = s.cost_model
+    flops = cm.cost(s.table)["flops"]
+
+    def additive(table, name, opt):
+        w, a = opt
+        return ((0.0 if w == FLOAT_BITS else max(0.0, table[name, "w", w]))
+                + (0.0 if a == FLOAT_BITS else max(0.0, table[name, "a", a])))
+
+    def bytes_of(name, opt):
+        return cm.layer_bytes(info_of[name], *opt)
+
+    def ai_of(config):
+        return flops / sum(bytes_of(n, config[n]) for n in names)
+
+    def measure(config) -> Measured:
+        out = evaluator.evaluate(config)
+        pd = paired_drop(base.correct, out.correct)
+        signal = {"kl": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[args.rank_by]
+        return Measured(out.accuracy, pd.drop, pd.se, signal)
+
+    float_cfg = uniform(names, FLOAT_BITS, FLOAT_BITS)
+    cache = EvalCache(measure)
+    cache.remember(float_cfg, Measured(base.accuracy, 0.0, 0.0, 0.0))
+    budget = Budget(args.max_drop, args.z)
+
+    def describe(config, m: Measured, **extra):
+        return {"config": config_json(config, joint), "ai": ai_of(config), "val_acc": m.acc, "drop": m.drop,
+                "drop_se": m.se, "margin": m.drop + budget.z * m.se, **extra}
+
+    header = results_header("3", s)
+    result = {**header, "eval_images": evaluator.n, "max_drop": args.max_drop,
+              "budget": budget.to_json(), "rank_by": args.rank_by, "baseline_val_acc": base.accuracy,
+              "fp32_ai": ai_of(float_cfg), "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
+              "quantization": quant, "activation_calibration": s.act_calibration,
+              "max_evaluations": cap, "prune_infeasible": not args.no_prune_infeasible,
+              "fast_forward": not args.no_fast_forward,
+              "layers": [{"name": t.name, "params": t.weights, "macs": t.macs, "segment": header["segments"][t.name]}
+                         for t in s.table],
+              "greedy": None, "pareto": None}
+
+    ladders = [w_ladder, a_ladder]
+    greedy_cfg = None
+    if args.method in ("greedy", "both"):
+        bar = tqdm(desc="greedy steps", unit="step", dynamic_ncols=True)
+
+        def progress(step, entry):
+            bar.update()
+            bar.set_postfix(layer=entry["layer"], width=f"{entry['width']}{entry['bits']}", ai=f"{entry['ai']:.2f}",
+                            drop="-" if entry["drop"] is None else f"{entry['drop']:.2f}",
+                            evals=entry.get("evaluations"))
+
+        reserve = min(args.pareto_verify, cap // 4) if cap and args.method == "both" else 0   # left for pareto
+        g = greedy_search(names, ladders, bytes_of, lambda n, o: additive(sig, n, o), cache, budget,
+                          verify_top_k=args.verify_top_k, ai_of=ai_of,
+                          on_accept=lambda cfg, m: evaluator.set_base(cfg), progress=progress,
+                          prune_infeasible=not args.no_prune_infeasible,
+                          max_evaluations=cap - reserve if cap else None,
+                          score_eps=SCORE_EPS[args.rank_by], fast_forward=not args.no_fast_forward)
+        bar.close()
+        greedy_cfg = g["config"]
+        result["greedy"] = describe(g["config"], g["measured"], evaluations=g["evaluations"], steps=g["steps"],
+                                    stopped_by=g["stopped_by"], pruned_moves=g["pruned_moves"],
+                                    infeasible_evaluations=g["infeasible_evaluations"],
+                                    trajectory=g["trajectory"])
+        print(f"greedy: AI {g['ai']:.2f} at {g['measured'].acc:.2f}% after {g['steps']} steps, "
+              f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else ""))
+
+    if args.method in ("pareto", "both"):
+        opts = list(itertools.product([FLOAT_BITS] + w_ladder, [FLOAT_BITS] + a_ladder))
+        options = {n: [(o, bytes_of(n, o), additive(sig, n, o)) for o in opts] for n in names}
+        t = time.time()
+        frontier = pareto_frontier(options)
+        dp_seconds = time.time() - t
+        left = None if cap is None else max(1, cap - (cache.count - 0))
+        p = verify_frontier(frontier, cache, budget, ai_of, min(args.pareto_verify, left or args.pareto_verify),
+                            seed_config=greedy_cfg)
+        if p["config"] is None:
+            p.update(config=float_cfg, ai=ai_of(float_cfg), measured=cache(float_cfg), source="float")
+        result["pareto"] = describe(
+            p["config"], p["measured"], source=p["source"], evaluations=p["evaluations"], note=p["note"],
+            frontier_size=len(frontier), dp_seconds=dp_seconds,
+            verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc, "drop": v["measured"].drop,
+                       "drop_se": v["measured"].se, "feasible": v["feasible"]} for v in p["verified"]],
+            frontier=[{"ai": flops / pt.bytes, "estimated": pt.est,
+                       "estimated_drop": sum(additive(drops, n, o) for n, o in pt.config.items())}
+                      for pt in thin(frontier, FRONTIER_POINTS_SAVED)])
+        print(f"pareto: {len(frontier)} frontier points ({dp_seconds:.2f} s); answer AI {p['ai']:.2f} at "
+              f"{p['measured'].acc:.2f}% ({p['source']}), {p['evaluations']} evaluations"
+              + (f"; {p['note']}" if p["note"] else ""))
+
+    ran = [m for m in ("greedy", "pareto") if result[m]]
+    result["best"] = max(ran, key=lambda m: (result[m]["ai"], result[m]["val_acc"])) if ran else None
+    for m in ran:
+        if result[m]["ai"] == result["fp32_ai"]:
+            result[m]["why_float"] = (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE "
+                                      f"<= {budget.max_drop}) on {evaluator.n} search images")
+    s.quantizer.restore()
+    result["evaluations"] = cache.count
+    path = write_results(result, args, s, {"checkpoint": s.checkpoint, "per_layer": s2_path}, t0, RESULTS_FILES["3"])
+    print_search(result)
+    print(f"{cache.count} evaluations in {result['seconds']:.1f} s; wrote {path}")
+    return result
+
+
+def print_search(result: dict):
+    label = " (synthetic data)" if result["dataset"].get("synthetic") else ""
+    b = result["budget"]
+    print(f"\nsearch{label}: float {result['baseline_val_acc']:.2f}% at AI {result['fp32_ai']:.2f}; budget: drop + "
+          f"{b['z']:.2f} x SE <= {b['max_drop']} points on {result['eval_images']} {result['eval_split']} images")
+    for m in ("greedy", "pareto"):
+        r = result[m]
+        if r:
+            print(f"  {m:<7} AI {r['ai']:.2f} ({r['ai'] / result['fp32_ai']:.2f}x)  {result['eval_split']} "
+                  f"{r['val_acc']:.2f}% (drop {r['drop']:.2f} +- {r['drop_se']:.2f}, margin {r['margin']:.2f})")
+    if result["greedy"] and result["pareto"]:
+        print(f"  higher AI within budget: {result['best']}")
