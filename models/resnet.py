@@ -5,6 +5,7 @@ filters on 32x32, 16x16 and 8x8 maps), global average pooling and a 10-way linea
 depth = 6n + 2 weighted layers.
 
     name        n   params (shortcut A, paper's table 6)   params (shortcut B)
+    resnet8     1      75,290   (not in the paper: a smoke-test size)   78,042
     resnet20    3     269,722   (paper: 0.27M)               272,474
     resnet32    5     464,154   (paper: 0.46M)               466,906
     resnet44    7     658,586   (paper: 0.66M)               661,338
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 
 from models.structure import Segment, module_name
 
-DEPTHS = (20, 32, 44, 56, 110)
+DEPTHS = (8, 20, 32, 44, 56, 110)
 SHORTCUTS = ("A", "B")
 # Checked by _self_check() and the tests; (depth, shortcut) -> parameter count.
 PARAM_COUNTS = {
+    (8, "A"): 75_290, (8, "B"): 78_042,
     (20, "A"): 269_722, (20, "B"): 272_474,
     (32, "A"): 464_154, (32, "B"): 466_906,
     (44, "A"): 658_586, (44, "B"): 661_338,

@@ -1,94 +1,296 @@
-"""Properties of the CIFAR ResNets (models/resnet.py): sizes, shapes, names, errors."""
+"""The model registry (models/__init__.py) and its architectures: sizes, names, shapes, errors, and
+the structure every model declares (models/structure.py)."""
 import pytest
 import torch
+import torch.nn as nn
 
-from models.resnet import (DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, build_model,
-                           count_parameters, resnet20)
+from models import (ARCHS, arch_flags, arch_names, build_from_args, build_model, closest_architectures,
+                    describe, normalize_model_args, takes_shortcut)
+from models.mobilenetv2 import MACS, PARAM_COUNT, MobileNetV2
+from models.resnet import DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, count_parameters, resnet20
+from models.structure import Segment, check_structure, quantizable_layers
+
+# He et al. 2015, table 6 (CIFAR-10, shortcut A): parameters in millions as published.
+PUBLISHED_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
+# Shortcut B adds two 1x1 projections + BN: 16->32 and 32->64.
+B_EXTRA = 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+
+# kuangliu/pytorch-cifar MobileNetV2, copied by hand: (expansion, out_planes, num_blocks, stride).
+KUANGLIU_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1)]
 
 
+def every_model():
+    """(arch, shortcut) for every registered architecture and every shortcut it takes."""
+    return [(a, s) for a in arch_names() for s in (SHORTCUTS if takes_shortcut(a) else (None,))]
 
-def expected_keys(depth, shortcut):
+
+def params(models):
+    """pytest parameters (arch, shortcut) with ids like resnet20A, mobilenetv2."""
+    return [pytest.param(a, s, id=a + (s or "")) for a, s in models]
+
+
+def bn_keys(prefix):
+    return [f"{prefix}.{s}" for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+
+
+def expected_resnet_keys(depth, shortcut):
     """The state_dict keys of the common CIFAR ResNet convention, spelled out by hand."""
-    def bn(prefix):
-        return [f"{prefix}.{s}" for s in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
     n = (depth - 2) // 6
-    keys = ["conv1.weight", *bn("bn1")]
+    keys = ["conv1.weight", *bn_keys("bn1")]
     for stage in (1, 2, 3):
         for i in range(n):
             p = f"layer{stage}.{i}"
-            keys += [f"{p}.conv1.weight", *bn(f"{p}.bn1"), f"{p}.conv2.weight", *bn(f"{p}.bn2")]
+            keys += [f"{p}.conv1.weight", *bn_keys(f"{p}.bn1"), f"{p}.conv2.weight", *bn_keys(f"{p}.bn2")]
             if shortcut == "B" and i == 0 and stage > 1:
-                keys += [f"{p}.shortcut.0.weight", *bn(f"{p}.shortcut.1")]
+                keys += [f"{p}.shortcut.0.weight", *bn_keys(f"{p}.shortcut.1")]
     return keys + ["linear.weight", "linear.bias"]
 
 
-def test_resnet20_parameter_counts():
-    """ResNet-20 has 269,722 parameters with shortcut A (He et al.'s 0.27M) and 272,474 with B."""
-    assert count_parameters(resnet20("A")) == 269_722
-    assert count_parameters(resnet20("B")) == 272_474
-    assert PARAM_COUNTS[(20, "A")] == 269_722 and PARAM_COUNTS[(20, "B")] == 272_474
+def expected_mobilenet_shapes(num_classes=10):
+    """{key: shape} of kuangliu's CIFAR MobileNetV2 state_dict, in its order, built from its cfg."""
+    out = {"conv1.weight": (32, 3, 3, 3)}
+
+    def bn(prefix, c):
+        for s in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{prefix}.{s}"] = (c,)
+        out[f"{prefix}.num_batches_tracked"] = ()
+
+    bn("bn1", 32)
+    i, cin = 0, 32
+    for expansion, cout, num_blocks, stride in KUANGLIU_CFG:
+        for s in [stride] + [1] * (num_blocks - 1):
+            p, planes = f"layers.{i}", expansion * cin
+            out[f"{p}.conv1.weight"] = (planes, cin, 1, 1)
+            bn(f"{p}.bn1", planes)
+            out[f"{p}.conv2.weight"] = (planes, 1, 3, 3)
+            bn(f"{p}.bn2", planes)
+            out[f"{p}.conv3.weight"] = (cout, planes, 1, 1)
+            bn(f"{p}.bn3", cout)
+            if s == 1 and cin != cout:
+                out[f"{p}.shortcut.0.weight"] = (cout, cin, 1, 1)
+                bn(f"{p}.shortcut.1", cout)
+            i, cin = i + 1, cout
+    out["conv2.weight"] = (1280, 320, 1, 1)
+    bn("bn2", 1280)
+    out["linear.weight"] = (num_classes, 1280)
+    out["linear.bias"] = (num_classes,)
+    return out
 
 
-@pytest.mark.parametrize("depth", DEPTHS)
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
-def test_parameter_counts_all_depths(depth, shortcut):
-    """Every (depth, shortcut) in PARAM_COUNTS has exactly the listed parameter count, and B adds
-    the same two 1x1 projections + BN (2,752 parameters) at every depth."""
-    assert count_parameters(CifarResNet(depth, shortcut)) == PARAM_COUNTS[(depth, shortcut)]
-    assert PARAM_COUNTS[(depth, "B")] - PARAM_COUNTS[(depth, "A")] == 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+# ----------------------------------------------------------------------------- parameter counts
+
+@pytest.mark.parametrize("depth", sorted(PUBLISHED_M))
+def test_resnet_parameter_counts_match_published_table(depth):
+    """Shortcut A has exactly PARAM_COUNTS[(depth, 'A')] parameters, which rounds to He et al.'s
+    published 0.27M / 0.46M / 0.66M / 0.85M / 1.7M; B adds the two 1x1 projections + BN (2,752)."""
+    a = count_parameters(build_model(f"resnet{depth}", "A"))
+    b = count_parameters(build_model(f"resnet{depth}", "B"))
+    assert a == PARAM_COUNTS[(depth, "A")] and b == PARAM_COUNTS[(depth, "B")]
+    digits = 1 if depth == 110 else 2
+    assert round(a / 1e6, digits) == PUBLISHED_M[depth]
+    assert b - a == B_EXTRA
 
 
-def test_param_counts_table_complete():
+def test_resnet_parameter_counts_exact_values():
+    """The published depths' entries of the table in models/resnet.py, spelled out (a typo in
+    PARAM_COUNTS cannot hide behind itself), and every registered depth has both shortcuts in it,
+    with the count a freshly built model has."""
+    published = {
+        (20, "A"): 269_722, (20, "B"): 272_474, (32, "A"): 464_154, (32, "B"): 466_906,
+        (44, "A"): 658_586, (44, "B"): 661_338, (56, "A"): 853_018, (56, "B"): 855_770,
+        (110, "A"): 1_727_962, (110, "B"): 1_730_714}
+    assert {k: PARAM_COUNTS[k] for k in published} == published
     assert set(PARAM_COUNTS) == {(d, s) for d in DEPTHS for s in SHORTCUTS}
+    assert set(PUBLISHED_M) <= set(DEPTHS)
+    for (depth, shortcut), n in PARAM_COUNTS.items():
+        if depth not in PUBLISHED_M:  # the published ones are built by the test above
+            assert count_parameters(CifarResNet(depth, shortcut)) == n
+            assert PARAM_COUNTS[(depth, "B")] - PARAM_COUNTS[(depth, "A")] == B_EXTRA
+    assert count_parameters(resnet20("A")) == 269_722 and count_parameters(resnet20("B")) == 272_474
 
+
+def test_mobilenetv2_size_layers_and_macs():
+    """MobileNetV2 (CIFAR) has 2,296,922 parameters, 58 Conv2d/Linear layers (17 depthwise) and
+    91,154,944 MACs per 32x32 image."""
+    from utils.ai_calculator import layer_table
+    m = build_model("mobilenetv2")
+    assert count_parameters(m) == PARAM_COUNT == 2_296_922
+    layers = quantizable_layers(m)
+    assert len(layers) == 58
+    assert sum(1 for l in layers.values() if isinstance(l, nn.Conv2d) and l.groups > 1) == 17
+    assert sum(t.macs for t in layer_table(m)) == MACS == 91_154_944
+
+
+# ----------------------------------------------------------------------------- names
 
 @pytest.mark.parametrize("shortcut", SHORTCUTS)
-def test_forward_shape(shortcut):
-    """A batch of N 32x32 RGB images gives N x 10 finite logits, in train and eval mode."""
-    model = resnet20(shortcut)
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    out = model(x)
-    assert out.shape == (3, 10) and torch.isfinite(out).all()
-    model.eval()
-    with torch.no_grad():
-        out = model(x[:1])
-    assert out.shape == (1, 10)
+def test_resnet_parameter_names_follow_convention(shortcut):
+    """state_dict keys are exactly the common CIFAR ResNet names (conv1, bn1, layer1.0.conv1,
+    layer2.0.shortcut.0/.1 for B, linear), in that order, so pretrained checkpoints load unchanged."""
+    keys = list(resnet20(shortcut).state_dict())
+    assert keys == expected_resnet_keys(20, shortcut)
+    has_projection = {"layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight",
+                      "layer3.0.shortcut.0.weight", "layer3.0.shortcut.1.running_mean"} <= set(keys)
+    assert has_projection == (shortcut == "B")
+    assert (not any("shortcut" in k for k in keys)) == (shortcut == "A")
 
 
-def test_forward_shape_num_classes():
-    model = CifarResNet(8, "B", num_classes=7)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+@pytest.mark.parametrize("depth", [32, 110])
+def test_resnet_parameter_names_deeper(depth):
+    """Deeper ResNets follow the same naming (n blocks per stage)."""
+    for shortcut in SHORTCUTS:
+        assert list(build_model(f"resnet{depth}", shortcut).state_dict()) == expected_resnet_keys(depth, shortcut)
 
+
+def test_mobilenetv2_state_dict_follows_kuangliu():
+    """MobileNetV2's state_dict has exactly kuangliu/pytorch-cifar's keys (conv1, bn1, layers.0.conv1,
+    layers.0.shortcut.0, ..., conv2, bn2, linear), in order and with its shapes, so its checkpoints
+    load; projection shortcuts sit on exactly the 4 stride-1 blocks that change width."""
+    sd = build_model("mobilenetv2").state_dict()
+    expected = expected_mobilenet_shapes()
+    assert list(sd) == list(expected)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == expected
+    for k in ("conv1.weight", "bn1.weight", "layers.0.conv1.weight", "layers.0.shortcut.0.weight",
+              "layers.16.conv3.weight", "conv2.weight", "bn2.running_var", "linear.bias"):
+        assert k in sd
+    projections = sorted({int(k.split(".")[1]) for k in sd if ".shortcut.0." in k})
+    assert projections == [0, 1, 10, 16]
+    MobileNetV2().load_state_dict(sd)  # strict load into a fresh instance
+
+
+# ----------------------------------------------------------------------------- registry
+
+def test_registry_lists_every_architecture():
+    """The registry names a ResNet for every depth in DEPTHS (at least the paper's five) and
+    MobileNetV2, and only the ResNets take a shortcut."""
+    names = arch_names()
+    assert list(ARCHS) == names
+    assert [a for a in names if a.startswith("resnet")] == [f"resnet{d}" for d in DEPTHS]
+    assert {f"resnet{d}" for d in PUBLISHED_M} | {"mobilenetv2"} <= set(names)
+    assert all(takes_shortcut(a) == a.startswith("resnet") for a in names)
+
+
+@pytest.mark.parametrize("arch,shortcut", params(every_model()))
+def test_registry_builds_every_architecture(arch, shortcut):
+    """build_model builds every registered (arch, shortcut); its model_args name it and rebuild a
+    model with the same keys and shapes through build_from_args; num_classes sizes the classifier."""
+    m = build_model(arch, shortcut)
+    assert m.model_args == {"arch": arch, **({"shortcut": shortcut} if shortcut else {}), "num_classes": 10}
+    assert normalize_model_args(m.model_args) == m.model_args
+    r = build_from_args(m.model_args)
+    assert type(r) is type(m)
+    assert {k: v.shape for k, v in r.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    m7 = build_model(arch, shortcut, num_classes=7)
+    assert m7.linear.out_features == 7 and m7.model_args["num_classes"] == 7
+
+
+def test_registry_default_shortcut_is_b():
+    """A ResNet built without a shortcut gets B (the reference work's choice)."""
+    assert build_model("resnet20").model_args["shortcut"] == "B"
+    assert count_parameters(build_model("resnet56")) == PARAM_COUNTS[(56, "B")]
+
+
+@pytest.mark.parametrize("arch", ["resnet", "resnet18", "resnet19", "vgg16", "MobileNetV2", "", "mobilenet"])
+def test_registry_rejects_unknown_arch(arch):
+    """Unknown architectures are a ValueError naming the choices, also through build_from_args."""
+    with pytest.raises(ValueError, match="mobilenetv2"):
+        build_model(arch)
+    if arch != "resnet":  # {"arch": "resnet"} is the legacy form (depth 20)
+        with pytest.raises(ValueError):
+            build_from_args({"arch": arch})
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B", "C"])
+def test_registry_rejects_shortcut_for_mobilenetv2(shortcut):
+    """A shortcut applies to ResNets only: mobilenetv2 with any shortcut is a ValueError."""
+    with pytest.raises(ValueError, match="ResNets only"):
+        build_model("mobilenetv2", shortcut)
+    with pytest.raises(ValueError):
+        build_from_args({"arch": "mobilenetv2", "shortcut": shortcut, "num_classes": 10})
+
+
+@pytest.mark.parametrize("shortcut", ["C", "a", "", 1])
+def test_registry_rejects_bad_shortcut(shortcut):
+    """A ResNet shortcut other than 'A' or 'B' is a ValueError."""
+    with pytest.raises(ValueError, match="shortcut"):
+        build_model("resnet20", shortcut)
+
+
+@pytest.mark.parametrize("legacy,today", [
+    ({"arch": "resnet", "depth": 20}, {"arch": "resnet20", "shortcut": "B", "num_classes": 10}),
+    ({"arch": "resnet", "depth": 56, "shortcut": "A", "num_classes": 10},
+     {"arch": "resnet56", "shortcut": "A", "num_classes": 10}),
+    ({"arch": "resnet", "depth": 110, "shortcut": "B", "num_classes": 100},
+     {"arch": "resnet110", "shortcut": "B", "num_classes": 100}),
+    ({"depth": 32}, {"arch": "resnet32", "shortcut": "B", "num_classes": 10}),
+    ({}, {"arch": "resnet20", "shortcut": "B", "num_classes": 10}),
+    ({"arch": "resnet44", "shortcut": "A"}, {"arch": "resnet44", "shortcut": "A", "num_classes": 10}),
+    ({"arch": "mobilenetv2"}, {"arch": "mobilenetv2", "num_classes": 10}),
+])
+def test_legacy_model_args_normalize(legacy, today):
+    """Pre-registry model_args ({"arch": "resnet", "depth": N}) and partial ones normalize to today's
+    form, idempotently, without changing the caller's dict, and build that model."""
+    before = dict(legacy)
+    assert normalize_model_args(legacy) == today
+    assert legacy == before
+    assert normalize_model_args(today) == today
+    m = build_from_args(legacy)
+    assert m.model_args == today
+
+
+def test_describe_and_arch_flags():
+    """describe() and arch_flags() name the architecture, with the shortcut for ResNets only."""
+    assert describe({"arch": "resnet", "depth": 20}) == "resnet20 (shortcut B)"
+    assert describe({"arch": "resnet56", "shortcut": "A", "num_classes": 10}) == "resnet56 (shortcut A)"
+    assert describe({"arch": "mobilenetv2", "num_classes": 10}) == "mobilenetv2"
+    assert arch_flags({"arch": "resnet", "depth": 32, "shortcut": "A"}) == "--arch resnet32 --shortcut A"
+    assert arch_flags({"arch": "mobilenetv2"}) == "--arch mobilenetv2"
+
+
+@pytest.mark.parametrize("arch,shortcut", params([("resnet20", "A"), ("resnet56", "B"), ("resnet110", "A"),
+                                                  ("mobilenetv2", None)]))
+def test_closest_architectures_names_the_right_one(arch, shortcut):
+    """For a state dict of some registered model, closest_architectures puts that model first with
+    a perfect fit (1.0) and every other (arch, shortcut) strictly below."""
+    sd = build_model(arch, shortcut).state_dict()
+    ranked = closest_architectures(sd)
+    assert len(ranked) == len(every_model())
+    (best, score), (_, second) = ranked[0], ranked[1]
+    assert best == normalize_model_args({"arch": arch, **({"shortcut": shortcut} if shortcut else {})})
+    assert score == 1.0 and second < 1.0
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+
+
+def test_closest_architectures_partial_fit():
+    """A foreign checkpoint (a resnet32 A trained for 100 classes, read as 10 classes) still names
+    resnet32 A first, with a fit below 1.0; told num_classes=100 it fits exactly."""
+    sd = build_model("resnet32", "A", num_classes=100).state_dict()
+    best, score = closest_architectures(sd)[0]
+    assert best == {"arch": "resnet32", "shortcut": "A", "num_classes": 10}
+    assert 0.9 < score < 1.0
+    best, score = closest_architectures(sd, num_classes=100)[0]
+    assert best == {"arch": "resnet32", "shortcut": "A", "num_classes": 100} and score == 1.0
+    # kuangliu-style MobileNetV2 keys with a few entries missing still map to mobilenetv2
+    sd = {k: v for k, v in build_model("mobilenetv2").state_dict().items() if not k.startswith("linear")}
+    best, score = closest_architectures(sd)[0]
+    assert best["arch"] == "mobilenetv2" and 0.9 < score < 1.0
+
+
+# ----------------------------------------------------------------------------- CifarResNet details
 
 @pytest.mark.parametrize("depth", [0, 2, 7, 9, 19, 21, 22, -4])
 def test_invalid_depth_raises(depth):
+    """Depths that are not 6n+2 (n >= 1) are a ValueError naming the rule."""
     with pytest.raises(ValueError, match="6n\\+2"):
         CifarResNet(depth, "B")
 
 
 @pytest.mark.parametrize("shortcut", ["C", "a", "b", "", None])
 def test_invalid_shortcut_raises(shortcut):
+    """CifarResNet accepts shortcut 'A' or 'B' only."""
     with pytest.raises(ValueError, match="shortcut"):
         CifarResNet(20, shortcut)
-
-
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
-def test_parameter_names_follow_convention(shortcut):
-    """state_dict keys are exactly the common CIFAR ResNet names (conv1, bn1, layer1.0.conv1,
-    layer2.0.shortcut.0/.1 for B, linear), in that order, so pretrained checkpoints load unchanged."""
-    keys = list(resnet20(shortcut).state_dict())
-    assert keys == expected_keys(20, shortcut)
-    for k in ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer3.2.bn2.running_var",
-              "linear.weight", "linear.bias"):
-        assert k in keys
-    has_projection = {"layer2.0.shortcut.0.weight", "layer2.0.shortcut.1.weight",
-                      "layer3.0.shortcut.0.weight", "layer3.0.shortcut.1.running_mean"} <= set(keys)
-    assert has_projection == (shortcut == "B")
-    assert not any("shortcut" in k for k in keys) == (shortcut == "A")
-
-
-def test_parameter_names_deeper():
-    assert list(CifarResNet(32, "B").state_dict()) == expected_keys(32, "B")
 
 
 def test_pad_shortcut_is_option_a():
@@ -100,27 +302,118 @@ def test_pad_shortcut_is_option_a():
     assert (y[:, :8] == 0).all() and (y[:, 24:] == 0).all()
 
 
-@pytest.mark.parametrize("shortcut", SHORTCUTS)
-def test_build_model_round_trip(shortcut):
-    """build_model(model.model_args) rebuilds the same architecture (same keys and shapes)."""
-    m = CifarResNet(32, shortcut, num_classes=10)
-    assert m.model_args == {"arch": "resnet", "depth": 32, "shortcut": shortcut, "num_classes": 10}
-    r = build_model(m.model_args)
-    assert {k: v.shape for k, v in r.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
-    with pytest.raises(ValueError, match="arch"):
-        build_model({"arch": "vgg"})
+# ----------------------------------------------------------------------------- forward
 
-
-def test_segments_chain_equals_forward():
-    """Running the segments (stem, every block, head) in order gives exactly forward()."""
+@pytest.mark.parametrize("arch,shortcut", params(every_model()))
+def test_forward_shape(arch, shortcut):
+    """A batch of N 32x32 RGB images gives N x num_classes finite logits, in train and eval mode."""
     torch.manual_seed(0)
-    model = CifarResNet(20, "A").eval()
+    model = build_model(arch, shortcut)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    model.eval()
+    with torch.no_grad():
+        assert model(x[:1]).shape == (1, 10)
+        assert build_model(arch, shortcut, num_classes=3).eval()(x).shape == (2, 3)
+
+
+def test_forward_shape_small_resnet():
+    """CifarResNet itself also builds depth 8 (n = 1), for quick tests, with any class count."""
+    model = CifarResNet(8, "B", num_classes=7)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+# ----------------------------------------------------------------------------- declared structure
+
+@pytest.mark.parametrize("arch,shortcut", params(every_model()))
+def test_segments_cover_every_layer_once(arch, shortcut):
+    """check_structure accepts every registered model: its segments name every Conv2d/Linear exactly
+    once, in network order, each layer inside its segment; its conv-BN pairs name real, matching
+    Conv2d/BatchNorm2d modules, each BN once."""
+    model = build_model(arch, shortcut)
+    check_structure(model)
     segs = model.segments()
-    assert [n for n, _ in segs] == (["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
-                                     + ["head"])
-    x = torch.randn(2, 3, 32, 32)
+    assert all(isinstance(s, Segment) for s in segs)
+    covered = [n for s in segs for n in s.layers]
+    assert covered == list(quantizable_layers(model))
+    assert segs[0].name == "stem" and segs[-1].name == "head" and segs[0].layers == ("conv1",)
+    assert segs[-1].layers[-1] == "linear"
+    for s in segs[1:-1]:
+        assert s.layers and all(n.startswith(s.name + ".") for n in s.layers)
+    mods = dict(model.named_modules())
+    bns = {n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d)}
+    assert {bn for _, bn in model.conv_bn_pairs()} == bns  # every BN of these models follows one conv
+    if arch.startswith("resnet"):
+        depth = int(arch[len("resnet"):])
+        assert len(covered) == depth + (2 if shortcut == "B" else 0)  # 6n+2 layers + 2 projections
+        assert len(segs) == 3 * (depth - 2) // 6 + 2
+    else:
+        assert len(covered) == 58 and len(segs) == 17 + 2
+
+
+@pytest.mark.parametrize("arch,shortcut", params(every_model()))
+def test_segments_chain_equals_forward(arch, shortcut):
+    """Running the segments in order gives exactly (bit for bit) what forward() gives, in eval mode."""
+    torch.manual_seed(0)
+    model = build_model(arch, shortcut).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         h = x
-        for _, f in segs:
-            h = f(h)
+        for seg in model.segments():
+            h = seg.fn(h)
         assert torch.equal(h, model(x))
+
+
+def test_resnet20_segment_names():
+    """ResNet-20's segments are the stem, its nine blocks by module name, and the head."""
+    segs = resnet20("A").segments()
+    assert [s.name for s in segs] == (["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+                                      + ["head"])
+    assert [s.layers for s in resnet20("B").segments()][4] == (
+        "layer2.0.conv1", "layer2.0.conv2", "layer2.0.shortcut.0")
+
+
+class _Tiny(nn.Module):
+    """conv-BN-ReLU, linear; the declarations are overridden per test case below."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.other = nn.BatchNorm2d(3)
+        self.linear = nn.Linear(4, 2)
+
+    def head(self, x):
+        return self.linear(x.mean((2, 3)))
+
+    def segments(self):
+        return [Segment("stem", lambda x: torch.relu(self.bn(self.conv(x))), ("conv",)),
+                Segment("head", self.head, ("linear",))]
+
+    def conv_bn_pairs(self):
+        return [("conv", "bn")]
+
+
+@pytest.mark.parametrize("segments,pairs,message", [
+    ([("conv",), ("linear",)], [("conv", "bn")], None),
+    ([("conv",), ()], [("conv", "bn")], "missing \\['linear'\\]"),
+    ([("conv",), ("linear", "conv")], [("conv", "bn")], "repeated \\['conv'\\]"),
+    ([("conv",), ("linear", "fc")], [("conv", "bn")], "unknown \\['fc'\\]"),
+    ([("conv",), ("linear",)], [("conv", "nope")], "does not name"),
+    ([("conv",), ("linear",)], [("linear", "bn")], "does not name"),
+    ([("conv",), ("linear",)], [("conv", "other")], "channel mismatch"),
+    ([("conv",), ("linear",)], [("conv", "bn"), ("conv", "bn")], "folded twice"),
+])
+def test_check_structure_rejects_wrong_declarations(segments, pairs, message):
+    """check_structure raises ValueError for a layer missing from, repeated in or unknown to the
+    segments, and for a conv-BN pair that is not a Conv2d + BatchNorm2d of its channels, or folds a
+    BN twice; a correct declaration passes."""
+    m = _Tiny()
+    m.segments = lambda: [Segment(f"s{i}", lambda x: x, tuple(ls)) for i, ls in enumerate(segments)]
+    m.conv_bn_pairs = lambda: pairs
+    if message is None:
+        check_structure(m)
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_structure(m)

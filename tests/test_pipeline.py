@@ -1,37 +1,57 @@
-"""The whole pipeline end to end on synthetic data, as a user runs it: stages 1-4 (and 5 when
-5_generate_plots.py exists) as subprocesses with --quick --device cpu into a temporary folder,
-then the contents of every results JSON checked against the definitions they claim to follow.
+"""The whole pipeline end to end on synthetic data, as a user runs it: stages 1-5 as subprocesses
+with --quick --device cpu into a temporary folder, then the contents of every results JSON checked
+against the definitions they claim to follow. Three runs: weight-only (ResNet-20), joint weight +
+activation widths on the same checkpoint, and run_pipeline.sh on the other architectures.
 
-Stages 1-2 come from the session fixtures in conftest.py (shared with test_reliability.py);
-this module runs stages 3, 4 and 5 on them once.
+Stages 1-2 of the weight-only run come from the session fixtures in conftest.py (shared with
+test_reliability.py).
 """
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
 
-from conftest import COMMON, QUICK_BITS, QUICK_VAL_SIZE, REPO, run_script
+from conftest import COMMON, QUICK_BITS, QUICK_VAL_SIZE, REPO, SUBPROCESS_ENV, run_script
+from models import build_model
 from models.resnet import resnet20
 from utils.ai_calculator import layer_table, model_ai
-from utils.stages.create_baselines import dominates
-from utils.config import FLOAT_BITS, uniform_config
+from utils.config import FLOAT_BITS
 from utils.io import SCHEMA_VERSION, sha256_file
 
-TOL = 1e-9  # the searches' own feasibility tolerance (utils.search.FEASIBILITY_TOL)
+TOL = 1e-9  # the searches' own feasibility tolerance (utils.stats.FEASIBILITY_TOL)
 PLOTS = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
+FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
+A_BITS = (8, 4)
+
+
+def read_results(folder):
+    return {k: json.loads((folder / f).read_text()) for k, f in FILES.items()}
 
 
 @pytest.fixture(scope="module")
 def pipeline(quick_stage2):
     s = quick_stage2
-    common = (*COMMON, "--bits", *QUICK_BITS, "--results-dir", s["results"], "--checkpoint-dir", s["checkpoints"])
-    procs = {"3": run_script("3_greedy_search.py", *common), "4": run_script("4_create_baselines.py", *common)}
-    if (REPO / "5_generate_plots.py").exists():
-        procs["5"] = run_script("5_generate_plots.py", "--no-progress", "--results-dir", s["results"])
-    files = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
-    res = {k: json.loads((s["results"] / f).read_text()) for k, f in files.items()}
-    return {**s, "procs": procs, "res": res, "paths": {k: s["results"] / f for k, f in files.items()}}
+    common = (*COMMON, "--results-dir", s["results"], "--checkpoint-dir", s["checkpoints"])
+    procs = {"3": run_script("3_greedy_search.py", *common), "4": run_script("4_create_baselines.py", *common),
+             "5": run_script("5_generate_plots.py", "--no-progress", "--results-dir", s["results"])}
+    return {**s, "procs": procs, "res": read_results(s["results"]),
+            "paths": {k: s["results"] / f for k, f in FILES.items()}}
+
+
+@pytest.fixture(scope="module")
+def joint(quick_stage1, tmp_path_factory):
+    """Stages 2-5 with activation widths too, on the session's checkpoint (found through 01_baseline.json)."""
+    results = tmp_path_factory.mktemp("joint") / "results"
+    results.mkdir()
+    shutil.copy(quick_stage1["results"] / FILES["1"], results / FILES["1"])
+    common = (*COMMON, "--results-dir", results)
+    run_script("2_per_layer_analysis.py", *common, "--bits", "4", "--a-bits", *A_BITS)
+    procs = {"3": run_script("3_greedy_search.py", *common), "4": run_script("4_create_baselines.py", *common),
+             "5": run_script("5_generate_plots.py", "--no-progress", "--results-dir", results)}
+    return {"results": results, "procs": procs, "res": read_results(results), "checkpoint": quick_stage1["checkpoint"]}
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +64,13 @@ def names(table):
     return [info.name for info in table]
 
 
-def floor_of(res):
-    return res["baseline_val_acc"] - res["max_drop"] - TOL
+def holds(res, entry):
+    """The budget as stage 3 defines it: drop + z * SE <= max_drop."""
+    return entry["drop"] + res["budget"]["z"] * entry["drop_se"] <= res["max_drop"] + TOL
 
 
-def assert_full_config(cfg, names, ladder):
-    assert list(cfg) == names
-    assert all(b in (*ladder, FLOAT_BITS) for b in cfg.values()), cfg
+def widths(value):
+    return (value["w"], value["a"]) if isinstance(value, dict) else (value, FLOAT_BITS)
 
 
 # ---------------------------------------------------------------- common to every results file
@@ -60,9 +80,9 @@ def test_stage_header_and_provenance(pipeline, stage):
     r = pipeline["res"][stage]
     assert r["stage"] == stage and r["schema_version"] == SCHEMA_VERSION
     prov = r["provenance"]
-    for key in ("args", "inputs", "git_commit", "torch_version", "device", "seconds"):
+    for key in ("args", "inputs", "git_commit", "torch_version", "device", "seconds", "world_size"):
         assert key in prov, key
-    assert prov["torch_version"] == torch.__version__
+    assert prov["torch_version"] == torch.__version__ and prov["world_size"] == 1
     assert prov["device"].startswith("cpu")
     assert isinstance(prov["seconds"], (int, float)) and prov["seconds"] > 0
     assert prov["args"]["quick"] is True and prov["args"]["device"] == "cpu"
@@ -71,6 +91,9 @@ def test_stage_header_and_provenance(pipeline, stage):
         assert re.fullmatch(r"[0-9a-f]{64}", inp["sha256"]), name
     assert r["dataset"]["name"] == "synthetic" and r["dataset"]["synthetic"] is True
     assert r["dataset"]["quick"] is True
+    if stage != "1":   # one cost model, recorded once per file
+        assert r["cost_model"] == {"a_bits": 32, "batch_size": 1, "charge": ["weights", "bias", "inputs", "outputs"],
+                                   "convention": r["cost_model"]["convention"]}
 
 
 def test_input_hashes_chain_the_stages(pipeline):
@@ -91,32 +114,35 @@ def test_stage1_results(pipeline):
     assert r["epochs"] == 1 and r["batch_size"] == 32 and len(r["history"]) == 1
     assert r["dataset"]["val_size"] == QUICK_VAL_SIZE and r["dataset"]["val_split_images"] == QUICK_VAL_SIZE
     assert r["dataset"]["train_split_images"] == 2000 and r["dataset"]["test_images_used"] == 1000
-    assert r["model_args"] == {"arch": "resnet", "depth": 20, "shortcut": "B", "num_classes": 10}
+    assert r["model_args"] == {"arch": "resnet20", "shortcut": "B", "num_classes": 10}
     assert r["params"] == 272_474
     assert r["val_acc"] > 50  # the synthetic set is learnable in one quick epoch (chance: 10%)
     ck = torch.load(pipeline["checkpoint"], map_location="cpu", weights_only=True)
     assert ck["finished"] is True and ck["epoch"] == 1
+    assert r["dataset"]["split"]["val_sha256"] == ck["data"]["split"]["val_sha256"]
 
 
 # ---------------------------------------------------------------- stage 2
 
 def test_stage2_per_layer_table(pipeline, table, names):
     r = pipeline["res"]["2"]
-    assert r["bits"] == list(QUICK_BITS)
+    assert r["bits"] == list(QUICK_BITS) and r["a_bits"] == []
     assert r["eval_split"] == "val" and r["eval_images"] == QUICK_VAL_SIZE
     # Stage 2 evaluates BN-folded, stage 1 did not: at most a near-tie or two may flip.
     assert r["baseline_val_acc"] == pytest.approx(pipeline["res"]["1"]["val_acc"], abs=2 * 100.0 / QUICK_VAL_SIZE)
-    assert 0 <= r["baseline_val_acc"] <= 100
-    assert len(r["layers"]) == 22
     assert [l["name"] for l in r["layers"]] == names
+    declared = {n: seg.name for seg in resnet20("B").segments() for n in seg.layers}
+    assert r["segments"] == declared and all(l["segment"] == declared[l["name"]] for l in r["layers"])
     step = 100.0 / QUICK_VAL_SIZE
     for layer, info in zip(r["layers"], table):
         assert layer["params"] == info.weights and layer["macs"] == info.macs
+        assert "act_results" not in layer    # without --a-bits: weights only, as before
         assert [x["bits"] for x in layer["results"]] == list(QUICK_BITS)
         for x in layer["results"]:
-            assert set(x) >= {"bits", "val_acc", "drop", "model_ai"}
+            assert set(x) >= {"bits", "val_acc", "drop", "drop_se", "kl", "loss_increase", "model_ai"}
             assert x["drop"] == pytest.approx(r["baseline_val_acc"] - x["val_acc"], abs=1e-9)
             assert x["val_acc"] / step == pytest.approx(round(x["val_acc"] / step), abs=1e-6)  # k of N images
+            assert x["kl"] >= 0 and x["drop_se"] >= 0
             assert x["model_ai"] == model_ai(table, {layer["name"]: x["bits"]})
             assert x["model_ai"] > r["fp32_ai"]
     assert r["fp32_ai"] == model_ai(table, {})
@@ -125,131 +151,129 @@ def test_stage2_per_layer_table(pipeline, table, names):
 
 # ---------------------------------------------------------------- stage 3
 
-def test_stage3_header(pipeline, names):
-    r = pipeline["res"]["3"]
-    assert r["max_drop"] == 1.0 and r["bits"] == sorted(QUICK_BITS, reverse=True)
-    assert r["baseline_val_acc"] == pipeline["res"]["2"]["baseline_val_acc"]
+def check_search(r, res2, table, names, joint):
+    """What both runs' 03_search.json must satisfy."""
+    assert r["max_drop"] == 1.0 and r["budget"]["z"] > 2 and r["joint"] is joint
+    assert r["baseline_val_acc"] == res2["baseline_val_acc"]
+    assert r["bits"] == sorted(res2["bits"], reverse=True) or r["bits"] == res2["bits"]   # taken from stage 2
     assert [l["name"] for l in r["layers"]] == names
-    assert r["best"] in ("greedy", "pareto")
-
-
-def test_greedy_never_exceeds_budget_and_ai_rises(pipeline, table, names):
-    r = pipeline["res"]["3"]
-    g = r["greedy"]
+    g, p = r["greedy"], r["pareto"]
     traj = g["trajectory"]
-    assert traj[0]["step"] == 0 and traj[0]["layer"] is None
-    assert traj[0]["val_acc"] == r["baseline_val_acc"] and traj[0]["ai"] == pytest.approx(r["fp32_ai"])
-    assert g["steps"] == len(traj) - 1 >= 1  # several layers lose nothing at 2-4 bits here
-    for entry in traj:
-        assert entry["val_acc"] >= floor_of(r), entry
+    assert traj[0]["step"] == 0 and traj[0]["layer"] is None and traj[0]["ai"] == pytest.approx(r["fp32_ai"])
+    cfg = {n: (FLOAT_BITS, FLOAT_BITS) for n in names}
     for a, b in zip(traj, traj[1:]):
-        assert b["ai"] > a["ai"], (a, b)
-        assert b["step"] == a["step"] + 1
-    # Replaying the moves from all-float gives the reported configuration and AI.
-    cfg = {n: FLOAT_BITS for n in names}
-    for entry in traj[1:]:
-        assert entry["from_bits"] == cfg[entry["layer"]] and entry["bits"] < entry["from_bits"]
-        cfg[entry["layer"]] = entry["bits"]
+        assert b["ai"] > a["ai"] and b["step"] == a["step"] + 1
+    for entry in traj[1:]:   # replaying the moves from all-float gives the reported configuration and AI
+        k = "wa".index(entry["width"])
+        assert entry["from_bits"] == cfg[entry["layer"]][k] and entry["bits"] < entry["from_bits"]
+        cfg[entry["layer"]] = tuple(entry["bits"] if i == k else v for i, v in enumerate(cfg[entry["layer"]]))
         assert entry["ai"] == pytest.approx(model_ai(table, cfg), rel=1e-12)
-    assert g["config"] == cfg
-    assert_full_config(g["config"], names, r["bits"])
-    assert g["ai"] == pytest.approx(model_ai(table, g["config"]), rel=1e-12) and g["ai"] == traj[-1]["ai"]
-    assert g["val_acc"] == traj[-1]["val_acc"] >= floor_of(r)
-
-
-def test_pareto_frontier_and_choice(pipeline, table, names):
-    r = pipeline["res"]["3"]
-    p = r["pareto"]
-    front = p["frontier"]
-    assert len(front) >= 2
-    for pt in front:
-        assert_full_config(pt["config"], names, r["bits"])
-        assert pt["ai"] == pytest.approx(model_ai(table, pt["config"]), rel=1e-12)
-    for a, b in zip(front, front[1:]):
-        assert b["estimated_drop"] > a["estimated_drop"] - 1e-12 and b["bytes"] < a["bytes"], (a["estimated_drop"], b["estimated_drop"])
-    assert front[0]["estimated_drop"] == pytest.approx(0.0, abs=1e-12)
-    # The estimate is the sum of the (clamped) per-layer drops of stage 2.
-    drops = {l["name"]: {x["bits"]: x["drop"] for x in l["results"]} for l in pipeline["res"]["2"]["layers"]}
-    for pt in front:
-        est = sum(max(0.0, drops[n][b]) for n, b in pt["config"].items() if b != FLOAT_BITS)
-        assert pt["estimated_drop"] == pytest.approx(est, abs=1e-9)
-    assert_full_config(p["config"], names, r["bits"])
-    assert p["val_acc"] >= floor_of(r)
+        if entry["verified"]:
+            assert holds(r, entry), entry
+    assert {n: widths(v) for n, v in g["config"].items()} == cfg
+    assert all(isinstance(v, dict) for v in g["config"].values()) is joint   # file form
+    assert holds(r, g) and g["margin"] == pytest.approx(g["drop"] + r["budget"]["z"] * g["drop_se"])
+    assert g["ai"] == pytest.approx(model_ai(table, g["config"]), rel=1e-12)
+    assert g["evaluations"] <= r["max_evaluations"]
+    # Pareto: never below the greedy (seeded by it), within budget, AI exact
+    assert p["ai"] >= g["ai"] - 1e-9 and holds(r, p)
     assert p["ai"] == pytest.approx(model_ai(table, p["config"]), rel=1e-12)
-    measured = [pt for pt in front if pt["val_acc"] is not None]
-    assert measured and p["evaluations"] <= 10
-    if p["config"] != {n: FLOAT_BITS for n in names}:
-        assert any(pt["config"] == p["config"] for pt in measured)
-    # Every verified point above the chosen AI (within slack) failed the budget: the choice is the best verified.
-    for pt in measured:
-        if pt["val_acc"] >= floor_of(r):
-            assert pt["ai"] <= p["ai"] + 1e-9
+    front = p["frontier"]
+    assert len(front) >= 2 and p["frontier_size"] >= len(front)
+    assert all(b["estimated"] >= a["estimated"] - 1e-12 and b["ai"] > a["ai"] for a, b in zip(front, front[1:]))
+    for v in p["verified"]:
+        assert v["feasible"] == (v["drop"] + r["budget"]["z"] * v["drop_se"] <= r["max_drop"] + TOL)
+    assert r["evaluations"] <= r["max_evaluations"]
+
+
+def test_stage3_weight_only(pipeline, table, names):
+    check_search(pipeline["res"]["3"], pipeline["res"]["2"], table, names, joint=False)
+
+
+def test_stage3_joint(joint, table, names):
+    r = joint["res"]["3"]
+    check_search(r, joint["res"]["2"], table, names, joint=True)
+    assert r["a_bits"] == list(A_BITS)
+    assert any(v["a"] < FLOAT_BITS for v in r["greedy"]["config"].values())   # it moved activations too
 
 
 # ---------------------------------------------------------------- stage 4
 
-def test_stage4_configs_and_ai(pipeline, table, names):
-    r = pipeline["res"]["4"]
+def check_baselines(r, r3, table, names, expected):
     by = {c["name"]: c for c in r["configs"]}
-    expected = ["fp32"] + [f"uniform_w{b}" for b in QUICK_BITS] + ["greedy", "pareto"]
     assert [c["name"] for c in r["configs"]] == expected
-    assert by["fp32"]["ai"] == model_ai(table, {})
-    for b in QUICK_BITS:
-        c = by[f"uniform_w{b}"]
-        assert c["config"] == uniform_config(names, b)
-        assert c["ai"] == model_ai(layer_table(resnet20("B")), uniform_config(names, b))  # exactly
-    s3 = pipeline["res"]["3"]
-    for m in ("greedy", "pareto"):
-        assert by[m]["config"] == s3[m]["config"]
-        assert by[m]["ai"] == pytest.approx(s3[m]["ai"], rel=1e-12)
-        # Stage 4 re-evaluates without the activation cache: same split, same numbers.
-        assert by[m]["val_acc"] == s3[m]["val_acc"]
-    assert by["fp32"]["val_acc"] == pipeline["res"]["2"]["baseline_val_acc"]
+    assert by["fp32"]["ai"] == model_ai(table, {}) and by["fp32"]["test_drop"] == 0
     for c in r["configs"]:
-        assert 0 <= c["test_acc"] <= 100 and c["val_acc"] is not None
-        assert_full_config(c["config"], names, QUICK_BITS)
-    assert by["uniform_w2"]["ai"] > by["uniform_w4"]["ai"] > by["fp32"]["ai"]
+        m = re.fullmatch(r"uniform_w(\d)(?:a(\d))?", c["name"])
+        if m:
+            w, a = int(m.group(1)), int(m.group(2) or FLOAT_BITS)
+            assert {n: widths(v) for n, v in c["config"].items()} == {n: (w, a) for n in names}
+            assert c["ai"] == model_ai(table, {n: {"w": w, "a": a} for n in names})   # exactly
+        lo, hi = c["test_acc_ci95"]
+        assert lo <= c["test_acc"] <= hi and 0 <= lo and hi <= 100
+        dlo, dhi = c["test_drop_ci95"]
+        assert dlo <= c["test_drop"] + 1e-9 and c["test_drop"] - 1e-9 <= dhi
+        assert c["test_drop"] == pytest.approx(by["fp32"]["test_acc"] - c["test_acc"], abs=1e-9)
+    for m in ("greedy", "pareto"):
+        c = by[m]
+        assert c["config"] == r3[m]["config"] and c["ai"] == pytest.approx(r3[m]["ai"], rel=1e-12)
+        assert c["val_acc"] == r3[m]["val_acc"]   # stage 4 re-evaluates without the cache: same numbers
+        assert c["search_drop"] == r3[m]["drop"] and c["confirm_drop"] is None
+        assert c["budget_holds_on_test"] == (c["test_drop"] <= r["max_drop"])
+    search, report = r["images"]["search"], r["images"]["report"]
+    assert search["set"] == "train" and report["set"] == "test" and len(search["indices"]) == search["images"]
+    assert r["report_split"] == "test"
 
 
-def test_stage4_dominance_lists(pipeline):
-    """`dominates` lists exactly the uniform baselines each searched configuration beats by the
-    stated definition, recomputed here independently."""
-    r = pipeline["res"]["4"]
-    by = {c["name"]: c for c in r["configs"]}
-    uniform = [c for c in r["configs"] if c["name"].startswith("uniform_")]
+def test_stage4_weight_only(pipeline, table, names):
+    check_baselines(pipeline["res"]["4"], pipeline["res"]["3"], table, names,
+                    ["fp32"] + [f"uniform_w{b}" for b in QUICK_BITS] + ["greedy", "pareto"])
 
-    def beats(a, b):
-        return ((a["ai"] > b["ai"] and a["test_acc"] >= b["test_acc"]) or
-                (a["test_acc"] > b["test_acc"] and a["ai"] >= b["ai"]))
 
-    assert set(r["dominates"]) == {"greedy", "pareto"}
-    for m, beaten in r["dominates"].items():
-        assert beaten == [u["name"] for u in uniform if beats(by[m], u)], m
-        for u in uniform:
-            assert beats(by[m], u) == dominates(by[m], u)
-    # the definition itself: nothing dominates itself, and dominance is antisymmetric
-    for a in r["configs"]:
-        assert not beats(a, a)
-        for b in r["configs"]:
-            assert not (beats(a, b) and beats(b, a))
+def test_stage4_joint(joint, table, names):
+    """Joint mode adds exactly uniform W8A8, W4A8 and W4A4 to the weight-only uniforms."""
+    check_baselines(joint["res"]["4"], joint["res"]["3"], table, names,
+                    ["fp32", "uniform_w4", "uniform_w8a8", "uniform_w4a8", "uniform_w4a4", "greedy", "pareto"])
+    by = {c["name"]: c for c in joint["res"]["4"]["configs"]}
+    assert by["uniform_w4a4"]["ai"] > by["uniform_w4a8"]["ai"] > by["uniform_w8a8"]["ai"] > 3.9 * by["fp32"]["ai"]
 
 
 # ---------------------------------------------------------------- stage 5
 
-def test_stage5_plots_and_summary(pipeline):
-    if "5" not in pipeline["procs"]:
-        pytest.skip("5_generate_plots.py does not exist yet")
-    out = pipeline["results"]
+@pytest.mark.parametrize("which", ["pipeline", "joint"])
+def test_stage5_plots_and_summary(request, which):
+    run = request.getfixturevalue(which)
+    out = run["results"]
     summary = out / "summary.md"
-    assert summary.is_file() and summary.stat().st_size > 0
+    assert summary.is_file() and "test 95% CI" in summary.read_text()
     made = {p.stem for p in (out / "plots").glob("*.png")}
     assert set(PLOTS) <= made, set(PLOTS) - made
     for name in PLOTS:
         assert (out / "plots" / f"{name}.pdf").stat().st_size > 0
-    assert "synthetic" in pipeline["procs"]["5"].stdout
+    assert "synthetic" in run["procs"]["5"].stdout
     assert not list(out.rglob("*.tmp"))
 
 
 def test_no_temp_files_left(pipeline):
     for d in (pipeline["results"], pipeline["checkpoints"]):
         assert not [p for p in d.rglob("*") if p.name.endswith(".tmp")], d
+
+
+# ---------------------------------------------------------------- other architectures
+
+@pytest.mark.parametrize("arch", ["resnet56", "mobilenetv2"])
+def test_run_pipeline_on_other_architectures(tmp_path, arch):
+    """run_pipeline.sh --quick --dataset synthetic --arch X: every stage runs on the architecture, the
+    checkpoint names it, and stages 2-4 found the model through 01_baseline.json."""
+    p = subprocess.run(["bash", str(REPO / "run_pipeline.sh"), "--quick", "--dataset", "synthetic", "--arch", arch,
+                        "--device", "cpu", "--val-size", "100", "--bits", "2", "--results-dir", tmp_path / "results",
+                        "--checkpoint-dir", tmp_path / "ckpt"], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    res = read_results(tmp_path / "results")
+    assert res["1"]["checkpoint"].endswith(f"{arch}_baseline.pt")
+    names = [t.name for t in layer_table(build_model(arch))]
+    assert [l["name"] for l in res["2"]["layers"]] == names
+    for r in res.values():
+        assert r["model_args"]["arch"] == arch
+    assert res["3"]["greedy"]["ai"] >= res["3"]["fp32_ai"] and (tmp_path / "results" / "summary.md").is_file()

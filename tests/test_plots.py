@@ -1,4 +1,5 @@
-"""Plots and summary of stage 5, from realistic ResNet-20 (shortcut B) fixture results."""
+"""Plots and summary of stage 5, from realistic ResNet-20 (shortcut B) fixture results, plus joint
+(weight + activation), fine-tuned and 58-layer (MobileNetV2) results."""
 import json
 import math
 import shutil
@@ -8,12 +9,16 @@ import sys
 import numpy as np
 import pytest
 
+from models import build_model
 from models.resnet import resnet20
 from utils.ai_calculator import layer_table, model_cost
 from utils.errors import UserError
 from utils.io import REPO_ROOT, SCHEMA_VERSION
-from utils.stages.generate_plots import (INPUTS, PLOTS, bits_summary, figure_title, generate_plots, layer_group, load_inputs,
-                         plot_pareto, style, summary_markdown)
+from utils.plots.allocation import plot_bit_allocation
+from utils.plots.pareto import plot_pareto
+from utils.plots.sensitivity import plot_sensitivity
+from utils.plots.summary import bits_summary, summary_markdown
+from utils.stages.generate_plots import INPUTS, PLOTS, figure_title, generate_plots, load_inputs, style
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_NAMES = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
@@ -27,9 +32,17 @@ def _common(stage, synthetic):
         "dataset": {"name": "synthetic" if synthetic else "cifar10",
                     "source": "generated (seed 0)" if synthetic else "data/cifar-10-batches-py",
                     "synthetic": synthetic},
-        "model_args": {"arch": "resnet", "depth": 20, "shortcut": "B", "num_classes": 10},
+        "model_args": {"arch": "resnet20", "shortcut": "B", "num_classes": 10},
+        "segments": {n: seg.name for seg in resnet20("B").segments() for n in seg.layers},
         "provenance": {"args": {}, "inputs": {}, "git_commit": None, "seconds": 1.0},
     }
+
+
+def stage_of(name):
+    """The sensitivity level the fixture gives a layer (test data only; the plots read segments)."""
+    if name == "conv1":
+        return "stem"
+    return "head" if name == "linear" else name.split(".")[0]
 
 
 def write_fixture_results(folder, synthetic=False, seed=0):
@@ -62,7 +75,7 @@ def write_fixture_results(folder, synthetic=False, seed=0):
     layers = []
     drops = {}
     for l in table:
-        g = layer_group(l.name)
+        g = stage_of(l.name)
         s = {"stem": 3.5, "head": 2.2, "layer1": 1.3, "layer2": 0.8, "layer3": 0.3}[g]
         if "shortcut" in l.name:
             s = 1.6
@@ -71,8 +84,7 @@ def write_fixture_results(folder, synthetic=False, seed=0):
             d = round(min(80.0, s * factor[b] * (1 + 0.3 * rng.standard_normal())) + 0.03 * rng.standard_normal(), 2)
             drops[l.name, b] = d
             cfg = {l.name: b}
-            res.append(dict(bits=b, val_acc=round(base_val - d, 2), drop=d, model_ai=ai(cfg),
-                            bytes_saved=params[l.name] * (32 - b) / 8))
+            res.append(dict(bits=b, val_acc=round(base_val - d, 2), drop=d, drop_se=0.1, kl=d / 50, model_ai=ai(cfg)))
         layers.append(dict(name=l.name, kind=l.kind, params=l.weights, macs=l.macs, results=res))
     p02 = dict(_common("2", synthetic), baseline_val_acc=base_val, bits=BITS, fp32_ai=fp32_ai, layers=layers)
 
@@ -137,14 +149,20 @@ def write_fixture_results(folder, synthetic=False, seed=0):
                layers=[dict(name=n, params=params[n]) for n in names])
     # stage 4
     uni_acc = {8: (91.8, 91.55), 6: (91.5, 91.3), 4: (89.7, 89.4), 3: (81.9, 81.2), 2: (18.3, 17.6)}
-    configs = [dict(name="fp32", config={}, ai=fp32_ai, bytes=nbytes({}), val_acc=base_val, test_acc=base_test)]
+    configs = [dict(name="fp32", config={}, ai=fp32_ai, bytes=nbytes({}), val_acc=base_val, test_acc=base_test,
+                    test_acc_ci95=[base_test - 0.8, base_test + 0.7], test_drop=0.0, test_drop_ci95=[0.0, 0.0])]
     for b in BITS:
         c = {n: b for n in names}
         configs.append(dict(name=f"uniform_w{b}", config=c, ai=ai(c), bytes=nbytes(c), val_acc=uni_acc[b][0],
-                            test_acc=uni_acc[b][1]))
+                            test_acc=uni_acc[b][1], test_acc_ci95=[uni_acc[b][1] - 0.8, uni_acc[b][1] + 0.7],
+                            test_drop=base_test - uni_acc[b][1], test_drop_ci95=[0.0, 1.0]))
     for name, res in (("greedy", greedy), ("pareto", pareto)):
+        t = round(res["val_acc"] - 0.3, 2)
         configs.append(dict(name=name, config=res["config"], ai=res["ai"], bytes=nbytes(res["config"]),
-                            val_acc=res["val_acc"], test_acc=round(res["val_acc"] - 0.3, 2)))
+                            val_acc=res["val_acc"], test_acc=t, test_acc_ci95=[t - 0.8, t + 0.7],
+                            test_drop=round(base_test - t, 2), test_drop_ci95=[0.3, 1.2],
+                            search_drop=round(base_val - res["val_acc"], 2), confirm_drop=None,
+                            budget_holds_on_test=base_test - t <= MAX_DROP))
     dominates = {}
     for s in configs[-2:]:
         dominates[s["name"]] = [u["name"] for u in configs[1:-2]
@@ -211,8 +229,11 @@ def test_summary_table(results):
     for c in b04["configs"]:
         row = next(l for l in text.splitlines() if l.startswith(f"| {c['name']} |"))
         assert f"{c['ai']:.2f}" in row and f"{c['test_acc']:.2f}" in row
-    assert "| fp32 | all fp32 | 29.85 | +0.0% |" in text
-    assert "| uniform_w8 | all 8-bit | 42.47 | +42.3% |" in text
+    assert "| fp32 | all fp32 | 29.85 | 1.00 |" in text
+    assert "| uniform_w8 | all 8-bit | 42.47 | 1.42 |" in text
+    fp = b04["configs"][0]
+    assert f"[{fp['test_acc_ci95'][0]:.2f}, {fp['test_acc_ci95'][1]:.2f}]" in text   # intervals shown
+    assert "- greedy: search drop" in text and "budget held on test" in text
     for searched in b04["dominates"]:
         assert f"- {searched} dominates" in text
     assert "CIFAR-10" in text and "synthetic" not in text
@@ -224,6 +245,8 @@ def test_bits_summary():
     assert bits_summary({}, names) == "all fp32"
     assert bits_summary({n: 4 for n in names}, names, params) == "all 4-bit"
     assert bits_summary({"a": 8, "b": 4, "c": 4}, names, params) == "fp32×1 8b×1 4b×2 (21.20 bits/weight)"
+    joint = {"a": {"w": 8, "a": 8}, "b": {"w": 4, "a": 8}, "c": {"w": 4, "a": 6}, "d": {"w": 4, "a": 6}}
+    assert bits_summary(joint, names) == "W: 8b×1 4b×3; A: 8b×2 6b×2"
 
 
 def test_missing_inputs_skip_only_their_plots(fixture_dirs, tmp_path, capsys):
@@ -276,7 +299,7 @@ def test_dominance_lines():
     text = summary_markdown(b04)
     assert "- greedy dominates uniform_w4." in text
     assert "- pareto dominates none of the uniform configurations." in text
-    assert "| greedy | 4b×1 3b×1 | 46.00 | +54.1% | – | 90.00 | – | 0.50 |" in text
+    assert "| greedy | 4b×1 3b×1 | 46.00 | 1.54 | – | 90.00 | – | – | – |" in text
 
 
 def test_off_scale_points_are_labelled():
@@ -287,3 +310,44 @@ def test_off_scale_points_are_labelled():
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert any("uniform W2" in t and "off scale" in t for t in texts)
     assert fig.axes[0].get_ylim()[0] > 50
+
+
+def test_joint_and_fine_tuned_results_are_drawn():
+    """Joint configurations (W/A) get their own markers; the Pareto plot draws every interval and, after
+    fine-tuning, an arrow from each PTQ point to its QAT point and a log AI axis for a 1.5x-8x span."""
+    b04 = {"baseline": "fp32", "max_drop": 1.0, "report_split": "test", "configs": [
+        dict(name="fp32", ai=29.85, test_acc=86.0, test_acc_ci95=[85.3, 86.7], qat_test_acc=86.2, qat_epochs=2),
+        dict(name="uniform_w8a8", ai=119.4, test_acc=85.8, test_acc_ci95=[85.1, 86.5], qat_test_acc=86.0, qat_epochs=2),
+        dict(name="uniform_w4a4", ai=238.8, test_acc=70.0, test_acc_ci95=[69.1, 70.9], qat_test_acc=84.9, qat_epochs=2),
+        dict(name="greedy", ai=150.0, test_acc=85.3, test_acc_ci95=[84.6, 86.0])]}
+    fig = plot_pareto(b04)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None and t.get_text() == ""]
+    assert len(arrows) == 3
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("uniform W4A4" in t and "QAT" in t for t in legend) and any("fine-tuned" in t for t in legend)
+
+
+def test_sensitivity_and_allocation_for_activations_and_many_layers():
+    """Activation columns sit beside the weight ones; a 110-layer model keeps a bounded, readable heat map
+    (colour only, thinner rows), and a 58-layer one two bars per layer for a joint configuration."""
+    def declared(arch):
+        m = build_model(arch)
+        return layer_table(m), {n: seg.name for seg in m.segments() for n in seg.layers}
+    table, segments = declared("resnet110")
+    layers = [dict(name=t.name, params=t.weights, macs=t.macs, segment=segments[t.name],
+                   results=[dict(bits=b, drop=0.1 * b, val_acc=90.0) for b in (8, 4)],
+                   act_results=[dict(a_bits=a, drop=0.2 * a, val_acc=90.0) for a in (8, 6)]) for t in table]
+    p02 = dict(baseline_val_acc=90.0, bits=[8, 4], a_bits=[8, 6], layers=layers, segments=segments)
+    fig = plot_sensitivity(p02)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["W8", "W4", "A8", "A6"]
+    assert len(ax.texts) == 0 and fig.get_size_inches()[1] < 0.2 * len(table) + 3
+    table, segments = declared("mobilenetv2")
+    cfg = {t.name: {"w": 4, "a": 8} for t in table}
+    s03 = dict(greedy=dict(config=cfg, ai=100.0, val_acc=89.0), best="greedy", joint=True,
+               layers=[dict(name=t.name, params=t.weights) for t in table], segments=segments)
+    fig = plot_bit_allocation(s03)
+    assert fig.get_size_inches()[0] <= 26
+    assert sum(len(c) for c in fig.axes[0].containers) == 2 * len(table)

@@ -321,7 +321,7 @@ def test_ctrl_c_in_stage2_writes_nothing(quick_stage1, tmp_path, monkeypatch):
 
     def interrupt(self, config):
         raise KeyboardInterrupt
-    monkeypatch.setattr(utils.evaluation.CachedEvaluator, "accuracy", interrupt)
+    monkeypatch.setattr(utils.evaluation.CachedEvaluator, "evaluate", interrupt)
     code, _, err = run_stage("2_per_layer_analysis.py", *COMMON, "--bits", "2", "--results-dir", tmp_path,
                              "--checkpoint", quick_stage1["checkpoint"])
     assert code == 130 and "interrupted" in err and "Traceback" not in err
@@ -371,10 +371,12 @@ def test_stage3_refuses_old_schema(stage2_copy):
     assert_user_error(code, err, "schema version 0", "2_per_layer_analysis.py")
 
 
-@pytest.mark.parametrize("field,value", [("val_size", 300), ("quick", False), ("seed", 1)])
+@pytest.mark.parametrize("field,value", [("images", 300), ("indices_sha256", "0" * 64), ("content_sha256", "1" * 64),
+                                         ("name", "test-search")])
 def test_stage3_refuses_02_measured_on_other_data(stage2_copy, field, value):
+    """02 measured on other search images (another count, other indices, other pixels, another split)."""
     results, args = stage2_copy
-    edit_json(results / "02_per_layer.json", lambda o: o["dataset"].update({field: value}))
+    edit_json(results / "02_per_layer.json", lambda o: o["dataset"]["search"].update({field: value}))
     code, _, err = run_stage("3_greedy_search.py", *args)
     assert_user_error(code, err, "other data", field, "2_per_layer_analysis.py", "--force")
     assert not (results / "03_search.json").exists()
@@ -445,16 +447,55 @@ def test_truncated_checkpoint(quick_stage1, tmp_path):
 
 
 def test_checkpoint_of_another_architecture(quick_stage1, tmp_path):
-    # A shortcut-B checkpoint read as shortcut A: the projection convs are unexpected keys.
+    # Our shortcut-B checkpoint with flags that say otherwise: the checkpoint says what it is.
     code, _, err = run_stage("2_per_layer_analysis.py", *COMMON, "--results-dir", tmp_path,
                              "--checkpoint", quick_stage1["checkpoint"], "--shortcut", "A")
-    assert_user_error(code, err, "does not fit", "shortcut A", "shortcut")
-    # A raw ResNet-32 state_dict (no model_args: read as the default ResNet-20 B).
+    assert_user_error(code, err, "resnet20 (shortcut B)", "--shortcut A", "Drop those flags")
+    code, _, err = run_stage("2_per_layer_analysis.py", *COMMON, "--results-dir", tmp_path,
+                             "--checkpoint", quick_stage1["checkpoint"], "--depth", "56")
+    assert_user_error(code, err, "--arch resnet56")
+    # A raw ResNet-32 state_dict (no model_args: read as the default ResNet-20 B): the message names resnet32.
     torch.save(CifarResNet(32, "B").state_dict(), tmp_path / "resnet32.pt")
     code, _, err = run_stage("2_per_layer_analysis.py", *COMMON, "--results-dir", tmp_path,
                              "--checkpoint", tmp_path / "resnet32.pt")
-    assert_user_error(code, err, "does not fit", "unexpected keys", "layer1.3")
+    assert_user_error(code, err, "does not fit", "unexpected keys", "layer1.3", "--arch resnet32 --shortcut B")
     assert not (tmp_path / "02_per_layer.json").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [(["--arch", "mobilenetv2", "--shortcut", "A"], "ResNets only"),
+                                          (["--arch", "resnet56", "--depth", "20"], "conflicts"),
+                                          (["--depth", "21"], "6n+2")])
+def test_arch_flag_errors(tmp_path, flags, needle):
+    """--shortcut for a non-ResNet, --depth against --arch, a depth that is not registered: one paragraph each."""
+    code, _, err = run_stage("1_train_baseline.py", "--dataset", "synthetic", "--device", "cpu",
+                             "--results-dir", tmp_path / "r", "--checkpoint-dir", tmp_path / "c", *flags)
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "c").exists()
+
+
+def test_unknown_layer_in_a_configuration_is_refused(stage2_copy, quick_stage2):
+    """A configuration naming a layer the model lacks (a typo) is an error, never silently float."""
+    results, args = stage2_copy
+    code, _, err = run_stage("3_greedy_search.py", *args)
+    assert code == 0, err[-3000:]
+    path = results / "03_search.json"
+    edit_json(path, lambda o: o["pareto"]["config"].update({"layer1.0.cnov1": 2}))
+    code, _, err = run_stage("4_create_baselines.py", *COMMON, "--results-dir", results,
+                             "--checkpoint", quick_stage2["checkpoint"])
+    assert_user_error(code, err, "layer1.0.cnov1", "does not have")
+    assert not (results / "04_baselines.json").exists()
+
+
+def test_stage3_takes_its_widths_from_stage2(quick_stage1, tmp_path):
+    """Stage 2 with --bits 8 4 3 and a plain stage 3 (no --bits): it searches 8 4 3, not the default ladder;
+    asking stage 3 for a width stage 2 did not measure names the command to run."""
+    args = (*COMMON, "--results-dir", tmp_path, "--checkpoint", quick_stage1["checkpoint"])
+    assert run_stage("2_per_layer_analysis.py", *args, "--bits", "8", "4", "3")[0] == 0
+    code, _, err = run_stage("3_greedy_search.py", *args, "--method", "pareto", "--pareto-verify", "1")
+    assert code == 0, err[-3000:]
+    assert json.loads((tmp_path / "03_search.json").read_text())["bits"] == [8, 4, 3]
+    code, _, err = run_stage("3_greedy_search.py", *args, "--bits", "2")
+    assert_user_error(code, err, "no measurements", "--bits 2")
 
 
 @pytest.mark.parametrize("stage,name,producer", [
@@ -498,7 +539,7 @@ def test_stage1_out_of_range_flags(tmp_path, flags, needle):
 def test_post_training_val_size_larger_than_training_set(quick_stage1, tmp_path):
     code, _, err = run_stage("2_per_layer_analysis.py", *COMMON, "--val-size", "20000", "--results-dir", tmp_path,
                              "--checkpoint", quick_stage1["checkpoint"])
-    assert_user_error(code, err, "--val-size 20000")
+    assert_user_error(code, err, "--val-size 20000", "differs")
 
 
 @pytest.mark.parametrize("flags,needle", [

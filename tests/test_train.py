@@ -296,7 +296,10 @@ def test_results_json_contents(resume_runs, small_data):
     assert [h["epoch"] for h in r["history"]] == [1, 2]
     for h in r["history"]:
         assert np.isfinite(h["train_loss"]) and 0 <= h["train_acc"] <= 100
-    assert r["model_args"] == {"arch": "resnet", "depth": 8, "shortcut": "B", "num_classes": 10}
+    assert r["model_args"] == {"arch": "resnet8", "shortcut": "B", "num_classes": 10}
+    split = r["dataset"]["split"]
+    assert split["seed"] == 1 and split["val_size"] == 50 and len(split["val_sha256"]) == 64
+    assert "val_indices" not in split and len(split["val_indices_sha256"]) == 64
 
 
 def test_checkpoint_contents_and_reload(resume_runs, small_data):
@@ -306,17 +309,88 @@ def test_checkpoint_contents_and_reload(resume_runs, small_data):
     ck = read_checkpoint(path)
     for k in ("model", "optimizer", "scheduler", "epoch", "args", "model_args", "normalization"):
         assert k in ck, k
+    assert "rng" not in ck   # the epoch plan draws everything from (seed, epoch): nothing to restore
     assert ck["args"]["dataset"] == "synthetic" and ck["data"]["seed"] == 1 and ck["data"]["val_size"] == 50
+    # the split's identity: indices and a hash of the validation images' content
+    from utils.split import split_identity, train_val_split
+    _, val_idx, _ = train_val_split(small_data, 1, 50)
+    assert ck["data"]["split"] == split_identity(small_data, 1, 50, val_idx)
+    assert len(ck["optimizer"]["param_groups"]) == 2    # decay / no decay
     model, meta = load_model(path)
     assert meta["foreign"] is False and meta["finished"] is True
-    assert meta["model_args"]["depth"] == 8
+    assert meta["model_args"]["arch"] == "resnet8"
     norm = Normalizer(meta["normalization"]["mean"], meta["normalization"]["std"], "cpu")
     res = evaluate(model, torch.from_numpy(small_data.test_x), torch.from_numpy(small_data.test_y), norm)
     assert res["acc"] == resume_runs["results_a"]["test_acc"]
 
 
+def test_param_groups_exclude_norm_and_bias():
+    """Weight decay on conv/linear weights only by default; BN parameters and biases get none. The
+    legacy recipe (decay on all) is one group, as checkpoints before version 2 saved it."""
+    from models.resnet import CifarResNet
+    from utils.train import param_groups
+    m = CifarResNet(8, "B")
+    decay, no_decay = param_groups(m, 5e-4)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in m.named_parameters()
+                                                       if n.endswith("weight") and p.dim() > 1}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in m.named_parameters()
+                                                          if "bn" in n or n.endswith("bias") or "shortcut.1" in n}
+    (legacy,) = param_groups(m, 5e-4, decay_norm_and_bias=True)
+    assert len(legacy["params"]) == len(list(m.parameters()))
+
+
+def interrupted_after_one_epoch(stage1, small_data, tmp_path, monkeypatch, *extra):
+    """Stage 1 for 2 epochs, stopped by Ctrl-C in epoch 2 (epochs themselves stubbed: no training
+    needed here); returns the unfinished checkpoint's path."""
+    monkeypatch.setattr(B, "load_dataset", lambda name, data_dir=None, **k: small_data)
+
+    def epoch(*a, **k):
+        if inspect.signature(B.train_one_epoch).bind(*a, **k).arguments["epoch"] == 1:
+            raise KeyboardInterrupt
+        return {"train_loss": 1.0, "train_acc": 50.0}
+    real = B.train_one_epoch
+    monkeypatch.setattr(B, "train_one_epoch", epoch)
+    monkeypatch.setattr(epoch, "__signature__", inspect.signature(real), raising=False)
+    with pytest.raises(SystemExit):
+        B.train_baseline(stage1_args(stage1, tmp_path, "--eval-every", "0", *extra))
+    monkeypatch.setattr(B, "train_one_epoch", lambda *a, **k: {"train_loss": 1.0, "train_acc": 50.0})
+    return tmp_path / "ckpt" / "resnet8_baseline.pt"
+
+
+def test_old_checkpoint_resumes_with_its_own_recipe(stage1, small_data, tmp_path, monkeypatch):
+    """A checkpoint from before version 2 (one parameter group, legacy model_args, no split identity,
+    no decay flag) resumes without a traceback: it keeps decaying every parameter, as it was trained,
+    and records the split identity from then on."""
+    path = interrupted_after_one_epoch(stage1, small_data, tmp_path, monkeypatch, "--decay-norm-and-bias")
+    ck = read_checkpoint(path)
+    assert len(ck["optimizer"]["param_groups"]) == 1 and ck["epoch"] == 1
+    old = dict(ck, model_args={"arch": "resnet", "depth": 8, "shortcut": "B", "num_classes": 10},
+               args={k: v for k, v in ck["args"].items() if k not in ("decay_norm_and_bias", "arch")},
+               data={k: v for k, v in ck["data"].items() if k != "split"}, checkpoint_version=1)
+    torch.save(old, path)
+    res = B.train_baseline(stage1_args(stage1, tmp_path, "--resume"))
+    ck = read_checkpoint(path)
+    assert ck["finished"] and ck["args"]["decay_norm_and_bias"] is True and "split" in ck["data"]
+    assert len(ck["optimizer"]["param_groups"]) == 1 and res["epochs"] == 2
+    assert ck["model_args"] == {"arch": "resnet8", "shortcut": "B", "num_classes": 10}
+
+
+def test_checkpoint_that_cannot_resume_is_a_user_error(stage1, small_data, tmp_path, monkeypatch):
+    """An optimizer state that does not fit the run (two groups saved, but the recipe asks for one) is
+    refused in one paragraph, not a traceback."""
+    path = interrupted_after_one_epoch(stage1, small_data, tmp_path, monkeypatch)
+    ck = read_checkpoint(path)
+    ck["args"]["decay_norm_and_bias"] = True
+    torch.save(ck, path)
+    with pytest.raises(UserError, match="cannot be resumed"):
+        B.train_baseline(stage1_args(stage1, tmp_path, "--resume"))
+
+
 def test_bad_flags_are_user_errors(stage1, tmp_path):
-    for extra in (["--batch-size", "0"], ["--momentum", "1.0"], ["--epochs", "-1"], ["--val-size", "-5"]):
+    for extra in (["--batch-size", "0"], ["--momentum", "1.0"], ["--epochs", "-1"], ["--val-size", "-5"],
+                  ["--depth", "9"], ["--arch", "resnet56", "--depth", "20"]):
         with pytest.raises(UserError):
             B.train_baseline(stage1_args(stage1, tmp_path, *extra))
     with pytest.raises(UserError, match="does not exist"):
@@ -339,5 +413,5 @@ def test_stage1_script_quick_end_to_end(tmp_path):
     assert r["dataset"]["name"] == "synthetic" and r["dataset"]["train_split_images"] == 2000
     assert r["params"] == 272_474 and len(r["history"]) == 1
     model, meta = load_model(tmp_path / "resnet20_baseline.pt")
-    assert meta["finished"] and meta["model_args"]["depth"] == 20
+    assert meta["finished"] and meta["model_args"]["arch"] == "resnet20"
     assert r["test_acc"] > 20  # the synthetic set is learnable: far above 10% chance after one epoch

@@ -35,9 +35,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="images held out of the 50,000 training images for validation; stage 1 default "
                         "5000, 0 = train on all (stages 2-4 then search on half of the test set); stages "
                         "2-4: the checkpoint's, and a different value is an error")
-    g.add_argument("--quick", action="store_true", help="smoke-test setting, under a minute per stage on CPU: stage 1 trains 1 epoch on 2,000 "
-                        "images at batch 32 and evaluates at most 1,000; stages 2-4 evaluate at most 250 "
-                        "images and search widths 8 4 2 (default: off)")
+    g.add_argument("--quick", action="store_true",
+                   help="smoke-test setting, about a minute per stage on CPU: stage 1 trains 1 epoch on 2,000 images "
+                        "at batch 32 and evaluates at most 1,000; stages 2-4 evaluate at most 250 images, weight "
+                        "widths 8 4 2, and stage 3 at most 40 evaluations; heavier models than ResNet-20 get "
+                        "proportionally fewer images, at least 50 (default: off)")
     return parser
 
 
@@ -60,7 +62,7 @@ def resolve_arch(arch: str | None, depth: int | None, shortcut: str | None) -> t
         alias = f"resnet{depth}"
         if alias not in ARCHS:
             raise UserError(f"--depth {depth}: a CIFAR ResNet has depth 6n+2, and the registered ones are "
-                            f"20, 32, 44, 56 and 110. Or name the whole architecture with --arch.")
+                            f"8, 20, 32, 44, 56 and 110. Or name the whole architecture with --arch.")
         if arch is not None and arch != alias:
             raise UserError(f"--depth {depth} (= {alias}) conflicts with --arch {arch}; give one of them.")
         arch = alias

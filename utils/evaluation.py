@@ -169,19 +169,17 @@ class CachedEvaluator:
         return min(changed) if changed else len(self.segments)
 
     def _apply(self, config: dict):
+        missing = [(n, a) for n, (_, a) in config.items() if a != FLOAT_BITS and (n, a) not in self.act_quant]
+        if missing:   # before anything changes, so a refused configuration leaves no trace
+            raise UserError(f"no activation range was calibrated for {missing[0][0]} at {missing[0][1]} bits; "
+                            f"calibrate that width (stage 2's --a-bits) before evaluating it.")
         weights = weight_config(config)
         prev = weight_config(self.applied) if self.applied is not None else None
         if weights != prev:
             self.quantizer.apply(weights)   # the source model may be shared: always apply, fold what changed
             self.folded.sync(None if prev is None else [n for n in self.layer_names if weights[n] != prev[n]])
         for n, (_, a) in config.items():
-            if a == FLOAT_BITS:
-                self._act[n] = None
-            elif (n, a) in self.act_quant:
-                self._act[n] = self.act_quant[n, a]
-            else:
-                raise UserError(f"no activation range was calibrated for {n} at {a} bits; calibrate that width "
-                                f"(stage 2's --a-bits) before evaluating it.")
+            self._act[n] = None if a == FLOAT_BITS else self.act_quant[n, a]
         self.applied = config
 
     @torch.inference_mode()

@@ -199,7 +199,8 @@ def act_grid(bits: int, signed: bool) -> tuple[int, int]:
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
 
 
-CALIBRATION_METHOD = "mse: torch.ao HistogramObserver (2048 bins) with the grid's real number of levels"
+CALIBRATION_METHOD = ("mse: torch.ao HistogramObserver (2048 bins) with the grid's real number of levels; "
+                      "signed inputs observed as |x| with 2^(a-1) levels")
 
 
 @torch.no_grad()
@@ -235,18 +236,17 @@ def calibrate_activations(model: nn.Module, batches, layer_names, widths) -> dic
     try:
         run({n: record_min(n) for n in layer_names})
         signed = {n: lows[n] < 0 for n in layer_names}
-        observers = {}
-        for n in layer_names:
-            for b in widths:
-                qmin, qmax = act_grid(b, signed[n])
-                observers[n, b] = _LevelsHistogramObserver(
-                    dtype=torch.qint8 if signed[n] else torch.quint8,
-                    qscheme=torch.per_tensor_symmetric if signed[n] else torch.per_tensor_affine,
-                    quant_min=qmin, quant_max=qmax)
+        # A signed input is observed as |x| on an unsigned grid of 2^(b-1) levels: the symmetric grid's
+        # clip is then MSE-optimal too (a signed histogram search clips one side only, and the symmetric
+        # scale would undo it by taking the larger side).
+        observers = {(n, b): _LevelsHistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine,
+                                                       quant_min=0, quant_max=2 ** (b - 1 if signed[n] else b) - 1)
+                     for n in layer_names for b in widths}
 
         def observe(name):
             def hook(_m, inputs):
                 x = inputs[0].detach().float().cpu()
+                x = x.abs() if signed[name] else x
                 for b in widths:
                     observers[name, b](x)
             return hook
@@ -255,7 +255,7 @@ def calibrate_activations(model: nn.Module, batches, layer_names, widths) -> dic
         model.train(was_training)
     out = {}
     for (n, b), obs in observers.items():
-        scale, zp = obs.calculate_qparams()
+        scale, _ = obs.calculate_qparams()
         qmin, qmax = act_grid(b, signed[n])
-        out[n, b] = ActQuant(b, float(scale), int(zp), qmin, qmax, signed[n])
+        out[n, b] = ActQuant(b, float(scale), 0, qmin, qmax, signed[n])
     return out

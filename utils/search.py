@@ -115,6 +115,8 @@ def pareto_frontier(options: dict, max_est: float | None = None,
             if not (math.isfinite(float(b)) and math.isfinite(float(d))):
                 raise ValueError(f"layer {name!r}, option {opt}: bytes and estimate must be finite, got {b}, {d}")
         per_layer.append(opts)
+    if max_est is not None and max_est < 0:
+        raise ValueError(f"max_est must be >= 0, got {max_est}")
     cap = None if max_est is None else _key(max_est, resolution)
 
     keys = np.zeros(1, dtype=np.int64)
@@ -173,7 +175,8 @@ class _Pruned:
         return self.enabled and value <= self.bound.get((name, coord), -1)
 
     def add(self, name, coord, value):
-        self.bound[name, coord] = max(value, self.bound.get((name, coord), -1))
+        if self.enabled:
+            self.bound[name, coord] = max(value, self.bound.get((name, coord), -1))
 
 
 def _ranked_moves(config, names, ladders, ai, ai_of, layer_est, score_eps, pruned=None):
@@ -289,6 +292,8 @@ def greedy_search(layer_names, ladders, bytes_of, est, evaluate, budget: Budget,
         for first in range(0, len(moves), verify_top_k):
             best = None
             for rank, (_, d_ai, _, coord, _, name, new, est_loss) in enumerate(moves[first:first + verify_top_k]):
+                if pruned.blocks(name, coord, new[name][coord]):   # found infeasible earlier in this step
+                    continue
                 if out_of_budget(new):
                     stopped_by = "max_evaluations"
                     break
@@ -340,6 +345,9 @@ def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: 
     is_float = [all(o == float_option for o in p.config.values()) for p in frontier]
 
     def check(i):
+        done = next((v for v in verified if v["index"] == i), None)
+        if done is not None:
+            return done["feasible"]
         p = frontier[i]
         if p.config not in cache and cache.count - start_count >= max_evaluations:
             return None
@@ -377,16 +385,19 @@ def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: 
             if ok:
                 break
 
-    feasible = [v for v in verified if v["feasible"]]
+    feasible = [v for v in verified if v["feasible"] and not is_float[v["index"]]]
     best = max(feasible, key=lambda v: (v["ai"], v["measured"].acc)) if feasible else None
     out = {"config": None, "ai": None, "measured": None, "est": None, "source": None}
     if best is not None:
         out.update(config=best["config"], ai=best["ai"], measured=best["measured"], est=best["est"], source="frontier")
-    if seed_config is not None and (best is None or ai_of(seed_config) > best["ai"]):
-        out.update(config=dict(seed_config), ai=ai_of(seed_config), measured=cache(seed_config), est=None,
-                   source="seed")
+    seed_m = None
+    if seed_config is not None and (seed_config in cache or cache.count - start_count < max_evaluations):
+        seed_m = cache(seed_config)
+    if seed_m is not None and budget.holds(seed_m.drop, seed_m.se) and (best is None or ai_of(seed_config) > best["ai"]):
+        out.update(config=dict(seed_config), ai=ai_of(seed_config), measured=seed_m, est=None, source="seed")
         notes.append("no verified frontier point reached the seed (greedy) configuration's AI, so it is the answer")
     if out["config"] is None:
-        notes.append(f"none of the {len(verified)} verified frontier points held the budget")
+        notes.append(f"none of the {sum(not f for f in is_float)} non-float frontier points verified "
+                     f"({sum(not is_float[v['index']] for v in verified)}) held the budget")
     out.update(evaluations=cache.count - start_count, verified=verified, note="; ".join(notes) or None)
     return out

@@ -22,8 +22,10 @@ import numpy as np
 from utils.data import default_val_size, stratified_split, subset_indices
 from utils.errors import UserError
 
-QUICK_TRAIN_IMAGES = 2000   # stage 1 --quick
+QUICK_TRAIN_IMAGES = 2000   # stage 1 --quick, for ResNet-20; fewer for heavier models (quick_images)
 QUICK_EVAL_IMAGES = 1000    # stage 1 --quick: validation and test
+QUICK_MIN_IMAGES = 50
+RESNET20_MACS, RESNET20_LAYERS = 40_813_184, 22
 HOLDOUT_FORMAT = ('{"search": {"set": "train" | "test", "indices": [...]}, '
                   '"report": {"set": "train" | "test", "indices": [...]}}')
 
@@ -47,6 +49,15 @@ def train_val_split(data, seed: int, val_size):
         val_size = default_val_size(len(data.train_y))
     train_idx, val_idx = stratified_split(data.train_y, val_size, seed)
     return train_idx, val_idx, val_size
+
+
+def quick_images(base: int, table, per_layer: bool = False) -> int:
+    """--quick's image count for a model: `base` (set for ResNet-20) scaled down by the model's MACs
+    (training) or MACs x layers (the per-layer analysis evaluates every layer), at least 50. Keeps a
+    quick MobileNetV2 or ResNet-110 run within minutes on a CPU."""
+    work = sum(t.macs for t in table) * (len(table) if per_layer else 1)
+    ref = RESNET20_MACS * (RESNET20_LAYERS if per_layer else 1)
+    return max(QUICK_MIN_IMAGES, min(base, int(base * ref / work)))
 
 
 def quick_subset(idx: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -111,9 +122,18 @@ class SearchSplit:
 
 
 def test_halves(test_y: np.ndarray, seed: int):
-    """Seeded, stratified halves of the test set: (search indices, report indices)."""
-    report, search = stratified_split(test_y, len(test_y) // 2, seed)
-    return search, report
+    """Seeded, stratified halves of the test set: (search indices, report indices), each class split
+    in two (an odd class gives the extra image to the search half and the next odd one to the report
+    half), so classes of any size work."""
+    rng = np.random.default_rng(seed)
+    search, report, extra = [], [], 0
+    for c in np.unique(test_y):
+        idx = rng.permutation(np.flatnonzero(test_y == c))
+        k = len(idx) // 2 + (len(idx) % 2 and extra == 0)
+        extra ^= len(idx) % 2
+        search.append(idx[:k])
+        report.append(idx[k:])
+    return np.sort(np.concatenate(search)), np.sort(np.concatenate(report))
 
 
 def load_holdout(path, data) -> tuple[Part, Part]:
@@ -130,7 +150,9 @@ def load_holdout(path, data) -> tuple[Part, Part]:
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"--holdout file {path} does not exist.") from None
+        raise UserError(f"--holdout file {path} does not exist. Its format: {HOLDOUT_FORMAT}.") from None
+    except OSError as e:
+        raise UserError(f"--holdout file {path} could not be read ({e.strerror}). Its format: {HOLDOUT_FORMAT}.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--holdout file {path} is not valid JSON ({e}). Its format: {HOLDOUT_FORMAT}.") from None
     parts = []
@@ -144,13 +166,13 @@ def load_holdout(path, data) -> tuple[Part, Part]:
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in idx) \
                 or len(set(idx)) != len(idx):
             raise UserError(f"--holdout file {path}: '{role}' indices must be distinct integers in "
-                            f"0..{n - 1} (the {entry['set']} set has {n} images).")
+                            f"0..{n - 1} (the {entry['set']} set has {n} images). The format is {HOLDOUT_FORMAT}.")
         parts.append(Part(f"holdout-{role}", entry["set"], np.asarray(sorted(idx), dtype=np.int64),
                           f"from {path.name}"))
     search, report = parts
     if search.set == report.set and np.intersect1d(search.indices, report.indices).size:
         raise UserError(f"--holdout file {path}: search and report share images; they must be disjoint, "
-                        f"or the reported numbers are not out of sample.")
+                        f"or the reported numbers are not out of sample. The format is {HOLDOUT_FORMAT}.")
     return search, report
 
 

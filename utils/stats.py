@@ -30,7 +30,7 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> list[float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)]
+    return [0.0 if k == 0 else 100.0 * max(0.0, centre - half), 100.0 if k == n else 100.0 * min(1.0, centre + half)]
 
 
 @dataclass(frozen=True)

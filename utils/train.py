@@ -3,7 +3,6 @@ batches are gathered, cropped and flipped there, so no per-batch host work is do
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -128,9 +127,12 @@ def evaluate(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_s
     return {"loss": loss_sum.item() / max(n, 1), "acc": 100.0 * c / max(n, 1), "correct": c, "n": n}
 
 
-def timed(fn, *a, **k):
-    t = time.perf_counter()
-    out = fn(*a, **k)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t
+@torch.inference_mode()
+def correct_mask(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_size: int = 1000) -> torch.Tensor:
+    """Which images `model` classifies right (bool, on the CPU), for paired comparisons."""
+    was_training = model.training
+    model.eval()
+    out = [(model(normalize(x_u8[s:s + batch_size])).argmax(1) == labels[s:s + batch_size]).cpu()
+           for s in range(0, len(labels), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)

@@ -17,10 +17,10 @@ from utils.errors import UserError
 from utils.evaluation import DEFAULT_CACHE_BYTES
 from utils.io import PRODUCERS, RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, load_results_json, provenance
 from utils.quantization import CALIBRATION_METHOD, WeightQuantizer, calibrate_activations
-from utils.split import Part, SearchSplit, quick_subset, search_split
+from utils.split import Part, SearchSplit, quick_images, quick_subset, search_split
 from utils.train import Normalizer, to_device_uint8
 
-QUICK_EVAL_IMAGES = 250      # --quick: search and report images
+QUICK_EVAL_IMAGES = 250      # --quick: search and report images for ResNet-20; fewer for heavier models
 CALIB_IMAGES = 1000          # training images the activation ranges are calibrated on
 QUICK_CALIB_IMAGES = 200
 
@@ -118,6 +118,10 @@ class Setup:
     act_calibration: dict | None = None
 
     @property
+    def seed(self) -> int:
+        return self.data_info["seed"]
+
+    @property
     def eval_split(self) -> str:
         return self.split.search.name
 
@@ -182,10 +186,12 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
     data = load_dataset(dataset, data_dir)
     seed_everything(seed)
     split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt)
+    table = layer_table(model, (1, 3, 32, 32))
     if args.quick:
-        split.search = Part(split.search.name, split.search.set, quick_subset(split.search.indices, QUICK_EVAL_IMAGES, seed),
+        k = quick_images(QUICK_EVAL_IMAGES, table, per_layer=True)
+        split.search = Part(split.search.name, split.search.set, quick_subset(split.search.indices, k, seed),
                             split.search.note)
-        split.report = Part(split.report.name, split.report.set, quick_subset(split.report.indices, QUICK_EVAL_IMAGES, seed),
+        split.report = Part(split.report.name, split.report.set, quick_subset(split.report.indices, k, seed),
                             split.report.note)
     n_calib = calib_images if calib_images is not None else (QUICK_CALIB_IMAGES if args.quick else CALIB_IMAGES)
     if n_calib <= 0:
@@ -205,7 +211,7 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
             "calibration": {"set": "train", "images": len(calib_idx)},
             "normalization": {**norm, "source": meta["normalization_source"]}}
     return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
-                 eval_x, eval_y, report_x, report_y, layer_table(model, (1, 3, 32, 32)),
+                 eval_x, eval_y, report_x, report_y, table,
                  WeightQuantizer(model, per_channel=per_channel, clip=clip),
                  to_device_uint8(data.train_x[calib_idx], device), data)
 

@@ -1,18 +1,25 @@
 """Stage 4 as an importable function: the float model, uniform widths and the searched
 configurations, on the search images and on the report images the search never saw, with
-intervals: Wilson for accuracies, the paired bootstrap for drops against fp32."""
+intervals: Wilson for accuracies, the paired bootstrap for drops against fp32. With --qat-epochs N,
+every compared configuration (fp32 in float, to control for the extra training) is also fine-tuned
+for N epochs under one recipe (utils/qat.py) and reported beside its post-training numbers."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from utils.config import FLOAT_BITS, check_widths, config_json, parse_config, uniform
+from utils.errors import UserError
 from utils.evaluation import CachedEvaluator
-from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
+from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
+from utils.qat import BN_HANDLING, MOMENTUM, WEIGHT_DECAY, finetune, prepare_qat
+from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
 from utils.stages.common import check_same_data, load_setup, results_header, write_results
 from utils.stats import bootstrap_drop_interval, paired_drop, wilson_interval
+from utils.train import PAD, correct_mask, to_device_uint8
 
 JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too
 SEARCHED = ("greedy", "pareto")
@@ -49,11 +56,12 @@ def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test, joint) -> dict:
 
 def create_baselines(args) -> dict:
     t0 = time.time()
+    if args.bits is not None:   # before any file is read
+        check_widths(args.bits, "--bits")
+    check_qat_args(args, None)
     s3_path = Path(args.results_dir) / RESULTS_FILES["3"]
     s3 = load_results_json(s3_path, "3", PRODUCERS["3"], force=args.force)
     w_widths = list(dict.fromkeys(args.bits if args.bits is not None else s3.get("bits") or []))
-    if args.bits is not None:
-        check_widths(args.bits, "--bits")
     quant = s3.get("quantization", {"granularity": "channel", "clip": "mse"})
     calib = (s3.get("dataset") or {}).get("calibration", {}).get("images")
     s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib)
@@ -80,6 +88,9 @@ def create_baselines(args) -> dict:
         configs.append(entry)
     s.quantizer.restore()
 
+    if args.qat_epochs:
+        fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant)
+
     by_name = {c["name"]: c for c in configs}
     uniforms = [c for c in configs if c["name"].startswith("uniform_")]
     dom = {m: [u["name"] for u in uniforms if dominates(by_name[m], u)] for m in SEARCHED if m in by_name}
@@ -95,6 +106,64 @@ def create_baselines(args) -> dict:
     print_comparison(result)
     print(f"\n{len(configs)} configurations in {result['seconds']:.1f} s; wrote {path}")
     return result
+
+
+def check_qat_args(args, names):
+    if args.qat_epochs < 0 or args.qat_lr <= 0 or args.qat_batch_size < 1:
+        raise UserError(f"--qat-epochs must be >= 0, --qat-lr > 0 and --qat-batch-size >= 1; got {args.qat_epochs}, "
+                        f"{args.qat_lr}, {args.qat_batch_size}.")
+    unknown = [n for n in args.qat_configs or [] if names is not None and n not in names]
+    if unknown:
+        raise UserError(f"--qat-configs {unknown}: stage 4 compares {names}; name some of those.")
+
+
+def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
+    """Fine-tune each selected configuration from the float checkpoint under one recipe and add
+    qat_* fields to its entry; drops are paired against the fine-tuned fp32 and the original float."""
+    names = [n for n, _ in candidates]
+    check_qat_args(args, names)
+    chosen = [(n, cfg) for n, cfg in candidates if not args.qat_configs or n in args.qat_configs]
+    pool = s.split.calibration_pool
+    if args.quick:
+        pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table), s.seed)
+    padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
+    labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
+    recipe = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": args.qat_batch_size, "momentum": MOMENTUM,
+              "nesterov": True, "weight_decay": WEIGHT_DECAY, "schedule": "cosine, no warm-up",
+              "scales": args.qat_scales, "bn": BN_HANDLING, "seed": s.seed, "train_images": len(pool),
+              "train_indices_sha256": indices_sha256(pool), "amp": False}
+    base_sha = sha256_file(s.checkpoint)
+    masks = {}
+    by_name = {c["name"]: c for c in configs}
+    for name, cfg in chosen:
+        qat = prepare_qat(s.model, cfg, act, learn_scales=args.qat_scales == "learned",
+                          per_channel=quant["granularity"] == "channel", clip=quant["clip"]).to(s.device)
+        key = {"base_sha256": base_sha, "config": config_json(cfg, True), "recipe": recipe, "quantization": quant,
+               "act_scales": {n: act[n, a].scale for n, (_, a) in cfg.items() if a != FLOAT_BITS}}
+        meta = {"name": name, "config": {n: list(v) for n, v in cfg.items()}, "model_args": s.meta["model_args"],
+                "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe}
+        path = Path(args.checkpoint_dir) / f"qat_{name}.pt"
+        run = finetune(qat, path, key, meta, padded, labels, s.normalize, args.qat_epochs, args.qat_lr,
+                       args.qat_batch_size, s.seed, resume=args.resume, desc=f"qat {name}")
+        v = correct_mask(qat, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
+        t = correct_mask(qat, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
+        masks[name] = t
+        e = by_name[name]
+        e.update(qat_epochs=args.qat_epochs, qat_val_acc=100.0 * float(v.float().mean()),
+                 qat_test_acc=100.0 * float(t.float().mean()), qat_test_acc_ci95=wilson_interval(int(t.sum()), len(t)),
+                 qat_checkpoint=str(path), qat_status=run["status"], qat_seconds=run["seconds"],
+                 qat_history=run["history"])
+        pd = paired_drop(fp_test.correct, t)
+        e.update(qat_test_drop_vs_float=pd.drop, qat_test_drop_vs_float_ci95=bootstrap_drop_interval(pd))
+        print(f"{name}: fine-tuned {args.qat_epochs} epochs ({run['status']}): test {e['test_acc']:.2f}% -> "
+              f"{e['qat_test_acc']:.2f}%")
+    for name in masks:
+        e = by_name[name]
+        if "fp32" in masks:
+            pd = paired_drop(masks["fp32"], masks[name])
+            e.update(qat_test_drop=pd.drop, qat_test_drop_ci95=bootstrap_drop_interval(pd))
+        else:
+            e.update(qat_test_drop=None, qat_test_drop_ci95=None)
 
 
 def print_comparison(res: dict):
@@ -113,6 +182,14 @@ def print_comparison(res: dict):
               f"{f'[{lo:.2f}, {hi:.2f}]':>16}{c['test_drop']:>10.2f}{f'[{dlo:.2f}, {dhi:.2f}]':>16}")
     for m, beaten in res["dominates"].items():
         print(f"{m} dominates: {', '.join(beaten) if beaten else 'none of the uniform baselines'}")
+    qat = [c for c in res["configs"] if "qat_test_acc" in c]
+    if qat:
+        print(f"\nafter {qat[0]['qat_epochs']} epochs of quantization-aware fine-tuning (same recipe for all; fp32 "
+              f"fine-tuned in float): test accuracy, drop vs fine-tuned fp32 and vs the original float")
+        for c in qat:
+            d = "-" if c["qat_test_drop"] is None else f"{c['qat_test_drop']:.2f}"
+            print(f"{c['name']:<14}{c['ai']:>8.2f}  PTQ {c['test_acc']:6.2f}%  QAT {c['qat_test_acc']:6.2f}%  "
+                  f"drop {d:>6}  vs float {c['qat_test_drop_vs_float']:.2f}")
     for c in res["configs"]:
         if "budget_holds_on_test" in c:
             print(f"{c['name']}: test drop {c['test_drop']:.2f} {'<=' if c['budget_holds_on_test'] else '>'} budget "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.config import FLOAT_BITS, config_json, uniform
+from utils.config import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, check_widths, config_json, uniform
 from utils.errors import UserError
 from utils.evaluation import CachedEvaluator
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
@@ -80,6 +80,9 @@ def search_widths(args) -> dict:
         raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
     if args.max_evaluations is not None and args.max_evaluations < 1:
         raise UserError(f"--max-evaluations must be >= 1, got {args.max_evaluations}.")
+    for flag, allowed in (("bits", WEIGHT_BITS), ("a_bits", ACT_BITS)):   # before any file is read
+        if getattr(args, flag) is not None:
+            check_widths(getattr(args, flag), f"--{flag.replace('_', '-')}", allowed)
     cap = args.max_evaluations or (QUICK_MAX_EVALUATIONS if args.quick else None)
     s2_path, s2, w_ladder, a_ladder = load_stage2(args)
     if not w_ladder and not a_ladder:

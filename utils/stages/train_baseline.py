@@ -15,7 +15,9 @@ from utils.cli import resolve_arch, resolve_device, seed_everything
 from utils.data import channel_stats, load_dataset, subset_indices
 from utils.errors import UserError
 from utils.io import RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, jsonable_args, provenance
-from utils.split import QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_subset, split_identity, train_val_split
+from utils.ai_calculator import layer_table
+from utils.split import (QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset,
+                         split_identity, train_val_split)
 from utils.train import PAD, Normalizer, WarmupCosine, evaluate, param_groups, to_device_uint8, train_one_epoch
 
 QUICK_BATCH_SIZE = 32  # 62 steps instead of 15: enough for the synthetic set to be learned
@@ -88,8 +90,9 @@ def train_baseline(args) -> dict:
     train_idx, val_idx, val_size = train_val_split(data, args.seed, args.val_size)
     split = split_identity(data, args.seed, val_size, val_idx)
     test_idx = subset_indices(len(data.test_y), QUICK_EVAL_IMAGES, args.seed) if args.quick else None
+    model = build_model(args.arch, args.shortcut, len(data.classes))
     if args.quick:
-        train_idx = quick_subset(train_idx, QUICK_TRAIN_IMAGES, args.seed)
+        train_idx = quick_subset(train_idx, quick_images(QUICK_TRAIN_IMAGES, layer_table(model)), args.seed)
         val_idx = quick_subset(val_idx, QUICK_EVAL_IMAGES, args.seed)
     mean, std = channel_stats(data.train_x[train_idx])
     normalize = Normalizer(mean, std, device)
@@ -101,7 +104,7 @@ def train_baseline(args) -> dict:
     test_sel = test_idx if test_idx is not None else slice(None)
     test_x, test_y = to_device_uint8(data.test_x[test_sel], device), torch.from_numpy(data.test_y[test_sel]).to(device)
 
-    model = build_model(args.arch, args.shortcut, len(data.classes)).to(device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
