@@ -5,6 +5,7 @@
     python 1_train_baseline.py --arch mobilenetv2   # any registered architecture
     python 1_train_baseline.py --resume             # continue an interrupted run
     python 1_train_baseline.py --quick --dataset synthetic   # smoke test, seconds on CPU
+    torchrun --nproc_per_node 4 1_train_baseline.py ...      # DistributedDataParallel; --batch-size is global
 
 Writes checkpoints/<arch>_baseline.pt and results/01_baseline.json.
 """
@@ -32,6 +33,10 @@ def get_args_parser():
                         "(default: off, as torchvision's references allow)")
     p.add_argument("--warmup-epochs", default=0, type=int,
                    help="linear LR warm-up before the cosine decay; useful for large batches (default: 0)")
+    # --- several processes (torchrun) ---
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun, normalize over the global batch (SyncBatchNorm) instead of each "
+                        "process's share (default: off, per-process BN statistics)")
     # --- speed ---
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA instead of bf16 autocast (default: bf16)")

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
-from models.resnet import CifarResNet  # noqa: E402
+from models import build_model  # noqa: E402
 from utils.cli import resolve_device  # noqa: E402
 from utils.data import channel_stats, load_dataset, subset_indices  # noqa: E402
 from utils.train import PAD, Normalizer, WarmupCosine, to_device_uint8, train_one_epoch  # noqa: E402
@@ -51,6 +51,57 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def time_plain_loop(x, y, mean, std, device, batch_size, epochs, workers, model_fn) -> list[float]:
+    """Seconds per epoch of the textbook loop (torchvision transforms on CPU workers, fp32); the first is warm-up."""
+    tf = transforms.Compose([transforms.RandomCrop(32, padding=PAD), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(mean, std)])
+    loader = torch.utils.data.DataLoader(ArrayDataset(x, y, tf), batch_size=batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    model, opt = model_fn()
+    out = []
+    for _ in range(epochs + 1):
+        sync(device)
+        t = time.perf_counter()
+        plain_epoch(model, opt, loader, device)
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def time_trainer(x, y, mean, std, device, batch_size, epochs, model_fn, compile=False, amp=None,
+                 warmup_epochs=0) -> list[float]:
+    """Seconds per epoch of this project's device-resident trainer (utils/train.py); the first is warm-up."""
+    model, opt = model_fn()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    steps = len(y) // batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine((epochs + 1) * steps, warmup_epochs * steps))
+    padded = F.pad(to_device_uint8(x, device), (0, 0, PAD, PAD, PAD, PAD))
+    labels = torch.from_numpy(y).to(device)
+    normalize = Normalizer(mean, std, device)
+    step_fn = torch.compile(model) if compile else model
+    out = []
+    for e in range(epochs + 1):
+        sync(device)
+        t = time.perf_counter()
+        train_one_epoch(step_fn, opt, sched, padded, labels, normalize, batch_size, 0, e,
+                        use_amp=device.type == "cuda" if amp is None else amp, desc=f"ours {e}")
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def sgd_model(device, lr=0.05, arch="resnet20"):
+    """A maker of (fresh model, its SGD optimizer), the same for every loop timed."""
+    def make():
+        torch.manual_seed(0)
+        m = build_model(arch).to(device)
+        return m, torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return make
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data", type=Path, help="CIFAR-10 source, as in stage 1 (default: data)")
@@ -68,47 +119,8 @@ def main():
     idx = subset_indices(len(data.train_y), args.train_images, 0)
     x, y = data.train_x[idx], data.train_y[idx]
     mean, std = channel_stats(x)
-
-    def fresh():
-        torch.manual_seed(0)
-        m = CifarResNet(20, "B").to(device)
-        return m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-
-    # Plain loop.
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=PAD), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(mean, std)])
-    loader = torch.utils.data.DataLoader(ArrayDataset(x, y, tf), batch_size=args.batch_size, shuffle=True,
-                                         drop_last=True, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    model, opt = fresh()
-    plain = []
-    for e in range(args.epochs + 1):
-        sync(device)
-        t = time.perf_counter()
-        plain_epoch(model, opt, loader, device)
-        sync(device)
-        plain.append(time.perf_counter() - t)
-
-    # This project's trainer.
-    model, opt = fresh()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    steps = len(y) // args.batch_size
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine((args.epochs + 1) * steps))
-    padded = F.pad(to_device_uint8(x, device), (0, 0, PAD, PAD, PAD, PAD))
-    labels = torch.from_numpy(y).to(device)
-    normalize = Normalizer(mean, std, device)
-    step_fn = torch.compile(model) if args.compile else model
-    ours = []
-    for e in range(args.epochs + 1):
-        sync(device)
-        t = time.perf_counter()
-        train_one_epoch(step_fn, opt, sched, padded, labels, normalize, args.batch_size, 0, e,
-                        use_amp=device.type == "cuda", desc=f"ours {e}")
-        sync(device)
-        ours.append(time.perf_counter() - t)
-
+    plain = time_plain_loop(x, y, mean, std, device, args.batch_size, args.epochs, args.workers, sgd_model(device))
+    ours = time_trainer(x, y, mean, std, device, args.batch_size, args.epochs, sgd_model(device), args.compile)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     p_s, o_s = float(np.median(plain[1:])), float(np.median(ours[1:]))
     print(f"\n{len(y)} images/epoch, batch {args.batch_size}, {name}, {data.source}")

@@ -25,6 +25,7 @@ TOL = 1e-9  # the searches' own feasibility tolerance (utils.stats.FEASIBILITY_T
 PLOTS = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
 FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
 A_BITS = (8, 4)
+QAT_CONFIGS = ("fp32", "uniform_w4a4", "greedy")
 
 
 def read_results(folder):
@@ -49,9 +50,13 @@ def joint(quick_stage1, tmp_path_factory):
     shutil.copy(quick_stage1["results"] / FILES["1"], results / FILES["1"])
     common = (*COMMON, "--results-dir", results)
     run_script("2_per_layer_analysis.py", *common, "--bits", "4", "--a-bits", *A_BITS)
-    procs = {"3": run_script("3_greedy_search.py", *common), "4": run_script("4_create_baselines.py", *common),
+    ckpts = results.parent / "qat"
+    procs = {"3": run_script("3_greedy_search.py", *common),
+             "4": run_script("4_create_baselines.py", *common, "--checkpoint-dir", ckpts, "--qat-epochs", 1,
+                             "--qat-configs", *QAT_CONFIGS),
              "5": run_script("5_generate_plots.py", "--no-progress", "--results-dir", results)}
-    return {"results": results, "procs": procs, "res": read_results(results), "checkpoint": quick_stage1["checkpoint"]}
+    return {"results": results, "procs": procs, "res": read_results(results), "checkpoint": quick_stage1["checkpoint"],
+            "qat_dir": ckpts}
 
 
 @pytest.fixture(scope="module")
@@ -226,8 +231,34 @@ def check_baselines(r, r3, table, names, expected):
 
 
 def test_stage4_weight_only(pipeline, table, names):
-    check_baselines(pipeline["res"]["4"], pipeline["res"]["3"], table, names,
-                    ["fp32"] + [f"uniform_w{b}" for b in QUICK_BITS] + ["greedy", "pareto"])
+    """Without --qat-epochs, no entry has any qat_* field: the output of the code without fine-tuning."""
+    r = pipeline["res"]["4"]
+    check_baselines(r, pipeline["res"]["3"], table, names, ["fp32"] + [f"uniform_w{b}" for b in QUICK_BITS]
+                    + ["greedy", "pareto"])
+    assert not any(k.startswith("qat") for c in r["configs"] for k in c)
+    assert not list(pipeline["checkpoints"].glob("qat_*.pt"))
+
+
+def test_stage4_fine_tuning(joint):
+    """--qat-epochs 1 --qat-configs ...: exactly those entries gain qat_* fields (PTQ fields kept), each has an
+    atomic, weights_only-loadable checkpoint keyed by base, configuration and recipe, and QAT drops are
+    paired against the fine-tuned fp32 and the original float."""
+    from utils.qat import load_qat
+    by = {c["name"]: c for c in joint["res"]["4"]["configs"]}
+    for name, c in by.items():
+        assert ("qat_test_acc" in c) == (name in QAT_CONFIGS)
+        assert "test_acc" in c and "val_acc" in c
+    for name in QAT_CONFIGS:
+        c = by[name]
+        assert c["qat_epochs"] == 1 and 0 <= c["qat_test_acc"] <= 100 and 0 <= c["qat_val_acc"] <= 100
+        lo, hi = c["qat_test_acc_ci95"]
+        assert lo <= c["qat_test_acc"] <= hi
+        assert c["qat_test_drop"] == pytest.approx(by["fp32"]["qat_test_acc"] - c["qat_test_acc"], abs=1e-9)
+        assert c["qat_test_drop_vs_float"] == pytest.approx(by["fp32"]["test_acc"] - c["qat_test_acc"], abs=1e-9)
+        model, ck = load_qat(joint["qat_dir"] / f"qat_{name}.pt")
+        assert ck["finished"] and ck["key"]["config"] == c["config"] and ck["recipe"]["epochs"] == 1
+        assert ck["key"]["base_sha256"] == sha256_file(joint["checkpoint"])
+    assert not list(joint["qat_dir"].glob("*.tmp"))
 
 
 def test_stage4_joint(joint, table, names):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from models import ARCHS, arch_names, takes_shortcut
+from utils import distributed
 from utils.errors import UserError
 
 
@@ -78,7 +80,8 @@ def resolve_device(name: str) -> torch.device:
                         "Run with --device cpu (or auto), or check the driver with nvidia-smi.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    # under torchrun each process has its own GPU (utils.distributed.init set it current)
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def seed_everything(seed: int):
@@ -98,8 +101,12 @@ def run(main, parser: argparse.ArgumentParser, argv=None):
     Exit codes: 0 ok, 2 bad input (UserError), 130 interrupted by Ctrl-C.
     """
     args = parser.parse_args(argv)
-    print(args)
+    stdout = sys.stdout
     try:
+        if distributed.launched():   # torchrun: join the group; only rank 0 prints progress and writes files
+            if distributed.init(getattr(args, "device", "auto"))[0] > 0:
+                sys.stdout = open(os.devnull, "w")
+        print(args)
         main(args)
     except UserError as e:
         print("\n" + textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
@@ -107,3 +114,8 @@ def run(main, parser: argparse.ArgumentParser, argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C): no partial output was written.", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.shutdown()
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout

@@ -23,6 +23,7 @@ from utils.errors import UserError
 from utils.evaluation import FoldedModel
 from utils.io import atomic_torch_save
 from utils.qat import load_qat
+from utils.quantization import SCALE_EPS
 
 EXPORT_FORMAT = "ai-qs-int-v1"
 
@@ -38,12 +39,12 @@ def export_model(qat_checkpoint) -> dict:
             p = m.parametrizations.weight
             lsq = p[0]
             entry["weight_int8"] = lsq.integers(p.original.detach())
-            entry["weight_scale"] = lsq.scale.detach().clamp_min(1e-12).clone()
+            entry["weight_scale"] = lsq.scale.detach().clamp_min(SCALE_EPS).clone()
         else:
             entry["weight"] = m.weight.detach().clone()
         if a != FLOAT_BITS:
             q = m.input_quant
-            entry.update(input_scale=float(q.scale.detach().clamp_min(1e-12)), input_zero_point=int(q.zero_point),
+            entry.update(input_scale=float(q.scale.detach().clamp_min(SCALE_EPS)), input_zero_point=0,
                          input_qmin=q.qmin, input_qmax=q.qmax)
         layers[name] = entry
     return {"format": EXPORT_FORMAT, "model_args": ck["model_args"], "normalization": ck["normalization"],

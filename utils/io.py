@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from utils.distributed import world_size
 from utils.errors import UserError
 
 # Bump when the layout of any results JSON changes; stages refuse older files.
@@ -92,12 +93,6 @@ def jsonable_args(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def world_size() -> int:
-    """Processes in this run: torchrun's world size, 1 without torch.distributed."""
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def provenance(args, device, inputs: dict | None = None, seconds: float | None = None) -> dict:
     """What a reader needs to trust or reproduce a result: args, input hashes, code, versions."""
     dev = torch.device(device)
@@ -110,7 +105,7 @@ def provenance(args, device, inputs: dict | None = None, seconds: float | None =
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else
                               f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "world_size": world_size(),
+        "world_size": world_size(),   # 1 without torchrun
         "seconds": seconds,
     }
 

@@ -61,19 +61,45 @@ class LSQWeight(nn.Module):
         return torch.round(self.forward(w) / s).to(torch.int8)
 
 
-class LSQAct(nn.Module):
-    """Per-tensor fake quantization of a layer's input with an LSQ scale."""
+class _LSQ(torch.autograd.Function):
+    """Per-tensor LSQ in training: the forward of torch.fake_quantize_per_tensor_affine (zero point 0),
+    the gradients of the LSQ paper (eq. 3 and the straight-through estimator): d/dx = 1 where
+    qmin <= x/s <= qmax, else 0; d/ds = round(x/s) - x/s inside, qmin or qmax outside, times `g`.
+    About twice as fast on a CPU as torch._fake_quantize_learnable_per_tensor_affine, which decides
+    "inside" on the rounded value instead; the activations are the largest tensors QAT quantizes."""
 
-    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int, learn: bool = True):
+    @staticmethod
+    def forward(ctx, x, scale, qmin, qmax, g):
+        v = x * scale.reciprocal()
+        q = v.clamp(qmin, qmax)
+        inside = q == v
+        q.round_()
+        ctx.save_for_backward(inside, torch.where(inside, q - v, q))
+        ctx.g = g
+        return q.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, ds = ctx.saved_tensors
+        return grad * inside, (torch.dot(grad.reshape(-1), ds.reshape(-1)) * ctx.g).reshape(1), None, None, None
+
+
+class LSQAct(nn.Module):
+    """Per-tensor fake quantization of a layer's input with an LSQ scale (zero point 0). In eval mode it
+    is torch's own fake_quantize_per_tensor_affine, exactly what post-training evaluation and the
+    integer export compute."""
+
+    def __init__(self, scale: float, qmin: int, qmax: int, learn: bool = True):
         super().__init__()
         self.qmin, self.qmax = qmin, qmax
         self.scale = nn.Parameter(torch.tensor([float(scale)]), requires_grad=learn)
-        self.register_buffer("zero_point", torch.tensor([float(zero_point)]))
 
     def forward(self, x):
+        s = self.scale.clamp_min(SCALE_EPS)
+        if not self.training:
+            return torch.fake_quantize_per_tensor_affine(x.float(), float(s), 0, self.qmin, self.qmax).to(x.dtype)
         g = 1.0 / math.sqrt(x[0].numel() * max(abs(self.qmin), self.qmax))
-        return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale.clamp_min(SCALE_EPS), self.zero_point,
-                                                                self.qmin, self.qmax, g)
+        return _LSQ.apply(x.float(), s, self.qmin, self.qmax, g).to(x.dtype)   # fp32 under bf16 autocast
 
 
 def _quantize_input(module, inputs):
@@ -99,7 +125,7 @@ def prepare_qat(model: nn.Module, config: dict, act_quant: dict | None = None, l
             if act_quant is None or (name, a) not in act_quant:
                 raise UserError(f"no calibrated activation range for {name} at {a} bits to start fine-tuning from.")
             q = act_quant[name, a]
-            layer.input_quant = LSQAct(q.scale, q.zero_point, q.qmin, q.qmax, learn_scales)
+            layer.input_quant = LSQAct(q.scale, q.qmin, q.qmax, learn_scales)
             layer.register_forward_pre_hook(_quantize_input)
     return qat.train()
 
@@ -118,7 +144,7 @@ def qat_skeleton(model_args: dict, config: dict, grids: dict, per_channel: bool 
             n = layer.weight.shape[0] if per_channel else 1
             parametrize.register_parametrization(layer, "weight", LSQWeight(torch.ones(n), w))
         if a != FLOAT_BITS:
-            layer.input_quant = LSQAct(1.0, 0, *grids[name])
+            layer.input_quant = LSQAct(1.0, *grids[name])
             layer.register_forward_pre_hook(_quantize_input)
     return qat
 
@@ -174,7 +200,7 @@ def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normal
     for epoch in range(start, epochs):
         t = time.perf_counter()
         stats = train_one_epoch(qat, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
-                                use_amp=False, desc=f"{desc} epoch {epoch + 1}/{epochs}")
+                                use_amp=padded.device.type == "cuda", desc=f"{desc} epoch {epoch + 1}/{epochs}")
         history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
                         "seconds": time.perf_counter() - t})
         save_checkpoint(path, state(epoch + 1, epoch + 1 == epochs))

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from utils import distributed as dist
+
 PAD = 4  # random-crop padding, as in He et al. 2015
 
 
@@ -77,17 +79,22 @@ def augmented_batch(padded: torch.Tensor, idx, offsets, flips) -> torch.Tensor:
 
 def train_one_epoch(model, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
                     use_amp=False, desc="train", log_every=20):
+    """One epoch of the plan for (seed, epoch). Under torchrun `batch_size` is the global batch: rank r
+    takes the r-th equal share of every step's images, so any world size walks the same plan."""
     model.train()
     device = padded.device
     n = len(labels)
+    rank, world = dist.rank(), dist.world_size()
+    local = dist.local_batch(batch_size)
     perm, offsets, flips = (t.to(device) for t in epoch_plan(n, seed, epoch))
     steps = max(1, n // batch_size)  # drop the ragged last batch: BN dislikes tiny batches
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True, disable=rank > 0)
     for step in bar:
-        sl = slice(step * batch_size, min(n, (step + 1) * batch_size))
+        start = step * batch_size + rank * local
+        sl = slice(start, min(n, start + local))
         idx = perm[sl]
         x = normalize(augmented_batch(padded, idx, offsets[sl], flips[sl]))
         y = labels[idx]
@@ -101,30 +108,36 @@ def train_one_epoch(model, optimizer, scheduler, padded, labels, normalize, batc
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
         seen += len(idx)
-        if step % log_every == 0 or step == steps - 1:  # .item() syncs: not every step
+        if rank == 0 and (step % log_every == 0 or step == steps - 1):  # .item() syncs: not every step
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}",
                             lr=f"{scheduler.get_last_lr()[0]:.4f}")
-    return {"train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen}
+    totals = dist.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                              torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+    return {"train_loss": float(totals[0] / totals[2]), "train_acc": 100.0 * float(totals[1] / totals[2])}
 
 
 @torch.inference_mode()
 def evaluate(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_size: int = 1000,
              desc: str | None = None) -> dict:
-    """Loss and accuracy (percent) of `model` on device-resident uint8 images, in fp32."""
+    """Loss and accuracy (percent) of `model` on device-resident uint8 images, in fp32. Under torchrun
+    each rank evaluates an equal share of the images and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     n = len(labels)
-    loss_sum = torch.zeros((), device=x_u8.device, dtype=torch.float64)
-    correct = torch.zeros((), device=x_u8.device, dtype=torch.long)
-    starts = range(0, n, batch_size)
+    share = -(-n // dist.world_size())
+    lo, hi = min(n, dist.rank() * share), min(n, (dist.rank() + 1) * share)
+    totals = torch.zeros(2, device=x_u8.device, dtype=torch.float64)   # loss sum, correct
+    starts = range(lo, hi, batch_size)
     for s in (tqdm(starts, desc=desc, leave=False) if desc else starts):
-        out = model(normalize(x_u8[s:s + batch_size]))
-        y = labels[s:s + batch_size]
-        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
+        e = min(hi, s + batch_size)
+        out = model(normalize(x_u8[s:e]))
+        y = labels[s:e]
+        totals[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+        totals[1] += (out.argmax(1) == y).sum()
     model.train(was_training)
-    c = int(correct.item())
-    return {"loss": loss_sum.item() / max(n, 1), "acc": 100.0 * c / max(n, 1), "correct": c, "n": n}
+    dist.all_reduce_sum(totals)
+    c = int(totals[1].item())
+    return {"loss": totals[0].item() / max(n, 1), "acc": 100.0 * c / max(n, 1), "correct": c, "n": n}
 
 
 @torch.inference_mode()

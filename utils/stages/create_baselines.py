@@ -131,7 +131,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
     recipe = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": args.qat_batch_size, "momentum": MOMENTUM,
               "nesterov": True, "weight_decay": WEIGHT_DECAY, "schedule": "cosine, no warm-up",
               "scales": args.qat_scales, "bn": BN_HANDLING, "seed": s.seed, "train_images": len(pool),
-              "train_indices_sha256": indices_sha256(pool), "amp": False}
+              "train_indices_sha256": indices_sha256(pool),
+              "amp": "bf16 autocast (quantizers in fp32)" if s.device.type == "cuda" else "none (fp32)"}
     base_sha = sha256_file(s.checkpoint)
     masks = {}
     by_name = {c["name"]: c for c in configs}

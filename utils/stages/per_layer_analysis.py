@@ -1,5 +1,8 @@
 """Stage 2 as an importable function: quantize one layer at a time, measure what it costs.
 
+Under torchrun the candidates are dealt out to the processes (each with its own copy of the search
+images) and gathered on rank 0, which writes the same table a single process writes.
+
 Each candidate changes one layer: its weights to w bits (activations float), or, with --a-bits,
 its input activations to a bits (weights float). Measured against the float model on the search
 images: accuracy, the paired drop and its standard error, and two signals that do not move in
@@ -12,6 +15,7 @@ import time
 
 from tqdm import tqdm
 
+from utils import distributed as dist
 from utils.config import FLOAT_BITS
 from utils.evaluation import CachedEvaluator
 from utils.io import RESULTS_FILES
@@ -67,17 +71,22 @@ def per_layer_analysis(args) -> dict:
     fp32 = s.cost_model.cost(s.table)
     print(f"float model: {s.eval_split} accuracy {base.accuracy:.2f}% on {evaluator.n} images, "
           f"AI {fp32['ai']:.2f} FLOPs/byte")
-    rows = measure(evaluator, s, candidates(s.layer_names, w_ladder, a_ladder))
+    cands = candidates(s.layer_names, w_ladder, a_ladder)
+    mine = measure(evaluator, s, cands[dist.rank()::dist.world_size()], progress=dist.is_main())
     s.quantizer.restore()
+    parts = dist.gather((mine, evaluator.evaluations))
+    if not dist.is_main():
+        return None
+    rows = [r for part, _ in parts for r in part]
     out = {**results_header("2", s), "eval_images": evaluator.n, "baseline_val_acc": base.accuracy,
            "baseline_loss": base.loss, "bits": w_ladder, "a_bits": a_ladder,
            "quantization": {"granularity": args.granularity, "clip": args.clip},
            "activation_calibration": s.act_calibration, "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
-           "layers": assemble(s, rows, w_ladder, a_ladder), "evaluations": evaluator.evaluations}
+           "layers": assemble(s, rows, w_ladder, a_ladder), "evaluations": sum(n for _, n in parts)}
     path = write_results(out, args, s, {"checkpoint": s.checkpoint}, t0, RESULTS_FILES["2"])
     print_sensitivity(out)
     print(f"\n{len(out['layers'])} layers x {len(w_ladder) + len(a_ladder)} widths in {out['seconds']:.1f} s "
-          f"({evaluator.evaluations} evaluations); wrote {path}")
+          f"({out['evaluations']} evaluations on {dist.world_size()} process(es)); wrote {path}")
     return out
 
 

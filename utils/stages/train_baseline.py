@@ -11,6 +11,7 @@ import torch
 from models import build_model, normalize_model_args, takes_shortcut
 from models.resnet import count_parameters
 from utils.checkpoint import default_checkpoint_path, read_checkpoint, save_checkpoint
+from utils import distributed as dist
 from utils.cli import resolve_arch, resolve_device, seed_everything
 from utils.data import channel_stats, load_dataset, subset_indices
 from utils.errors import UserError
@@ -23,7 +24,7 @@ from utils.train import PAD, Normalizer, WarmupCosine, evaluate, param_groups, t
 QUICK_BATCH_SIZE = 32  # 62 steps instead of 15: enough for the synthetic set to be learned
 # Flags that shape the trained weights: a resumed run takes them from the checkpoint.
 TRAINING_FLAGS = ("arch", "shortcut", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                  "decay_norm_and_bias", "warmup_epochs", "nesterov", "seed", "val_size", "dataset", "quick")
+                  "decay_norm_and_bias", "warmup_epochs", "nesterov", "seed", "val_size", "dataset", "quick", "sync_bn")
 
 
 def check_args(args):
@@ -53,6 +54,13 @@ def _resume_args(args, path: Path):
     # Written before checkpoint version 2: weight decay on every parameter, which is kept so that
     # the optimizer state (one parameter group) loads and the run continues its own recipe.
     saved.setdefault("decay_norm_and_bias", True)
+    saved_world, world = int(saved.get("world_size", 1)), dist.world_size()
+    if saved_world != world and not saved.get("sync_bn"):
+        raise UserError(f"{path} was trained by {saved_world} process(es), this run has {world}. The global batch "
+                        f"would be the same, but each process normalizes its own share of it (per-process BN "
+                        f"statistics), so the run would not continue exactly: resume with torchrun "
+                        f"--nproc_per_node {saved_world} (or 1 process for 1). Runs trained with --sync-bn "
+                        f"resume under any number of processes.")
     changed = {f: (saved.get(f), getattr(args, f)) for f in TRAINING_FLAGS
                if f in saved and getattr(args, f, None) != saved.get(f) and getattr(args, f, None) is not None}
     if changed:
@@ -79,11 +87,14 @@ def train_baseline(args) -> dict:
     resume_state = _resume_args(args, ckpt_path) if args.resume else None
     args.seed = 0 if args.seed is None else args.seed
     args.decay_norm_and_bias = bool(args.decay_norm_and_bias)
+    args.sync_bn = bool(args.sync_bn)
+    args.world_size = dist.world_size()
     args.dataset = args.dataset or "cifar10"
     args.data_dir = args.data_dir or Path("data")
     if args.quick:
         args.epochs = min(args.epochs, 1)
         args.batch_size = min(args.batch_size, QUICK_BATCH_SIZE)
+    dist.local_batch(args.batch_size)   # the global batch must split evenly over the processes
     seed_everything(args.seed)
 
     data = load_dataset(args.dataset, args.data_dir)
@@ -105,8 +116,9 @@ def train_baseline(args) -> dict:
     test_x, test_y = to_device_uint8(data.test_x[test_sel], device), torch.from_numpy(data.test_y[test_sel]).to(device)
 
     model = model.to(device)
-    if device.type == "cuda":
+    if device.type == "cuda" or dist.world_size() > 1:   # DDP's gradient buckets follow the parameters' layout
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     lr = args.lr * args.batch_size / 128  # linear scaling: --lr is per 128 images
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay, args.decay_norm_and_bias), lr=lr,
@@ -126,7 +138,13 @@ def train_baseline(args) -> dict:
                             f"Start a new run without --resume (or with another --checkpoint).") from None
         start_epoch, history = int(resume_state["epoch"]), list(resume_state.get("history", []))
         print(f"resuming {ckpt_path} after epoch {start_epoch} of {args.epochs}")
-    step_fn = torch.compile(model) if args.compile else model
+    step_fn = model
+    if dist.world_size() > 1:
+        if args.sync_bn:
+            step_fn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        step_fn = torch.nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(step_fn) if args.compile else step_fn
     use_amp = device.type == "cuda" and not args.no_amp
 
     data_info = {**data.describe(), "data_dir": str(args.data_dir), "seed": args.seed, "val_size": val_size,
@@ -157,6 +175,7 @@ def train_baseline(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
+            dist.broadcast_buffers(model)   # rank 0's BN running statistics everywhere before evaluating
             val = (evaluate(model, val_x, val_y, normalize, args.eval_batch_size)
                    if len(val_y) and args.eval_every and ((epoch + 1) % args.eval_every == 0) else None)
             history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
@@ -165,13 +184,15 @@ def train_baseline(args) -> dict:
             print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {stats['train_loss']:.4f}  "
                   f"train {stats['train_acc']:.2f}%  " + (f"val {val['acc']:.2f}%  " if val else "") +
                   f"lr {history[-1]['lr']:.4f}  {seconds:.1f}s")
-            save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, finished=False))
+            if dist.is_main():
+                save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, finished=False))
             saved = epoch + 1
         # The final evaluation is inside too: a Ctrl-C there must also say how to resume.
         val = evaluate(model, val_x, val_y, normalize, args.eval_batch_size) if len(val_y) else None
         test = evaluate(model, test_x, test_y, normalize, args.eval_batch_size)
         final = {"val_acc": val["acc"] if val else None, "test_acc": test["acc"]}
-        save_checkpoint(ckpt_path, checkpoint_state(args.epochs, finished=True, final=final))
+        if dist.is_main():
+            save_checkpoint(ckpt_path, checkpoint_state(args.epochs, finished=True, final=final))
     except KeyboardInterrupt:
         when = f"during epoch {epoch + 1}" if saved < args.epochs else "during the final evaluation"
         print(f"\ninterrupted {when}; {ckpt_path} holds the {saved} complete epoch(s). "
@@ -198,7 +219,9 @@ def train_baseline(args) -> dict:
     results["provenance"] = provenance(args, device, inputs={"checkpoint": ckpt_path},
                                        seconds=time.time() - t_start)
     out = Path(args.results_dir) / RESULTS_FILES["1"]
-    atomic_write_json(out, results)
+    if dist.is_main():
+        atomic_write_json(out, results)
+    dist.barrier()
     label = " (synthetic data)" if data.synthetic else ""
     print(f"\nbaseline{label}: test {test['acc']:.2f}%" + (f", val {val['acc']:.2f}%" if val else "") +
           f", {train_seconds / max(1, len(history)):.2f} s/epoch, {train_seconds:.1f} s training")

@@ -1,0 +1,205 @@
+"""Quantization-aware fine-tuning (utils/qat.py) and the integer export (utils/export.py): straight-through
+and LSQ gradients, the structure of the prepared model, resume equivalence, stale checkpoints, and an
+export round trip with identical predictions. Small models (ResNet-8) on a few hundred synthetic images."""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import utils.qat as Q
+from models import build_model
+from models.structure import quantizable_layers
+from utils.checkpoint import read_checkpoint
+from utils.config import FLOAT_BITS
+from utils.data import make_synthetic
+from utils.evaluation import FoldedModel
+from utils.export import EXPORT_FORMAT, export_model, load_exported
+from utils.io import atomic_torch_save
+from utils.quantization import calibrate_activations
+from utils.train import PAD, Normalizer
+
+NORM = Normalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "cpu")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A ResNet-8 with trained-like BN statistics, 256 training images, and 4-bit activation ranges."""
+    torch.manual_seed(0)
+    data = make_synthetic(n_train=256, n_test=64)
+    model = build_model("resnet8", "B")
+    x = torch.from_numpy(data.train_x)
+    with torch.no_grad():   # BN statistics of real inputs, so the folded network is a sane one
+        model.train()
+        model(NORM(x))
+    model.eval()
+    names = list(quantizable_layers(model))
+    act = calibrate_activations(FoldedModel(model).model, [NORM(x[:128])], names, [4, 8])
+    padded = F.pad(x, (0, 0, PAD, PAD, PAD, PAD))
+    return {"model": model, "names": names, "act": act, "padded": padded, "labels": torch.from_numpy(data.train_y),
+            "test_x": torch.from_numpy(data.test_x)}
+
+
+def mixed_config(names):
+    """Weights and activations narrowed in different layers, some left float."""
+    cfg = {n: (FLOAT_BITS, FLOAT_BITS) for n in names}
+    cfg[names[0]] = (8, 8)
+    cfg[names[1]] = (4, 4)
+    cfg[names[2]] = (2, FLOAT_BITS)
+    cfg[names[-1]] = (FLOAT_BITS, 4)
+    return cfg
+
+
+def test_weight_gradient_is_straight_through_and_scale_gradient_finite():
+    """Inside the clip range the gradient to the float original is the identity, outside it is zero; the LSQ
+    scale gets a finite, nonzero gradient."""
+    w = torch.tensor([[-3.0, -0.2, 0.05, 0.3, 2.5]], requires_grad=True)
+    p = Q.LSQWeight(torch.tensor([0.1]), bits=4)          # grid +-7 * 0.1 = +-0.7
+    p(w).sum().backward()
+    assert w.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
+    assert torch.isfinite(p.scale.grad).all() and p.scale.grad.abs().sum() > 0
+    fixed = Q.LSQWeight(torch.tensor([0.1]), bits=4, learn=False)
+    assert not fixed.scale.requires_grad
+
+
+def test_activation_gradient_is_straight_through():
+    """Per-tensor LSQ on an unsigned grid: identity inside [0, 15 * scale], zero outside; finite scale gradient."""
+    x = torch.tensor([[-1.0, 0.1, 1.0, 1.4, 9.0]], requires_grad=True)      # one sample of 5 features
+    q = Q.LSQAct(0.1, 0, 15)
+    out = q(x)
+    out.sum().backward()
+    assert x.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
+    assert torch.allclose(out.detach(), torch.tensor([[0.0, 0.1, 1.0, 1.4, 1.5]]))
+    # LSQ's scale gradient: round(v) - v inside, qmin / qmax outside (v = x / s), times 1 / sqrt(N * Qmax)
+    v = (x.detach() / 0.1).flatten()
+    expect = sum(((15.0 if t > 15 else 0.0) if not 0 <= t <= 15 else round(float(t)) - float(t)) for t in v)
+    assert q.scale.grad.item() == pytest.approx(expect / (5 * 15) ** 0.5, rel=1e-5)
+    q.eval()     # evaluation computes exactly torch's fake_quantize_per_tensor_affine
+    assert torch.equal(q(x.detach()), torch.fake_quantize_per_tensor_affine(x.detach(), 0.1, 0, 0, 15))
+
+
+def test_prepared_model(setup):
+    """prepare_qat: BN folded away, weights are a parametrization whose view lies on the grid, quantized inputs
+    go through `input_quant`; an all-float configuration computes exactly the folded float model."""
+    model, names, act = setup["model"], setup["names"], setup["act"]
+    cfg = mixed_config(names)
+    qat = Q.prepare_qat(model, cfg, act)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in qat.modules())
+    for n, (w, a) in cfg.items():
+        layer = qat.get_submodule(n)
+        assert Q.parametrize.is_parametrized(layer, "weight") == (w != FLOAT_BITS)
+        assert hasattr(layer, "input_quant") == (a != FLOAT_BITS)
+        if w != FLOAT_BITS:
+            levels = layer.parametrizations.weight[0].integers(layer.parametrizations.weight.original)
+            assert levels.abs().max() <= 2 ** (w - 1) - 1
+    x = NORM(setup["test_x"][:16])
+    plain = Q.prepare_qat(model, {n: (FLOAT_BITS, FLOAT_BITS) for n in names}).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), FoldedModel(model).model(x))
+    with pytest.raises(Q.UserError):
+        Q.prepare_qat(model, {names[0]: (8, 6)}, act)     # 6-bit inputs were never calibrated
+
+
+def run_finetune(setup, path, epochs=2, resume=False, key=None, interrupt_at=None, monkeypatch=None):
+    cfg = mixed_config(setup["names"])
+    qat = Q.prepare_qat(setup["model"], cfg, setup["act"])
+    key = key or {"config": "mixed"}
+    meta = {"name": "mixed", "config": {n: list(v) for n, v in cfg.items()}, "model_args": setup["model"].model_args,
+            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "quantization": {"granularity": "channel"}}
+    if interrupt_at is not None:
+        real = Q.train_one_epoch
+
+        def stopping(*a, **k):
+            if inspect.signature(real).bind(*a, **k).arguments["epoch"] == interrupt_at:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        monkeypatch.setattr(Q, "train_one_epoch", stopping)
+    try:
+        return qat, Q.finetune(qat, path, key, meta, setup["padded"], setup["labels"], NORM, epochs, 0.001, 64, 0,
+                               resume=resume)
+    finally:
+        if monkeypatch is not None:
+            monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qat") / "qat_mixed.pt"
+    qat, run = run_finetune(setup, path)
+    return {"path": path, "qat": qat, "run": run}
+
+
+def test_checkpoint_is_weights_only_and_complete(straight):
+    """The fine-tuned checkpoint loads with weights_only and carries configuration, scales, key and recipe."""
+    ck = read_checkpoint(straight["path"])
+    assert ck["finished"] and ck["epoch"] == 2 and ck["qat_format"] == Q.QAT_FORMAT and ck["key"] == {"config": "mixed"}
+    assert any(k.endswith("parametrizations.weight.0.scale") for k in ck["model"])
+    assert any(k.endswith("input_quant.scale") for k in ck["model"])
+    model, _ = Q.load_qat(straight["path"])
+    for k, v in straight["qat"].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert straight["run"]["status"] == "trained" and len(straight["run"]["history"]) == 2
+
+
+def test_resume_equals_uninterrupted(setup, straight, tmp_path, monkeypatch):
+    """Interrupted in epoch 2 and resumed: bit-identical weights, scales and optimizer state."""
+    path = tmp_path / "qat_mixed.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(setup, path, interrupt_at=1, monkeypatch=monkeypatch)
+    assert read_checkpoint(path)["epoch"] == 1 and not read_checkpoint(path)["finished"]
+    qat, run = run_finetune(setup, path, resume=True)
+    assert run["status"] == "resumed after epoch 1"
+    a, b = read_checkpoint(straight["path"]), read_checkpoint(path)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
+    # the weights did move during epoch 2: the comparison is not vacuous
+    first = [k for k in a["model"] if k.endswith("original")][0]
+    assert not torch.equal(a["model"][first], Q.prepare_qat(setup["model"], mixed_config(setup["names"]),
+                                                            setup["act"]).state_dict()[first])
+
+
+def test_finished_matching_checkpoint_is_reused_and_stale_one_is_not(setup, straight, tmp_path, capsys):
+    """--resume reuses a finished fine-tune with the same key; another key (other base checkpoint, configuration
+    or recipe) starts afresh and says so; without --resume it always starts afresh."""
+    path = tmp_path / "qat_mixed.pt"
+    path.write_bytes(straight["path"].read_bytes())
+    _, run = run_finetune(setup, path, resume=True)
+    assert run["status"] == "reused" and run["history"] == read_checkpoint(straight["path"])["history"]
+    _, run = run_finetune(setup, path, resume=True, key={"config": "other"}, epochs=1)
+    assert run["status"] == "trained" and "starting afresh" in capsys.readouterr().out
+    assert read_checkpoint(path)["key"] == {"config": "other"}
+    _, run = run_finetune(setup, path, resume=False, key={"config": "other"}, epochs=1)
+    assert run["status"] == "trained"
+
+
+def test_export_round_trip(straight, tmp_path):
+    """The integer export holds int8 levels, per-channel scales and input scales for every layer with a < 32;
+    it loads with weights_only, and the model it rebuilds predicts exactly what the fine-tuned model predicts."""
+    obj = export_model(straight["path"])
+    out = tmp_path / "mixed_int.pt"
+    atomic_torch_save(obj, out)
+    loaded = read_checkpoint(out)   # weights_only
+    assert loaded["format"] == EXPORT_FORMAT
+    for name, e in loaded["layers"].items():
+        assert ("weight_int8" in e) == (e["w_bits"] != FLOAT_BITS)
+        if "weight_int8" in e:
+            assert e["weight_int8"].dtype == torch.int8 and e["weight_scale"].numel() == e["weight_int8"].shape[0]
+            assert e["weight_int8"].abs().max() <= 2 ** (e["w_bits"] - 1) - 1
+        assert ("input_scale" in e) == (e["a_bits"] != FLOAT_BITS)
+    qat, _ = Q.load_qat(straight["path"])
+    exported = load_exported(out)
+    x = NORM(torch.from_numpy(make_synthetic(n_train=10, n_test=64).test_x))
+    with torch.no_grad():
+        a, b = qat(x), exported(x)
+    assert torch.equal(a.argmax(1), b.argmax(1)) and torch.equal(a, b)
+
+
+def test_export_cli_refuses_other_files(tmp_path, capsys):
+    """The export command answers a file that is not a fine-tuning checkpoint with a message and exit code 2."""
+    from utils import export
+    torch.save({"model": {}}, tmp_path / "x.pt")
+    assert export.main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.pt")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not a fine-tuning checkpoint" in err and "Traceback" not in err and not (tmp_path / "y.pt").exists()
