@@ -23,7 +23,6 @@ suite cannot rot (tests run it).
 """
 import argparse
 import datetime
-import importlib.util
 import platform
 import sys
 import tempfile
@@ -38,20 +37,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from train_speed import sgd_model, time_plain_loop, time_trainer  # noqa: E402
-from utils.cli import resolve_device  # noqa: E402
+from utils.cli import resolve_device, script_module  # noqa: E402
 from utils.data import channel_stats, load_dataset, subset_indices  # noqa: E402
 from utils.io import atomic_write_json, git_commit  # noqa: E402
 
 
-def stage(script):
-    spec = importlib.util.spec_from_file_location(f"suite_{script[0]}", REPO / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_stage(script, argv):
-    mod = stage(script)
+    mod = script_module(script)
     args = mod.get_args_parser().parse_args([str(a) for a in argv])
     t = time.perf_counter()
     out = mod.main(args)

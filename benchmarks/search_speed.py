@@ -16,7 +16,6 @@ the Pareto search's AI, search drop, test drop, evaluations and stage-3 seconds:
 ``--dp-only`` times the Pareto DP for 22 layers x 5 weight x 4 activation options (random estimates).
 """
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from utils.cli import script_module  # noqa: E402
 from utils.search import pareto_frontier  # noqa: E402
 
 VARIANTS = {"kl": ["--rank-by", "kl"], "loss": ["--rank-by", "loss"], "drop": ["--rank-by", "drop"],
@@ -35,9 +35,7 @@ VARIANTS = {"kl": ["--rank-by", "kl"], "loss": ["--rank-by", "loss"], "drop": ["
 
 
 def run_stage(script, argv):
-    spec = importlib.util.spec_from_file_location(f"bench_{script[0]}", REPO / script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = script_module(script)
     t = time.perf_counter()
     out = mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
     return out, time.perf_counter() - t
@@ -62,6 +60,8 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help=f"(default: {' '.join(VARIANTS)})")
     p.add_argument("--max-drop", default=1.0, type=float, help="(default: 1.0)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="search weight widths only, even if stage 2 measured activations (default: off)")
     p.add_argument("--out", default=None, type=Path, help="also write the table as JSON (default: none)")
     p.add_argument("--dp-only", action="store_true", help="only time the DP over (w, a) pairs (default: off)")
     args = p.parse_args()
@@ -76,7 +76,7 @@ def main():
         folder.mkdir(parents=True, exist_ok=True)
         for f in ("01_baseline.json", "02_per_layer.json"):
             shutil.copy(args.results_dir / f, folder / f)
-        common = ["--results-dir", folder, "--max-drop", args.max_drop]
+        common = ["--results-dir", folder, "--max-drop", args.max_drop, *(["--a-bits", 32] if args.weights_only else [])]
         s3, t3 = run_stage("3_greedy_search.py", [*common, *VARIANTS[name]])
         s4, _ = run_stage("4_create_baselines.py", ["--results-dir", folder])
         by = {c["name"]: c for c in s4["configs"]}

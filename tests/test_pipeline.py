@@ -308,3 +308,15 @@ def test_run_pipeline_on_other_architectures(tmp_path, arch):
     for r in res.values():
         assert r["model_args"]["arch"] == arch
     assert res["3"]["greedy"]["ai"] >= res["3"]["fp32_ai"] and (tmp_path / "results" / "summary.md").is_file()
+
+
+def test_a_bits_32_is_the_reference_mode(quick_stage2, tmp_path):
+    """Stage 2 with --a-bits 32 (float activations) writes exactly the weight-only table: the reference mode
+    is what it was without activation widths."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(quick_stage2["results"] / FILES["1"], results / FILES["1"])
+    run_script("2_per_layer_analysis.py", *quick_stage2["stage2_args"], "--a-bits", "32", "--results-dir", results)
+    a = json.loads((quick_stage2["results"] / FILES["2"]).read_text())
+    b = json.loads((results / FILES["2"]).read_text())
+    assert a["layers"] == b["layers"] and b["a_bits"] == [] and b["activation_calibration"] is None

@@ -13,7 +13,6 @@ script entry points) and otherwise in-process through utils.cli.run, which is wh
 call, so that a dozen error cases do not each pay for a Python + PyTorch start.
 """
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -33,7 +32,7 @@ import utils.io
 from conftest import COMMON, QUICK_BITS, REPO, SUBPROCESS_ENV, run_script
 from models.resnet import CifarResNet
 from utils.checkpoint import read_checkpoint
-from utils.cli import run
+from utils.cli import run, script_module
 from utils.errors import UserError
 from utils.io import SCHEMA_VERSION, atomic_torch_save, atomic_write_json, atomic_write_text, sha256_file
 
@@ -43,16 +42,6 @@ BITS = [str(b) for b in QUICK_BITS]
 
 # ---------------------------------------------------------------- helpers
 
-_SCRIPTS = {}
-
-
-def script_module(script):
-    if script not in _SCRIPTS:
-        spec = importlib.util.spec_from_file_location(f"stage_{script[0]}_under_test", REPO / script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _SCRIPTS[script] = mod
-    return _SCRIPTS[script]
 
 
 def run_stage(script, *argv):

@@ -6,7 +6,6 @@ test images per class), copies of it (moved, re-packed as .tar.gz, re-ordered), 
 arrays. Stage 1 is run in-process once per module with --epochs 0 on that tree, which writes a
 real checkpoint in about a second (plus PyTorch's one-time optimizer import).
 """
-import importlib.util
 import json
 import shutil
 import tarfile
@@ -19,9 +18,9 @@ import torch
 
 import utils.split as S
 import utils.stages.common as common
-from conftest import REPO
 from utils.data import Dataset, load_dataset
 from utils.errors import UserError
+from utils.cli import script_module
 from utils.stages.common import load_setup
 
 PIL_Image = pytest.importorskip("PIL.Image")
@@ -31,17 +30,6 @@ N_TRAIN, N_TEST = 6, 4          # per class
 SEED, VAL_SIZE = 3, 20          # stage 1's flags for the main checkpoint (seed 3: not the default 0)
 STAGES = ("2_per_layer_analysis.py", "3_greedy_search.py", "4_create_baselines.py")
 
-_SCRIPTS = {}
-
-
-def script_module(script):
-    """A stage script imported as a module (for its argument parser / main)."""
-    if script not in _SCRIPTS:
-        spec = importlib.util.spec_from_file_location(f"split_test_{script[0]}", REPO / script)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _SCRIPTS[script] = mod
-    return _SCRIPTS[script]
 
 
 # ---------------------------------------------------------------- tiny data sources

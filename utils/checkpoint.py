@@ -171,3 +171,37 @@ def slim_checkpoint(src, dst):
     if not (isinstance(obj, dict) and "model_args" in obj and obj.get("finished")):
         raise UserError(f"{src} is not a finished stage-1 checkpoint; only those can be slimmed.")
     save_checkpoint(dst, {k: v for k, v in obj.items() if k not in ("optimizer", "scheduler", "checkpoint_version")})
+
+
+def main(argv=None) -> int:
+    """python -m utils.checkpoint --slim SRC --out DST [--results 01_baseline.json]: ship a finished model."""
+    import argparse
+    import json
+    import sys
+    import textwrap
+    from utils.io import atomic_write_json, sha256_file
+    p = argparse.ArgumentParser(description="Write a finished stage-1 checkpoint without optimizer state (to ship "
+                                            "it), and, with --results, its 01_baseline.json beside it pointing at it.")
+    p.add_argument("--slim", required=True, help="a finished stage-1 checkpoint")
+    p.add_argument("--out", required=True, help="the slim checkpoint to write")
+    p.add_argument("--results", default=None, help="the run's 01_baseline.json, copied next to --out (default: none)")
+    args = p.parse_args(argv)
+    try:
+        slim_checkpoint(args.slim, args.out)
+        if args.results:
+            res = json.loads(Path(args.results).read_text())
+            res["checkpoint"] = str(args.out)
+            res["slimmed_from"] = {"path": str(args.slim), "sha256": sha256_file(args.slim),
+                                   "note": "optimizer and scheduler state removed; model, args, split and history kept"}
+            res["provenance"]["inputs"]["checkpoint"] = {"path": str(args.out), "sha256": sha256_file(args.out)}
+            atomic_write_json(Path(args.out).parent / "01_baseline.json", res)
+    except (UserError, OSError, ValueError, KeyError) as e:
+        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

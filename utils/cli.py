@@ -73,6 +73,22 @@ def resolve_arch(arch: str | None, depth: int | None, shortcut: str | None) -> t
     return arch, shortcut
 
 
+_SCRIPTS = {}
+
+
+def script_module(script: str):
+    """A numbered stage script imported as a module (for its parser and main), once per process; for
+    tests and benchmarks, which run stages in-process."""
+    if script not in _SCRIPTS:
+        import importlib.util
+        root = Path(__file__).resolve().parent.parent
+        spec = importlib.util.spec_from_file_location(f"stage_{Path(script).stem}", root / script)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _SCRIPTS[script] = mod
+    return _SCRIPTS[script]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "

@@ -53,11 +53,11 @@ def train_val_split(data, seed: int, val_size):
 
 def quick_images(base: int, table, per_layer: bool = False) -> int:
     """--quick's image count for a model: `base` (set for ResNet-20) scaled down by the model's MACs
-    (training) or MACs x layers (the per-layer analysis evaluates every layer), at least 50. Keeps a
+    (training) or MACs x layers (the per-layer analysis evaluates every layer), at least 50 (or `base`). Keeps a
     quick MobileNetV2 or ResNet-110 run within minutes on a CPU."""
     work = sum(t.macs for t in table) * (len(table) if per_layer else 1)
     ref = RESNET20_MACS * (RESNET20_LAYERS if per_layer else 1)
-    return max(QUICK_MIN_IMAGES, min(base, int(base * ref / work)))
+    return min(base, max(QUICK_MIN_IMAGES, int(base * ref / work)))
 
 
 def quick_subset(idx: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -84,7 +84,7 @@ def train_one_epoch(model, optimizer, scheduler, padded, labels, normalize, batc
     model.train()
     device = padded.device
     n = len(labels)
-    rank, world = dist.rank(), dist.world_size()
+    rank = dist.rank()
     local = dist.local_batch(batch_size)
     perm, offsets, flips = (t.to(device) for t in epoch_plan(n, seed, epoch))
     steps = max(1, n // batch_size)  # drop the ragged last batch: BN dislikes tiny batches

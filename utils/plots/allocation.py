@@ -1,21 +1,14 @@
 """The chosen widths per layer."""
 from __future__ import annotations
 
-import math
-
-import matplotlib
-import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
-from utils.plots.style import _groups, _layer_params, chosen_config, layer_segments, widths_of
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+import numpy as np
 
 
 LABEL_LAYERS = 40   # above this many layers the bars carry no width labels
-
+from utils.plots.style import (FLOAT_BITS, SkipPlot, _groups, _layer_params, _new_figure, _num, _title,
+                               chosen_config, config_style, layer_segments, widths_of)
 
 def plot_bit_allocation(s03: dict, synthetic: bool = False, p02: dict | None = None) -> Figure:
     """Bars: the chosen configuration's weight width per layer, and, when activations were searched,

@@ -1,16 +1,12 @@
 """Test accuracy against arithmetic intensity, with intervals."""
 from __future__ import annotations
 
-import math
-
-import matplotlib
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+from utils.plots.style import (BUDGET_COLOR, PARETO_COLOR, SkipPlot, _configs_04, _fp32_row, _max_drop,
+                               _new_figure, _num, _place_labels, _points, _title, config_style, display_name)
 
 
 def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> Figure:

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
+import numpy as np
 
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+from utils.plots.style import (DEVICE_STYLES, SkipPlot, _configs_04, _new_figure, _num, _place_labels, _title,
+                               config_style, display_name)
 
 
 def plot_roofline(b04: dict, synthetic: bool = False, devices: dict | None = None) -> Figure:

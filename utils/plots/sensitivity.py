@@ -1,23 +1,14 @@
 """Per-layer sensitivity heat map."""
 from __future__ import annotations
 
-import math
-
+from matplotlib.colors import SymLogNorm
+from matplotlib.figure import Figure
 import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
-
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
-from matplotlib.colors import SymLogNorm
-
-from utils.plots.style import _groups, layer_segments
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
 
 
 TEXT_ROWS = 60   # beyond this many layers the cells carry colour only, and rows get thinner
-
+from utils.plots.style import (FLOAT_BITS, SkipPlot, _groups, _new_figure, _num, _title, layer_segments)
 
 def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
     """Heatmap: accuracy drop with only one layer changed, layers x widths (weights, then

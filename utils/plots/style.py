@@ -11,16 +11,12 @@ import re
 from contextlib import contextmanager
 
 import matplotlib
-import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 from matplotlib.transforms import Bbox
 
+from utils.config import FLOAT_BITS
 
-FLOAT_BITS = 32
 PNG_DPI = 160
 
 STYLE = {

@@ -1,24 +1,13 @@
 """The Markdown summary table of stages 1-4."""
 from __future__ import annotations
 
-import math
-
-import matplotlib
-import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
-
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
 from pathlib import Path
-
-from utils.plots.style import _layer_params, chosen_config, widths_of
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
 
 
 # ---------------------------------------------------------------------------------------------
 # Markdown summary
-
+from utils.plots.style import (FLOAT_BITS, SkipPlot, _fmt, _fp32_row, _layer_params, _max_drop, _num, _points,
+                               chosen_config, widths_of)
 
 def bits_summary(config: dict, layer_names=None, params: dict | None = None) -> str:
     """'all 8-bit', 'all fp32', 'W8A8 all', or e.g. '8b×2 4b×12 fp32×2 (4.13 bits/weight)'; with
@@ -57,7 +46,7 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
     if not rows:
         raise SkipPlot("04_baselines.json lists no configurations")
     fp32 = _fp32_row(b04) or {}
-    ref_ai, ref_val = _num(fp32.get("ai")), _num(fp32.get("val_acc"))
+    ref_ai = _num(fp32.get("ai"))
     layers = _layer_params(s03, p02)
     names = [n for n, _ in layers] or None
     params = {n: p for n, p in layers} if layers else None
@@ -110,8 +99,8 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
             q = _num(c.get("qat_test_acc"))
             line += f" {_fmt(q)} | {_fmt(None if q is None or qat_ref is None else qat_ref - q)} |"
         lines.append(line)
-    lines += ["", f"Drops are FP32 minus the configuration's accuracy on the same images (positive = worse); "
-                  f"accuracy intervals are Wilson's, drop intervals the paired bootstrap.", ""]
+    lines += ["", "Drops are FP32 minus the configuration's accuracy on the same images (positive = worse); "
+                  "accuracy intervals are Wilson's, drop intervals the paired bootstrap.", ""]
     searched = [c for c in rows if "budget_holds_on_test" in c]
     for c in searched:
         lines.append(f"- {c['name']}: search drop {_fmt(c.get('search_drop'))}, test drop {_fmt(c.get('test_drop'))} "

@@ -1,16 +1,10 @@
 """The float baseline's training curve."""
 from __future__ import annotations
 
-import math
-
-import matplotlib
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch
 
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+from utils.plots.style import (AI_COLOR, FP32_COLOR, SkipPlot, VAL_COLOR, _new_figure, _num, _title)
 
 
 def plot_training_curve(b01: dict, synthetic: bool = False) -> Figure:

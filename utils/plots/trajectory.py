@@ -1,16 +1,11 @@
 """The greedy search, step by step."""
 from __future__ import annotations
 
-import math
-
-import matplotlib
-import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from utils.plots.style import *  # noqa: F401,F403  (one style for every figure)
-from utils.plots.style import _configs_04, _fmt, _fp32_row, _max_drop, _new_figure, _num, _place_labels, _points, _title
+from utils.plots.style import (AI_COLOR, BUDGET_COLOR, FP32_COLOR, GREEDY_COLOR, SkipPlot, _max_drop,
+                               _new_figure, _num, _points, _title)
 
 
 def plot_search_trajectory(s03: dict, synthetic: bool = False) -> Figure:

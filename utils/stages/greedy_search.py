@@ -63,6 +63,13 @@ def check_calibration(s2: dict, s, path, force: bool):
                                 f"{PRODUCERS['2']} (same flags), or pass --force.")
 
 
+def stage2_column(s2: dict, key: str) -> dict:
+    """{(layer, "w" or "a", bits): value} of one column of stage 2's table."""
+    col = {(l["name"], "w", r["bits"]): r[key] for l in s2["layers"] for r in l["results"]}
+    col.update({(l["name"], "a", r["a_bits"]): r[key] for l in s2["layers"] for r in l.get("act_results") or []})
+    return col
+
+
 def thin(points, k):
     if len(points) <= k:
         return list(points)
@@ -105,11 +112,7 @@ def search_widths(args) -> dict:
     if abs(base.accuracy - s2["baseline_val_acc"]) > 1e-9:
         print(f"note: the float model scores {base.accuracy:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
               f"(non-deterministic kernels?); the search uses {base.accuracy:.2f}%")
-    key = RANK_SIGNALS[args.rank_by]
-    sig = {(l["name"], "w", r["bits"]): r[key] for l in s2["layers"] for r in l["results"]}
-    sig.update({(l["name"], "a", r["a_bits"]): r[key] for l in s2["layers"] for r in l.get("act_results") or []})
-    drops = {(l["name"], "w", r["bits"]): r["drop"] for l in s2["layers"] for r in l["results"]}
-    drops.update({(l["name"], "a", r["a_bits"]): r["drop"] for l in s2["layers"] for r in l.get("act_results") or []})
+    sig, drops = stage2_column(s2, RANK_SIGNALS[args.rank_by]), stage2_column(s2, "drop")
     info_of = {t.name: t for t in s.table}
     cm = s.cost_model
     flops = cm.cost(s.table)["flops"]
