@@ -40,7 +40,7 @@ def plot_search_trajectory(s03: dict, synthetic: bool = False) -> Figure:
                                                            "(accuracy measured at the probed steps only)"))
     if base is not None:
         h = ax2.axhline(base, color=FP32_COLOR, lw=0.9, ls="-.", alpha=0.7,
-                        label=f"FP32 validation accuracy {base:.2f}%")
+                        label=f"FP32 search accuracy {base:.2f}%")
         handles.append(h)
         if max_drop is not None:
             h = ax2.axhline(base - max_drop, color=BUDGET_COLOR, lw=1.4, ls="--",
@@ -65,5 +65,5 @@ def plot_search_trajectory(s03: dict, synthetic: bool = False) -> Figure:
     n_eval = greedy.get("evaluations")
     sub = f"{len(steps) - 1} steps" + (f", {n_eval} evaluations" if n_eval is not None else "")
     fig.suptitle(_title("Greedy search trajectory", synthetic) + f"\n{sub}")
-    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    fig.legend(handles=handles, loc="outside lower center", ncols=2)
     return fig
