@@ -1,10 +1,15 @@
-"""Stage 2: per-layer sensitivity. Quantize one layer at a time to each candidate width and
-measure the validation accuracy drop against the float model.
+"""Stage 2: per-layer sensitivity. Quantize one layer at a time to each candidate width (its
+weights, and with --a-bits its input activations) and measure, on the search images, the accuracy
+drop against the float model with its standard error, the cross-entropy increase and the KL
+divergence from the float outputs.
 
     python 2_per_layer_analysis.py
-    python 2_per_layer_analysis.py --checkpoint resnet20A.th --shortcut A --bits 8 4 2
+    python 2_per_layer_analysis.py --a-bits 8 6 4
+    python 2_per_layer_analysis.py --checkpoint resnet20A.th --shortcut A --normalization imagenet --bits 8 4 2
+    torchrun --nproc_per_node 4 2_per_layer_analysis.py --a-bits 8 6 4      # candidates sharded
 
-Reads checkpoints/resnet20_baseline.pt; writes results/02_per_layer.json.
+Reads the checkpoint stage 1 recorded in results/01_baseline.json (or --checkpoint); writes
+results/02_per_layer.json.
 """
 import argparse
 

@@ -24,9 +24,12 @@ QUICK_BITS = (4, 2)
 COMMON = ("--quick", "--device", "cpu", "--seed", "0")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """One intra-op thread in the test process too: on busy shared cores it is several times faster."""
+    """One intra-op thread in the test process too, for the whole session: on busy shared cores it
+    is several times faster, and module-scoped fixtures (set up before any per-test fixture) run
+    with the same thread count as the tests that compare against them, so bit-identity checks
+    hold on machines with more cores."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)

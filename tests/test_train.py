@@ -203,8 +203,6 @@ def resume_runs(stage1, small_data, tmp_path_factory):
     """Run A: 2 epochs straight. Run B: interrupted during epoch 2, then --resume."""
     mp = pytest.MonkeyPatch()
     mp.setattr(B, "load_dataset", lambda name, data_dir=None, **k: small_data)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module-scoped: set up before the per-test one_thread fixture
     root_a, root_b = tmp_path_factory.mktemp("run_a"), tmp_path_factory.mktemp("run_b")
     out = {"root_a": root_a, "root_b": root_b}
     try:
@@ -235,7 +233,6 @@ def resume_runs(stage1, small_data, tmp_path_factory):
                                                         "--epochs", "5"))
     finally:
         mp.undo()
-        torch.set_num_threads(threads)
     return out
 
 

@@ -19,6 +19,8 @@ from utils.errors import UserError
 # Bump when the layout of any results JSON changes; stages refuse older files.
 SCHEMA_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parent.parent
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 # stage -> the results file it writes into --results-dir, and the script that writes it
 RESULTS_FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
 PRODUCERS = {"1": "1_train_baseline.py", "2": "2_per_layer_analysis.py", "3": "3_greedy_search.py",
@@ -38,6 +40,7 @@ def _atomic_write(path, write_fn, mode="wb"):
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; results are for sharing, like any new file
         os.replace(tmp, path)
     except BaseException as e:
         try:

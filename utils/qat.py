@@ -97,7 +97,7 @@ class LSQAct(nn.Module):
     def forward(self, x):
         s = self.scale.clamp_min(SCALE_EPS)
         if not self.training:
-            return torch.fake_quantize_per_tensor_affine(x.float(), float(s), 0, self.qmin, self.qmax).to(x.dtype)
+            return torch.fake_quantize_per_tensor_affine(x.float(), float(s.detach()), 0, self.qmin, self.qmax).to(x.dtype)
         g = 1.0 / math.sqrt(x[0].numel() * max(abs(self.qmin), self.qmax))
         return _LSQ.apply(x.float(), s, self.qmin, self.qmax, g).to(x.dtype)   # fp32 under bf16 autocast
 
