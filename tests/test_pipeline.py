@@ -25,7 +25,7 @@ TOL = 1e-9  # the searches' own feasibility tolerance (utils.stats.FEASIBILITY_T
 PLOTS = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
 FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
 A_BITS = (8, 4)
-QAT_CONFIGS = ("fp32", "uniform_w4a4", "greedy")
+QAT_CONFIGS = ("fp32", "uniform_w4a4", "greedy", "pareto")
 
 
 def read_results(folder):
@@ -240,7 +240,8 @@ def test_stage4_weight_only(pipeline, table, names):
 
 
 def test_stage4_fine_tuning(joint):
-    """--qat-epochs 1 --qat-configs ...: exactly those entries gain qat_* fields (PTQ fields kept), each has an
+    """--qat-epochs 1 --qat-configs ...: exactly those entries gain qat_* fields (PTQ fields kept), one equal to an
+    earlier one reuses its fine-tune, each fine-tune has an
     atomic, weights_only-loadable checkpoint keyed by base, configuration and recipe, and QAT drops are
     paired against the fine-tuned fp32 and the original float."""
     from utils.qat import load_qat
@@ -255,7 +256,11 @@ def test_stage4_fine_tuning(joint):
         assert lo <= c["qat_test_acc"] <= hi
         assert c["qat_test_drop"] == pytest.approx(by["fp32"]["qat_test_acc"] - c["qat_test_acc"], abs=1e-9)
         assert c["qat_test_drop_vs_float"] == pytest.approx(by["fp32"]["test_acc"] - c["qat_test_acc"], abs=1e-9)
-        model, ck = load_qat(joint["qat_dir"] / f"qat_{name}.pt")
+        twin = next((t for t in QAT_CONFIGS[:QAT_CONFIGS.index(name)] if by[t]["config"] == c["config"]), None)
+        assert (c["qat_status"] == f"reused: same configuration and recipe as {twin}") == (twin is not None)
+        assert c["qat_checkpoint"].endswith(f"qat_{twin or name}.pt")
+        assert (joint["qat_dir"] / f"qat_{name}.pt").exists() == (twin is None)
+        model, ck = load_qat(joint["qat_dir"] / f"qat_{twin or name}.pt")
         assert ck["finished"] and ck["key"]["config"] == c["config"] and ck["recipe"]["epochs"] == 1
         assert ck["key"]["base_sha256"] == sha256_file(joint["checkpoint"])
     assert not list(joint["qat_dir"].glob("*.tmp"))

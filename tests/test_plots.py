@@ -15,7 +15,7 @@ from utils.ai_calculator import layer_table, model_cost
 from utils.errors import UserError
 from utils.io import REPO_ROOT, SCHEMA_VERSION
 from utils.plots.allocation import plot_bit_allocation
-from utils.plots.pareto import plot_pareto
+from utils.plots.pareto import _upper_envelope, plot_pareto
 from utils.plots.sensitivity import plot_sensitivity
 from utils.plots.summary import bits_summary, summary_markdown
 from utils.stages.generate_plots import INPUTS, PLOTS, figure_title, generate_plots, load_inputs, style
@@ -351,3 +351,15 @@ def test_sensitivity_and_allocation_for_activations_and_many_layers():
     fig = plot_bit_allocation(s03)
     assert fig.get_size_inches()[0] <= 26
     assert sum(len(c) for c in fig.axes[0].containers) == 2 * len(table)
+
+
+def test_frontier_drawn_is_monotone_and_undominated():
+    """The frontier line drawn keeps exactly the points that no other point beats in AI and
+    estimated accuracy, so it falls monotonically as AI grows."""
+    rng = np.random.default_rng(0)
+    pts = [(float(a), float(b)) for a, b in zip(rng.uniform(30, 240, 300), rng.uniform(70, 87, 300))]
+    env = _upper_envelope(pts)
+    assert [a for a, _ in env] == sorted(a for a, _ in env)
+    assert all(b1 > b2 for (_, b1), (_, b2) in zip(env, env[1:]))
+    dominated = {p for p in pts if any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)}
+    assert set(env) == set(pts) - dominated

@@ -5,6 +5,7 @@ every compared configuration (fp32 in float, to control for the extra training) 
 for N epochs under one recipe (utils/qat.py) and reported beside its post-training numbers."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -136,6 +137,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
     base_sha = sha256_file(s.checkpoint)
     masks = {}
     by_name = {c["name"]: c for c in configs}
+    tuned = {}     # key -> name: a configuration equal to one already fine-tuned (pareto = greedy) reuses it
     for name, cfg in chosen:
         qat = prepare_qat(s.model, cfg, act, learn_scales=args.qat_scales == "learned",
                           per_channel=quant["granularity"] == "channel", clip=quant["clip"]).to(s.device)
@@ -143,6 +145,13 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
                "act_scales": {n: act[n, a].scale for n, (_, a) in cfg.items() if a != FLOAT_BITS}}
         meta = {"name": name, "config": {n: list(v) for n, v in cfg.items()}, "model_args": s.meta["model_args"],
                 "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe}
+        twin = tuned.setdefault(json.dumps(key, sort_keys=True), name)
+        if twin != name:
+            by_name[name].update({k: v for k, v in by_name[twin].items() if k.startswith("qat_")},
+                                 qat_status=f"reused: same configuration and recipe as {twin}")
+            masks[name] = masks[twin]
+            print(f"{name}: the same configuration as {twin}; its fine-tune is reused")
+            continue
         path = Path(args.checkpoint_dir) / f"qat_{name}.pt"
         run = finetune(qat, path, key, meta, padded, labels, s.normalize, args.qat_epochs, args.qat_lr,
                        args.qat_batch_size, s.seed, resume=args.resume, desc=f"qat {name}")
@@ -150,8 +159,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
         t = correct_mask(qat, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
         masks[name] = t
         e = by_name[name]
-        e.update(qat_epochs=args.qat_epochs, qat_val_acc=100.0 * float(v.float().mean()),
-                 qat_test_acc=100.0 * float(t.float().mean()), qat_test_acc_ci95=wilson_interval(int(t.sum()), len(t)),
+        e.update(qat_epochs=args.qat_epochs, qat_val_acc=100.0 * int(v.sum()) / len(v),
+                 qat_test_acc=100.0 * int(t.sum()) / len(t), qat_test_acc_ci95=wilson_interval(int(t.sum()), len(t)),
                  qat_checkpoint=str(path), qat_status=run["status"], qat_seconds=run["seconds"],
                  qat_history=run["history"])
         pd = paired_drop(fp_test.correct, t)
