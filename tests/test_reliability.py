@@ -103,6 +103,10 @@ import utils.stages.train_baseline as B
 from utils.cli import run
 from utils.data import make_synthetic
 
+# A background job of a non-interactive shell starts with SIGINT ignored, and Python then installs
+# no Ctrl-C handler; the interrupt test must not depend on how pytest was launched.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 DATA = make_synthetic(n_train=400, n_test=100)
 B.load_dataset = lambda name, data_dir=None, **kw: DATA
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import ScalarFormatter
 
 from utils.plots.style import (BUDGET_COLOR, PARETO_COLOR, SkipPlot, _configs_04, _fp32_row, _max_drop,
                                _new_figure, _num, _place_labels, _points, _title, config_style, display_name)
@@ -92,10 +93,12 @@ def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> 
     if qat:
         epochs = next((c.get("qat_epochs") for c in rows if c.get("qat_epochs")), None)
         handles.append(Line2D([], [], ls="none", marker="o", mfc="white", mec="k", mew=1.2,
-                              label=f"hollow: after {epochs} epoch{'s' if epochs != 1 else ''} of QAT"))
+                              label=f"hollow: fine-tuned, {epochs} epoch{'s' if epochs != 1 else ''} of QAT"))
 
     if log_x:
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())     # 30, 100, 200 rather than 3x10^1
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlim(xlo, xhi)
     ax.set_ylim(ylo, yhi)
     ax.set_xlabel("Arithmetic intensity (FLOPs/byte" + (", log)" if log_x else ")"))
