@@ -277,3 +277,14 @@ def test_naive_budget_fails_out_of_sample(simulated_searches):
     margin = np.array([r["p"] for r in simulated_searches["margin"][:SEEDS_NAIVE]])
     assert naive.mean() > 0.25
     assert naive.mean() > 4 * margin.mean()
+
+
+def test_bootstrap_interval_ends_are_attainable_drops():
+    """Both ends are drops a resample can have (whole images: multiples of 100/n), so reports read
+    -0.04, never an interpolated -0.040249999999995796."""
+    n, lost, gained = 10000, 40, 25     # at level 0.9999 plain interpolation gives 0.4600004999999874
+    p = paired_drop(np.r_[np.ones(lost, bool), np.zeros(gained, bool), np.ones(n - lost - gained, bool)],
+                    np.r_[np.zeros(lost, bool), np.ones(gained, bool), np.ones(n - lost - gained, bool)])
+    for end in bootstrap_drop_interval(p, level=0.9999, seed=0):
+        k = end * p.n / 100
+        assert k == pytest.approx(round(k), abs=1e-6) and end == round(end, 2)

@@ -65,7 +65,10 @@ def bootstrap_drop_interval(p: PairedDrop, level: float = 0.95, resamples: int =
     counts = np.random.default_rng(seed).multinomial(p.n, probs, size=resamples)
     drops = 100.0 * (counts[:, 0] - counts[:, 1]) / p.n
     a = (1.0 - level) / 2
-    return [float(np.quantile(drops, a)), float(np.quantile(drops, 1 - a))]
+    # Ends on the grid of attainable drops (multiples of 100/n), rounded outward: no interpolated
+    # -0.15025, and never narrower than the interpolated interval.
+    lo, hi = np.quantile(drops, a, method="lower"), np.quantile(drops, 1 - a, method="higher")
+    return [round(float(lo), 10), round(float(hi), 10)]
 
 
 @dataclass(frozen=True)
