@@ -139,8 +139,6 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
     by_name = {c["name"]: c for c in configs}
     tuned = {}     # key -> name: a configuration equal to one already fine-tuned (pareto = greedy) reuses it
     for name, cfg in chosen:
-        qat = prepare_qat(s.model, cfg, act, learn_scales=args.qat_scales == "learned",
-                          per_channel=quant["granularity"] == "channel", clip=quant["clip"]).to(s.device)
         key = {"base_sha256": base_sha, "config": config_json(cfg, True), "recipe": recipe, "quantization": quant,
                "act_scales": {n: act[n, a].scale for n, (_, a) in cfg.items() if a != FLOAT_BITS}}
         meta = {"name": name, "config": {n: list(v) for n, v in cfg.items()}, "model_args": s.meta["model_args"],
@@ -152,6 +150,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
             masks[name] = masks[twin]
             print(f"{name}: the same configuration as {twin}; its fine-tune is reused")
             continue
+        qat = prepare_qat(s.model, cfg, act, learn_scales=args.qat_scales == "learned",
+                          per_channel=quant["granularity"] == "channel", clip=quant["clip"]).to(s.device)
         path = Path(args.checkpoint_dir) / f"qat_{name}.pt"
         run = finetune(qat, path, key, meta, padded, labels, s.normalize, args.qat_epochs, args.qat_lr,
                        args.qat_batch_size, s.seed, resume=args.resume, desc=f"qat {name}")
