@@ -67,9 +67,11 @@ def main():
         return out
 
     def evaluator(cache):
-        return lambda: [ev.correct(cfg) for ev in [CachedEvaluator(
-            s.model, s.quantizer, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size, act_quant=act,
-            cache_activations=cache)] for cfg in grid]
+        def evaluate_grid():
+            ev = CachedEvaluator(s.model, s.quantizer, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size,
+                                 act_quant=act, cache_activations=cache)
+            return [ev.correct(cfg) for cfg in grid]
+        return evaluate_grid
 
     sync(s.device)
     plain, t_plain = timed(unfolded)

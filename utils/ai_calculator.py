@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import textwrap
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from utils.config import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, load_config, parse_config
-from utils.errors import UserError
+from utils.errors import UserError, error_paragraph
 
 BIAS_BYTES = 4  # bias is kept in fp32 whatever the weight width
 CHARGES = ("weights", "bias", "inputs", "outputs")
@@ -277,7 +276,7 @@ def cli(argv=None) -> int:
     try:
         main(args)
     except UserError as e:
-        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        print(error_paragraph(e), file=sys.stderr)
         return 2
     return 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from models import arch_flags, build_from_args, closest_architectures, describe, normalize_model_args
-from utils.errors import UserError
+from utils.errors import UserError, error_paragraph
 from utils.io import atomic_torch_save
 
 CHECKPOINT_VERSION = 2   # 2: registry model_args, split identity, weight-decay groups
@@ -178,7 +178,6 @@ def main(argv=None) -> int:
     import argparse
     import json
     import sys
-    import textwrap
     from utils.io import atomic_write_json, sha256_file
     p = argparse.ArgumentParser(description="Write a finished stage-1 checkpoint without optimizer state (to ship "
                                             "it), and, with --results, its 01_baseline.json beside it pointing at it.")
@@ -196,7 +195,7 @@ def main(argv=None) -> int:
             res["provenance"]["inputs"]["checkpoint"] = {"path": str(args.out), "sha256": sha256_file(args.out)}
             atomic_write_json(Path(args.out).parent / "01_baseline.json", res)
     except (UserError, OSError, ValueError, KeyError) as e:
-        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        print(error_paragraph(e), file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
     return 0

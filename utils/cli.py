@@ -5,7 +5,6 @@ import argparse
 import os
 import random
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from models import ARCHS, arch_names, takes_shortcut
 from utils import distributed
-from utils.errors import UserError
+from utils.errors import UserError, error_paragraph
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -125,7 +124,7 @@ def run(main, parser: argparse.ArgumentParser, argv=None):
         print(args)
         main(args)
     except UserError as e:
-        print("\n" + textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        print("\n" + error_paragraph(e), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C): no partial output was written.", file=sys.stderr)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import textwrap
 
 import torch
 import torch.nn as nn
@@ -19,7 +18,7 @@ import torch.nn as nn
 from models import build_from_args
 from utils.checkpoint import read_checkpoint
 from utils.config import FLOAT_BITS
-from utils.errors import UserError
+from utils.errors import UserError, error_paragraph
 from utils.evaluation import FoldedModel
 from utils.io import atomic_torch_save
 from utils.qat import load_qat
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
         obj = export_model(args.checkpoint)
         atomic_torch_save(obj, args.out)
     except UserError as e:
-        print(textwrap.fill(f"error: {e}", width=100), file=sys.stderr)
+        print(error_paragraph(e), file=sys.stderr)
         return 2
     n_int = sum(1 for e in obj["layers"].values() if "weight_int8" in e)
     n_act = sum(1 for e in obj["layers"].values() if e["a_bits"] != FLOAT_BITS)
