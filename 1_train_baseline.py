@@ -4,6 +4,7 @@
     python 1_train_baseline.py --data-dir ../shared/data/cifar10-jpeg.tar.gz --epochs 30
     python 1_train_baseline.py --arch mobilenetv2   # any registered architecture
     python 1_train_baseline.py --resume             # continue an interrupted run
+    python 1_train_baseline.py --graph cuda         # the training step as one CUDA graph (GPU)
     python 1_train_baseline.py --quick --dataset synthetic   # smoke test, seconds on CPU
     torchrun --nproc_per_node 4 1_train_baseline.py ...      # DistributedDataParallel; --batch-size is global
 
@@ -13,6 +14,7 @@ import argparse
 
 from utils.cli import add_arch_args, add_common_args, run
 from utils.stages.train_baseline import train_baseline
+from utils.train import GRAPH_MODES
 
 
 def get_args_parser():
@@ -39,6 +41,12 @@ def get_args_parser():
                         "process's share (default: off, per-process BN statistics)")
     # --- speed ---
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    p.add_argument("--graph", default="off", choices=GRAPH_MODES,
+                   help="run the whole training step (augmentation, forward, backward, SGD update) as one graph: "
+                        "cuda = captured with torch.cuda.graphs (GPU only, fused SGD); compile = torch.compile "
+                        "with mode reduce-overhead on a GPU, the aot_eager backend on the CPU; the same losses "
+                        "and weights as off within float rounding; one process only; not restored by --resume "
+                        "(default: off)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA instead of bf16 autocast (default: bf16)")
     p.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
     p.add_argument("--eval-every", default=1, type=int,

@@ -16,7 +16,7 @@ import argparse
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
 from utils.stages.greedy_search import QUICK_MAX_EVALUATIONS, RANK_SIGNALS, search_widths
-from utils.stats import BUDGET_Z
+from quant.stats import BUDGET_Z
 
 
 def get_args_parser():

@@ -19,13 +19,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from models import build_model  # noqa: E402
-from models.structure import quantizable_layers  # noqa: E402
+from models.structure import DEFAULT_TARGET  # noqa: E402
+from quant.calibrate import calibrate  # noqa: E402
+from quant.cost import kernel_table  # noqa: E402
+from quant.fold import fold_bn  # noqa: E402
 from utils.checkpoint import load_model  # noqa: E402
 from utils.cli import resolve_device  # noqa: E402
 from utils.data import channel_stats, load_dataset, subset_indices  # noqa: E402
-from utils.evaluation import FoldedModel  # noqa: E402
 from utils.qat import param_groups, prepare_qat  # noqa: E402
-from utils.quantization import calibrate_activations  # noqa: E402
 from utils.train import PAD, Normalizer, WarmupCosine, to_device_uint8, train_one_epoch  # noqa: E402
 
 
@@ -56,7 +57,8 @@ def main():
     p.add_argument("--batch-size", default=128, type=int, help="(default: 128)")
     p.add_argument("--epochs", default=1, type=int, help="timed epochs each, after one warm-up (default: 1)")
     p.add_argument("--w", default=4, type=int, help="weight bits of every layer (default: 4)")
-    p.add_argument("--a", default=4, type=int, help="activation bits of every layer (default: 4)")
+    p.add_argument("--a", default=4, type=int, help="width of every tensor, the image and the logits included "
+                                                    "(default: 4)")
     args = p.parse_args()
     print(args)
     device = resolve_device(args.device)
@@ -80,11 +82,11 @@ def main():
     f_s, f_warm = epochs_of(float_model, opt, padded, labels, normalize, args.batch_size, args.epochs,
                             device.type == "cuda", device)
 
-    names = list(quantizable_layers(model))
     model.eval()
     calib = [normalize(to_device_uint8(data.train_x[idx[:500]], device))]
-    act = calibrate_activations(FoldedModel(model).model, calib, names, [args.a])
-    qat = prepare_qat(model, {n: (args.w, args.a) for n in names}, act).to(device)
+    ranges = calibrate(fold_bn(model), DEFAULT_TARGET, calib, [args.a])
+    space = kernel_table(model, DEFAULT_TARGET).space
+    qat = prepare_qat(model, space.uniform(args.w, args.a), ranges, DEFAULT_TARGET).to(device)
     opt = torch.optim.SGD(param_groups(qat), lr=0.001, momentum=0.9, nesterov=True)
     q_s, q_warm = epochs_of(qat, opt, padded, labels, normalize, args.batch_size, args.epochs,
                             device.type == "cuda", device)

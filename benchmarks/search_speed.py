@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from utils.cli import script_module  # noqa: E402
-from utils.search import pareto_frontier  # noqa: E402
+from quant.search import pareto_frontier  # noqa: E402
 
 VARIANTS = {"kl": ["--rank-by", "kl"], "loss": ["--rank-by", "loss"], "drop": ["--rank-by", "drop"],
             "classic": ["--rank-by", "drop", "--no-fast-forward", "--no-prune-infeasible"]}

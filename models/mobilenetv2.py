@@ -19,7 +19,7 @@ Each block is a 1x1 expansion conv, a 3x3 depthwise conv (groups = channels) and
 projection (no ReLU after it); stride-1 blocks add a residual, through a 1x1 conv + BN where the
 width changes (4 blocks). 17 blocks, 58 Conv2d/Linear layers (39 pointwise 1x1, 17 depthwise
 3x3, the 3x3 stem, the classifier), 2,296,922 parameters, 91,154,944 MACs per 32x32 image
-(checked by the tests and by ``python -m models.mobilenetv2``). The depthwise convs do 6.5% of
+(checked by the tests; ``python -m utils.ai_calculator --arch mobilenetv2`` prints the FLOPs). The depthwise convs do 6.5% of
 the MACs but read and write full activation maps for 9 MACs per output, so their arithmetic
 intensity is very low: 0.8-2.2 FLOPs/byte in fp32 at batch 1, where the pointwise convs reach
 up to 18 (the 3x3 convs of ResNet-20: 20-46).
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import Segment
+from models.structure import DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target
 
 PARAM_COUNT = 2_296_922
 MACS = 91_154_944
@@ -47,29 +47,42 @@ class Block(nn.Module):
         planes = expansion * in_planes
         self.conv1 = nn.Conv2d(in_planes, planes, 1, 1, 0, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.q1 = Slot()
         self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, groups=planes, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.q2 = Slot()
         self.conv3 = nn.Conv2d(planes, out_planes, 1, 1, 0, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
+        self.q_mid = Slot()      # the projection's output before the add: a tensor only where the add is its own kernel
         self.shortcut = nn.Sequential()
+        self.residual = stride == 1
         self.projection = stride == 1 and in_planes != out_planes
         if self.projection:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, 1, 0, bias=False),
                                           nn.BatchNorm2d(out_planes))
+            self.q_sc = Slot()
+        if self.residual:
+            self.add = Add()
+        self.q_out = Slot()
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.q1(F.relu(self.bn1(self.conv1(x))))
+        out = self.q2(F.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
-        return out + self.shortcut(x) if self.stride == 1 else out
+        if not self.residual:
+            return self.q_out(out)
+        sc = self.q_sc(self.shortcut(x)) if self.projection else self.shortcut(x)
+        return self.q_out(self.add(self.q_mid(out), sc))
 
 
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.model_args = {"arch": "mobilenetv2", "num_classes": num_classes}
+        self.q_input = Slot()
         self.conv1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(32)
+        self.q_stem = Slot()
         blocks, in_planes = [], 32
         for expansion, out_planes, num_blocks, stride in CFG:
             for s in [stride] + [1] * (num_blocks - 1):
@@ -78,22 +91,73 @@ class MobileNetV2(nn.Module):
         self.layers = nn.Sequential(*blocks)
         self.conv2 = nn.Conv2d(320, 1280, 1, 1, 0, bias=False)
         self.bn2 = nn.BatchNorm2d(1280)
+        self.q_head = Slot()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.q_pool = Slot()
         self.linear = nn.Linear(1280, num_classes)
+        self.q_logits = Slot()
 
     def stem(self, x):
-        return F.relu(self.bn1(self.conv1(x)))
+        return self.q_stem(F.relu(self.bn1(self.conv1(self.q_input(x)))))
 
     def head(self, x):
-        out = F.relu(self.bn2(self.conv2(x)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        out = self.q_head(F.relu(self.bn2(self.conv2(x))))
+        return self.q_logits(self.linear(self.q_pool(torch.flatten(self.pool(out), 1))))
 
-    def segments(self) -> list[Segment]:
-        segs = [Segment("stem", self.stem, ("conv1",))]
+    def _kernels_by_segment(self, target: str) -> list[tuple[str, list[Kernel]]]:
+        """Stem conv+BN+ReLU; per block expand conv1+BN+ReLU, depthwise conv2+BN+ReLU, the projection
+        shortcut (conv+BN) as its own kernel, project conv3+BN (+ the residual add, generic; ort-cpu:
+        the add is its own kernel); the head's 1x1 conv2+BN+ReLU, pool, linear."""
+        check_target(target)
+        out = [("stem", [Kernel("conv1", ("conv1",), (Read(INPUT),), "conv1", ("conv1",))])]
+        prev = "conv1"
         for i, b in enumerate(self.layers):
-            convs = ["conv1", "conv2", "conv3"] + (["shortcut.0"] if b.projection else [])
-            segs.append(Segment(f"layers.{i}", b, tuple(f"layers.{i}.{c}" for c in convs)))
-        segs.append(Segment("head", self.head, ("conv2", "linear")))
-        return segs
+            p = f"layers.{i}"
+            ks = [Kernel(f"{p}.conv1", (f"{p}.conv1",), (Read(prev),), f"{p}.conv1", (f"{p}.conv1",)),
+                  Kernel(f"{p}.conv2", (f"{p}.conv2",), (Read(f"{p}.conv1"),), f"{p}.conv2", (f"{p}.conv2",))]
+            conv3 = (Read(f"{p}.conv2"),)
+            if not b.residual:
+                ks.append(Kernel(f"{p}.conv3", (f"{p}.conv3",), conv3, f"{p}.conv3", (f"{p}.conv3",)))
+            else:
+                if b.projection:
+                    ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev),), f"{p}.shortcut.0",
+                                     (f"{p}.shortcut.0",)))
+                sc = Read(f"{p}.shortcut.0" if b.projection else prev)
+                if target == "generic":
+                    ks.append(Kernel(f"{p}.conv3", (f"{p}.conv3",), conv3 + (sc,), f"{p}.conv3",
+                                     (f"{p}.conv3", f"{p}.add")))
+                else:
+                    ks += [Kernel(f"{p}.conv3", (f"{p}.conv3",), conv3, f"{p}.conv3", (f"{p}.conv3",)),
+                           Kernel(f"{p}.add", (), (Read(f"{p}.conv3"), sc), f"{p}.add", (f"{p}.add",))]
+            out.append((p, ks))
+            prev = ks[-1].writes
+        out.append(("head", [Kernel("conv2", ("conv2",), (Read(prev),), "conv2", ("conv2",)),
+                             Kernel("pool", (), (Read("conv2"),), "pool", ("pool",)),
+                             Kernel("linear", ("linear",), (Read("pool"),), "linear", ("linear",))]))
+        return out
+
+    def kernels(self, target: str = DEFAULT_TARGET) -> list[Kernel]:
+        return [k for _, ks in self._kernels_by_segment(target) for k in ks]
+
+    def tensors(self, target: str = DEFAULT_TARGET) -> list[Tensor]:
+        check_target(target)
+        ts = [Tensor(INPUT, "q_input", True), Tensor("conv1", "q_stem", False)]
+        for i, b in enumerate(self.layers):
+            p = f"layers.{i}"
+            ts += [Tensor(f"{p}.conv1", f"{p}.q1", False), Tensor(f"{p}.conv2", f"{p}.q2", False)]
+            if b.projection:
+                ts.append(Tensor(f"{p}.shortcut.0", f"{p}.q_sc", True))
+            if b.residual and target != "generic":
+                ts += [Tensor(f"{p}.conv3", f"{p}.q_mid", True), Tensor(f"{p}.add", f"{p}.q_out", True)]
+            else:
+                ts.append(Tensor(f"{p}.conv3", f"{p}.q_out", True))
+        return ts + [Tensor("conv2", "q_head", False), Tensor("pool", "q_pool", False),
+                     Tensor("linear", "q_logits", True)]
+
+    def segments(self, target: str = DEFAULT_TARGET) -> list[Segment]:
+        fns = [self.stem, *self.layers, self.head]
+        return [Segment(name, fn, tuple(k.name for k in ks))
+                for fn, (name, ks) in zip(fns, self._kernels_by_segment(target))]
 
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         pairs = [("conv1", "bn1"), ("conv2", "bn2")]
@@ -106,13 +170,3 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x)))
-
-
-if __name__ == "__main__":
-    from models.resnet import count_parameters
-    from utils.ai_calculator import layer_table
-    m = MobileNetV2()
-    table = layer_table(m)
-    n, macs = count_parameters(m), sum(t.macs for t in table)
-    assert (n, macs) == (PARAM_COUNT, MACS), (n, macs)
-    print(f"MobileNetV2 (CIFAR): {n:,} parameters, {len(table)} layers, {macs:,} MACs per image")

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import Segment, module_name
+from models.structure import (DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target,
+                              module_name)
 
 DEPTHS = (8, 20, 32, 44, 56, 110)
 SHORTCUTS = ("A", "B")
@@ -46,8 +47,13 @@ class PadShortcut(nn.Module):
         super().__init__()
         self.extra = extra_channels
 
+    @staticmethod
+    def read_view(x):
+        """The elements of `x` the shortcut really reads: the subsampled ones (the padding reads nothing)."""
+        return x[:, :, ::2, ::2]
+
     def forward(self, x):
-        x = x[:, :, ::2, ::2]
+        x = self.read_view(x)
         half = self.extra // 2
         return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
 
@@ -57,8 +63,10 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.q1 = Slot()
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.q_mid = Slot()      # the conv2 output before the add: a tensor only where the add is its own kernel
         self.shortcut = nn.Sequential()
         self.projection = (stride != 1 or in_planes != planes) and shortcut == "B"
         if stride != 1 or in_planes != planes:
@@ -67,12 +75,15 @@ class BasicBlock(nn.Module):
             else:
                 self.shortcut = nn.Sequential(
                     nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                self.q_sc = Slot()
+        self.add = Add()
+        self.q_out = Slot()
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)  # in place, as torchvision: saves a full activation copy
-        return F.relu(out, inplace=True)
+        out = self.q1(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        sc = self.q_sc(self.shortcut(x)) if self.projection else self.shortcut(x)
+        out = self.q_mid(self.bn2(self.conv2(out)))
+        return self.q_out(F.relu(self.add(out, sc), inplace=True))
 
 
 class CifarResNet(nn.Module):
@@ -84,8 +95,10 @@ class CifarResNet(nn.Module):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
         self.model_args = {"arch": f"resnet{depth}", "shortcut": shortcut, "num_classes": num_classes}
+        self.q_input = Slot()
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
+        self.q_stem = Slot()
         planes_in = 16
         for stage, planes in enumerate((16, 32, 64), start=1):
             blocks = []
@@ -94,29 +107,80 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(planes_in, planes, stride, shortcut))
                 planes_in = planes
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.q_pool = Slot()
         self.linear = nn.Linear(64, num_classes)
+        self.q_logits = Slot()
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
     def stem(self, x):
-        return F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return self.q_stem(F.relu(self.bn1(self.conv1(self.q_input(x))), inplace=True))
 
     def head(self, x):
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.q_logits(self.linear(self.q_pool(torch.flatten(self.pool(x), 1))))
 
     def blocks(self):
         return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
 
-    def segments(self) -> list[Segment]:
-        """Stem, every block, head (see models/structure.py)."""
-        segs = [Segment("stem", self.stem, ("conv1",))]
+    def _block_kernels(self, b: BasicBlock, prev: str, target: str) -> list[Kernel]:
+        """The kernels of block `b`, which reads tensor `prev`; the last one writes the block output."""
+        p = module_name(self, b)
+        ks = [Kernel(f"{p}.conv1", (f"{p}.conv1",), (Read(prev),), f"{p}.conv1", (f"{p}.conv1",))]
+        sc_ops = ()
+        if b.projection:
+            ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev),), f"{p}.shortcut.0",
+                             (f"{p}.shortcut.0",)))
+            sc = Read(f"{p}.shortcut.0")
+        elif isinstance(b.shortcut, PadShortcut):
+            sc, sc_ops = Read(prev, 0.25), (f"{p}.shortcut",)
+        else:
+            sc = Read(prev)
+        if target == "generic":
+            ks.append(Kernel(f"{p}.conv2", (f"{p}.conv2",), (Read(f"{p}.conv1"), sc), f"{p}.conv2",
+                             (f"{p}.conv2", f"{p}.add") + sc_ops))
+        else:
+            ks.append(Kernel(f"{p}.conv2", (f"{p}.conv2",), (Read(f"{p}.conv1"),), f"{p}.conv2", (f"{p}.conv2",)))
+            ks.append(Kernel(f"{p}.add", (), (Read(f"{p}.conv2"), sc), f"{p}.add", (f"{p}.add",) + sc_ops))
+        return ks
+
+    def _kernels_by_segment(self, target: str) -> list[tuple[str, list[Kernel]]]:
+        check_target(target)
+        out = [("stem", [Kernel("conv1", ("conv1",), (Read(INPUT),), "conv1", ("conv1",))])]
+        prev = "conv1"
         for b in self.blocks():
-            name = module_name(self, b)
-            convs = ["conv1", "conv2"] + (["shortcut.0"] if b.projection else [])
-            segs.append(Segment(name, b, tuple(f"{name}.{c}" for c in convs)))
-        segs.append(Segment("head", self.head, ("linear",)))
-        return segs
+            ks = self._block_kernels(b, prev, target)
+            out.append((module_name(self, b), ks))
+            prev = ks[-1].writes
+        out.append(("head", [Kernel("pool", (), (Read(prev),), "pool", ("pool",)),
+                             Kernel("linear", ("linear",), (Read("pool"),), "linear", ("linear",))]))
+        return out
+
+    def kernels(self, target: str = DEFAULT_TARGET) -> list[Kernel]:
+        """Stem conv+BN+ReLU; per block conv1+BN+ReLU, the projection (conv+BN) as its own kernel,
+        conv2+BN+add+ReLU (generic) or conv2+BN, then add+ReLU (ort-cpu); pool; linear."""
+        return [k for _, ks in self._kernels_by_segment(target) for k in ks]
+
+    def tensors(self, target: str = DEFAULT_TARGET) -> list[Tensor]:
+        check_target(target)
+        ts = [Tensor(INPUT, "q_input", True), Tensor("conv1", "q_stem", False)]
+        for b in self.blocks():
+            p = module_name(self, b)
+            ts.append(Tensor(f"{p}.conv1", f"{p}.q1", False))
+            if b.projection:
+                ts.append(Tensor(f"{p}.shortcut.0", f"{p}.q_sc", True))
+            if target == "generic":
+                ts.append(Tensor(f"{p}.conv2", f"{p}.q_out", False))
+            else:
+                ts += [Tensor(f"{p}.conv2", f"{p}.q_mid", True), Tensor(f"{p}.add", f"{p}.q_out", False)]
+        return ts + [Tensor("pool", "q_pool", False), Tensor("linear", "q_logits", True)]
+
+    def segments(self, target: str = DEFAULT_TARGET) -> list[Segment]:
+        """Stem, every block, head (see models/structure.py)."""
+        fns = [self.stem, *self.blocks(), self.head]
+        return [Segment(name, fn, tuple(k.name for k in ks))
+                for fn, (name, ks) in zip(fns, self._kernels_by_segment(target))]
 
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         pairs = [("conv1", "bn1")]

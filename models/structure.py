@@ -1,15 +1,22 @@
 """What a quantizable model declares about itself, so that no code guesses it from names.
 
-A model registered in models/__init__.py has two methods:
+A model registered in models/__init__.py declares:
 
-* ``segments()``: the network as a chain of ``Segment(name, fn, layers)``; running every ``fn``
-  in order equals ``forward``. ``layers`` names the Conv2d/Linear modules that run inside the
-  segment. The prefix-cached evaluator (utils/evaluation.py) caches the input of each segment.
+* ``kernels(target)``: the kernels a deployment compiler runs, in order (``Kernel``). A kernel is
+  what the runtime fuses into one pass over memory; ``target`` names the runtime's fusion:
+  ``"generic"`` (TensorRT's usual fusion: conv + BN + ReLU, and the residual add fused into the
+  conv in front of it) or ``"ort-cpu"`` (ONNX Runtime's CPU kernels: the residual add is its own
+  kernel, reading a quantized conv output). Every kernel writes one tensor, named after it; it reads
+  tensors written by earlier kernels, or ``"input"`` (the image).
+* ``tensors(target)``: every tensor (``Tensor``): its name, the ``Slot`` module the forward pass
+  runs it through where it is written, and whether it can be negative. A tensor's width is set
+  there, once, and every consumer reads that same quantized tensor.
+* ``segments(target)``: the network as a chain of ``Segment(name, fn, kernels)``; running every
+  ``fn`` in order equals ``forward``. The prefix-cached evaluator caches the input of each segment.
 * ``conv_bn_pairs()``: ``(conv name, BN name)`` for every BatchNorm that directly normalizes one
-  conv's output and nothing else, i.e. can be folded into that conv. A BN anywhere else (e.g. in
-  front of a conv, as in pre-activation blocks) is simply not listed and stays a BN.
+  conv's output and nothing else, i.e. can be folded into that conv.
 
-``check_structure`` verifies both declarations against the modules themselves.
+``check_structure`` verifies the declarations against the modules themselves.
 """
 from __future__ import annotations
 
@@ -18,12 +25,58 @@ from typing import Callable
 
 import torch.nn as nn
 
+TARGETS = ("generic", "ort-cpu")
+DEFAULT_TARGET = "generic"
+INPUT = "input"   # the image tensor: read by the stem, written by no kernel
+
+
+class Slot(nn.Module):
+    """Where a tensor is written: identity until a quantizer is attached (``slot.quant``), then the
+    tensor every consumer reads is the quantized one. Holds no state of its own, so checkpoints of
+    float models are unchanged by it."""
+
+    def __init__(self):
+        super().__init__()
+        self.quant = None
+
+    def forward(self, x):
+        return x if self.quant is None else self.quant(x)
+
+
+class Add(nn.Module):
+    """The residual add, as a module so that what it reads can be hooked."""
+
+    def forward(self, a, b):
+        return a + b
+
+
+@dataclass(frozen=True)
+class Read:
+    tensor: str
+    fraction: float = 1.0   # the share of the tensor's elements the kernel reads (shortcut A: 1/4)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    layers: tuple[str, ...]     # Conv2d/Linear modules whose weights the kernel reads
+    reads: tuple[Read, ...]
+    writes: str                 # the tensor it writes (named after the kernel)
+    ops: tuple[str, ...]        # the modules that read the kernel's input tensors (hooked by the trace)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    slot: str                   # module path of its Slot
+    signed: bool                # False: never negative by construction (after a ReLU, or pooled from one)
+
 
 @dataclass(frozen=True)
 class Segment:
     name: str
     fn: Callable
-    layers: tuple[str, ...]
+    kernels: tuple[str, ...]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -38,16 +91,52 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     raise KeyError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
 
 
-def check_structure(model: nn.Module) -> None:
-    """Raise ValueError if the declared segments or conv-BN pairs do not fit the modules."""
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    return target
+
+
+def check_structure(model: nn.Module, target: str = DEFAULT_TARGET) -> None:
+    """Raise ValueError if the declared kernels, tensors, segments or conv-BN pairs do not fit the
+    modules or each other."""
+    mods = dict(model.named_modules())
     layers = quantizable_layers(model)
-    declared = [n for seg in model.segments() for n in seg.layers]
+    kernels = model.kernels(target)
+    tensors = {t.name: t for t in model.tensors(target)}
+    declared = [n for k in kernels for n in k.layers]
     dupes = sorted({n for n in declared if declared.count(n) > 1})
     missing, unknown = sorted(set(layers) - set(declared)), sorted(set(declared) - set(layers))
     if dupes or missing or unknown:
-        raise ValueError(f"{type(model).__name__}.segments() must name every Conv2d/Linear exactly once: "
+        raise ValueError(f"{type(model).__name__}.kernels() must name every Conv2d/Linear exactly once: "
                          f"repeated {dupes}, missing {missing}, unknown {unknown}")
-    mods = dict(model.named_modules())
+    written = [INPUT]
+    for k in kernels:
+        for r in k.reads:
+            if r.tensor not in written:
+                raise ValueError(f"kernel {k.name!r} reads {r.tensor!r} before any kernel writes it")
+            if not 0 < r.fraction <= 1:
+                raise ValueError(f"kernel {k.name!r} reads a fraction {r.fraction} of {r.tensor!r}")
+        if k.writes != k.name or k.writes in written:
+            raise ValueError(f"kernel {k.name!r} must write one new tensor named after it, not {k.writes!r}")
+        written.append(k.writes)
+        bad_ops = [o for o in k.ops if o not in mods]
+        if bad_ops or not k.ops:
+            raise ValueError(f"kernel {k.name!r}: ops {bad_ops or '(none)'} are not modules of the model")
+    names = [t.name for t in model.tensors(target)]   # a list: `tensors` would hide a name declared twice
+    if sorted(written) != sorted(names):
+        raise ValueError(f"tensors() must list exactly the input and one tensor per kernel: "
+                         f"missing {sorted(set(written) - set(tensors))}, unknown {sorted(set(tensors) - set(written))}, "
+                         f"repeated {sorted({n for n in names if names.count(n) > 1})}")
+    for t in tensors.values():
+        if not isinstance(mods.get(t.slot), Slot):
+            raise ValueError(f"tensor {t.name!r}: {t.slot!r} is not a Slot of the model")
+    slots = [t.slot for t in tensors.values()]
+    if len(set(slots)) != len(slots):
+        raise ValueError("two tensors share one Slot")
+    seg_kernels = [k for seg in model.segments(target) for k in seg.kernels]
+    if seg_kernels != [k.name for k in kernels]:
+        raise ValueError(f"{type(model).__name__}.segments() must list every kernel once, in kernel order")
     seen_bn = set()
     for conv, bn in model.conv_bn_pairs():
         c, b = mods.get(conv), mods.get(bn)
@@ -56,3 +145,8 @@ def check_structure(model: nn.Module) -> None:
         if c.out_channels != b.num_features or bn in seen_bn:
             raise ValueError(f"conv-BN pair ({conv!r}, {bn!r}): channel mismatch or BN folded twice")
         seen_bn.add(bn)
+
+
+def segment_layers(model: nn.Module, seg: Segment, target: str = DEFAULT_TARGET) -> tuple[str, ...]:
+    by_name = {k.name: k for k in model.kernels(target)}
+    return tuple(n for k in seg.kernels for n in by_name[k].layers)

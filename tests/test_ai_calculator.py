@@ -1,6 +1,5 @@
-"""Arithmetic-intensity anchors of the reference work, the cost model against an independent count
-(mixed weight/activation widths, batch sizes, both shortcut kinds, every registered architecture),
-roofline and the command line."""
+"""Cost models (fused and reference), the trace of the real tensors, configuration files and the
+ai_calculator command line."""
 import json
 import subprocess
 import sys
@@ -13,59 +12,212 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import arch_names, build_model
 from models.resnet import CifarResNet, resnet20
-from models.structure import quantizable_layers
+from models.structure import INPUT, TARGETS, Read, quantizable_layers
+from quant.calibrate import calibrate
+from quant.cost import DEVICES, CostModel, attainable_flops, kernel_table, layer_table, ridge_point
+from quant.fold import fold_bn
+from quant.place import quantize_
+from quant.trace import trace
+from quant.widths import FLOAT_BITS, FORMAT, A, W
 from utils import ai_calculator
-from utils.ai_calculator import (DEVICES, REFERENCE, CostModel, attainable_flops, layer_bytes, layer_table, model_ai,
-                                 model_cost, ridge_point)
+from utils.config import load_config
 from utils.errors import UserError
 from utils.io import REPO_ROOT
+
+FUSED = CostModel("fused")
+REFERENCE = CostModel("reference")
 
 
 @pytest.fixture(scope="module")
 def table_b():
-    return layer_table(resnet20("B"))
+    return kernel_table(resnet20("B"))
 
 
 @pytest.fixture(scope="module")
 def table_a():
-    return layer_table(resnet20("A"))
+    return kernel_table(resnet20("A"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference convention
 
 
 def test_reference_anchors_shortcut_b(table_b):
-    assert len(table_b) == 22
-    assert sum(layer.macs for layer in table_b) == 40_813_184
-    names = [layer.name for layer in table_b]
-    assert round(model_ai(table_b), 2) == 29.85
-    assert round(model_ai(table_b, {n: 8 for n in names}), 2) == 42.47
-    assert round(model_ai(table_b, {n: 4 for n in names}), 2) == 45.69
+    sp = table_b.space
+    assert len(table_b.layers) == 22 and sum(li.macs for li in table_b.layers) == 40_813_184
+    assert round(REFERENCE.ai(table_b, sp.uniform(32, 32)), 2) == 29.85
+    assert round(REFERENCE.ai(table_b, sp.uniform(8, 32)), 2) == 42.47
+    assert round(REFERENCE.ai(table_b, sp.uniform(4, 32)), 2) == 45.69
+    assert round(REFERENCE.ai(table_b, sp.uniform(2, 32)) / REFERENCE.ai(table_b, sp.uniform(32, 32)), 2) == 1.59
 
 
 def test_reference_anchors_shortcut_a(table_a):
-    assert len(table_a) == 20
-    assert sum(layer.macs for layer in table_a) == 40_551_040
-    assert round(model_ai(table_a), 2) == 31.47
+    assert len(table_a.layers) == 20 and sum(li.macs for li in table_a.layers) == 40_551_040
+    assert round(REFERENCE.ai(table_a, table_a.space.uniform(32, 32)), 2) == 31.47
+
+
+def test_reference_refuses_narrowed_tensors(table_b):
+    cfg = table_b.space.full({(A, "layer1.0.conv1"): 8})
+    for fn in (REFERENCE.ai, REFERENCE.cost, REFERENCE.total_bytes):
+        with pytest.raises(UserError, match="reference cost model charges activations in float"):
+            fn(table_b, cfg)
+    with pytest.raises(UserError):
+        REFERENCE.group_bytes(table_b, (A, "input"), 8)
+    assert REFERENCE.group_bytes(table_b, (A, "input"), FLOAT_BITS) == 0.0
+
+
+def test_reference_exact_against_independent_count():
+    """The reference convention, by hand: per layer weights*w/8 + own bias*4 + (in + out)*4 per image."""
+    table = kernel_table(CifarResNet(20, "B"))
+    rng = np.random.default_rng(0)
+    for batch in (1, 7):
+        cm = CostModel("reference", batch)
+        cfg = table.space.full({(W, li.name): int(rng.choice([2, 4, 8, 32])) for li in table.layers})
+        hand = sum(li.weights * cfg[W, li.name] / 8 + li.bias * 4 + (li.in_elems + li.out_elems) * 4 * batch
+                   for li in table.layers)
+        assert cm.total_bytes(table, cfg) == hand == cm.cost(table, cfg)["bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused cost model
+
+
+# The issue's table (independent counts, every tensor and weight at one width): FP32, W8 with fp32
+# tensors, W8A8, W4A8, W4A4.
+FUSED_ANCHORS = {
+    ("resnet20", "B"): (26.34, 35.71, 105.05, 127.23, 209.25),
+    ("resnet20", "A"): (27.81, 38.42, 110.94, 135.88, 221.04),
+    ("resnet56", "B"): (28.36, 39.84, 113.13, 139.92, 225.39),
+    ("mobilenetv2", None): (7.78, 10.94, 30.83, 38.12, 60.93),
+}
+
+
+@pytest.mark.parametrize("arch,shortcut", list(FUSED_ANCHORS))
+def test_fused_anchors(arch, shortcut):
+    table = kernel_table(build_model(arch, shortcut))
+    got = [FUSED.ai(table, table.space.uniform(w, a)) for w, a in ((32, 32), (8, 32), (8, 8), (4, 8), (4, 4))]
+    assert got == pytest.approx(FUSED_ANCHORS[arch, shortcut], abs=0.01)
+    if (arch, shortcut) == ("resnet20", "B"):
+        assert got[4] / got[0] == pytest.approx(7.94, abs=0.01)
+
+
+def hand_kernels(depth, shortcut):
+    """[(kernel, {layer: weights}, bias, [(tensor, elements read)], (tensor, elements written), macs)] of a
+    CIFAR ResNet under the generic fusion, from the paper's structure alone."""
+    n = (depth - 2) // 6
+    ks = [("conv1", {"conv1": 3 * 16 * 9}, 16, [(INPUT, 3 * 1024)], ("conv1", 16 * 1024), 3 * 16 * 9 * 1024)]
+    prev, cin, hw = "conv1", 16, 32
+    for stage, planes in enumerate((16, 32, 64), start=1):
+        for i in range(n):
+            stride = 2 if (i == 0 and stage > 1) else 1
+            o = hw // stride
+            p = f"layer{stage}.{i}"
+            ks.append((f"{p}.conv1", {f"{p}.conv1": cin * planes * 9}, planes, [(prev, cin * hw * hw)],
+                       (f"{p}.conv1", planes * o * o), cin * planes * 9 * o * o))
+            if stride == 1 and cin == planes:
+                sc = (prev, cin * hw * hw)
+            elif shortcut == "B":
+                ks.append((f"{p}.shortcut.0", {f"{p}.shortcut.0": cin * planes}, planes, [(prev, cin * hw * hw)],
+                           (f"{p}.shortcut.0", planes * o * o), cin * planes * o * o))
+                sc = (f"{p}.shortcut.0", planes * o * o)
+            else:   # A: the subsampled input, no padding read
+                sc = (prev, cin * o * o)
+            ks.append((f"{p}.conv2", {f"{p}.conv2": planes * planes * 9}, planes, [(f"{p}.conv1", planes * o * o), sc],
+                       (f"{p}.conv2", planes * o * o), planes * planes * 9 * o * o))
+            prev, cin, hw = f"{p}.conv2", planes, o
+    ks.append(("pool", {}, 0, [(prev, 64 * 64)], ("pool", 64), 0))
+    ks.append(("linear", {"linear": 640}, 10, [("pool", 64)], ("linear", 10), 640))
+    return ks
+
+
+@pytest.mark.parametrize("depth,shortcut", [(20, "A"), (20, "B"), (8, "A"), (32, "B")])
+@pytest.mark.parametrize("batch", [1, 7, 128])
+def test_fused_exact_against_independent_count(depth, shortcut, batch):
+    """Random mixed configurations: the fused cost model's bytes, FLOPs and AI equal a count made from the
+    architecture's definition, to the byte; and the search's per-group bytes add up to the same total."""
+    table = kernel_table(CifarResNet(depth, shortcut))
+    hand = hand_kernels(depth, shortcut)
+    assert [k.name for k in table.kernels] == [h[0] for h in hand]
+    rng = np.random.default_rng(depth * 1000 + batch)
+    cm = CostModel("fused", batch)
+    for _ in range(5):
+        cfg = table.space.full({g: int(rng.choice([2, 3, 4, 6, 8, 32])) for g in table.space.groups
+                                if rng.random() < 0.8})
+        nbytes = flops = 0
+        for _, weights, bias, reads, (wt, we), macs in hand:
+            nbytes += sum(e * cfg[W, n] / 8 for n, e in weights.items()) + bias * 4
+            nbytes += (sum(e * cfg[A, t] / 8 for t, e in reads) + we * cfg[A, wt] / 8) * batch
+            flops += 2 * macs * batch
+        cost = cm.cost(table, cfg)
+        assert cost["bytes"] == nbytes and cost["flops"] == flops and cost["ai"] == flops / nbytes
+        assert cm.constant_bytes(table) + sum(cm.group_bytes(table, g, b) for g, b in cfg.items()) == nbytes
+        assert sum(r["bytes"] for r in cost["rows"]) == nbytes
+
+
+def test_one_tensor_one_width_shared_by_its_readers(table_b):
+    """A tensor read by two kernels (a block input read by conv1 and the projection) is charged once per
+    read at its one width: narrowing it saves bytes on every reader."""
+    t = "layer1.2.conv2"      # the input of layer2.0: read by conv1 and shortcut.0, written once
+    readers = [k.name for k in table_b.kernels if any(r == t for r, _ in k.reads)]
+    assert readers == ["layer2.0.conv1", "layer2.0.shortcut.0"]
+    assert table_b.traffic(t) == 3 * 16 * 32 * 32
+    base = FUSED.total_bytes(table_b, table_b.space.uniform(32, 32))
+    assert base - FUSED.total_bytes(table_b, table_b.space.full({(A, t): 8})) == 3 * 16384 * 24 / 8
+
+
+def test_identity_shortcut_and_pooling_are_charged(table_b):
+    conv2 = next(k for k in table_b.kernels if k.name == "layer1.1.conv2")
+    assert conv2.reads == (("layer1.1.conv1", 16384), ("layer1.0.conv2", 16384))
+    pool = next(k for k in table_b.kernels if k.name == "pool")
+    assert pool.reads == (("layer3.2.conv2", 4096),) and pool.writes == ("pool", 64) and pool.flops == 0
+
+
+def test_ort_cpu_target_has_separate_add_kernels():
+    m = resnet20("B")
+    gen, ort = kernel_table(m, "generic"), kernel_table(m, "ort-cpu")
+    assert len(gen.kernels) == 23 and len(ort.kernels) == 32 and len(ort.space.tensors) == 33
+    add = next(k for k in ort.kernels if k.name == "layer2.0.add")
+    assert add.reads == (("layer2.0.conv2", 8192), ("layer2.0.shortcut.0", 8192)) and add.flops == 0
+    assert gen.flops == ort.flops == 81_626_368
+    assert FUSED.ai(ort, ort.space.uniform(8, 8)) < FUSED.ai(gen, gen.space.uniform(8, 8))
+
+
+def test_cost_model_json_round_trip_and_bad_values():
+    cm = CostModel("reference", 4)
+    assert CostModel.from_json(cm.to_json("generic")) == cm and CostModel.from_json(None) == FUSED
+    assert cm.to_json("ort-cpu")["target"] == "ort-cpu" and "per-layer" in cm.to_json()["convention"]
+    for bad in (("cheap", 1), ("fused", 0)):
+        with pytest.raises(UserError):
+            CostModel(*bad)
+
+
+def test_kernel_table_needs_the_unfolded_model():
+    with pytest.raises(ValueError, match="before BN folding"):
+        kernel_table(fold_bn(resnet20("B")))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and the per-layer table
 
 
 def test_flops_match_torch_flop_counter(table_b):
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         resnet20("B").eval()(torch.zeros(1, 3, 32, 32))
-    assert counter.get_total_flops() == 81_626_368
-    assert sum(layer.flops for layer in table_b) == 81_626_368
-    assert model_cost(table_b)["flops"] == 81_626_368
+    assert counter.get_total_flops() == 81_626_368 == table_b.flops
 
 
 @pytest.mark.parametrize("arch", arch_names())
 def test_every_architecture_matches_flop_counter(arch):
-    """The hook-based table counts exactly the FLOPs torch's FlopCounterMode counts, for every
-    registered architecture (MobileNetV2's depthwise convs: in_channels / groups MACs per output)."""
+    """The hook-based tables count exactly the FLOPs torch's FlopCounterMode counts, for every registered
+    architecture (MobileNetV2's depthwise convs: in_channels / groups MACs per output)."""
     model = build_model(arch).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, 32, 32))
-    table = layer_table(model)
-    assert sum(t.flops for t in table) == counter.get_total_flops()
-    assert [t.name for t in table] == list(quantizable_layers(model))
+    table = kernel_table(model)
+    assert table.flops == sum(li.flops for li in table.layers) == counter.get_total_flops()
+    assert sorted(li.name for li in table.layers) == sorted(quantizable_layers(model))
 
 
 def test_mobilenetv2_hand_count():
@@ -91,13 +243,6 @@ def test_mobilenetv2_hand_count():
     assert len(depthwise) == 17 and all(t.macs == t.out_elems * 9 for t in depthwise)
 
 
-def test_names_and_order_match_quantizable_layers(table_b, table_a):
-    for table, shortcut in ((table_b, "B"), (table_a, "A")):
-        assert [layer.name for layer in table] == list(quantizable_layers(resnet20(shortcut)))
-    assert table_b[0].name == "conv1" and table_b[-1].name == "linear"
-    assert {layer.kind for layer in table_b[:-1]} == {"conv"} and table_b[-1].kind == "linear"
-
-
 def test_training_mode_restored():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))
     model.train()
@@ -108,144 +253,14 @@ def test_training_mode_restored():
     assert not any(m.training for m in model.modules())
 
 
-def tiny_net():
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
-
-
 def test_hand_count_tiny_network():
-    conv, lin = layer_table(tiny_net(), input_shape=(1, 3, 8, 8))
-    # conv: 4x8x8 = 256 outputs, each 3*3*3 = 27 MACs; linear: 256 in x 5 out
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=True), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    conv, lin = layer_table(net, input_shape=(1, 3, 8, 8))
     assert (conv.name, conv.kind, conv.macs, conv.flops) == ("0", "conv", 256 * 27, 2 * 256 * 27)
     assert (conv.weights, conv.bias, conv.in_elems, conv.out_elems) == (108, 4, 192, 256)
     assert (lin.name, lin.kind, lin.macs, lin.weights, lin.bias, lin.in_elems, lin.out_elems) == \
         ("2", "linear", 1280, 1280, 5, 256, 5)
-    conv_bytes = 108 * 4 + 4 * 4 + (192 + 256) * 4        # 2240
-    lin_bytes = 1280 * 4 + 5 * 4 + (256 + 5) * 4          # 6184
-    assert layer_bytes(conv) == conv_bytes and layer_bytes(lin) == lin_bytes
-    cost = model_cost([conv, lin])
-    assert cost["bytes"] == conv_bytes + lin_bytes
-    assert cost["ai"] == pytest.approx(2 * (6912 + 1280) / (conv_bytes + lin_bytes))
-    # 4-bit conv weights: bias stays fp32, activations unchanged
-    assert model_cost([conv, lin], {"0": 4})["layers"][0]["bytes"] == 108 * 0.5 + 16 + 448 * 4
-    # the ai is the ratio of totals, not the mean of per-layer AIs
-    assert cost["ai"] != pytest.approx(np.mean([layer["ai"] for layer in cost["layers"]]))
-
-
-def test_batch_size_layer_table_is_per_sample():
-    assert layer_table(tiny_net(), input_shape=(3, 3, 8, 8)) == layer_table(tiny_net(), input_shape=(1, 3, 8, 8))
-
-
-def test_batch_and_activation_bit_scaling(table_b):
-    for info in table_b:
-        fixed = info.weights * 4 + info.bias * 4
-        act = (info.in_elems + info.out_elems) * 4
-        assert layer_bytes(info) == fixed + act
-        assert layer_bytes(info, batch_size=2) == fixed + 2 * act        # weights read once per batch
-        assert layer_bytes(info, a_bits=8) == fixed + act / 4
-        assert layer_bytes(info, w_bits=8, a_bits=8, batch_size=3) == info.weights + info.bias * 4 + 3 * act / 4
-    one, two = model_cost(table_b), model_cost(table_b, cost_model=CostModel(batch_size=2))
-    assert two["flops"] == 2 * one["flops"]
-    assert one["bytes"] < two["bytes"] < 2 * one["bytes"]
-    assert two["ai"] > one["ai"]
-    assert model_ai(table_b, cost_model=CostModel(a_bits=8)) > model_ai(table_b)
-
-
-def test_joint_anchors(table_b):
-    """With activations at the layer's width: W8A8 = 4.0x, W4A8 = 5.0x, W4A4 = 8.0x FP32 AI (the issue's table);
-    weight bits alone can reach at most 1.59x."""
-    names = [t.name for t in table_b]
-    ai = {wa: model_ai(table_b, {n: {"w": wa[0], "a": wa[1]} for n in names}) for wa in ((8, 8), (4, 8), (4, 4))}
-    assert [round(v, 1) for v in ai.values()] == [119.4, 148.9, 238.8]
-    assert round(model_ai(table_b, {n: 2 for n in names}) / model_ai(table_b), 2) == 1.59
-
-
-def hand_table_resnet(depth, shortcut):
-    """(name, weights, bias, in_elems, out_elems, macs) of a CIFAR ResNet from the paper's structure alone."""
-    n = (depth - 2) // 6
-    rows = [("conv1", 3 * 16 * 9, 0, 3 * 1024, 16 * 1024, 3 * 16 * 9 * 1024)]
-    cin, hw = 16, 32
-    for stage, planes in enumerate((16, 32, 64), start=1):
-        for i in range(n):
-            stride = 2 if (i == 0 and stage > 1) else 1
-            out_hw = hw // stride
-            p = f"layer{stage}.{i}"
-            rows.append((f"{p}.conv1", cin * planes * 9, 0, cin * hw * hw, planes * out_hw * out_hw,
-                         cin * planes * 9 * out_hw * out_hw))
-            rows.append((f"{p}.conv2", planes * planes * 9, 0, planes * out_hw ** 2, planes * out_hw ** 2,
-                         planes * planes * 9 * out_hw ** 2))
-            if shortcut == "B" and (stride != 1 or cin != planes):
-                rows.append((f"{p}.shortcut.0", cin * planes, 0, cin * hw * hw, planes * out_hw ** 2,
-                             cin * planes * out_hw ** 2))
-            cin, hw = planes, out_hw
-    return rows + [("linear", 640, 10, 64, 10, 640)]
-
-
-@pytest.mark.parametrize("shortcut", ["A", "B"])
-@pytest.mark.parametrize("batch", [1, 7, 128])
-def test_cost_model_exact_against_independent_count(shortcut, batch):
-    """Random mixed (w, a) configurations, batch sizes and both shortcut kinds: the cost model's bytes,
-    FLOPs and AI equal a count made from the architecture's definition, to the byte."""
-    table = layer_table(CifarResNet(20, shortcut))
-    hand = hand_table_resnet(20, shortcut)
-    assert [(t.name, t.weights, t.bias, t.in_elems, t.out_elems, t.macs) for t in table] == hand
-    rng = np.random.default_rng(batch)
-    cm = CostModel(a_bits=32, batch_size=batch)
-    for _ in range(5):
-        cfg = {name: {"w": int(rng.choice([2, 3, 4, 6, 8, 32])), "a": int(rng.choice([4, 6, 8, 32]))}
-               for name, *_ in hand if rng.random() < 0.8}
-        nbytes = flops = 0
-        for name, w, b, i, o, macs in hand:
-            wb, ab = (cfg[name]["w"], cfg[name]["a"]) if name in cfg else (32, 32)
-            nbytes += w * wb / 8 + b * 4 + (i + o) * ab / 8 * batch
-            flops += 2 * macs * batch
-        cost = cm.cost(table, cfg)
-        assert cost["bytes"] == nbytes and cost["flops"] == flops and cost["ai"] == flops / nbytes
-
-
-def test_per_layer_rows(table_b):
-    config = {"layer3.2.conv2": 2, "layer1.0.conv1": {"w": 8, "a": 6}, "linear": {"a": 8}}
-    cost = model_cost(table_b, config)
-    rows = {r["name"]: r for r in cost["layers"]}
-    assert (rows["layer3.2.conv2"]["w_bits"], rows["layer3.2.conv2"]["a_bits"]) == (2, 32)
-    assert (rows["layer1.0.conv1"]["w_bits"], rows["layer1.0.conv1"]["a_bits"]) == (8, 6)
-    assert (rows["linear"]["w_bits"], rows["linear"]["a_bits"]) == (32, 8)
-    assert rows["conv1"]["w_bits"] == 32
-    assert sum(r["bytes"] for r in cost["layers"]) == cost["bytes"]
-    assert all(r["ai"] == r["flops"] / r["bytes"] for r in cost["layers"])
-    assert model_cost(table_b)["bytes"] - model_cost(table_b, {"layer3.2.conv2": 2})["bytes"] == 36_864 * 30 / 8
-
-
-def test_default_activation_width_and_charges(table_b):
-    """Layers that name no activation width take the cost model's default; `charge` leaves out what
-    is not counted; the object round-trips through its JSON record."""
-    names = [t.name for t in table_b]
-    cm8 = CostModel(a_bits=8)
-    assert cm8.ai(table_b, {n: 4 for n in names}) == model_ai(table_b, {n: {"w": 4, "a": 8} for n in names})
-    assert cm8.ai(table_b, {"conv1": {"w": 4}}) == model_ai(table_b, {**{n: {"a": 8} for n in names},
-                                                                      "conv1": {"w": 4, "a": 8}})
-    weights_only = CostModel(charge=("weights",))
-    assert weights_only.cost(table_b)["bytes"] == sum(t.weights * 4 for t in table_b)
-    assert CostModel.from_json(cm8.to_json()) == cm8 and CostModel.from_json(None) == REFERENCE
-    with pytest.raises(UserError):
-        CostModel(charge=("weights", "cache"))
-
-
-def test_old_weight_only_config_file_still_loads(tmp_path, table_b):
-    """A pre-activation file {layer: bits} means weight bits with float activations: same AI as before."""
-    names = [t.name for t in table_b]
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps({n: 4 for n in names}))
-    from utils.config import load_config
-    full = load_config(path, names)
-    assert set(full.values()) == {(4, 32)}
-    assert round(model_ai(table_b, full), 2) == 45.69
-
-
-@pytest.mark.parametrize("config", [{"layer9.conv1": 8}, {"conv1": 1}, {"conv1": 16}, {"conv1": 8.0},
-                                    {"conv1": {"w": 4, "a": 1}}, {"conv1": {"w": 4, "x": 8}}, {"conv1": "8"}])
-def test_bad_config_raises_user_error(table_b, config):
-    with pytest.raises(UserError):
-        model_cost(table_b, config)
+    assert layer_table(net, input_shape=(3, 3, 8, 8)) == layer_table(net, input_shape=(1, 3, 8, 8))
 
 
 def test_roofline():
@@ -262,18 +277,192 @@ def test_roofline():
         ridge_point("TPU v9")
 
 
+# ---------------------------------------------------------------------------------------------
+# the trace: what is charged is what is simulated
+
+
+def _randomize_bn(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+def _traced(arch, shortcut, target, seed, widths=(2, 3, 4, 6, 8, 32)):
+    torch.manual_seed(seed)
+    model = _randomize_bn(build_model(arch, shortcut), seed)
+    table = kernel_table(model, target)
+    folded = fold_bn(model)
+    g = torch.Generator().manual_seed(seed)
+    ranges = calibrate(folded, target, [torch.randn(8, 3, 32, 32, generator=g)], [b for b in widths if b != 32])
+    rng = np.random.default_rng(seed)
+    cfg = table.space.full({grp: int(rng.choice(widths)) for grp in table.space.groups})
+    quantize_(folded, cfg, ranges, target)
+    tr = trace(folded, target, {n: b for (k, n), b in cfg.items() if k == W}, torch.randn(1, 3, 32, 32, generator=g))
+    return table, cfg, folded, tr
+
+
+@pytest.mark.parametrize("arch,shortcut", [("resnet20", "A"), ("resnet20", "B"), ("resnet56", "B"),
+                                           ("mobilenetv2", None)])
+@pytest.mark.parametrize("target", TARGETS)
+def test_trace_equals_cost_model_and_declarations(arch, shortcut, target):
+    """Random mixed configurations: the bytes measured on the real tensors equal the fused cost model's, the
+    reads each kernel really performs equal its declared reads, nothing reads a tensor undeclared, and every
+    quantized tensor holds at most 2^bits distinct values."""
+    table, cfg, model, tr = _traced(arch, shortcut, target, seed=len(arch) + len(target))
+    cost = FUSED.cost(table, cfg)
+    assert tr["total_bytes"] == cost["bytes"] and tr["total_flops"] == cost["flops"]
+    assert tr["undeclared_reads"] == []
+    declared = {k.name: [(r.tensor, int(table.elements[r.tensor] * r.fraction)) for r in k.reads]
+                for k in model.kernels(target)}
+    measured = {k["name"]: [(r["tensor"], r["elements"]) for r in k["reads"]] for k in tr["kernels"]}
+    assert {k: sorted(v) for k, v in measured.items()} == {k: sorted(v) for k, v in declared.items()}
+    for k in tr["kernels"]:
+        for r in k["reads"] + k["writes"]:
+            assert r["bits"] == cfg[A, r["tensor"]]
+            if r["bits"] != FLOAT_BITS:
+                assert r["distinct"] <= 2 ** r["bits"], (k["name"], r)
+    narrowed = [r for k in tr["kernels"] for r in k["writes"] if r["bits"] <= 4]
+    assert narrowed, "the random configuration should narrow some tensor"
+
+
+def test_consumers_read_values_on_the_tensors_grid():
+    """What a consumer receives from a quantized tensor is an integer multiple of that tensor's scale within its
+    grid: the convs, the residual add (its shortcut operand), the shortcut-A subsampling, pooling and the
+    classifier read the quantized tensor, not a float copy."""
+    torch.manual_seed(0)
+    model = _randomize_bn(build_model("resnet20", "A"), 0)
+    folded = fold_bn(model)
+    table = kernel_table(model)
+    ranges = calibrate(folded, "generic", [torch.randn(8, 3, 32, 32)], [4])
+    quantize_(folded, table.space.uniform(FLOAT_BITS, 4), ranges, "generic")
+    quant = {t.name: folded.get_submodule(t.slot).quant for t in folded.tensors()}
+    # reader module, which argument, the tensor it must be
+    readers = [("layer1.0.conv1", 0, "conv1"), ("layer1.0.add", 1, "conv1"), ("layer2.0.shortcut", 0, "layer1.2.conv2"),
+               ("pool", 0, "layer3.2.conv2"), ("linear", 0, "pool"), ("layer3.2.add", 1, "layer3.1.conv2")]
+    seen = []
+
+    def check(name, arg, tensor):
+        def hook(_m, inputs):
+            q = quant[tensor]
+            levels = inputs[arg] / q.scale
+            assert torch.allclose(levels, levels.round(), atol=1e-3), name
+            assert levels.min() >= q.qmin and levels.max() <= q.qmax and q.bits == 4, name
+            assert len(levels.round().unique()) > 4, name     # not trivially constant
+            seen.append(name)
+        return hook
+
+    hs = [folded.get_submodule(n).register_forward_pre_hook(check(n, i, t)) for n, i, t in readers]
+    with torch.no_grad():
+        folded(torch.randn(2, 3, 32, 32))
+    for h in hs:
+        h.remove()
+    assert seen == [n for n, _, _ in readers][:1] + ["layer1.0.add", "layer2.0.shortcut", "layer3.2.add",
+                                                     "pool", "linear"]
+
+
+def test_trace_flags_reads_the_declaration_leaves_out(monkeypatch):
+    """A model whose declaration forgets that the residual add reads the shortcut: the trace sees the real
+    read (by an op of no kernel, or a read the kernel does not declare) and its bytes no longer equal the
+    declared cost. The trace is measured, not copied from the table."""
+    model = resnet20("B")
+    real = type(model).kernels
+
+    def forgetful(self, target="generic"):
+        out = []
+        for k in real(self, target):
+            if k.name == "layer1.1.conv2":
+                k = type(k)(k.name, k.layers, (Read("layer1.1.conv1"),), k.writes, ("layer1.1.conv2",))
+            out.append(k)
+        return out
+
+    monkeypatch.setattr(type(model), "kernels", forgetful)
+    table = kernel_table(model)
+    folded = fold_bn(model)
+    ranges = calibrate(folded, "generic", [torch.randn(4, 3, 32, 32)], [8])
+    cfg = table.space.uniform(8, 8)
+    quantize_(folded, cfg, ranges, "generic")
+    tr = trace(folded, "generic", {n: 8 for n in table.space.layers}, torch.randn(1, 3, 32, 32))
+    assert tr["undeclared_reads"] == [{"op": "layer1.1.add", "tensor": "layer1.0.conv2", "elements": 16384}]
+    assert tr["total_bytes"] == FUSED.total_bytes(table, cfg)    # the forgetful table and the trace both miss it
+    monkeypatch.undo()
+    assert FUSED.total_bytes(kernel_table(resnet20("B")), cfg) - tr["total_bytes"] == 16384
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration files
+
+
+def test_file_format_round_trip_and_defaults(table_b, tmp_path):
+    sp = table_b.space
+    rng = np.random.default_rng(1)
+    cfg = sp.full({g: int(rng.choice([2, 4, 8, 32])) for g in sp.groups})
+    obj = sp.to_file(cfg)
+    assert obj["format"] == FORMAT and obj["input"] == {"a": cfg[A, "input"]} and set(obj["pool"]) == {"a"}
+    assert set(obj["conv1"]) == {"w", "a"} and list(obj)[1:3] == ["input", "conv1"]
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(obj))
+    assert load_config(path, sp) == cfg
+    # names left out: float weights, tensors at the default width
+    partial = sp.parse({"format": FORMAT, "conv1": {"w": 4}}, default_a=8)
+    assert partial[W, "conv1"] == 4 and partial[W, "linear"] == 32 and set(v for (k, _), v in partial.items()
+                                                                           if k == A) == {8}
+
+
+def test_unmarked_weight_only_file_still_loads(table_b, tmp_path):
+    """A file written before tensors had widths, {layer: bits}: weight widths, tensors float; same AI."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({n: 4 for n in table_b.space.layers}))
+    full = load_config(path, table_b.space)
+    assert full == table_b.space.uniform(4, 32)
+    assert round(REFERENCE.ai(table_b, full), 2) == 45.69
+
+
+def test_unmarked_file_with_a_is_refused_with_the_change_explained(table_b, tmp_path):
+    path = tmp_path / "old_joint.json"
+    path.write_text(json.dumps({"layer1.0.conv1": {"w": 4, "a": 8}}))
+    with pytest.raises(UserError) as e:
+        load_config(path, table_b.space)
+    msg = str(e.value)
+    assert "format" in msg and "input" in msg and "writes" in msg and "one tensor was read at two widths" in msg
+
+
+@pytest.mark.parametrize("obj,match", [
+    ({"layer9.conv1": 8}, "does not have"), ({"conv1": 1}, "width"), ({"conv1": 16}, "width"),
+    ({"conv1": 8.0}, "width"), ({"format": FORMAT, "conv1": {"w": 4, "a": 1}}, "width"),
+    ({"conv1": {"w": 4, "x": 8}}, "only"), ({"conv1": "8"}, "width"), ({"input": 8}, "without weights"),
+    ({"format": FORMAT, "pool": {"w": 8}}, "without weights"), ({"format": "tensor-widths/9"}, "reads"),
+    ([1, 2], "JSON object")])
+def test_bad_config_raises_user_error(table_b, obj, match):
+    with pytest.raises(UserError, match=match):
+        table_b.space.parse(obj)
+
+
+def test_bad_config_files(tmp_path, table_b):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.json", table_b.space)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json", table_b.space)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cli_runs(tmp_path_factory):
-    """Real `python -m` runs, started before the first test so their seconds of torch import overlap it.
-
-    Only the cases where a separate process matters (stdout holds nothing but the JSON; no
-    traceback escapes); the other CLI cases run in-process through the same `cli()`.
-    """
+    """Real `python -m` runs, started before the first test so their seconds of torch import overlap it."""
     tmp = tmp_path_factory.mktemp("cli")
     (tmp / "bad.json").write_text(json.dumps({"layer9.conv1": 4}))
     commands = {
         "fp32": ["--arch", "resnet20", "--shortcut", "B", "--json"],
         "bad": ["--arch", "resnet20", "--config", str(tmp / "bad.json")],
+        "trace": ["--trace", "--w-bits", "4", "--a-bits", "8", "--json", "--ranges", "random"],
     }
     procs = {k: subprocess.Popen([sys.executable, "-m", "utils.ai_calculator", *a], cwd=REPO_ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -282,7 +471,7 @@ def cli_runs(tmp_path_factory):
 
     def result(key):
         if key not in finished:
-            out, err = procs[key].communicate(timeout=120)
+            out, err = procs[key].communicate(timeout=300)
             finished[key] = (procs[key].returncode, out, err)
         return finished[key]
 
@@ -297,18 +486,59 @@ def test_cli_json(cli_runs):
     code, out, err = cli_runs("fp32")
     assert code == 0, err
     obj = json.loads(out)  # stdout holds only the JSON
-    assert round(obj["ai"], 2) == 29.85 and obj["flops"] == 81_626_368
-    assert len(obj["layers"]) == 22 and {"name", "flops", "bytes"} <= set(obj["layers"][0])
+    assert round(obj["ai"], 2) == 26.34 and obj["flops"] == 81_626_368
+    assert obj["cost_model"]["name"] == "fused" and len(obj["rows"]) == 23
+    assert obj["config"]["format"] == FORMAT
 
 
-def test_cli_w_bits_and_config_file(tmp_path, capsys):
-    assert ai_calculator.cli(["--arch", "resnet20", "--shortcut", "B", "--w-bits", "8", "--json"]) == 0
+def test_cli_trace_json_equals_cost_model(cli_runs):
+    """The acceptance check of the issue: the trace's total_bytes equals the bytes of the same configuration
+    as `--json` reports them."""
+    code, out, err = cli_runs("trace")
+    assert code == 0, err
+    tr = json.loads(out)
+    table = kernel_table(resnet20("B"))
+    assert tr["total_bytes"] == tr["charged_bytes"] == FUSED.total_bytes(table, table.space.uniform(4, 8))
+    assert round(tr["ai"], 2) == 127.23 and "random" in tr["ranges"]
+    k = tr["kernels"][0]
+    assert k["name"] == "conv1" and k["reads"][0]["tensor"] == "input" and k["reads"][0]["bits"] == 8
+    assert all(r["distinct"] <= 256 for k in tr["kernels"] for r in k["reads"] + k["writes"])
+
+
+def test_cli_reference_and_cost_model_flag(capsys):
+    assert ai_calculator.cli(["--cost-model", "reference", "--w-bits", "8", "--json"]) == 0
     assert round(json.loads(capsys.readouterr().out)["ai"], 2) == 42.47
-    names = [layer.name for layer in layer_table(resnet20("B"))]
-    path = tmp_path / "int4.json"
-    path.write_text(json.dumps({n: 4 for n in names}))
-    assert ai_calculator.cli(["--arch", "resnet20", "--shortcut", "B", "--config", str(path), "--json"]) == 0
-    assert round(json.loads(capsys.readouterr().out)["ai"], 2) == 45.69
+    assert ai_calculator.cli(["--cost-model", "reference", "--a-bits", "8"]) == 2
+    assert "cannot price a configuration that narrows a tensor" in capsys.readouterr().err
+
+
+def test_cli_config_file_and_default_widths(tmp_path, capsys):
+    table = kernel_table(resnet20("B"))
+    path = tmp_path / "w4.json"
+    path.write_text(json.dumps({"format": FORMAT, **{n: {"w": 4} for n in table.space.layers}}))
+    assert ai_calculator.cli(["--config", str(path), "--a-bits", "8", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["ai"] == pytest.approx(127.23, abs=0.01)
+    assert obj["config"]["input"] == {"a": 8} and obj["config"]["conv1"] == {"w": 4, "a": 8}
+
+
+def test_cli_table_in_process(capsys):
+    assert ai_calculator.cli(["--arch", "resnet32", "--shortcut", "A", "--a-bits", "8", "--target", "ort-cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "layer3.4.conv2" in out and "layer3.4.add" in out and "shortcut.0" not in out and "modelled" in out
+    table = kernel_table(CifarResNet(32, "A"), "ort-cpu")
+    assert f"AI {FUSED.ai(table, table.space.uniform(32, 8)):.2f}" in out
+    assert ai_calculator.cli(["--arch", "mobilenetv2", "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["model_args"]["arch"] == "mobilenetv2" and round(obj["ai"], 2) == 7.78
+
+
+def test_cli_trace_table_with_checkpoint(capsys):
+    ck = REPO_ROOT / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"
+    assert ai_calculator.cli(["--trace", "--checkpoint", str(ck), "--w-bits", "8", "--a-bits", "8",
+                              "--ranges", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "layer2.0.conv2" in out and "reads layer2.0.conv1[8192x8b" in out and "AI 105.05" in out
 
 
 def test_cli_bad_config_exits_2_without_traceback(cli_runs):
@@ -317,37 +547,18 @@ def test_cli_bad_config_exits_2_without_traceback(cli_runs):
     assert "Traceback" not in err and "layer9.conv1" in err
 
 
-def test_cli_table_in_process(capsys):
-    assert ai_calculator.cli(["--arch", "resnet32", "--shortcut", "A", "--a-bits", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "layer3.4.conv2" in out and "shortcut.0" not in out
-    assert f"AI {model_ai(layer_table(CifarResNet(32, 'A')), cost_model=CostModel(a_bits=8)):.2f}" in out
-
-
-def test_cli_joint_config_and_mobilenetv2(tmp_path, capsys):
-    """--config with {"w", "a"} entries and --a-bits for the rest; JSON carries the per-layer table and the
-    cost model; any registered architecture by name."""
-    names = [t.name for t in layer_table(resnet20("B"))]
-    path = tmp_path / "joint.json"
-    path.write_text(json.dumps({n: {"w": 4, "a": 8} for n in names[1:]} | {"conv1": 8}))
-    assert ai_calculator.cli(["--config", str(path), "--a-bits", "8", "--json"]) == 0
-    obj = json.loads(capsys.readouterr().out)
-    assert obj["cost_model"]["a_bits"] == 8 and obj["layers"][0]["a_bits"] == 8 and obj["layers"][0]["w_bits"] == 8
-    assert all(r["w_bits"] == 4 and r["a_bits"] == 8 for r in obj["layers"][1:])
-    assert obj["ai"] == pytest.approx(model_ai(layer_table(resnet20("B")), {**{n: {"w": 4, "a": 8} for n in names},
-                                                                             "conv1": {"w": 8, "a": 8}}))
-    assert ai_calculator.cli(["--arch", "mobilenetv2", "--json"]) == 0
-    obj = json.loads(capsys.readouterr().out)
-    assert obj["model_args"]["arch"] == "mobilenetv2" and len(obj["layers"]) == 58
-
-
 def test_cli_bad_input_in_process(tmp_path, capsys):
     assert ai_calculator.cli(["--config", str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert ai_calculator.cli(["--trace", "--a-bits", "8", "--ranges", str(tmp_path / "none.json")]) == 2
+    assert "--ranges random" in capsys.readouterr().err
+    (tmp_path / "s2.json").write_text(json.dumps({"activation_calibration": {"tensors": {}}}))
+    assert ai_calculator.cli(["--trace", "--a-bits", "8", "--ranges", str(tmp_path / "s2.json")]) == 2
+    assert "no calibrated range for tensor 'conv1' at 8 bits" in " ".join(capsys.readouterr().err.split())
     assert ai_calculator.cli(["--arch", "mobilenetv2", "--shortcut", "A"]) == 2
     assert "ResNets only" in capsys.readouterr().err
-    for argv in (["--arch", "resnet21"], ["--w-bits", "8", "--config", "x.json"], ["--w-bits", "9"],
-                 ["--batch-size", "0"], ["--a-bits", "1"]):
+    for argv in (["--arch", "resnet21"], ["--w-bits", "9"], ["--batch-size", "0"], ["--a-bits", "1"],
+                 ["--target", "tpu"], ["--cost-model", "cheap"]):
         with pytest.raises(SystemExit) as exc:
             ai_calculator.cli(argv)
         assert exc.value.code == 2, argv

@@ -1,4 +1,4 @@
-"""Tests of utils/stats.py: intervals, paired drops, the budget rule, and whether the budget rule
+"""Tests of quant/stats.py: intervals, paired drops, the budget rule, and whether the budget rule
 keeps its promise out of sample on a simulated model whose true drops are known."""
 import math
 
@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from utils.search import Measured, greedy_search
-from utils.stats import (BUDGET_Z, FEASIBILITY_TOL, Z95, Budget, PairedDrop, bootstrap_drop_interval,
+from quant.search import Measured, greedy_search
+from quant.stats import (BUDGET_Z, FEASIBILITY_TOL, Z95, Budget, PairedDrop, bootstrap_drop_interval,
                          paired_drop, wilson_interval)
+from quant.widths import FLOAT_BITS, W
 
 
 # ---------------------------------------------------------------- wilson_interval
@@ -152,7 +153,8 @@ N_IMAGES = 5000                 # images of the search split, and of a fresh spl
 N_LAYERS = 8
 W_LADDER = (8, 4, 2)
 NAMES = [f"layer{i}" for i in range(N_LAYERS)]
-PARAMS = dict(zip(NAMES, [432, 2304, 2304, 4608, 9216, 9216, 18432, 36864]))
+GROUPS = [(W, n) for n in NAMES]       # weight groups only: the simulated search narrows weights
+PARAMS = dict(zip(GROUPS, [432, 2304, 2304, 4608, 9216, 9216, 18432, 36864]))
 MAX_DROP = 1.0
 FLOAT_ACC = 0.9
 
@@ -164,7 +166,7 @@ def _phi(x):
 class SimulatedModel:
     """A model whose true drops are known, evaluated on a finite split.
 
-    Each (layer, width) has a true drop in points (8 bits: 0-0.06, 4 bits: 0.05-0.5, 2 bits:
+    Each (weight group, width) has a true drop in points (8 bits: 0-0.06, 4 bits: 0.05-0.5, 2 bits:
     0.8-4); a configuration's true drop d (a fraction) is their sum, and its total flip rate is
     f = 3 d + 0.005 * (quantized layers). Image i of a split has float-correctness c_i ~
     Bernoulli(0.9) and uniform latents u_i, v_i, shared by all configurations (so neighbouring
@@ -174,16 +176,16 @@ class SimulatedModel:
 
     def __init__(self, seed):
         rng = np.random.default_rng(seed)
-        self.true = {(n, 8): rng.uniform(0.0, 0.06) for n in NAMES}
-        self.true.update({(n, 4): rng.uniform(0.05, 0.5) for n in NAMES})
-        self.true.update({(n, 2): rng.uniform(0.8, 4.0) for n in NAMES})
+        self.true = {(g, 8): rng.uniform(0.0, 0.06) for g in GROUPS}
+        self.true.update({(g, 4): rng.uniform(0.05, 0.5) for g in GROUPS})
+        self.true.update({(g, 2): rng.uniform(0.8, 4.0) for g in GROUPS})
         self.c = rng.random(N_IMAGES) < FLOAT_ACC
         self.u = rng.random(N_IMAGES)
         self.v = rng.random(N_IMAGES)
 
     def truth(self, config):
         """(true drop d, true flip rate f), both fractions."""
-        q = [(n, o[0]) for n, o in config.items() if o[0] != 32]
+        q = [(g, b) for g, b in config.items() if b != FLOAT_BITS]
         d = sum(self.true[k] for k in q) / 100
         return d, 3 * d + 0.005 * len(q)
 
@@ -208,12 +210,12 @@ class SimulatedModel:
         return 1.0 - _phi((max_drop - 100 * d) / sd)
 
 
-def _bytes_of(name, opt):
-    return PARAMS[name] * opt[0] / 8
+def _bytes_of(group, bits):
+    return PARAMS[group] * bits / 8
 
 
 def _ai_of(config):
-    return 1.0 / sum(PARAMS[n] * o[0] for n, o in config.items())
+    return 1.0 / sum(PARAMS[g] * b for g, b in config.items())
 
 
 def search_on_simulated_model(seed, z):
@@ -221,13 +223,15 @@ def search_on_simulated_model(seed, z):
     fast-forward, pruning, top-3 verification) with Budget(MAX_DROP, z) on the same split.
     Returns the chosen config and its fresh-split exceedance probability."""
     m = SimulatedModel(seed)
-    fl = {n: (32, 32) for n in NAMES}
-    est = {(n, w): m.evaluate(dict(fl, **{n: (w, 32)})).drop for n in NAMES for w in W_LADDER}
-    g = greedy_search(NAMES, [W_LADDER, []], _bytes_of, lambda n, o: est[n, o[0]], m.evaluate,
+    fl = {g: FLOAT_BITS for g in GROUPS}
+    est = {(g, w): m.evaluate({**fl, g: w}).drop for g in GROUPS for w in W_LADDER}
+    g = greedy_search({grp: W_LADDER for grp in GROUPS}, _bytes_of, lambda grp, b: est[grp, b], m.evaluate,
                       Budget(MAX_DROP, z), score_eps=0.005, ai_of=_ai_of)
     assert Budget(MAX_DROP, z).holds(g["measured"].drop, g["measured"].se)
+    assert set(g["config"]) == set(GROUPS)
+    ai_gain = _ai_of(g["config"]) / _ai_of(fl)
     return dict(config=g["config"], p=m.fresh_exceedance(g["config"]), true_drop=100 * m.truth(g["config"])[0],
-                ai_gain=sum(_bytes_of(n, fl[n]) for n in NAMES) / sum(_bytes_of(n, o) for n, o in g["config"].items()))
+                ai_gain=ai_gain)
 
 
 SEEDS_MARGIN = 100     # Monte Carlo SE of the mean exceedance about 0.008 (per-seed SD about 0.08)
@@ -246,7 +250,7 @@ def test_simulated_model_realizes_its_truth():
     m = SimulatedModel(0)
     m.c = np.random.default_rng(1).random(400_000) < FLOAT_ACC
     m.u, m.v = np.random.default_rng(2).random((2, 400_000))
-    config = {n: ((4, 32) if i % 2 else (8, 32)) for i, n in enumerate(NAMES)}
+    config = {g: (4 if i % 2 else 8) for i, g in enumerate(GROUPS)}
     d, f = m.truth(config)
     p = paired_drop(m.c, m.correct(config))
     assert p.drop == pytest.approx(100 * d, abs=0.05)

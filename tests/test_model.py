@@ -1,5 +1,6 @@
 """The model registry (models/__init__.py) and its architectures: sizes, names, shapes, errors, and
-the structure every model declares (models/structure.py)."""
+the structure every model declares (models/structure.py): kernels, tensors (with the Slot where each
+is written), segments and conv-BN pairs, under both targets."""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +9,12 @@ from models import (ARCHS, arch_flags, arch_names, build_from_args, build_model,
                     describe, normalize_model_args, takes_shortcut)
 from models.mobilenetv2 import MACS, PARAM_COUNT, MobileNetV2
 from models.resnet import DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, count_parameters, resnet20
-from models.structure import Segment, check_structure, quantizable_layers
+from models.structure import (DEFAULT_TARGET, INPUT, TARGETS, Add, Kernel, Read, Segment, Slot, Tensor,
+                              check_structure, quantizable_layers, segment_layers)
+from quant.cost import layer_table
+from quant.fold import fold_bn
+from quant.place import quantize_, slots
+from quant.widths import A, W, Space
 
 # He et al. 2015, table 6 (CIFAR-10, shortcut A): parameters in millions as published.
 PUBLISHED_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
@@ -113,7 +119,6 @@ def test_resnet_parameter_counts_exact_values():
 def test_mobilenetv2_size_layers_and_macs():
     """MobileNetV2 (CIFAR) has 2,296,922 parameters, 58 Conv2d/Linear layers (17 depthwise) and
     91,154,944 MACs per 32x32 image."""
-    from utils.ai_calculator import layer_table
     m = build_model("mobilenetv2")
     assert count_parameters(m) == PARAM_COUNT == 2_296_922
     layers = quantizable_layers(m)
@@ -326,24 +331,143 @@ def test_forward_shape_small_resnet():
 
 # ----------------------------------------------------------------------------- declared structure
 
-@pytest.mark.parametrize("arch,shortcut", params(every_model()))
-def test_segments_cover_every_layer_once(arch, shortcut):
-    """check_structure accepts every registered model: its segments name every Conv2d/Linear exactly
-    once, in network order, each layer inside its segment; its conv-BN pairs name real, matching
-    Conv2d/BatchNorm2d modules, each BN once."""
+def every_model_target():
+    """(arch, shortcut, target) for every registered model under both targets."""
+    return [pytest.param(a, s, t, id=f"{a}{s or ''}-{t}") for a, s in every_model() for t in TARGETS]
+
+
+def expected_resnet_kernels(depth, shortcut, target):
+    """(name, layers, ((tensor, fraction), ...), writes) of a CIFAR ResNet's kernels, written out from
+    the issue's table: the stem; per block conv1+BN+ReLU, the B projection as its own kernel, then
+    conv2+BN+add+ReLU (generic) or conv2+BN and add+ReLU (ort-cpu); pool; linear. The add reads the
+    block input (shortcut A where the shape changes: the quarter of it the subsampling uses)."""
+    out = [("conv1", ("conv1",), ((INPUT, 1.0),), "conv1")]
+    prev = "conv1"
+    for stage in (1, 2, 3):
+        for i in range((depth - 2) // 6):
+            p, changes = f"layer{stage}.{i}", i == 0 and stage > 1
+            out.append((f"{p}.conv1", (f"{p}.conv1",), ((prev, 1.0),), f"{p}.conv1"))
+            if changes and shortcut == "B":
+                out.append((f"{p}.shortcut.0", (f"{p}.shortcut.0",), ((prev, 1.0),), f"{p}.shortcut.0"))
+                sc = (f"{p}.shortcut.0", 1.0)
+            else:
+                sc = (prev, 0.25 if changes else 1.0)
+            if target == "generic":
+                out.append((f"{p}.conv2", (f"{p}.conv2",), ((f"{p}.conv1", 1.0), sc), f"{p}.conv2"))
+                prev = f"{p}.conv2"
+            else:
+                out.append((f"{p}.conv2", (f"{p}.conv2",), ((f"{p}.conv1", 1.0),), f"{p}.conv2"))
+                out.append((f"{p}.add", (), ((f"{p}.conv2", 1.0), sc), f"{p}.add"))
+                prev = f"{p}.add"
+    return out + [("pool", (), ((prev, 1.0),), "pool"), ("linear", ("linear",), (("pool", 1.0),), "linear")]
+
+
+def as_tuples(kernels):
+    return [(k.name, k.layers, tuple((r.tensor, r.fraction) for r in k.reads), k.writes) for k in kernels]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("shortcut", SHORTCUTS)
+@pytest.mark.parametrize("depth", [8, 20, 56])
+def test_resnet_kernels_follow_the_fusion_table(depth, shortcut, target):
+    """A CIFAR ResNet declares exactly the kernels of the fusion table, in order, under each target;
+    every kernel writes the tensor named after it, and tensors() lists the image and those tensors in
+    that order, with the Slot each is written in and its signedness: the image, the projections (conv +
+    BN, no ReLU), the pre-add conv2 outputs (ort-cpu) and the logits can be negative, ReLU outputs and
+    the pooled features cannot."""
+    model = build_model(f"resnet{depth}", shortcut)
+    kernels = model.kernels(target)
+    assert as_tuples(kernels) == expected_resnet_kernels(depth, shortcut, target)
+    tensors = model.tensors(target)
+    assert [t.name for t in tensors] == [INPUT] + [k.writes for k in kernels]
+    slot_of = {t.name: t.slot for t in tensors}
+    assert (slot_of[INPUT], slot_of["conv1"], slot_of["pool"], slot_of["linear"]) == (
+        "q_input", "q_stem", "q_pool", "q_logits")
+    signed = {t.name for t in tensors if t.signed}
+    for name, slot in slot_of.items():
+        if name.endswith(".conv1"):
+            assert slot == name[:-len("conv1")] + "q1"
+        elif name.endswith(".shortcut.0"):
+            assert slot == name[:-len("shortcut.0")] + "q_sc"
+        elif name.endswith(".conv2"):
+            assert slot == name[:-len("conv2")] + ("q_out" if target == "generic" else "q_mid")
+        elif name.endswith(".add"):
+            assert slot == name[:-len("add")] + "q_out"
+    expected_signed = {INPUT, "linear"} | {n for n in slot_of if n.endswith(".shortcut.0")}
+    if target == "ort-cpu":
+        expected_signed |= {n for n in slot_of if n.endswith(".conv2")}
+    assert signed == expected_signed
+    assert model.kernels() == model.kernels(DEFAULT_TARGET) == model.kernels("generic")
+    assert model.tensors() == model.tensors("generic")
+
+
+def test_resnet20_declared_counts():
+    """ResNet-20 B (generic): 22 weight layers, 23 kernels, 24 tensors; A has no projections (20, 21,
+    22); ort-cpu adds one add kernel and one tensor per block (9)."""
+    for shortcut, (layers, kernels) in {"B": (22, 23), "A": (20, 21)}.items():
+        m = resnet20(shortcut)
+        assert len(quantizable_layers(m)) == layers
+        assert len(m.kernels()) == kernels and len(m.tensors()) == kernels + 1
+        assert len(m.kernels("ort-cpu")) == kernels + 9 and len(m.tensors("ort-cpu")) == kernels + 10
+    names = [t.name for t in resnet20("B").tensors()]
+    assert names[:6] == [INPUT, "conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
+    assert names[-6:] == ["layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2", "pool", "linear"]
+    assert {"layer2.0.shortcut.0", "layer3.0.shortcut.0"} <= set(names)
+
+
+def test_mobilenetv2_declarations():
+    """MobileNetV2: per block expand, depthwise and project kernels; the 4 projection shortcuts as their
+    own kernels; the residual add fused into the project conv (generic) or its own kernel in the 14
+    stride-1 blocks (ort-cpu); the head's conv2, pool, linear. The project outputs (linear bottlenecks),
+    the add outputs, the projections, the image and the logits are signed."""
+    m = build_model("mobilenetv2")
+    residual = [i for i, b in enumerate(m.layers) if b.residual]
+    assert len(residual) == 14 and [i for i, b in enumerate(m.layers) if b.projection] == [0, 1, 10, 16]
+    for target, n_kernels in (("generic", 1 + 17 * 3 + 4 + 3), ("ort-cpu", 1 + 17 * 3 + 4 + 3 + 14)):
+        kernels = {k.name: k for k in m.kernels(target)}
+        assert len(kernels) == n_kernels and len(m.tensors(target)) == n_kernels + 1
+        assert [t.name for t in m.tensors(target)] == [INPUT] + list(kernels)
+        assert kernels["layers.1.conv1"].reads == (Read("layers.0.conv3" if target == "generic" else "layers.0.add"),)
+        assert kernels["layers.2.conv1"].reads == (Read("layers.1.conv3" if target == "generic" else "layers.1.add"),)
+        assert kernels["layers.3.conv3"].reads == (Read("layers.3.conv2"),)      # stride 2: no residual
+        if target == "generic":
+            assert kernels["layers.1.conv3"].reads == (Read("layers.1.conv2"), Read("layers.1.shortcut.0"))
+            assert kernels["layers.2.conv3"].reads == (Read("layers.2.conv2"), Read("layers.1.conv3"))
+            assert kernels["layers.2.conv3"].ops == ("layers.2.conv3", "layers.2.add")
+        else:
+            assert kernels["layers.2.conv3"].reads == (Read("layers.2.conv2"),)
+            assert kernels["layers.2.add"].reads == (Read("layers.2.conv3"), Read("layers.1.add"))
+            assert kernels["layers.2.add"].layers == ()
+        assert [k for k in kernels][-3:] == ["conv2", "pool", "linear"]
+        assert kernels["conv2"].reads == (Read("layers.16.conv3" if target == "generic" else "layers.16.add"),)
+        signed = {t.name for t in m.tensors(target) if t.signed}
+        expected = ({INPUT, "linear"} | {f"layers.{i}.conv3" for i in range(17)}
+                    | {f"layers.{i}.shortcut.0" for i in (0, 1, 10, 16)})
+        if target == "ort-cpu":
+            expected |= {f"layers.{i}.add" for i in residual}
+        assert signed == expected
+
+
+@pytest.mark.parametrize("arch,shortcut,target", every_model_target())
+def test_check_structure_accepts_every_model(arch, shortcut, target):
+    """check_structure accepts every registered model under both targets; its segments list every
+    kernel once, in order, so every Conv2d/Linear sits in exactly one segment; block segments hold
+    only their own kernels; its conv-BN pairs name every BN of the model (each follows one conv)."""
     model = build_model(arch, shortcut)
-    check_structure(model)
-    segs = model.segments()
+    check_structure(model, target)
+    segs = model.segments(target)
     assert all(isinstance(s, Segment) for s in segs)
-    covered = [n for s in segs for n in s.layers]
-    assert covered == list(quantizable_layers(model))
-    assert segs[0].name == "stem" and segs[-1].name == "head" and segs[0].layers == ("conv1",)
-    assert segs[-1].layers[-1] == "linear"
+    assert [k for s in segs for k in s.kernels] == [k.name for k in model.kernels(target)]
+    covered = [n for s in segs for n in segment_layers(model, s, target)]
+    assert sorted(covered) == sorted(quantizable_layers(model)) and len(set(covered)) == len(covered)
+    assert segs[0].name == "stem" and segs[0].kernels == ("conv1",) and segment_layers(model, segs[0]) == ("conv1",)
+    assert segs[-1].name == "head" and segs[-1].kernels[-2:] == ("pool", "linear")
     for s in segs[1:-1]:
-        assert s.layers and all(n.startswith(s.name + ".") for n in s.layers)
+        assert s.kernels and all(k.startswith(s.name + ".") for k in s.kernels)
     mods = dict(model.named_modules())
     bns = {n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d)}
-    assert {bn for _, bn in model.conv_bn_pairs()} == bns  # every BN of these models follows one conv
+    assert {bn for _, bn in model.conv_bn_pairs()} == bns
+    assert all(isinstance(mods[t.slot], Slot) for t in model.tensors(target))
     if arch.startswith("resnet"):
         depth = int(arch[len("resnet"):])
         assert len(covered) == depth + (2 if shortcut == "B" else 0)  # 6n+2 layers + 2 projections
@@ -352,68 +476,194 @@ def test_segments_cover_every_layer_once(arch, shortcut):
         assert len(covered) == 58 and len(segs) == 17 + 2
 
 
-@pytest.mark.parametrize("arch,shortcut", params(every_model()))
-def test_segments_chain_equals_forward(arch, shortcut):
-    """Running the segments in order gives exactly (bit for bit) what forward() gives, in eval mode."""
+@pytest.mark.parametrize("target", ["", "cpu", "ort", "GENERIC", None])
+def test_unknown_target_is_refused(target):
+    """A target other than 'generic' or 'ort-cpu' is a ValueError naming the choices, wherever it is given."""
+    m = resnet20("B")
+    for f in (m.kernels, m.tensors, m.segments, lambda t: check_structure(m, t)):
+        with pytest.raises(ValueError, match="ort-cpu"):
+            f(target)
+    with pytest.raises(ValueError, match="ort-cpu"):
+        build_model("mobilenetv2").kernels(target)
+
+
+@pytest.mark.parametrize("arch,shortcut,target", every_model_target())
+def test_slots_run_once_in_order_and_signedness_holds(arch, shortcut, target):
+    """In a forward pass every declared Slot runs exactly once, in the declared tensor order (the image
+    first, then kernel order); a tensor declared never negative is never negative, and one declared
+    signed does go negative (so no declaration wastes half a grid)."""
+    torch.manual_seed(0)
+    model = build_model(arch, shortcut).eval()
+    fired, lows = [], {}
+    tensors = model.tensors(target)
+
+    def hook(name):
+        def f(_m, _inputs, out):
+            fired.append(name)
+            lows[name] = float(out.min())
+        return f
+
+    handles = [model.get_submodule(t.slot).register_forward_hook(hook(t.name)) for t in tensors]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    for h in handles:
+        h.remove()
+    assert fired == [t.name for t in tensors]
+    assert {t.name for t in tensors if t.signed} == {n for n, lo in lows.items() if lo < 0}
+
+
+def test_slot_and_add_modules():
+    """A Slot is the identity (the very tensor) until a quantizer is set, then applies it; it holds no
+    parameters or buffers, so float checkpoints are unchanged by it. Add adds."""
+    s = Slot()
+    x = torch.randn(3, 4)
+    assert s(x) is x
+    assert not list(s.parameters()) and not list(s.buffers()) and s.state_dict() == {}
+    s.quant = lambda t: 2 * t
+    assert torch.equal(s(x), 2 * x)
+    y = torch.randn(3, 4)
+    assert torch.equal(Add()(x, y), x + y) and not list(Add().parameters())
+
+
+def hand_ranges(model, target, bits=4, scale=0.1):
+    """A fixed range for every tensor at `bits` (no calibration: these tests need some grid, not a good one)."""
+    return {t.name: {"signed": t.signed, "scales": {str(bits): scale}} for t in model.tensors(target)}
+
+
+@pytest.mark.parametrize("arch,shortcut,target", every_model_target())
+def test_segments_chain_equals_forward(arch, shortcut, target):
+    """Running the segments in order gives exactly (bit for bit) what forward() gives, in eval mode,
+    for the float model and for its BN-folded copy with every weight and tensor quantized (the Slots sit
+    inside the segments, so the chain quantizes what forward quantizes)."""
     torch.manual_seed(0)
     model = build_model(arch, shortcut).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    space = Space(tuple(quantizable_layers(model)), tuple(t.name for t in model.tensors(target)))
+    quantized = quantize_(fold_bn(model), space.uniform(4, 4), hand_ranges(model, target), target, clip="maxabs")
+    assert all(s.quant is not None for s in slots(quantized, target).values())
     with torch.no_grad():
-        h = x
-        for seg in model.segments():
-            h = seg.fn(h)
-        assert torch.equal(h, model(x))
+        outs = []
+        for m in (model, quantized):
+            h = x
+            for seg in m.segments(target):
+                h = seg.fn(h)
+            assert torch.equal(h, m(x))
+            outs.append(h)
+    assert not torch.allclose(outs[0], outs[1], rtol=1e-3, atol=1e-3)   # the quantizers ran
 
 
 def test_resnet20_segment_names():
-    """ResNet-20's segments are the stem, its nine blocks by module name, and the head."""
-    segs = resnet20("A").segments()
-    assert [s.name for s in segs] == (["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
-                                      + ["head"])
-    assert [s.layers for s in resnet20("B").segments()][4] == (
-        "layer2.0.conv1", "layer2.0.conv2", "layer2.0.shortcut.0")
+    """ResNet-20's segments are the stem, its nine blocks by module name, and the head; a projection
+    block's segment holds its conv1, projection and conv2 kernels (and its add, ort-cpu)."""
+    for target in TARGETS:
+        segs = resnet20("A").segments(target)
+        assert [s.name for s in segs] == (["stem"] + [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
+                                          + ["head"])
+        b = resnet20("B")
+        seg = b.segments(target)[4]
+        extra = ("layer2.0.add",) if target == "ort-cpu" else ()
+        assert seg.kernels == ("layer2.0.conv1", "layer2.0.shortcut.0", "layer2.0.conv2") + extra
+        assert segment_layers(b, seg, target) == ("layer2.0.conv1", "layer2.0.shortcut.0", "layer2.0.conv2")
+        assert b.segments(target)[-1].kernels == ("pool", "linear")
 
 
 class _Tiny(nn.Module):
-    """conv-BN-ReLU, linear; the declarations are overridden per test case below."""
+    """Image slot, conv-BN-ReLU, linear; a spare BN with the wrong channel count and a spare Slot. The
+    declarations are overridden per test case below."""
 
     def __init__(self):
         super().__init__()
+        self.q_in = Slot()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
+        self.q_conv = Slot()
         self.other = nn.BatchNorm2d(3)
         self.linear = nn.Linear(4, 2)
+        self.q_lin = Slot()
+        self.spare = Slot()
+
+    def stem(self, x):
+        return self.q_conv(torch.relu(self.bn(self.conv(self.q_in(x)))))
 
     def head(self, x):
-        return self.linear(x.mean((2, 3)))
+        return self.q_lin(self.linear(x.mean((2, 3))))
 
-    def segments(self):
-        return [Segment("stem", lambda x: torch.relu(self.bn(self.conv(x))), ("conv",)),
-                Segment("head", self.head, ("linear",))]
-
-    def conv_bn_pairs(self):
-        return [("conv", "bn")]
+    def forward(self, x):
+        return self.head(self.stem(x))
 
 
-@pytest.mark.parametrize("segments,pairs,message", [
-    ([("conv",), ("linear",)], [("conv", "bn")], None),
-    ([("conv",), ()], [("conv", "bn")], "missing \\['linear'\\]"),
-    ([("conv",), ("linear", "conv")], [("conv", "bn")], "repeated \\['conv'\\]"),
-    ([("conv",), ("linear", "fc")], [("conv", "bn")], "unknown \\['fc'\\]"),
-    ([("conv",), ("linear",)], [("conv", "nope")], "does not name"),
-    ([("conv",), ("linear",)], [("linear", "bn")], "does not name"),
-    ([("conv",), ("linear",)], [("conv", "other")], "channel mismatch"),
-    ([("conv",), ("linear",)], [("conv", "bn"), ("conv", "bn")], "folded twice"),
-])
-def test_check_structure_rejects_wrong_declarations(segments, pairs, message):
-    """check_structure raises ValueError for a layer missing from, repeated in or unknown to the
-    segments, and for a conv-BN pair that is not a Conv2d + BatchNorm2d of its channels, or folds a
-    BN twice; a correct declaration passes."""
+def tiny_kernels(**changes):
+    """The tiny model's correct kernels, with fields of named kernels replaced: changes = {kernel: {field: value}}."""
+    ks = {"conv": dict(name="conv", layers=("conv",), reads=(Read(INPUT),), writes="conv", ops=("conv",)),
+          "linear": dict(name="linear", layers=("linear",), reads=(Read("conv"),), writes="linear", ops=("linear",))}
+    for k, fields in changes.items():
+        ks[k].update(fields)
+    return [Kernel(**v) for v in ks.values()]
+
+
+GOOD_TENSORS = [Tensor(INPUT, "q_in", True), Tensor("conv", "q_conv", False), Tensor("linear", "q_lin", True)]
+
+
+def tiny(kernels=None, tensors=None, segments=(("conv",), ("linear",)), pairs=(("conv", "bn"),)):
     m = _Tiny()
-    m.segments = lambda: [Segment(f"s{i}", lambda x: x, tuple(ls)) for i, ls in enumerate(segments)]
-    m.conv_bn_pairs = lambda: pairs
+    kernels = tiny_kernels() if kernels is None else kernels
+    tensors = GOOD_TENSORS if tensors is None else tensors
+    m.kernels = lambda target=DEFAULT_TARGET: list(kernels)
+    m.tensors = lambda target=DEFAULT_TARGET: list(tensors)
+    m.segments = lambda target=DEFAULT_TARGET: [Segment(f"s{i}", (m.stem, m.head)[min(i, 1)], tuple(ks))
+                                                for i, ks in enumerate(segments)]
+    m.conv_bn_pairs = lambda: list(pairs)
+    return m
+
+
+@pytest.mark.parametrize("model,message", [
+    (lambda: tiny(), None),
+    # weight layers: every Conv2d/Linear in exactly one kernel
+    (lambda: tiny(tiny_kernels(linear={"layers": ()})), "missing \\['linear'\\]"),
+    (lambda: tiny(tiny_kernels(linear={"layers": ("linear", "conv")})), "repeated \\['conv'\\]"),
+    (lambda: tiny(tiny_kernels(linear={"layers": ("linear", "fc")})), "unknown \\['fc'\\]"),
+    (lambda: tiny(tiny_kernels(linear={"layers": ("linear", "bn")})), "unknown \\['bn'\\]"),
+    # reads: only tensors already written (the image, or an earlier kernel's)
+    (lambda: tiny(tiny_kernels(conv={"reads": (Read("nothing"),)})), "reads 'nothing' before any kernel writes"),
+    (lambda: tiny(tiny_kernels(conv={"reads": (Read("linear"),)})), "reads 'linear' before any kernel writes"),
+    (lambda: tiny(tiny_kernels(linear={"reads": (Read("conv"), Read("conv", 0.0))})), "fraction 0.0"),
+    (lambda: tiny(tiny_kernels(linear={"reads": (Read("conv", 1.5),)})), "fraction 1.5"),
+    # writes: one new tensor named after the kernel
+    (lambda: tiny(tiny_kernels(linear={"writes": "out"})), "must write one new tensor"),
+    (lambda: tiny(tiny_kernels(linear={"writes": "conv"})), "must write one new tensor"),
+    (lambda: tiny(tiny_kernels(linear={"name": "conv", "writes": "conv"})), "must write one new tensor"),
+    # ops: modules of the model
+    (lambda: tiny(tiny_kernels(linear={"ops": ("fc",)})), "ops \\['fc'\\]"),
+    (lambda: tiny(tiny_kernels(linear={"ops": ()})), "ops \\(none\\)"),
+    # tensors: exactly the image and one per kernel, each in its own Slot
+    (lambda: tiny(tensors=GOOD_TENSORS[:2]), "missing \\['linear'\\]"),
+    (lambda: tiny(tensors=GOOD_TENSORS[1:]), "missing \\['input'\\]"),
+    (lambda: tiny(tensors=GOOD_TENSORS + [Tensor("extra", "spare", False)]), "unknown \\['extra'\\]"),
+    (lambda: tiny(tensors=GOOD_TENSORS + [Tensor("conv", "spare", False)]), "repeated \\['conv'\\]"),
+    (lambda: tiny(tensors=[GOOD_TENSORS[0], Tensor("conv", "conv", False), GOOD_TENSORS[2]]), "not a Slot"),
+    (lambda: tiny(tensors=[GOOD_TENSORS[0], Tensor("conv", "q_nope", False), GOOD_TENSORS[2]]), "not a Slot"),
+    (lambda: tiny(tensors=[GOOD_TENSORS[0], Tensor("conv", "q_in", False), GOOD_TENSORS[2]]), "share one Slot"),
+    # segments: every kernel once, in kernel order
+    (lambda: tiny(segments=(("conv",), ())), "segments\\(\\) must list"),
+    (lambda: tiny(segments=(("linear",), ("conv",))), "segments\\(\\) must list"),
+    (lambda: tiny(segments=(("conv",), ("linear", "linear"))), "segments\\(\\) must list"),
+    # conv-BN pairs
+    (lambda: tiny(pairs=(("conv", "nope"),)), "does not name"),
+    (lambda: tiny(pairs=(("linear", "bn"),)), "does not name"),
+    (lambda: tiny(pairs=(("conv", "other"),)), "channel mismatch"),
+    (lambda: tiny(pairs=(("conv", "bn"), ("conv", "bn"))), "folded twice"),
+])
+def test_check_structure_rejects_wrong_declarations(model, message):
+    """check_structure raises ValueError for a weight layer in no kernel, in two or unknown; a kernel
+    reading a tensor no one wrote (or one written later), or a fraction outside (0, 1]; a kernel writing
+    a tensor not named after it, or one already written; ops that are not modules; tensors() missing
+    the image or a kernel's tensor, naming an unknown one or one twice, a tensor whose slot is no Slot,
+    two tensors in one Slot; segments that skip, repeat or reorder kernels; and a conv-BN pair that is
+    not a Conv2d + BatchNorm2d of its channels, or folds a BN twice. The correct declaration passes."""
+    m = model()
     if message is None:
+        for target in TARGETS:
+            check_structure(m, target)
+        return
+    with pytest.raises(ValueError, match=message):
         check_structure(m)
-    else:
-        with pytest.raises(ValueError, match=message):
-            check_structure(m)

@@ -1,6 +1,7 @@
-"""Property tests for utils/search.py, with fake evaluators instead of models.
+"""Property tests for quant/search.py, with fake evaluators instead of models.
 
-Options are (w, a) tuples (32 = float); evaluations return ``Measured(acc, drop, se, signal)`` and
+A group is ``("w", layer)`` (a weight layer) or ``("a", tensor)`` (a tensor); a configuration is a
+full ``{group: bits}`` (32 = float). Evaluations return ``Measured(acc, drop, se, signal)`` and
 feasibility is ``Budget.holds(drop, se)``."""
 import itertools
 import math
@@ -9,13 +10,14 @@ import zlib
 
 import pytest
 
-from utils.config import FLOAT_BITS
-from utils.search import (EvalCache, FrontierPoint, Measured, clamp, greedy_search, pareto_frontier,
+from quant.search import (EvalCache, FrontierPoint, Measured, clamp, greedy_search, pareto_frontier,
                           verify_frontier)
-from utils.stats import BUDGET_Z, Budget
+from quant.stats import BUDGET_Z, Budget
+from quant.widths import FLOAT_BITS, A, W
 
 BASELINE = 92.0
-FLOAT = (FLOAT_BITS, FLOAT_BITS)
+TRAJECTORY_KEYS = {"step", "kind", "name", "from_bits", "bits", "ai", "val_acc", "drop", "drop_se", "estimated",
+                   "verified", "phase"}
 
 
 def h(*parts) -> float:
@@ -31,46 +33,60 @@ def ckey(config):
     return tuple(sorted(config.items()))
 
 
+def is_float(config):
+    return all(b == FLOAT_BITS for b in config.values())
+
+
 # ---------------------------------------------------------------- pareto_frontier
 
 def random_options(seed, n_layers=5, w_widths=(8, 4, 2), a_widths=(), step=0.02, allow_negative=True):
-    """{layer: [((w, a), bytes, est), ...]} of a small random problem. Bytes are integers (so byte
-    sums are exact in any order); estimates are multiples of `step` (0.1 or 0.0137 are not exact
-    binary floats, so sums in different orders differ in the last bits), sometimes negative."""
+    """{group: [(bits, bytes, est), ...]} of a small random problem: a weight group per layer and,
+    with `a_widths`, a tensor group per layer (the tensor the layer reads: "input" for the first,
+    else the previous layer's output, so weight and tensor groups share names), in Space.groups
+    order (weights first). Bytes are integers (so byte sums are exact in any order); estimates are
+    multiples of `step` (0.1 or 0.0137 are not exact binary floats, so sums in different orders
+    differ in the last bits), sometimes negative."""
     rng = random.Random(seed)
-    options = {}
-    for i in range(n_layers):
+    names = [f"layer{i}.conv" for i in range(n_layers)]
+    tensors = ["input"] + names[:-1]
+    w_opts, a_opts = {}, {}
+    for name, tensor in zip(names, tensors):
         p = rng.choice([64, 128, 256, 512, 1000]) * 8     # repeats make byte ties likely
         q = rng.choice([256, 512]) * 8
-        opts = []
-        for w, a in itertools.product((FLOAT_BITS,) + tuple(w_widths), (FLOAT_BITS,) + tuple(a_widths)):
-            rank = sum(FLOAT_BITS - v for v in (w, a)) // 8
-            est = 0.0 if (w, a) == FLOAT else rng.randint(0, 4 * rank * rank) * step
-            if allow_negative and (w, a) != FLOAT and rng.random() < 0.15:
-                est = -rng.randint(1, 5) * step
-            opts.append(((w, a), p * w // 8 + q * a // 8, est))
-        options[f"layer{i}.conv"] = opts
-    return options
+        for group, widths, size, out in (((W, name), w_widths, p, w_opts), ((A, tensor), a_widths, q, a_opts)):
+            if not widths:
+                continue
+            opts = []
+            for b in (FLOAT_BITS,) + tuple(widths):
+                rank = (FLOAT_BITS - b) // 8
+                est = 0.0 if b == FLOAT_BITS else rng.randint(0, 4 * rank * rank) * step
+                if allow_negative and b != FLOAT_BITS and rng.random() < 0.15:
+                    est = -rng.randint(1, 5) * step
+                opts.append((b, size * b // 8, est))
+            out[group] = opts
+    return {**w_opts, **a_opts}
 
 
 def recompute(options, config):
-    """(sum of clamped estimates, total bytes) of a config, summed in layer order."""
+    """(sum of clamped estimates, total bytes) of a config, summed in group order."""
     e = b = 0.0
-    for name, opt in config.items():
-        (o,) = [o for o in options[name] if o[0] == opt]
+    for group, bits in config.items():
+        (o,) = [o for o in options[group] if o[0] == bits]
         e += clamp(o[2])
         b += o[1]
     return e, b
 
 
+def all_points(options):
+    """(rounded estimate, bytes) of every configuration."""
+    return {(rkey(sum(clamp(o[2]) for o in combo)), sum(o[1] for o in combo))
+            for combo in itertools.product(*options.values())}
+
+
 def brute_force_frontier(options):
     """Every configuration enumerated; the non-dominated (estimate, bytes) values, by definition."""
-    names = list(options)
-    pts = set()
-    for combo in itertools.product(*(options[n] for n in names)):
-        pts.add((rkey(sum(clamp(o[2]) for o in combo)), sum(o[1] for o in combo)))
     front, best = set(), math.inf
-    for e, b in sorted(pts):      # by estimate, then bytes: keep strictly fewer bytes than anything cheaper
+    for e, b in sorted(all_points(options)):   # by estimate, then bytes: keep strictly fewer bytes than any cheaper
         if b < best:
             front.add((e, b))
             best = b
@@ -82,6 +98,7 @@ def check_frontier(options, front):
     assert front
     for p in front:
         assert list(p.config) == list(options)
+        assert all(p.config[g] in [o[0] for o in options[g]] for g in options)
         e, b = recompute(options, p.config)
         assert e == pytest.approx(p.est, abs=1e-9) and b == p.bytes
         assert p.est >= 0.0
@@ -92,35 +109,39 @@ def check_frontier(options, front):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("step", [0.02, 0.1, 0.0137])
 def test_frontier_equals_brute_force_weights_only(seed, step):
-    """Weight-only options (w, 32): the DP frontier is exactly the set of non-dominated (estimate,
-    bytes) values over all configurations, and each point's config recomputes to its stated est
-    and bytes, also for estimates that are not exact binary floats."""
+    """Weight groups only: the DP frontier is exactly the set of non-dominated (estimate, bytes)
+    values over all configurations, and each point's config recomputes to its stated est and
+    bytes, also for estimates that are not exact binary floats."""
     options = random_options(seed, n_layers=5, w_widths=(8, 4, 2), step=step)
+    assert all(g[0] == W for g in options)
     front = pareto_frontier(options)
     check_frontier(options, front)
     assert {(rkey(p.est), p.bytes) for p in front} == brute_force_frontier(options)
     # brute force by the definition of dominance too (small enough here)
-    pts = {(rkey(sum(clamp(o[2]) for o in c)), sum(o[1] for o in c)) for c in itertools.product(*options.values())}
+    pts = all_points(options)
     nondom = {p for p in pts if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in pts)}
     assert {(rkey(p.est), p.bytes) for p in front} == nondom
 
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("step", [0.02, 0.1, 0.0137])
-def test_frontier_equals_brute_force_joint(seed, step):
-    """Joint (w, a) options, 4 layers x (3 weight widths + float) x (2 activation widths + float)
-    = 12 options per layer, 20,736 configurations: the DP equals brute force."""
+def test_frontier_equals_brute_force_weights_and_tensors(seed, step):
+    """Weight and tensor groups: 4 weight groups x (3 widths + float) and 4 tensor groups x
+    (2 widths + float), 4^4 x 3^4 = 20,736 configurations: the DP equals brute force, and tensor
+    groups do move along the frontier."""
     options = random_options(seed, n_layers=4, w_widths=(8, 4, 2), a_widths=(8, 4), step=step)
-    assert all(len(o) == 12 for o in options.values())
+    assert [len(o) for o in options.values()] == [4] * 4 + [3] * 4
+    assert [g[0] for g in options] == [W] * 4 + [A] * 4
     front = pareto_frontier(options)
     check_frontier(options, front)
     assert {(rkey(p.est), p.bytes) for p in front} == brute_force_frontier(options)
-    assert any(p.config[n][1] != FLOAT_BITS for p in front for n in options)   # activations do move
+    assert any(p.config[g] != FLOAT_BITS for p in front for g in options if g[0] == A)   # tensors do move
+    assert any(p.config[g] != FLOAT_BITS for p in front for g in options if g[0] == W)
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_frontier_ends(seed):
-    """The first point has the least possible estimate (sum of per-layer minimum clamped
+    """The first point has the least possible estimate (sum of per-group minimum clamped
     estimates), the last the least possible bytes."""
     options = random_options(seed, n_layers=7, w_widths=(8, 6, 4, 3, 2), a_widths=(8,))
     front = pareto_frontier(options)
@@ -130,13 +151,14 @@ def test_frontier_ends(seed):
 
 
 def test_negative_estimates_are_clamped():
-    """A layer whose estimate is negative (it 'gained' alone) counts as 0, not as a credit for
-    another layer's loss: the zero-estimate point quantizes it, and no estimate is negative."""
-    options = {"a": [(FLOAT, 400, 0.0), ((4, 32), 50, -0.5)],
-               "b": [(FLOAT, 400, 0.0), ((4, 32), 50, 0.5)]}
+    """A group whose estimate is negative (it 'gained' alone) counts as 0, not as a credit for
+    another group's loss: the zero-estimate point quantizes it, and no estimate is negative."""
+    wa, ab = (W, "a"), (A, "b")
+    options = {wa: [(FLOAT_BITS, 400, 0.0), (4, 50, -0.5)],
+               ab: [(FLOAT_BITS, 400, 0.0), (4, 50, 0.5)]}
     front = pareto_frontier(options)
     assert [(p.config, p.est, p.bytes) for p in front] == [
-        ({"a": (4, 32), "b": FLOAT}, 0.0, 450.0), ({"a": (4, 32), "b": (4, 32)}, 0.5, 100.0)]
+        ({wa: 4, ab: FLOAT_BITS}, 0.0, 450.0), ({wa: 4, ab: 4}, 0.5, 100.0)]
     assert clamp(-1.0) == 0.0 and clamp(0.25) == 0.25
 
 
@@ -155,88 +177,102 @@ def test_max_est_gives_the_restricted_frontier(seed):
 
 
 def test_frontier_rejects_bad_input():
-    """No layers, a layer without options, a non-finite estimate or byte count, and a cap no
-    configuration meets are ValueErrors."""
+    """No groups, a group without options, a non-finite estimate or byte count, a negative cap and a
+    cap no configuration meets are ValueErrors."""
+    g = (W, "a")
     with pytest.raises(ValueError):
         pareto_frontier({})
     with pytest.raises(ValueError):
-        pareto_frontier({"a": []})
+        pareto_frontier({g: []})
     with pytest.raises(ValueError):
-        pareto_frontier({"a": [(FLOAT, 4.0, 0.0), ((4, 32), 1.0, float("nan"))]})
+        pareto_frontier({g: [(FLOAT_BITS, 4.0, 0.0), (4, 1.0, float("nan"))]})
     with pytest.raises(ValueError):
-        pareto_frontier({"a": [(FLOAT, 4.0, 0.0), ((4, 32), float("inf"), 0.1)]})
+        pareto_frontier({g: [(FLOAT_BITS, 4.0, 0.0), (4, float("inf"), 0.1)]})
     with pytest.raises(ValueError):
-        pareto_frontier({"a": [((8, 32), 4.0, 0.5), ((4, 32), 1.0, 0.7)]}, max_est=0.1)
+        pareto_frontier({g: [(FLOAT_BITS, 4.0, 0.0)]}, max_est=-0.1)
+    with pytest.raises(ValueError):
+        pareto_frontier({g: [(8, 4.0, 0.5), (4, 1.0, 0.7)]}, max_est=0.1)
 
 
 def test_frontier_point_fields():
     """FrontierPoint carries config, est and bytes."""
-    p = FrontierPoint(config={"a": (4, 32)}, est=0.1, bytes=2.0)
-    assert (p.config, p.est, p.bytes) == ({"a": (4, 32)}, 0.1, 2.0)
+    p = FrontierPoint(config={(W, "a"): 4}, est=0.1, bytes=2.0)
+    assert (p.config, p.est, p.bytes) == ({(W, "a"): 4}, 0.1, 2.0)
 
 
-def test_frontier_of_pairs_for_a_resnet20_sized_problem():
-    """22 layers x (5 weight widths + float) x (3 activation widths + float) = 24 options per layer
-    with continuous estimates: the DP completes and returns a sorted, non-dominated frontier whose
-    points recompute (no timing assertion)."""
+def test_frontier_for_a_resnet20_sized_problem():
+    """22 weight groups x (5 widths + float) and 24 tensor groups x (3 widths + float), with
+    continuous estimates: the DP completes and returns a sorted, non-dominated frontier whose points
+    recompute, from all-float to all-narrowest (no timing assertion)."""
     rng = random.Random(0)
     options = {}
     for i in range(22):
-        p, q = rng.choice([432, 2304, 4608, 9216, 18432, 36864]), rng.choice([4096, 8192, 16384])
-        wd = {FLOAT_BITS: 0.0, **{w: rng.random() * 0.05 * (9 - w) ** 2 for w in (8, 6, 4, 3, 2)}}
-        ad = {FLOAT_BITS: 0.0, **{a: rng.random() * 0.05 * (9 - a) ** 2 for a in (8, 6, 4)}}
-        options[f"layer{i}"] = [((w, a), p * w / 8 + q * a / 8, wd[w] + ad[a]) for w, a in itertools.product(wd, ad)]
+        p = rng.choice([432, 2304, 4608, 9216, 18432, 36864])
+        options[W, f"layer{i}"] = [(w, p * w / 8, 0.0 if w == FLOAT_BITS else rng.random() * 0.05 * (9 - w) ** 2)
+                                   for w in (FLOAT_BITS, 8, 6, 4, 3, 2)]
+    for i in range(24):
+        q = rng.choice([4096, 8192, 16384])
+        options[A, f"tensor{i}"] = [(a, q * a / 8, 0.0 if a == FLOAT_BITS else rng.random() * 0.05 * (9 - a) ** 2)
+                                    for a in (FLOAT_BITS, 8, 6, 4)]
     front = pareto_frontier(options)
     assert len(front) > 100
     check_frontier(options, front)
-    assert front[0].config == {n: FLOAT for n in options}
-    assert front[-1].config == {n: (2, 4) for n in options}
+    assert front[0].config == {g: FLOAT_BITS for g in options}
+    assert front[-1].config == {g: (2 if g[0] == W else 4) for g in options}
 
 
 # ---------------------------------------------------------------- fakes for the searches
 
 class Fake:
-    """A fake network: per-layer, per-coordinate drops in points (monotone: a narrower width never
-    drops less), a configuration's true drop is their sum plus deterministic per-configuration
-    noise (`noise` points, which breaks monotonicity), and its SE comes from a flip model
-    (flip rate f = 3 d + 0.002 per quantized width, SE = 100 sqrt((f - d^2) / n), so with noise 0
-    drop + z SE also only grows as widths narrow). The estimate is the per-layer drop, optionally
-    off by a relative `est_error`; the measured signal is the measured drop."""
+    """A fake network: a weight group per layer and a tensor group per layer (the tensor it reads:
+    "input", then the previous layer's name), with per-group drops in points (monotone: a narrower
+    width never drops less). A configuration's true drop is their sum plus deterministic
+    per-configuration noise (`noise` points, which breaks monotonicity), and its SE comes from a
+    flip model (flip rate f = 3 d + 0.002 per quantized group, SE = 100 sqrt((f - d^2) / n), so with
+    noise 0 drop + z SE also only grows as widths narrow). The estimate is the group's drop,
+    optionally off by a relative `est_error`; the measured signal is the measured drop.
+
+    Every group is in `ladders` (as stage 3 passes them); with `a_ladder=()` the tensor groups have
+    empty ladders and stay float, as in a weight-only search."""
 
     def __init__(self, seed, n_layers=5, w_ladder=(8, 6, 4, 3, 2), a_ladder=(), noise=0.0, est_error=0.0,
                  n_images=10000, step=0.02):
         rng = random.Random(seed)
         self.names = [f"layer{i}.conv" for i in range(n_layers)]
-        self.ladders = [list(w_ladder), list(a_ladder)]
-        self.params = {n: rng.choice([64, 128, 256, 512, 1000]) * 8 for n in self.names}
-        self.acts = {n: rng.choice([256, 512, 1024]) * 8 for n in self.names}
+        self.tensors = ["input"] + self.names[:-1]
+        self.groups = [(W, n) for n in self.names] + [(A, t) for t in self.tensors]
+        self.ladders = {**{(W, n): list(w_ladder) for n in self.names},
+                        **{(A, t): list(a_ladder) for t in self.tensors}}
+        self.size = {(W, n): rng.choice([64, 128, 256, 512, 1000]) * 8 for n in self.names}
+        self.size.update({(A, t): rng.choice([256, 512, 1024]) * 8 for t in self.tensors})
         self.part = {}
-        for n in self.names:
-            for coord, lad in enumerate(self.ladders):
+        for n, t in zip(self.names, self.tensors):
+            for g in ((W, n), (A, t)):
                 acc = 0.0
-                for k, b in enumerate(sorted(lad, reverse=True)):
+                for k, b in enumerate(sorted(self.ladders[g], reverse=True)):
                     acc += rng.randint(0, 5 * (k + 1) ** 2) * step
-                    self.part[n, coord, b] = acc
+                    self.part[g, b] = acc
         self.noise, self.est_error, self.n_images = noise, est_error, n_images
         self.calls = []
 
-    def bytes_of(self, name, opt):
-        return self.params[name] * opt[0] / 8 + self.acts[name] * opt[1] / 8
+    def bytes_of(self, group, bits):
+        return self.size[group] * bits / 8
 
     def ai_of(self, config):
-        return 1.0 / sum(self.bytes_of(n, o) for n, o in config.items())
+        return 1.0 / sum(self.bytes_of(g, b) for g, b in config.items())
 
-    def layer_drop(self, name, opt):
-        return sum(self.part[name, c, v] for c, v in enumerate(opt) if v != FLOAT_BITS)
+    def group_drop(self, group, bits):
+        return 0.0 if bits == FLOAT_BITS else self.part[group, bits]
 
-    def est(self, name, opt):
-        return self.layer_drop(name, opt) * (1 + self.est_error * h(name, opt))
+    def est(self, group, bits):
+        return self.group_drop(group, bits) * (1 + self.est_error * h(group, bits))
 
     def measure(self, config) -> Measured:
-        if all(o == FLOAT for o in config.values()):
+        assert set(config) == set(self.groups)     # full configurations only
+        if is_float(config):
             return Measured(BASELINE, 0.0, 0.0, 0.0)
-        d = sum(self.layer_drop(n, o) for n, o in config.items()) + self.noise * h(ckey(config))
-        k = sum(v != FLOAT_BITS for o in config.values() for v in o)
+        d = sum(self.group_drop(g, b) for g, b in config.items()) + self.noise * h(ckey(config))
+        k = sum(b != FLOAT_BITS for b in config.values())
         f = min(1.0, 3 * max(d, 0.0) / 100 + 0.002 * k)
         se = 100 * math.sqrt(max(f - (d / 100) ** 2, 0.0) / self.n_images)
         return Measured(BASELINE - d, d, se, d)
@@ -246,33 +282,35 @@ class Fake:
         return self.measure(config)
 
     def run(self, budget, **kw):
-        return greedy_search(self.names, self.ladders, self.bytes_of, self.est, self.evaluate, budget, **kw)
+        return greedy_search(self.ladders, self.bytes_of, self.est, self.evaluate, budget, **kw)
 
     def single_moves(self, config):
-        """Every configuration one narrowing of one coordinate of one layer away."""
-        for n in self.names:
-            for coord, lad in enumerate(self.ladders):
-                for v in lad:
-                    if v < config[n][coord]:
-                        new = list(config[n])
-                        new[coord] = v
-                        yield dict(config, **{n: tuple(new)})
+        """Every configuration one narrowing of one group away."""
+        for g in self.groups:
+            for v in self.ladders[g]:
+                if v < config[g]:
+                    yield {**config, g: v}
+
+    def frontier_options(self):
+        """pareto_frontier's input for the same problem: every group, float included."""
+        return {g: [(b, self.bytes_of(g, b), self.est(g, b)) for b in (FLOAT_BITS, *self.ladders[g])]
+                for g in self.groups}
 
 
-def replay(names, trajectory):
+def replay(groups, trajectory):
     """The configuration after each trajectory step, checking that each step narrows exactly one
-    coordinate of one layer, from the width the previous configuration had."""
-    cfg = {n: FLOAT for n in names}
+    group (named by the entry's kind and name), from the width the previous configuration had."""
+    cfg = {g: FLOAT_BITS for g in groups}
     configs = [dict(cfg)]
     for e in trajectory[1:]:
-        coord = "wa".index(e["width"])
-        old = cfg[e["layer"]]
-        assert old[coord] == e["from_bits"] and e["bits"] < e["from_bits"]
-        cfg[e["layer"]] = old[:coord] + (e["bits"],) + old[coord + 1:]
+        g = (e["kind"], e["name"])
+        assert e["kind"] in (W, A) and g in cfg
+        assert cfg[g] == e["from_bits"] and e["bits"] < e["from_bits"]
+        cfg[g] = e["bits"]
         configs.append(dict(cfg))
     for a, b in zip(configs, configs[1:]):
-        changed = [(n, c) for n in names for c in (0, 1) if a[n][c] != b[n][c]]
-        assert len(changed) == 1 and b[changed[0][0]][changed[0][1]] < a[changed[0][0]][changed[0][1]]
+        changed = [g for g in groups if a[g] != b[g]]
+        assert len(changed) == 1 and b[changed[0]] < a[changed[0]]
     return configs
 
 
@@ -285,11 +323,12 @@ def replay(names, trajectory):
 def test_greedy_invariants(seed, max_drop, joint, fast_forward):
     """On a noisy, non-monotone fake: every verified trajectory entry (and every configuration
     passed to on_accept) holds the budget; AI strictly increases; each step narrows exactly one
-    coordinate; the replayed trajectory ends at the returned config, which holds the budget and
-    whose measurement is returned; `estimated` is the additive estimate of each step's config;
-    no config is evaluated twice (real calls == distinct calls == evaluations); on_accept's last
-    config is the final one; progress sees every step in order with a non-decreasing evaluation
-    count; a custom ai_of is what is reported."""
+    group; the replayed trajectory ends at the returned config (every group, in ladder order, int
+    widths from the ladders), which holds the budget and whose measurement is returned;
+    `estimated` is the additive estimate of each step's config; no config is evaluated twice (real
+    calls == distinct calls == evaluations); on_accept's last config is the final one; progress
+    sees every step in order with a non-decreasing evaluation count; a custom ai_of is what is
+    reported."""
     f = Fake(seed, noise=0.3, a_ladder=(8, 4) if joint else ())
     budget = Budget(max_drop, BUDGET_Z)
     accepted, seen = [], []
@@ -298,14 +337,20 @@ def test_greedy_invariants(seed, max_drop, joint, fast_forward):
     res = f.run(budget, verify_top_k=3, ai_of=ai_of, fast_forward=fast_forward,
                 on_accept=lambda c, m: accepted.append((c, m)), progress=lambda s, e: seen.append((s, e)))
     traj = res["trajectory"]
-    assert traj[0]["layer"] is None and traj[0]["val_acc"] == BASELINE and traj[0]["verified"]
+    assert traj[0]["kind"] is None and traj[0]["name"] is None and traj[0]["val_acc"] == BASELINE
+    assert traj[0]["verified"] and traj[0]["step"] == 0
+    assert all(set(e) == TRAJECTORY_KEYS for e in traj[1:])
+    assert [e["step"] for e in traj] == list(range(len(traj)))
     assert res["steps"] == len(traj) - 1
-    configs = replay(f.names, traj)
-    assert configs[-1] == res["config"] and list(res["config"]) == f.names
-    assert all(isinstance(o, tuple) and len(o) == 2 for o in res["config"].values())
+    configs = replay(f.groups, traj)
+    assert configs[-1] == res["config"] and list(res["config"]) == f.groups
+    for g, b in res["config"].items():
+        assert type(b) is int and b in (FLOAT_BITS, *f.ladders[g])
+    if not joint:
+        assert all(e["kind"] == W for e in traj[1:])
     for e, c in zip(traj, configs):
         assert e["ai"] == pytest.approx(ai_of(c))
-        assert e["estimated"] == pytest.approx(sum(clamp(f.est(n, o)) for n, o in c.items() if o != FLOAT))
+        assert e["estimated"] == pytest.approx(sum(clamp(f.est(g, b)) for g, b in c.items() if b != FLOAT_BITS))
         if e["verified"]:
             m = f.measure(c)
             assert (e["val_acc"], e["drop"], e["drop_se"]) == (m.acc, m.drop, m.se)
@@ -328,7 +373,7 @@ def test_greedy_invariants(seed, max_drop, joint, fast_forward):
     if res["steps"]:
         assert accepted and accepted[-1][0] == res["config"]
     else:
-        assert not accepted and res["config"] == {n: FLOAT for n in f.names}
+        assert not accepted and res["config"] == {g: FLOAT_BITS for g in f.groups}
     assert [s for s, _ in seen] == list(range(1, res["steps"] + 1))
     for (s, e), t in zip(seen, traj[1:]):
         assert {k: v for k, v in e.items() if k != "evaluations"} == t
@@ -341,13 +386,13 @@ def test_greedy_invariants(seed, max_drop, joint, fast_forward):
 @pytest.mark.parametrize("noise", [0.0, 0.3])
 def test_greedy_stop_condition(seed, max_drop, noise):
     """Without pruning and fast-forward, the greedy stops only when every single narrowing of one
-    coordinate of the final config is infeasible, even on a non-monotone model."""
+    group of the final config is infeasible, even on a non-monotone model."""
     f = Fake(seed, noise=noise, a_ladder=(8, 4) if seed % 2 else ())
     budget = Budget(max_drop, BUDGET_Z)
     res = f.run(budget, prune_infeasible=False, fast_forward=False)
     assert res["stopped_by"] is None
     moves = list(f.single_moves(res["config"]))
-    assert moves or all(o == (min(f.ladders[0]), min(f.ladders[1] or [FLOAT_BITS])) for o in res["config"].values())
+    assert moves or all(b == min(f.ladders[g], default=FLOAT_BITS) for g, b in res["config"].items())
     for c in moves:
         m = f.measure(c)
         assert not budget.holds(m.drop, m.se), c
@@ -359,7 +404,7 @@ def test_greedy_stop_condition(seed, max_drop, noise):
 def test_pruning_is_free_on_a_monotone_model(seed, max_drop, est_error, verify_top_k):
     """The pruning assumption: accuracy only falls as widths narrow, so a move found infeasible
     from one config is infeasible from every narrower config, and so is narrowing the same
-    coordinate further. On a model where that holds (drop + z SE monotone in every width), pruning
+    group further. On a model where that holds (drop + z SE monotone in every width), pruning
     only skips truly infeasible moves: it returns the same config as prune_infeasible=False with
     no more evaluations, and the stop condition still holds. (With verify_top_k > 1 and an
     estimate that ranks moves unlike the measurement, the batches differ in composition, so the
@@ -371,6 +416,7 @@ def test_pruning_is_free_on_a_monotone_model(seed, max_drop, est_error, verify_t
         runs[prune] = f.run(budget, prune_infeasible=prune, verify_top_k=verify_top_k)
     assert runs[True]["config"] == runs[False]["config"]
     assert runs[True]["evaluations"] <= runs[False]["evaluations"]
+    assert runs[False]["pruned_moves"] == 0
     for c in f.single_moves(runs[True]["config"]):
         m = f.measure(c)
         assert not budget.holds(m.drop, m.se)
@@ -388,61 +434,84 @@ def test_pruning_saves_evaluations_on_a_monotone_model():
     assert saved > 0
 
 
-def two_layer_non_monotone():
-    """Layers a and b of equal size, ladder [4, 2] for weights. The estimate says 4 bits is cheap
-    and 2 bits costly for both; really a@4 costs 0.2, a@2 5.0, but b is non-monotone: b@4 costs
-    5.0 and b@2 only 0.3."""
-    true = {("a", 4): 0.2, ("a", 2): 5.0, ("b", 4): 5.0, ("b", 2): 0.3}
+def two_group_non_monotone():
+    """A weight group and a tensor group of equal size, ladder [4, 2] for both. The estimate says 4
+    bits is cheap and 2 bits costly for both; really the weights at 4 cost 0.2 and at 2 5.0, but
+    the tensor is non-monotone: at 4 it costs 5.0 and at 2 only 0.3."""
+    wa, ab = (W, "a"), (A, "b")
+    true = {(wa, 4): 0.2, (wa, 2): 5.0, (ab, 4): 5.0, (ab, 2): 0.3}
     est = {4: 0.1, 2: 10.0}
     calls = []
 
     def evaluate(config):
         calls.append(ckey(config))
-        d = sum(true[n, o[0]] for n, o in config.items() if o[0] != FLOAT_BITS)
+        d = sum(true[g, b] for g, b in config.items() if b != FLOAT_BITS)
         return Measured(BASELINE - d, d, 0.0, d)
 
     def search(prune):
-        return greedy_search(["a", "b"], [[4, 2], []], lambda n, o: 1000 * o[0] / 8,
-                             lambda n, o: est[o[0]], evaluate, Budget(1.0, 0.0), verify_top_k=2,
-                             prune_infeasible=prune, fast_forward=False)
-    return search, calls
+        return greedy_search({wa: [4, 2], ab: [4, 2]}, lambda g, b: 1000 * b / 8, lambda g, b: est[b], evaluate,
+                             Budget(1.0, 0.0), verify_top_k=2, prune_infeasible=prune, fast_forward=False)
+    return search, calls, wa, ab
 
 
 def test_pruning_trade_off_on_a_non_monotone_model():
-    """The documented trade-off: where narrower is sometimes better (b@2 beats b@4), pruning
-    assumes b@2 infeasible once b@4 was measured infeasible and stops at {a: 4}, while
-    prune_infeasible=False goes on to find the higher-AI {a: 4, b: 2} (at more evaluations)."""
-    search, calls = two_layer_non_monotone()
+    """The documented trade-off: where narrower is sometimes better (the tensor at 2 beats it at 4),
+    pruning assumes the tensor at 2 infeasible once 4 was measured infeasible and stops at
+    {weights: 4}, while prune_infeasible=False goes on to find the higher-AI {weights: 4, tensor:
+    2} (at more evaluations)."""
+    search, calls, wa, ab = two_group_non_monotone()
     on = search(True)
     n_on = len(calls)
     off = search(False)
-    assert on["config"] == {"a": (4, 32), "b": FLOAT}
-    assert off["config"] == {"a": (4, 32), "b": (2, 32)}
+    assert on["config"] == {wa: 4, ab: FLOAT_BITS}
+    assert off["config"] == {wa: 4, ab: 2}
     assert off["ai"] > on["ai"]
     assert on["evaluations"] == n_on < off["evaluations"]
     assert on["pruned_moves"] >= 1
+
+
+def test_pruning_is_per_group_not_per_name():
+    """A weight layer and a tensor may share a name ("conv1" the layer, "conv1" the tensor its kernel
+    writes); they are different groups. A weight move measured infeasible prunes only the weight
+    group: the same-named tensor is still narrowed, and the evaluations tell the two apart."""
+    wg, ag = (W, "conv1"), (A, "conv1")
+    real = {wg: 5.0, ag: 0.4}
+    calls = []
+
+    def evaluate(config):
+        calls.append(ckey(config))
+        d = sum(real[g] for g, b in config.items() if b != FLOAT_BITS)
+        return Measured(BASELINE - d, d, 0.0, d)
+    est = {(wg, 4): 0.1, (wg, 2): 10.0, (ag, 4): 0.5}     # weights at 4 look best, then the tensor at 4
+    res = greedy_search({wg: [4, 2], ag: [4]}, lambda g, b: 1000 * b / 8, lambda g, b: est[g, b],
+                        evaluate, Budget(1.0, 0.0), verify_top_k=1, fast_forward=False)
+    assert res["config"] == {wg: FLOAT_BITS, ag: 4}
+    assert [(e["kind"], e["name"], e["bits"]) for e in res["trajectory"][1:]] == [(A, "conv1", 4)]
+    # float; w@4 (infeasible, prunes w@2 too); a@4 (feasible); then from {a: 4} nothing is left
+    assert calls == [ckey({wg: 32, ag: 32}), ckey({wg: 4, ag: 32}), ckey({wg: 32, ag: 4})]
+    assert res["pruned_moves"] == 1 and res["infeasible_evaluations"] == 1
 
 
 def test_greedy_moves_past_an_infeasible_batch():
     """If every move of the top-k batch fails for real, the next batch is verified and a feasible
     move there is accepted: the estimate only orders verification, it never decides. Pruned moves
     are not evaluated again from the narrower config."""
-    size = {"a": 1000, "b": 1000, "c": 100}
-    est = {"a": 0.0, "b": 0.0, "c": 0.5}           # the table says a and b are free
-    real = {"a": 5.0, "b": 5.0, "c": 0.4}          # but they are not
+    ga, gb, gc = (W, "a"), (W, "b"), (A, "c")
+    size = {ga: 1000, gb: 1000, gc: 100}
+    est = {ga: 0.0, gb: 0.0, gc: 0.5}           # the table says a and b are free
+    real = {ga: 5.0, gb: 5.0, gc: 0.4}          # but they are not
 
     def evaluate(config):
-        d = sum(real[n] for n, o in config.items() if o[0] != FLOAT_BITS)
+        d = sum(real[g] for g, b in config.items() if b != FLOAT_BITS)
         return Measured(BASELINE - d, d, 0.0, d)
 
     def search(prune):
-        return greedy_search(["a", "b", "c"], [[4], []], lambda n, o: size[n] * o[0] / 8,
-                             lambda n, o: est[n], evaluate, Budget(1.0, 0.0), verify_top_k=2,
-                             fast_forward=False, prune_infeasible=prune)
+        return greedy_search({ga: [4], gb: [4], gc: [4]}, lambda g, b: size[g] * b / 8, lambda g, b: est[g],
+                             evaluate, Budget(1.0, 0.0), verify_top_k=2, fast_forward=False, prune_infeasible=prune)
     on, off = search(True), search(False)
     for r in (on, off):
-        assert r["config"] == {"a": FLOAT, "b": FLOAT, "c": (4, 32)}
-        assert r["trajectory"][1]["layer"] == "c"
+        assert r["config"] == {ga: FLOAT_BITS, gb: FLOAT_BITS, gc: 4}
+        assert (r["trajectory"][1]["kind"], r["trajectory"][1]["name"]) == gc
     assert on["evaluations"] == 1 + 3          # float; a, b (batch 1, infeasible), c (batch 2)
     assert off["evaluations"] == 1 + 3 + 2     # ... and a, b again from {c: 4}
     assert on["infeasible_evaluations"] == 2 and off["infeasible_evaluations"] == 4
@@ -452,40 +521,48 @@ def test_greedy_picks_the_best_measured_score_in_a_batch():
     """Within a verified batch the feasible move with the best measured score (AI gained per unit
     of measured signal) wins, not the best estimate; with verify_top_k=1 the estimate's first
     choice is taken instead."""
-    est = {"a": 0.1, "b": 0.2}                     # a looks better
-    real = {"a": 0.9, "b": 0.1}                    # b is better
+    gx, gy = (W, "x"), (A, "y")
+    est = {gx: 0.1, gy: 0.2}                    # x looks better
+    real = {gx: 0.9, gy: 0.1}                   # y is better
 
     def evaluate(config):
-        d = sum(real[n] for n, o in config.items() if o[0] != FLOAT_BITS)
+        d = sum(real[g] for g, b in config.items() if b != FLOAT_BITS)
         return Measured(BASELINE - d, d, 0.0, d)
 
     def search(k):
-        return greedy_search(["a", "b"], [[4], []], lambda n, o: 1000 * o[0] / 8, lambda n, o: est[n],
+        return greedy_search({gx: [4], gy: [4]}, lambda g, b: 1000 * b / 8, lambda g, b: est[g],
                              evaluate, Budget(1.0, 0.0), verify_top_k=k, fast_forward=False)
     r = search(2)
-    assert [e["layer"] for e in r["trajectory"][1:]] == ["b", "a"]
-    assert r["config"] == {"a": (4, 32), "b": (4, 32)}
-    assert [e["layer"] for e in search(1)["trajectory"][1:]] == ["a", "b"]
+    assert [(e["kind"], e["name"]) for e in r["trajectory"][1:]] == [gy, gx]
+    assert r["config"] == {gx: 4, gy: 4}
+    assert [(e["kind"], e["name"]) for e in search(1)["trajectory"][1:]] == [gx, gy]
 
 
+@pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize("fast_forward", [True, False])
-def test_greedy_zero_budget_stays_float(fast_forward):
+def test_greedy_zero_budget_stays_float(fast_forward, joint):
     """With no budget and every narrowing lossy, nothing is accepted: all-float, 0 steps; without
-    fast-forward each layer's widest move is evaluated once (besides the float model) and its
-    narrower widths are pruned within the same step, or every move is evaluated without pruning."""
-    f = Fake(0)
+    fast-forward each group's widest move is evaluated once (besides the float model; groups with
+    an empty ladder have none) and its narrower widths are pruned within the same step, or every
+    move is evaluated without pruning. (The estimate (32 - bits)^3 ranks each group's widest move
+    before its narrower ones; with a flat estimate a narrower move can rank first and the wider
+    one is then evaluated too, since pruning only blocks widths at or below an infeasible one.)"""
+    f = Fake(0, a_ladder=(8, 4) if joint else ())
+    movable = [g for g in f.groups if f.ladders[g]]
+    assert len(movable) == len(f.names) * (2 if joint else 1)
 
     def evaluate(config):
-        d = 0.0 if all(o == FLOAT for o in config.values()) else 0.5
+        d = 0.0 if is_float(config) else 0.5
         return Measured(BASELINE - d, d, 0.0, d)
-    res = greedy_search(f.names, f.ladders, f.bytes_of, f.est, evaluate, Budget(0.0, 0.0), fast_forward=fast_forward)
-    assert res["steps"] == 0 and res["config"] == {n: FLOAT for n in f.names}
+    est = lambda g, b: float((FLOAT_BITS - b) ** 3)
+    res = greedy_search(f.ladders, f.bytes_of, est, evaluate, Budget(0.0, 0.0), fast_forward=fast_forward)
+    assert res["steps"] == 0 and res["config"] == {g: FLOAT_BITS for g in f.groups}
     assert res["measured"] == Measured(BASELINE, 0.0, 0.0, 0.0) and res["stopped_by"] is None
     if not fast_forward:
-        assert res["evaluations"] == 1 + len(f.names)
-        res = greedy_search(f.names, f.ladders, f.bytes_of, f.est, evaluate, Budget(0.0, 0.0), fast_forward=False,
+        assert res["evaluations"] == 1 + len(movable)
+        res = greedy_search(f.ladders, f.bytes_of, est, evaluate, Budget(0.0, 0.0), fast_forward=False,
                             prune_infeasible=False)
-        assert res["evaluations"] == 1 + len(f.names) * len(f.ladders[0]) and res["pruned_moves"] == 0
+        assert res["evaluations"] == 1 + sum(len(f.ladders[g]) for g in movable) and res["pruned_moves"] == 0
 
 
 def test_greedy_rejects_bad_verify_top_k():
@@ -495,26 +572,40 @@ def test_greedy_rejects_bad_verify_top_k():
         f.run(Budget(1.0), verify_top_k=0)
 
 
+def test_greedy_ladders_are_normalized():
+    """A ladder may be unsorted, repeat widths and list float: 32 is never a move and the search is
+    the one on the clean descending ladder (same config, trajectory and evaluations)."""
+    clean, messy = Fake(1, a_ladder=(8, 4)), Fake(1, a_ladder=(8, 4))
+    messy.ladders = {g: [*reversed(lad), FLOAT_BITS, *lad] for g, lad in messy.ladders.items()}
+    budget = Budget(2.0, BUDGET_Z)
+    a, b = clean.run(budget), messy.run(budget)
+    assert a["steps"] > 0
+    assert (a["config"], a["trajectory"], a["evaluations"]) == (b["config"], b["trajectory"], b["evaluations"])
+    assert clean.calls == messy.calls
+    assert all(e["bits"] != FLOAT_BITS for e in b["trajectory"][1:])
+
+
 @pytest.mark.parametrize("seed", range(4))
-def test_joint_mode_moves_both_coordinates(seed):
-    """With ladders [[8, 4], [8, 4]] the greedy narrows both weights and activations, and the
-    final config maps every layer to a (w, a) tuple with values from the ladders."""
+def test_joint_mode_moves_weights_and_tensors(seed):
+    """With ladders [8, 4] for every weight group and every tensor group the greedy narrows both
+    kinds, and the final config maps every group to a width from its ladder."""
     f = Fake(seed, n_layers=4, w_ladder=(8, 4), a_ladder=(8, 4), step=0.01)
     res = f.run(Budget(2.0, BUDGET_Z))
-    assert {e["width"] for e in res["trajectory"][1:]} == {"w", "a"}
-    for w, a in res["config"].values():
-        assert w in (8, 4, FLOAT_BITS) and a in (8, 4, FLOAT_BITS)
-    assert any(o[0] != FLOAT_BITS for o in res["config"].values())
-    assert any(o[1] != FLOAT_BITS for o in res["config"].values())
-    replay(f.names, res["trajectory"])
+    assert {e["kind"] for e in res["trajectory"][1:]} == {W, A}
+    assert set(res["config"]) == set(f.groups)
+    for b in res["config"].values():
+        assert b in (8, 4, FLOAT_BITS)
+    assert any(b != FLOAT_BITS for g, b in res["config"].items() if g[0] == W)
+    assert any(b != FLOAT_BITS for g, b in res["config"].items() if g[0] == A)
+    replay(f.groups, res["trajectory"])
 
 
 def estimate_path(f):
     """The configurations the estimate alone walks through (each step its best-ranked move), from
     a run whose budget nothing exceeds: then fast-forward goes to the end of its path."""
-    g = greedy_search(f.names, f.ladders, f.bytes_of, f.est, f.measure, Budget(1e9, 0.0))
+    g = greedy_search(f.ladders, f.bytes_of, f.est, f.measure, Budget(1e9, 0.0))
     assert all(e["phase"] == "fast-forward" for e in g["trajectory"][1:])
-    return replay(f.names, g["trajectory"])[1:]
+    return replay(f.groups, g["trajectory"])[1:]
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -535,8 +626,9 @@ def test_fast_forward_on_a_monotone_model(seed, verify_top_k):
 
     f = fakes[True]
     path = estimate_path(f)
+    assert path[-1] == {g: min(f.ladders[g], default=FLOAT_BITS) for g in f.groups}   # down to the narrowest
     on_path = {ckey(c) for c in path}
-    assert f.calls[0] == ckey({n: FLOAT for n in f.names})
+    assert f.calls[0] == ckey({g: FLOAT_BITS for g in f.groups})
     ff_calls = 0
     for c in f.calls[1:]:
         if c not in on_path:
@@ -545,17 +637,17 @@ def test_fast_forward_on_a_monotone_model(seed, verify_top_k):
     assert 1 <= ff_calls <= math.ceil(math.log2(len(path) + 1)) <= math.ceil(math.log2(len(path))) + 1
     feasible = [c for c in path if budget.holds(f.measure(c).drop, f.measure(c).se)]
     ff_entries = [e for e in runs[True]["trajectory"][1:] if e["phase"] == "fast-forward"]
-    assert ff_entries and replay(f.names, runs[True]["trajectory"])[len(ff_entries)] == feasible[-1]
+    assert ff_entries and replay(f.groups, runs[True]["trajectory"])[len(ff_entries)] == feasible[-1]
     assert feasible[-1] == path[len(feasible) - 1]          # feasibility is monotone along the path
     assert ff_entries[-1]["verified"]
     assert sum(e["verified"] for e in ff_entries) <= ff_calls
     if len(feasible) < len(path):
         # the move out of the last feasible path config was measured infeasible: it is pruned, so
-        # no later evaluation narrows that coordinate of that layer as far (prune_infeasible=True)
+        # no later evaluation narrows that group as far (prune_infeasible=True)
         a, b = path[len(feasible) - 1], path[len(feasible)]
-        ((name, coord),) = [(n, c) for n in f.names for c in (0, 1) if a[n][c] != b[n][c]]
+        (group,) = [g for g in f.groups if a[g] != b[g]]
         later = [dict(c) for c in f.calls[1 + ff_calls:]]
-        assert later and all(c[name][coord] > b[name][coord] for c in later)
+        assert later and all(c[group] > b[group] for c in later)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -564,7 +656,7 @@ def test_max_evaluations_is_a_hard_cap(seed, fast_forward):
     """evaluations <= max_evaluations always (the float model counts as one here); stopped_by is
     "max_evaluations" exactly when the cap is below what the uncapped search uses (then
     evaluations == cap), None otherwise (then the result is the uncapped one); a capped answer
-    still holds the budget."""
+    still holds the budget. The default ai_of is 1 / total bytes over every group."""
     budget = Budget(1.0, BUDGET_Z)
     free = Fake(seed, noise=0.2).run(budget, fast_forward=fast_forward)
     total = free["evaluations"]
@@ -579,19 +671,25 @@ def test_max_evaluations_is_a_hard_cap(seed, fast_forward):
             assert r["stopped_by"] is None and r["config"] == free["config"] and r["evaluations"] == total
         assert budget.holds(r["measured"].drop, r["measured"].se)
         assert r["measured"] == f.measure(r["config"])
+        assert r["ai"] == pytest.approx(f.ai_of(r["config"]), rel=1e-12)
 
 
 def test_eval_cache():
-    """EvalCache evaluates each distinct config once (dict order does not matter), counts real
-    evaluations, and remember() stores a known result without counting it."""
+    """EvalCache evaluates each distinct config once (dict order does not matter; a weight group
+    and a tensor group of the same name are different keys), counts real evaluations, and
+    remember() stores a known result without counting it."""
     calls = []
-    cache = EvalCache(lambda c: calls.append(dict(c)) or Measured(90.0, 1.0, 0.1, 0.2))
-    a, b = {"x": (4, 32), "y": FLOAT}, {"y": FLOAT, "x": (4, 32)}
+    cache = EvalCache(lambda c: calls.append(dict(c)) or Measured(90.0, 1.0 + len(calls), 0.1, 0.2))
+    wx, ax = (W, "x"), (A, "x")
+    a, b = {wx: 4, ax: FLOAT_BITS}, {ax: FLOAT_BITS, wx: 4}
     assert a not in cache and cache.get(a) is None
     m = cache(a)
     assert cache(b) is m and a in cache and cache.get(b) is m and cache.count == 1 and len(calls) == 1
-    cache.remember({"x": FLOAT, "y": FLOAT}, Measured(92.0, 0.0, 0.0, 0.0))
-    assert cache({"x": FLOAT, "y": FLOAT}).acc == 92.0 and cache.count == 1 and len(calls) == 1
+    assert calls == [a]
+    swapped = {wx: FLOAT_BITS, ax: 4}
+    assert swapped not in cache and cache(swapped) is not m and cache.count == 2
+    cache.remember({wx: FLOAT_BITS, ax: FLOAT_BITS}, Measured(92.0, 0.0, 0.0, 0.0))
+    assert cache({wx: FLOAT_BITS, ax: FLOAT_BITS}).acc == 92.0 and cache.count == 2 and len(calls) == 2
 
 
 # ---------------------------------------------------------------- verify_frontier
@@ -607,7 +705,7 @@ def frontier_problem(seed, factor=1.3, noise=0.0, se_images=None):
         return 1e6 / recompute(options, config)[1]
 
     def measure(config):
-        if all(o == FLOAT for o in config.values()):
+        if is_float(config):
             return Measured(BASELINE, 0.0, 0.0, 0.0)
         d = factor * recompute(options, config)[0] + noise * h(ckey(config))
         se = 0.0 if se_images is None else 100 * math.sqrt(min(1.0, 3 * max(d, 0) / 100 + 0.01) / se_images)
@@ -632,6 +730,7 @@ def test_verify_frontier_answer_is_the_best_feasible_verified(seed, max_evaluati
     for v in res["verified"]:
         assert v["feasible"] == budget.holds(v["measured"].drop, v["measured"].se)
         assert v["measured"] == measure(v["config"]) and v["ai"] == ai_of(v["config"])
+        assert v["config"] == front[v["index"]].config and v["est"] == front[v["index"]].est
     feas = [v for v in res["verified"] if v["feasible"]]
     if feas:
         assert budget.holds(res["measured"].drop, res["measured"].se)
@@ -663,14 +762,12 @@ def test_verify_frontier_bisection_finds_the_boundary(seed, where):
 def test_verify_frontier_never_below_the_seed(seed, noise, max_evaluations):
     """Seeded with the greedy's answer through a shared EvalCache, the answer's AI is never below
     the seed's, it holds the budget, verify_frontier spends at most max_evaluations, and no
-    configuration is evaluated twice across both searches."""
-    f = Fake(seed, n_layers=6, w_ladder=(8, 4, 3, 2), noise=noise)
+    configuration is evaluated twice across both searches. Odd seeds search tensor widths too."""
+    f = Fake(seed, n_layers=6, w_ladder=(8, 4, 3, 2), a_ladder=(8, 4) if seed % 2 else (), noise=noise)
     budget = Budget(1.0, BUDGET_Z)
     cache = EvalCache(f.evaluate)
-    g = greedy_search(f.names, f.ladders, f.bytes_of, f.est, cache, budget)
-    options = {n: [((w, FLOAT_BITS), f.bytes_of(n, (w, FLOAT_BITS)), f.est(n, (w, FLOAT_BITS)))
-                   for w in (FLOAT_BITS, 8, 4, 3, 2)] for n in f.names}
-    front = pareto_frontier(options)
+    g = greedy_search(f.ladders, f.bytes_of, f.est, cache, budget)
+    front = pareto_frontier(f.frontier_options())
     before = cache.count
     res = verify_frontier(front, cache, budget, f.ai_of, max_evaluations=max_evaluations, seed_config=g["config"])
     assert res["ai"] >= g["ai"]
@@ -691,10 +788,8 @@ def test_verify_frontier_seed_is_the_lower_end(seed, max_drop):
     f = Fake(seed, n_layers=6, w_ladder=(8, 4, 3, 2))
     budget = Budget(max_drop, 0.0)
     cache = EvalCache(f.measure)
-    g = greedy_search(f.names, f.ladders, f.bytes_of, f.est, cache, budget)
-    options = {n: [((w, FLOAT_BITS), f.bytes_of(n, (w, FLOAT_BITS)), f.est(n, (w, FLOAT_BITS)))
-                   for w in (FLOAT_BITS, 8, 4, 3, 2)] for n in f.names}
-    front = pareto_frontier(options)
+    g = greedy_search(f.ladders, f.bytes_of, f.est, cache, budget)
+    front = pareto_frontier(f.frontier_options())
     i = next(k for k, p in enumerate(front) if f.ai_of(p.config) >= g["ai"])
     best = max((p for p in front if p.est <= max_drop + 1e-9), key=lambda p: f.ai_of(p.config))
     res = verify_frontier(front, cache, budget, f.ai_of, max_evaluations=50, seed_config=g["config"])
@@ -710,18 +805,21 @@ def test_verify_frontier_all_infeasible():
     options, front, ai_of, measure, _, _ = frontier_problem(2)
     cache = EvalCache(lambda c: Measured(BASELINE - 50.0, 50.0, 0.0, 50.0))
     res = verify_frontier(front, cache, Budget(1.0, 0.0), ai_of, max_evaluations=20)
-    assert res["config"] is None and res["ai"] is None and res["measured"] is None
+    assert res["config"] is None and res["ai"] is None and res["measured"] is None and res["source"] is None
     assert "none of the" in res["note"]
     assert res["evaluations"] == cache.count <= 20
-    assert not any(v["feasible"] for v in res["verified"])
+    assert res["verified"] and not any(v["feasible"] for v in res["verified"])
+
+
+G = (W, "conv1")
 
 
 def line_frontier(float_first=False):
-    """Seven frontier points on one layer, w = 8 .. 2 (est rising, bytes falling); optionally the
-    all-float point in front."""
-    pts = [FrontierPoint({"a": (w, 32)}, 0.1 * (9 - w), float(w)) for w in (8, 7, 6, 5, 4, 3, 2)]
+    """Seven frontier points on one weight group, w = 8 .. 2 (est rising, bytes falling);
+    optionally the all-float point in front."""
+    pts = [FrontierPoint({G: w}, 0.1 * (9 - w), float(w)) for w in (8, 7, 6, 5, 4, 3, 2)]
     if float_first:
-        pts.insert(0, FrontierPoint({"a": FLOAT}, 0.0, 32.0))
+        pts.insert(0, FrontierPoint({G: FLOAT_BITS}, 0.0, 32.0))
     return pts
 
 
@@ -734,11 +832,11 @@ def test_verify_frontier_scans_up_from_the_float_end(feasible_w):
     calls = []
 
     def evaluate(c):
-        calls.append(c["a"][0])
-        d = 0.5 if c["a"][0] == feasible_w else 5.0
+        calls.append(c[G])
+        d = 0.5 if c[G] == feasible_w else 5.0
         return Measured(BASELINE - d, d, 0.0, d)
-    res = verify_frontier(front, evaluate, Budget(1.0, 0.0), lambda c: 1.0 / c["a"][0], max_evaluations=24)
-    assert res["config"] == {"a": (feasible_w, 32)} and res["source"] == "frontier"
+    res = verify_frontier(front, evaluate, Budget(1.0, 0.0), lambda c: 1.0 / c[G], max_evaluations=24)
+    assert res["config"] == {G: feasible_w} and res["source"] == "frontier"
     assert calls[:3] == [5, 7, 8]                      # the bisection: indices 3, 1, 0
     scanned = calls[3:]
     assert scanned == [w for w in (6, 4, 3, 2) if w >= feasible_w]   # up from the float end, skipping done ones
@@ -750,12 +848,11 @@ def test_verify_frontier_scans_past_a_feasible_float_point():
     estimate, the usual case with KL) and remembered as feasible, finding only it does not end the
     search: verification goes on up for a feasible non-float point."""
     front = line_frontier(float_first=True)
-    cache = EvalCache(lambda c: Measured(BASELINE - (0.5 if c["a"][0] == 4 else 5.0),
-                                         0.5 if c["a"][0] == 4 else 5.0, 0.0, 0.0))
-    cache.remember({"a": FLOAT}, Measured(BASELINE, 0.0, 0.0, 0.0))
-    res = verify_frontier(front, cache, Budget(1.0, 0.0), lambda c: 1.0 / c["a"][0], max_evaluations=24)
-    assert res["config"] == {"a": (4, 32)}
-    assert any(v["config"] == {"a": FLOAT} and v["feasible"] for v in res["verified"])
+    cache = EvalCache(lambda c: Measured(BASELINE - (0.5 if c[G] == 4 else 5.0), 0.5 if c[G] == 4 else 5.0, 0.0, 0.0))
+    cache.remember({G: FLOAT_BITS}, Measured(BASELINE, 0.0, 0.0, 0.0))
+    res = verify_frontier(front, cache, Budget(1.0, 0.0), lambda c: 1.0 / c[G], max_evaluations=24)
+    assert res["config"] == {G: 4}
+    assert any(v["config"] == {G: FLOAT_BITS} and v["feasible"] for v in res["verified"])
 
 
 def test_verify_frontier_budget_note():
@@ -775,16 +872,15 @@ def test_verify_frontier_rejects_an_empty_frontier():
 def test_shared_cache_between_greedy_and_verify_frontier(seed):
     """A configuration measured by the greedy is not evaluated again by verify_frontier: with one
     EvalCache, every real call is distinct, and verify_frontier's evaluations are exactly its new
-    calls (verified points already measured by the greedy cost nothing)."""
-    f = Fake(seed, n_layers=5, w_ladder=(8, 4, 2), noise=0.2)
+    calls (verified points already measured by the greedy cost nothing). Odd seeds search tensor
+    widths too."""
+    f = Fake(seed, n_layers=5, w_ladder=(8, 4, 2), a_ladder=(8,) if seed % 2 else (), noise=0.2)
     budget = Budget(1.0, BUDGET_Z)
     cache = EvalCache(f.evaluate)
-    g = greedy_search(f.names, f.ladders, f.bytes_of, f.est, cache, budget)
+    g = greedy_search(f.ladders, f.bytes_of, f.est, cache, budget)
     n_greedy = len(f.calls)
     assert g["evaluations"] == n_greedy == cache.count
-    options = {n: [((w, FLOAT_BITS), f.bytes_of(n, (w, FLOAT_BITS)), f.est(n, (w, FLOAT_BITS)))
-                   for w in (FLOAT_BITS, 8, 4, 2)] for n in f.names}
-    front = pareto_frontier(options)
+    front = pareto_frontier(f.frontier_options())
     v = verify_frontier(front, cache, budget, f.ai_of, max_evaluations=50, seed_config=g["config"])
     assert v["evaluations"] == len(f.calls) - n_greedy == cache.count - n_greedy
     assert len(f.calls) == len(set(f.calls))

@@ -206,7 +206,10 @@ def resume_runs(stage1, small_data, tmp_path_factory):
     root_a, root_b = tmp_path_factory.mktemp("run_a"), tmp_path_factory.mktemp("run_b")
     out = {"root_a": root_a, "root_b": root_b}
     try:
-        out["results_a"] = B.train_baseline(stage1_args(stage1, root_a))
+        args_a = stage1_args(stage1, root_a)
+        given_a = dict(vars(args_a))
+        out["results_a"] = B.train_baseline(args_a)
+        out["caller_args_kept"] = [vars(args_a) == given_a]
 
         real = B.train_one_epoch
         epochs_seen = []
@@ -229,8 +232,10 @@ def resume_runs(stage1, small_data, tmp_path_factory):
 
         mp.setattr(B, "train_one_epoch", real)
         # Training flags on the command line are ignored on resume: the checkpoint's win.
-        out["results_b"] = B.train_baseline(stage1_args(stage1, root_b, "--resume", "--lr", "0.5",
-                                                        "--epochs", "5"))
+        args_b = stage1_args(stage1, root_b, "--resume", "--lr", "0.5", "--epochs", "5")
+        given_b = dict(vars(args_b))
+        out["results_b"] = B.train_baseline(args_b)
+        out["caller_args_kept"].append(vars(args_b) == given_b)
     finally:
         mp.undo()
     return out
@@ -270,6 +275,28 @@ def test_resume_equals_uninterrupted(resume_runs):
     # training did something: epoch 1 weights differ from the final ones
     w1 = resume_runs["interrupted_ckpt"]["model"]["linear.weight"]
     assert not torch.equal(w1, ca["model"]["linear.weight"])
+
+
+def test_caller_namespace_is_not_mutated(resume_runs):
+    """train_baseline works on a copy of its arguments, resumed or not: the caller's Namespace keeps what
+    it was given (the run itself used the checkpoint's settings, as test_resume_equals_uninterrupted shows)."""
+    assert resume_runs["caller_args_kept"] == [True, True]
+
+
+def test_graph_compile_matches_eager_stage1(stage1, resume_runs, small_data, tmp_path, monkeypatch):
+    """Stage 1 with --graph compile (aot_eager on the CPU) trains the same model as the eager run A within
+    float rounding, and records the flag in the checkpoint and the results' provenance."""
+    monkeypatch.setattr(B, "load_dataset", lambda name, data_dir=None, **k: small_data)
+    res = B.train_baseline(stage1_args(stage1, tmp_path, "--graph", "compile"))
+    ca = read_checkpoint(resume_runs["root_a"] / "ckpt" / "resnet8_baseline.pt")
+    cg = read_checkpoint(tmp_path / "ckpt" / "resnet8_baseline.pt")
+    for k in ca["model"]:
+        torch.testing.assert_close(cg["model"][k], ca["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    for ha, hg in zip(resume_runs["results_a"]["history"], res["history"]):
+        assert hg["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-5) and hg["lr"] == ha["lr"]
+    assert cg["args"]["graph"] == "compile" and res["provenance"]["args"]["graph"] == "compile"
+    assert ca["args"]["graph"] == "off"
+    assert all(isinstance(g["lr"], float) for g in cg["optimizer"]["param_groups"])
 
 
 def test_results_json_contents(resume_runs, small_data):
@@ -374,6 +401,14 @@ def test_old_checkpoint_resumes_with_its_own_recipe(stage1, small_data, tmp_path
     assert ck["model_args"] == {"arch": "resnet8", "shortcut": "B", "num_classes": 10}
 
 
+def test_interrupt_with_graph_says_how_to_resume_with_it(stage1, small_data, tmp_path, monkeypatch, capsys):
+    """--graph is not restored from the checkpoint (it does not shape the weights), so the resume command
+    printed on Ctrl-C repeats it."""
+    interrupted_after_one_epoch(stage1, small_data, tmp_path, monkeypatch, "--graph", "compile")
+    hint = capsys.readouterr().err.split("Resume with:")[1]
+    assert "--resume" in hint and "--graph compile" in hint
+
+
 def test_checkpoint_that_cannot_resume_is_a_user_error(stage1, small_data, tmp_path, monkeypatch):
     """An optimizer state that does not fit the run (two groups saved, but the recipe asks for one) is
     refused in one paragraph, not a traceback."""
@@ -387,7 +422,8 @@ def test_checkpoint_that_cannot_resume_is_a_user_error(stage1, small_data, tmp_p
 
 def test_bad_flags_are_user_errors(stage1, tmp_path):
     for extra in (["--batch-size", "0"], ["--momentum", "1.0"], ["--epochs", "-1"], ["--val-size", "-5"],
-                  ["--depth", "9"], ["--arch", "resnet56", "--depth", "20"]):
+                  ["--depth", "9"], ["--arch", "resnet56", "--depth", "20"], ["--graph", "cuda"],
+                  ["--graph", "compile", "--compile"]):
         with pytest.raises(UserError):
             B.train_baseline(stage1_args(stage1, tmp_path, *extra))
     with pytest.raises(UserError, match="does not exist"):

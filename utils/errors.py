@@ -1,9 +1,9 @@
-"""The one exception type that the stage scripts turn into a message instead of a traceback."""
+"""The one-paragraph form of a UserError (the exception itself lives in the quantization core)."""
 import textwrap
 
+from quant.errors import UserError
 
-class UserError(Exception):
-    """Bad input or environment: its text is a one-paragraph message saying what to do."""
+__all__ = ["UserError", "error_paragraph"]
 
 
 def error_paragraph(e: BaseException) -> str:

@@ -16,53 +16,51 @@ import torch
 import torch.nn as nn
 
 from models import build_from_args
+from quant.fold import fold_bn
+from quant.place import slots, tensor_quantizers, weight_quantizers
+from quant.quantizer import Quantizer
 from utils.checkpoint import read_checkpoint
-from utils.config import FLOAT_BITS
 from utils.errors import UserError, error_paragraph
-from utils.evaluation import FoldedModel
 from utils.io import atomic_torch_save
 from utils.qat import load_qat
-from utils.quantization import SCALE_EPS
 
-EXPORT_FORMAT = "ai-qs-int-v1"
+EXPORT_FORMAT = "ai-qs-int-v2"
 
 
 def export_model(qat_checkpoint) -> dict:
     """The integer form of a fine-tuned checkpoint (see module docstring)."""
     qat, ck = load_qat(qat_checkpoint)
+    target = ck["target"]
     layers = {}
-    for name, (w, a) in ((n, tuple(v)) for n, v in ck["config"].items()):
+    wq = weight_quantizers(qat, [n for (k, n), _ in ck["config"] if k == "w"])
+    for (kind, name), bits in ck["config"]:
+        if kind != "w":
+            continue
         m = qat.get_submodule(name)
-        entry = {"w_bits": w, "a_bits": a, "bias": m.bias.detach().clone() if m.bias is not None else None}
-        if w != FLOAT_BITS:
-            p = m.parametrizations.weight
-            lsq = p[0]
-            entry["weight_int8"] = lsq.integers(p.original.detach())
-            entry["weight_scale"] = lsq.scale.detach().clamp_min(SCALE_EPS).clone()
+        entry = {"w_bits": bits, "bias": m.bias.detach().clone() if m.bias is not None else None}
+        if name in wq:
+            original = m.parametrizations.weight.original.detach()
+            entry["weight_int8"] = wq[name].integers(original).to(torch.int8)
+            entry["weight_scale"] = wq[name].qparams()["scale"].clone()
         else:
             entry["weight"] = m.weight.detach().clone()
-        if a != FLOAT_BITS:
-            q = m.input_quant
-            entry.update(input_scale=float(q.scale.detach().clamp_min(SCALE_EPS)), input_zero_point=0,
-                         input_qmin=q.qmin, input_qmax=q.qmax)
         layers[name] = entry
+    tensors = {n: {k: v for k, v in q.qparams().items() if k != "axis"}
+               for n, q in tensor_quantizers(qat, target).items()}
     return {"format": EXPORT_FORMAT, "model_args": ck["model_args"], "normalization": ck["normalization"],
-            "config": ck["config"], "layers": layers, "source": {"key": ck["key"], "epochs": ck["epoch"]}}
-
-
-def _input_hook(scale, zero_point, qmin, qmax):
-    def hook(_m, inputs):
-        return (torch.fake_quantize_per_tensor_affine(inputs[0], scale, zero_point, qmin, qmax),)
-    return hook
+            "target": target, "config": ck["config"], "layers": layers, "tensors": tensors,
+            "source": {"key": ck["key"], "epochs": ck["epoch"]}}
 
 
 def load_exported(path) -> nn.Module:
-    """A float model that computes with the exported integers: weights = int8 levels x scale."""
+    """A float model that computes with the exported integers: weights = int8 levels x scale, and each
+    quantized tensor fake-quantized with its exported scale where it is written."""
     obj = read_checkpoint(path)
     if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
         raise UserError(f"{path} is not an AI-QS integer export ({EXPORT_FORMAT}); write one with "
                         f"python -m utils.export --checkpoint <qat checkpoint> --out FILE.")
-    model = FoldedModel(build_from_args(obj["model_args"])).model
+    model = fold_bn(build_from_args(obj["model_args"]))
+    by_slot = slots(model, obj["target"])
     with torch.no_grad():
         for name, e in obj["layers"].items():
             m = model.get_submodule(name)
@@ -73,9 +71,8 @@ def load_exported(path) -> nn.Module:
                 m.weight.copy_(e["weight"])
             if e["bias"] is not None:
                 m.bias.copy_(e["bias"])
-            if e["a_bits"] != FLOAT_BITS:
-                m.register_forward_pre_hook(_input_hook(e["input_scale"], e["input_zero_point"], e["input_qmin"],
-                                                        e["input_qmax"]))
+        for name, t in obj["tensors"].items():
+            by_slot[name].quant = Quantizer(torch.tensor([t["scale"]]), t["qmin"], t["qmax"]).eval()
     return model.eval()
 
 
@@ -96,9 +93,8 @@ def main(argv=None) -> int:
         print(error_paragraph(e), file=sys.stderr)
         return 2
     n_int = sum(1 for e in obj["layers"].values() if "weight_int8" in e)
-    n_act = sum(1 for e in obj["layers"].values() if e["a_bits"] != FLOAT_BITS)
-    print(f"wrote {args.out}: {n_int} layers with int8 weights, {n_act} with quantized inputs, "
-          f"{len(obj['layers']) - n_int} with float weights")
+    print(f"wrote {args.out}: {n_int} layers with int8 weights, {len(obj['layers']) - n_int} with float weights, "
+          f"{len(obj['tensors'])} quantized tensors")
     return 0
 
 

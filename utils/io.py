@@ -17,7 +17,7 @@ from utils.distributed import world_size
 from utils.errors import UserError
 
 # Bump when the layout of any results JSON changes; stages refuse older files.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _UMASK = os.umask(0)
 os.umask(_UMASK)

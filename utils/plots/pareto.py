@@ -101,11 +101,11 @@ def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> 
         ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlim(xlo, xhi)
     ax.set_ylim(ylo, yhi)
-    ax.set_xlabel("Arithmetic intensity (FLOPs/byte" + (", log)" if log_x else ")"))
+    ax.set_xlabel("Modelled arithmetic intensity (FLOPs/byte" + (", log)" if log_x else ")"))
     report = b04.get("report_split") or "test"
     n = ((b04.get("dataset") or {}).get("report") or {}).get("images")
     ax.set_ylabel(f"Accuracy on {report} (%)" + (f", {n} images" if n else ""))
-    fig.suptitle(_title("Accuracy vs arithmetic intensity (bars: 95% Wilson intervals)", synthetic))
+    fig.suptitle(_title("Accuracy vs modelled arithmetic intensity (bars: 95% Wilson intervals)", synthetic))
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
     _place_labels(fig, ax, labels)
     return fig

@@ -14,10 +14,10 @@ from utils.plots.style import (DEVICE_STYLES, SkipPlot, _configs_04, _new_figure
 def plot_roofline(b04: dict, synthetic: bool = False, devices: dict | None = None) -> Figure:
     """Roofline of each device, with the stage-4 configurations placed at their AI."""
     if devices is None:
-        from utils.ai_calculator import DEVICES as devices
-    from utils.ai_calculator import attainable_flops, ridge_point
+        from quant.cost import DEVICES as devices
+    from quant.cost import attainable_flops, ridge_point
     if not devices:
-        raise SkipPlot("utils.ai_calculator.DEVICES is empty")
+        raise SkipPlot("quant.cost.DEVICES is empty")
     rows = _configs_04(b04)
     ais = np.array([_num(c["ai"]) for c in rows])
     ridges = {name: ridge_point(d) for name, d in devices.items()}
@@ -69,7 +69,7 @@ def plot_roofline(b04: dict, synthetic: bool = False, devices: dict | None = Non
     peaks = [d["peak_flops"] / 1e12 for d in devices.values()]
     ymin = min(float(attainable_flops(lo_x, d)) for d in devices.values()) / 1e12
     ax.set_ylim(ymin / 1.5, max(peaks) * 3)
-    ax.set_xlabel("Arithmetic intensity (FLOPs/byte, log)")
+    ax.set_xlabel("Modelled arithmetic intensity (FLOPs/byte, log)")
     ax.set_ylabel("Attainable throughput (TFLOP/s, log)")
     ax.set_title("Roofline; shaded: the configurations' AI range")
     ax.legend(handles=dev_handles, loc="lower right")
@@ -77,12 +77,14 @@ def plot_roofline(b04: dict, synthetic: bool = False, devices: dict | None = Non
     ztop = max(float(attainable_flops(zhi, d)) for d in devices.values()) / 1e12
     zbot = min(float(attainable_flops(zlo, d)) for d in devices.values()) / 1e12
     axz.set_ylim(max(0.0, zbot - 0.08 * (ztop - zbot)), ztop + 0.12 * (ztop - zbot))
-    axz.set_xlabel("Arithmetic intensity (FLOPs/byte)")
+    axz.set_xlabel("Modelled arithmetic intensity (FLOPs/byte)")
     axz.set_ylabel("Attainable throughput (TFLOP/s)")
     ridge_min = min(ridges.values())
     bound = "all memory-bound" if ais.max() < ridge_min else "some compute-bound"
     axz.set_title(f"Zoom on the configurations ({bound})")
-    fig.suptitle(_title("Where the configurations sit on each device's roofline", synthetic))
+    cm = (b04.get("cost_model") or {}).get("name")
+    fig.suptitle(_title("Where the configurations sit on each device's roofline", synthetic)
+                 + (f"\nAI modelled by the {cm} cost model, not measured" if cm else "\nAI modelled, not measured"))
     fig.legend(handles=cfg_handles, loc="outside lower center", ncols=4)
     _place_labels(fig, ax, ridge_labels, fontsize=7.5)
     return fig

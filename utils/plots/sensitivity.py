@@ -11,26 +11,29 @@ TEXT_ROWS = 60   # beyond this many layers the cells carry colour only, and rows
 from utils.plots.style import (FLOAT_BITS, SkipPlot, _groups, _new_figure, _num, _title, layer_segments)
 
 def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
-    """Heatmap: accuracy drop with only one layer changed, layers x widths (weights, then
-    activations when stage 2 measured them); separators between the model's segments."""
-    layers = [l for l in p02["layers"] if isinstance(l, dict) and "name" in l]
-    if not layers:
+    """Heatmap: accuracy drop with only one group changed, rows = weight layers and tensors by name
+    (network order), columns = weight widths, then tensor widths when stage 2 measured them;
+    separators between the model's segments."""
+    layers = {str(l["name"]): l for l in p02["layers"] if isinstance(l, dict) and "name" in l}
+    tensors = {str(t["name"]): t for t in p02.get("tensors") or [] if isinstance(t, dict) and "name" in t}
+    if not layers and not tensors:
         raise SkipPlot("02_per_layer.json lists no layers")
-    cols = []   # (results key, width key, width)
-    for key, wkey, listed in (("results", "bits", p02.get("bits")), ("act_results", "a_bits", p02.get("a_bits"))):
+    cols = []   # (kind, width key, width)
+    for kind, wkey, listed, entries in (("W", "bits", p02.get("bits"), layers), ("A", "a_bits", p02.get("a_bits"), tensors)):
         widths = [int(b) for b in (listed or [])]
-        for l in layers:
-            for r in l.get(key) or []:
+        for e in entries.values():
+            for r in e.get("results") or []:
                 if int(r[wkey]) not in widths:
                     widths.append(int(r[wkey]))
-        cols += [(key, wkey, b) for b in sorted(widths, reverse=True)]
+        cols += [(kind, wkey, b) for b in sorted(widths, reverse=True)]
     if not cols:
         raise SkipPlot("02_per_layer.json has no bit widths")
-    names = [str(l["name"]) for l in layers]
+    names = list(dict.fromkeys([*tensors, *layers])) if tensors else list(layers)
     drop = np.full((len(names), len(cols)), np.nan)
-    for i, l in enumerate(layers):
-        for j, (key, wkey, b) in enumerate(cols):
-            for r in l.get(key) or []:
+    for i, n in enumerate(names):
+        for j, (kind, wkey, b) in enumerate(cols):
+            entry = (layers if kind == "W" else tensors).get(n) or {}
+            for r in entry.get("results") or []:
                 v = _num(r.get("drop"))
                 if v is None and _num(r.get("val_acc")) is not None and _num(p02.get("baseline_val_acc")) is not None:
                     v = _num(p02["baseline_val_acc"]) - _num(r["val_acc"])
@@ -61,18 +64,17 @@ def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
             ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if dark else "black")
     for _, first, _last in _groups(names, layer_segments(p02))[1:]:
         ax.axhline(first - 0.5, color="black", lw=1.0 if text else 0.5)
-    n_w = sum(1 for c in cols if c[0] == "results")
+    n_w = sum(1 for c in cols if c[0] == "W")
     if 0 < n_w < len(cols):
         ax.axvline(n_w - 0.5, color="black", lw=2.0)
-    ax.set_xticks(range(len(cols)), [("W" if key == "results" else "A") + (str(b) if b != FLOAT_BITS else "fp32")
-                                     for key, _, b in cols])
+    ax.set_xticks(range(len(cols)), [kind + (str(b) if b != FLOAT_BITS else "fp32") for kind, _, b in cols])
     ax.set_yticks(range(len(names)), names, fontsize=7 if text else 5)
     ax.xaxis.set_ticks_position("top")
     ax.xaxis.set_label_position("top")
     ax.tick_params(length=0)
-    ax.set_xlabel("width of the one quantized layer: W = its weights, A = its input activations "
-                  "(everything else fp32)")
-    ax.set_ylabel("layer (network order; lines separate the model's segments)")
+    ax.set_xlabel("width of the one quantized group (everything else fp32):\nW = a layer's weights, A = the tensor "
+                  "written under that name; n/a: no such group")
+    ax.set_ylabel("layer / tensor (network order; lines separate the model's segments)")
     cb = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02,
                       extend="min" if finite.size and finite.min() < 0 else "neither")
     ticks = [t for t in (0, 0.1, 0.3, 1, 3, 10, 30, 100) if t <= vmax]
@@ -82,6 +84,6 @@ def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
     base = _num(p02.get("baseline_val_acc"))
     split = p02.get("eval_split") or "validation"
     sub = (f"FP32 {split} accuracy {base:.2f}% on {p02.get('eval_images', '?')} images" if base is not None else "")
-    fig.suptitle(_title("Per-layer sensitivity: accuracy drop, one layer quantized at a time", synthetic)
+    fig.suptitle(_title("Sensitivity: accuracy drop, one weight layer or tensor quantized at a time", synthetic)
                  + (f"\n{sub}" if sub else ""))
     return fig

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
-from utils.config import FLOAT_BITS
+from quant.widths import FLOAT_BITS
 
 PNG_DPI = 160
 
@@ -114,11 +114,17 @@ def _groups(names, segments: dict | None = None):
     return [tuple(r) for r in runs]
 
 
-def widths_of(value) -> tuple[int, int]:
-    """(w, a) of a configuration entry in file form: an int (weights, float activations) or {"w", "a"}."""
+def widths_of(value) -> tuple[int | None, int | None]:
+    """(w, a) of a configuration entry in file form: an int (a layer's weights) or {"w", "a"}; None
+    where the entry has no such width (a tensor without weights, a layer writing no tensor of its own)."""
     if isinstance(value, dict):
-        return int(value.get("w", FLOAT_BITS)), int(value.get("a", FLOAT_BITS))
-    return int(value), FLOAT_BITS
+        return (int(value["w"]) if "w" in value else None), (int(value["a"]) if "a" in value else None)
+    return int(value), None
+
+
+def config_widths(config: dict) -> dict[str, tuple[int | None, int | None]]:
+    """{name: (w, a)} of a configuration in file form, in file order (the format marker skipped)."""
+    return {n: widths_of(v) for n, v in config.items() if n != "format"}
 
 
 def _title(text: str, synthetic: bool) -> str:
@@ -255,7 +261,7 @@ def chosen_config(s03: dict):
 
 
 def _layer_params(s03=None, p02=None):
-    """[(name, params or None)] in network order from stage 3 (or stage 2)."""
+    """[(weight layer, params or None)] in network order from stage 3 (or stage 2)."""
     for obj in (s03, p02):
         if obj and isinstance(obj.get("layers"), list) and obj["layers"]:
             return [(str(l["name"]), _num(l.get("params"))) for l in obj["layers"]]

@@ -7,15 +7,17 @@ from pathlib import Path
 # ---------------------------------------------------------------------------------------------
 # Markdown summary
 from utils.plots.style import (FLOAT_BITS, SkipPlot, _fmt, _fp32_row, _layer_params, _max_drop, _num, _points,
-                               chosen_config, widths_of)
+                               chosen_config, config_widths)
 
 def bits_summary(config: dict, layer_names=None, params: dict | None = None) -> str:
-    """'all 8-bit', 'all fp32', 'W8A8 all', or e.g. '8b×2 4b×12 fp32×2 (4.13 bits/weight)'; with
-    activation widths, 'W: 8b×2 4b×20; A: 8b×16 6b×6'."""
-    names = list(layer_names) if layer_names else list(config)
+    """'all 8-bit', 'all fp32', or e.g. '8b×2 4b×12 fp32×2 (4.13 bits/weight)' for the weights; with
+    tensor widths, 'W: 8b×2 4b×20; A: 8b×16 6b×8' (A counts tensors)."""
+    cw = config_widths(config)
+    names = list(layer_names) if layer_names else [n for n, (w, _) in cw.items() if w is not None]
     if not names:
         return "all fp32"
-    widths = [widths_of(config.get(n, FLOAT_BITS)) for n in names]
+    widths = [(cw.get(n, (FLOAT_BITS, None))[0], None) for n in names]
+    tensor_widths = [a for _, a in cw.values() if a is not None]
 
     def counts(bits):
         if len(set(bits)) == 1:
@@ -26,7 +28,7 @@ def bits_summary(config: dict, layer_names=None, params: dict | None = None) -> 
         return " ".join(f"{'fp32' if b == FLOAT_BITS else f'{b}b'}×{k}"
                         for b, k in sorted(c.items(), key=lambda t: (t[0] != FLOAT_BITS, -t[0])))
     w = [a for a, _ in widths]
-    acts = [a for _, a in widths]
+    acts = tensor_widths
     text = counts(w)
     if params and all(params.get(n) for n in names) and len(set(w)) > 1:
         tot = sum(params[n] for n in names)
@@ -74,8 +76,8 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
                      + f", {ma.get('num_classes', '?')} classes.")
     cm = b04.get("cost_model") or {}
     if cm:
-        lines.append(f"AI: FLOPs / bytes at batch {cm.get('batch_size', 1)}, activations charged at each layer's "
-                     f"width (default {cm.get('a_bits', 32)} bits), charged: {', '.join(cm.get('charge', []))}.")
+        lines.append(f"AI is modelled, not measured: the {cm.get('name', '?')} cost model at batch "
+                     f"{cm.get('batch_size', 1)} ({cm.get('target', 'generic')} kernels): {cm.get('convention', '')}.")
     if max_drop is not None:
         z = _num(budget.get("z"))
         lines.append(f"Accuracy budget: at most {_points(max_drop)} below FP32"

@@ -25,7 +25,7 @@ def plot_search_trajectory(s03: dict, synthetic: bool = False) -> Figure:
     handles = []
     ai_pts = [(s, _num(t.get("ai"))) for s, t in zip(steps, traj) if _num(t.get("ai")) is not None]
     if ai_pts:
-        (h,) = ax.plot(*zip(*ai_pts), color=AI_COLOR, marker="o", ms=4, label="model AI (left axis)")
+        (h,) = ax.plot(*zip(*ai_pts), color=AI_COLOR, marker="o", ms=4, label="modelled AI (left axis)")
         handles.append(h)
     acc_pts = [(s, _num(t.get("val_acc"))) for s, t in zip(steps, traj) if _num(t.get("val_acc")) is not None]
     if acc_pts:
@@ -53,8 +53,8 @@ def plot_search_trajectory(s03: dict, synthetic: bool = False) -> Figure:
         lo, hi = min(ys), max(ys)
         p = max(0.3, 0.08 * (hi - lo))
         ax2.set_ylim(lo - p, hi + p)
-    ax.set_xlabel("greedy step (one width of one layer narrowed per step; step 0 = FP32)")
-    ax.set_ylabel("Arithmetic intensity (FLOPs/byte)", color=AI_COLOR)
+    ax.set_xlabel("greedy step (one width narrowed per step, of a weight layer or a tensor; step 0 = FP32)")
+    ax.set_ylabel("Modelled arithmetic intensity (FLOPs/byte)", color=AI_COLOR)
     ax.tick_params(axis="y", colors=AI_COLOR)
     ax2.set_ylabel("Search accuracy (%)", color=GREEDY_COLOR)
     ax2.tick_params(axis="y", colors=GREEDY_COLOR)

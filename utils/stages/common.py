@@ -8,15 +8,17 @@ from pathlib import Path
 
 import torch
 
-from utils.ai_calculator import REFERENCE, CostModel, layer_table
+from models.structure import DEFAULT_TARGET, TARGETS
+from quant.calibrate import METHOD as CALIBRATION_METHOD, calibrate
+from quant.cost import COST_MODELS, CostModel, KernelTable, kernel_table
+from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
+from quant.fold import fold_bn
+from quant.widths import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, Space, check_widths
 from utils.checkpoint import default_checkpoint_path, load_model, parse_normalization
 from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
-from utils.config import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, check_widths
 from utils.data import load_dataset
 from utils.errors import UserError
-from utils.evaluation import DEFAULT_CACHE_BYTES
 from utils.io import PRODUCERS, RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, load_results_json, provenance
-from utils.quantization import CALIBRATION_METHOD, WeightQuantizer, calibrate_activations
 from utils.split import Part, SearchSplit, quick_images, quick_subset, search_split
 from utils.train import Normalizer, to_device_uint8
 
@@ -50,28 +52,36 @@ def add_model_args(p: argparse.ArgumentParser):
 def add_quant_args(p: argparse.ArgumentParser, stage: str):
     g = p.add_argument_group("quantization")
     default_w = "8 6 4 3 2; with --quick: 8 4 2" if stage == "2" else "the widths stage 2 measured"
-    default_a = "none: activations stay float" if stage == "2" else "the widths stage 2 measured"
+    default_a = "none: tensors stay float" if stage == "2" else "the widths stage 2 measured"
     g.add_argument("--bits", default=None, type=int, nargs="+",
                    help=f"candidate weight widths, 2-8 (default: {default_w})")
     g.add_argument("--a-bits", default=None, type=int, nargs="+",
-                   help=f"candidate activation widths, 2-8, e.g. 8 6 4; 32 = float (default: {default_a})")
+                   help=f"candidate tensor (activation) widths, 2-8, e.g. 8 6 4; 32 = float (default: {default_a})")
+    g.add_argument("--cost-model", default=None, choices=COST_MODELS,
+                   help="fused: bytes of every tensor each kernel reads and writes, at its width; reference: the "
+                        "reference work's per-layer weight-only convention "
+                        + ("(default: fused)" if stage == "2" else "(default: the one stage 2 recorded)"))
     if stage == "2":
+        g.add_argument("--target", default=DEFAULT_TARGET, choices=TARGETS,
+                       help="the runtime's kernels, simulated and charged: generic (TensorRT-style fusion, the add "
+                            "fused into the conv before it) or ort-cpu (ONNX Runtime's CPU kernels, the add on its "
+                            "own) (default: generic)")
         g.add_argument("--granularity", default="channel", choices=("channel", "tensor"),
-                       help="weights: one scale per output channel or per tensor (default: channel)")
+                       help="weights: one scale per output channel or per tensor, of the BN-folded weights "
+                            "(default: channel)")
         g.add_argument("--clip", default="mse", choices=("mse", "maxabs"),
                        help="weights: MSE-optimal clipping range or max |w| (default: mse)")
         g.add_argument("--calib-images", default=None, type=int,
-                       help=f"training images (never validation or test) that calibrate activation ranges "
+                       help=f"training images (never validation or test) that calibrate tensor ranges "
                             f"(default: {CALIB_IMAGES}; with --quick: {QUICK_CALIB_IMAGES})")
     return p
 
 
 def weight_ladder(args) -> list[int]:
     """Stage 2's --bits: as given, else the default ladder (a shorter one with --quick); validated."""
-    if args.bits is None:
-        args.bits = list(QUICK_W_LADDER if args.quick else DEFAULT_W_LADDER)
-    check_widths(args.bits, "--bits")
-    return list(dict.fromkeys(args.bits))
+    bits = args.bits if args.bits is not None else list(QUICK_W_LADDER if args.quick else DEFAULT_W_LADDER)
+    check_widths(bits, "--bits")
+    return list(dict.fromkeys(bits))
 
 
 def act_ladder(args) -> list[int]:
@@ -109,13 +119,14 @@ class Setup:
     eval_y: torch.Tensor
     report_x: torch.Tensor    # the images results are reported on (test, or the test report half)
     report_y: torch.Tensor
-    table: list
-    quantizer: WeightQuantizer
-    calib_x: torch.Tensor     # uint8 training images for activation calibration
+    table: KernelTable        # kernels and tensors under the simulated target
+    calib_x: torch.Tensor     # uint8 training images for tensor-range calibration
     data: object = None       # the utils.data.Dataset
-    cost_model: CostModel = REFERENCE
-    act_quant: dict | None = None
-    act_calibration: dict | None = None
+    cost_model: CostModel = CostModel()
+    per_channel: bool = True
+    clip: str = "mse"
+    ranges: dict | None = None
+    calibration: dict | None = None
 
     @property
     def seed(self) -> int:
@@ -126,29 +137,33 @@ class Setup:
         return self.split.search.name
 
     @property
-    def layer_names(self) -> list[str]:
-        return [t.name for t in self.table]
+    def space(self) -> Space:
+        return self.table.space
 
-    def calibrate(self, widths, batch_size: int = 250):
-        """Activation ranges at `widths` for every layer input, on the calibration images."""
+    @property
+    def target(self) -> str:
+        return self.table.target
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.space.layers)
+
+    def calibrate(self, widths, batch_size: int = 250) -> dict:
+        """Ranges of every tensor at `widths`, on the calibration images, in the folded float model."""
         widths = sorted({b for b in widths if b != FLOAT_BITS}, reverse=True)
-        self.act_quant = {}
-        self.act_calibration = None
+        self.ranges, self.calibration = {}, None
         if not widths:
-            return self.act_quant
-        from utils.evaluation import FoldedModel
-        self.quantizer.restore()
-        folded = FoldedModel(self.model).model   # ranges of what the deployed (folded) layers read
+            return self.ranges
         batches = [self.normalize(self.calib_x[i:i + batch_size]) for i in range(0, len(self.calib_x), batch_size)]
         t = time.time()
-        self.act_quant = calibrate_activations(folded, batches, self.layer_names, widths)
-        self.act_calibration = {
-            "method": CALIBRATION_METHOD, "images": len(self.calib_x), "set": "train",
-            "widths": widths, "seconds": time.time() - t,
-            "layers": {n: {"signed": self.act_quant[n, widths[0]].signed,
-                           "scales": {str(b): self.act_quant[n, b].scale for b in widths}}
-                       for n in self.layer_names}}
-        return self.act_quant
+        self.ranges = calibrate(fold_bn(self.model), self.target, batches, widths)
+        self.calibration = {"method": CALIBRATION_METHOD, "images": len(self.calib_x), "set": "train",
+                            "widths": widths, "seconds": time.time() - t, "tensors": self.ranges}
+        return self.ranges
+
+    def evaluator(self, x, y, batch_size: int, **kw) -> CachedEvaluator:
+        return CachedEvaluator(self.model, self.table, x, y, self.normalize, self.ranges, self.per_channel,
+                               self.clip, batch_size, **kw)
 
 
 def _check_recorded(flag, given, recorded, ckpt):
@@ -158,7 +173,8 @@ def _check_recorded(flag, given, recorded, ckpt):
                         f"{flag.replace('_', '-')} (or pass {recorded}).")
 
 
-def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: int | None = None) -> Setup:
+def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: int | None = None,
+               cost_model: CostModel = CostModel(), target: str = DEFAULT_TARGET) -> Setup:
     """Checkpoint -> model, preprocessing, and the search / report / calibration images."""
     if getattr(args, "eval_batch_size", 1) <= 0:
         raise UserError(f"--eval-batch-size must be > 0, got {args.eval_batch_size}.")
@@ -186,9 +202,9 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
     data = load_dataset(dataset, data_dir)
     seed_everything(seed)
     split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt)
-    table = layer_table(model, (1, 3, 32, 32))
+    table = kernel_table(model, target)
     if args.quick:
-        k = quick_images(QUICK_EVAL_IMAGES, table, per_layer=True)
+        k = quick_images(QUICK_EVAL_IMAGES, table.layers, per_layer=True)
         split.search = Part(split.search.name, split.search.set, quick_subset(split.search.indices, k, seed),
                             split.search.note)
         split.report = Part(split.report.name, split.report.set, quick_subset(split.report.indices, k, seed),
@@ -211,17 +227,22 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
             "calibration": {"set": "train", "images": len(calib_idx)},
             "normalization": {**norm, "source": meta["normalization_source"]}}
     return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
-                 eval_x, eval_y, report_x, report_y, table,
-                 WeightQuantizer(model, per_channel=per_channel, clip=clip),
-                 to_device_uint8(data.train_x[calib_idx], device), data)
+                 eval_x, eval_y, report_x, report_y, table, to_device_uint8(data.train_x[calib_idx], device), data,
+                 cost_model, per_channel, clip)
 
 
 def results_header(stage: str, s: Setup) -> dict:
     """The fields every post-training results file starts with."""
     return {"stage": stage, "schema_version": SCHEMA_VERSION, "dataset": s.data_info,
             "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint), "eval_split": s.eval_split,
-            "cost_model": s.cost_model.to_json(),
-            "segments": {n: seg.name for seg in s.model.segments() for n in seg.layers}}
+            "cost_model": s.cost_model.to_json(s.target), "target": s.target,
+            "segments": segment_names(s)}
+
+
+def segment_names(s: Setup) -> dict[str, str]:
+    """{layer or tensor name: the name of the segment it is written in}."""
+    segs = s.model.segments(s.target)
+    return {name: segs[s.table.segment_of[g]].name for g in s.space.groups for name in (g[1],)}
 
 
 def check_same_data(obj: dict, path, s: Setup, producer: str, force: bool):

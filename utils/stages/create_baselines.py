@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.config import FLOAT_BITS, check_widths, config_json, parse_config, uniform
+from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval
+from quant.widths import FLOAT_BITS, check_widths, tensors_of
 from utils.errors import UserError
-from utils.evaluation import CachedEvaluator
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
 from utils.qat import BN_HANDLING, MOMENTUM, WEIGHT_DECAY, finetune, prepare_qat
 from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
 from utils.stages.common import check_same_data, load_setup, results_header, write_results
-from utils.stats import bootstrap_drop_interval, paired_drop, wilson_interval
+from utils.stages.greedy_search import stage2_cost_model
 from utils.train import PAD, correct_mask, to_device_uint8
 
 JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too
@@ -32,24 +32,26 @@ def dominates(a: dict, b: dict) -> bool:
             (a["test_acc"] > b["test_acc"] and a["ai"] >= b["ai"]))
 
 
-def compared_configs(s3: dict, names, w_widths) -> list[tuple[str, dict]]:
-    """(name, full config) of fp32, the uniform widths and what stage 3 found, in that order."""
-    out = [("fp32", uniform(names, FLOAT_BITS, FLOAT_BITS))]
-    out += [(f"uniform_w{b}", uniform(names, b, FLOAT_BITS)) for b in w_widths if b != FLOAT_BITS]
+def compared_configs(s3: dict, space, w_widths) -> list[tuple[str, dict]]:
+    """(name, full config) of fp32, the uniform widths and what stage 3 found, in that order. Uniform
+    weight widths leave every tensor float; the joint uniforms put every tensor (the image and the
+    logits included) at their width."""
+    out = [("fp32", space.uniform(FLOAT_BITS, FLOAT_BITS))]
+    out += [(f"uniform_w{b}", space.uniform(b, FLOAT_BITS)) for b in w_widths if b != FLOAT_BITS]
     if s3.get("joint"):
-        out += [(f"uniform_w{w}a{a}", uniform(names, w, a)) for w, a in JOINT_UNIFORMS]
+        out += [(f"uniform_w{w}a{a}", space.uniform(w, a)) for w, a in JOINT_UNIFORMS]
     for m in SEARCHED:
         if s3.get(m):
-            out.append((m, parse_config(s3[m]["config"], names, FLOAT_BITS, f"{RESULTS_FILES['3']} {m} config")))
+            out.append((m, space.parse(s3[m]["config"], FLOAT_BITS, f"{RESULTS_FILES['3']} {m} config")))
     return out
 
 
-def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test, joint) -> dict:
+def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test) -> dict:
     """AI and the accuracy of one configuration on both splits, with intervals and paired drops."""
     cost = s.cost_model.cost(s.table, cfg)
     v, t = val_eval.evaluate(cfg), test_eval.evaluate(cfg)
     pv, pt = paired_drop(fp_val.correct, v.correct), paired_drop(fp_test.correct, t.correct)
-    return {"name": name, "config": config_json(cfg, joint), "ai": cost["ai"], "bytes": cost["bytes"],
+    return {"name": name, "config": s.space.to_file(cfg), "ai": cost["ai"], "bytes": cost["bytes"],
             "val_acc": v.accuracy, "val_acc_ci95": wilson_interval(v.n_correct, v.n), "val_drop": pv.drop,
             "test_acc": t.accuracy, "test_acc_ci95": wilson_interval(t.n_correct, t.n),
             "test_drop": pt.drop, "test_drop_se": pt.se, "test_drop_ci95": bootstrap_drop_interval(pt)}
@@ -65,29 +67,31 @@ def create_baselines(args) -> dict:
     w_widths = list(dict.fromkeys(args.bits if args.bits is not None else s3.get("bits") or []))
     quant = s3.get("quantization", {"granularity": "channel", "clip": "mse"})
     calib = (s3.get("dataset") or {}).get("calibration", {}).get("images")
-    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib)
+    cm = stage2_cost_model(s3, args.cost_model, s3_path)
+    joint = bool(s3.get("joint"))
+    if joint and cm.name == "reference":
+        raise UserError(f"{s3_path} searched tensor widths, which --cost-model reference cannot price (it charges "
+                        f"tensors in float). Drop --cost-model.")
+    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib,
+                   cost_model=cm, target=s3.get("target", "generic"))
     check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], args.force)
     check_same_data(s3, s3_path, s, PRODUCERS["3"], args.force)
-    names, joint = s.layer_names, bool(s3.get("joint"))
-    candidates = compared_configs(s3, names, w_widths)
+    candidates = compared_configs(s3, s.space, w_widths)
     if not any(s3.get(m) for m in SEARCHED):
         print(f"note: {s3_path} holds no searched configuration; comparing uniform widths only")
-    act = s.calibrate({a for _, cfg in candidates for _, a in cfg.values()})
+    act = s.calibrate({a for _, cfg in candidates for a in tensors_of(cfg).values()})
 
     # The same (BN-folded) evaluation as stages 2-3, so fp32's search accuracy matches theirs.
-    def evaluator(x, y):
-        return CachedEvaluator(s.model, s.quantizer, x, y, s.normalize, args.eval_batch_size, act_quant=act,
-                               cache_activations=False)
-    val_eval, test_eval = evaluator(s.eval_x, s.eval_y), evaluator(s.report_x, s.report_y)
+    val_eval = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_activations=False)
+    test_eval = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, cache_activations=False)
     fp_val, fp_test = val_eval.float_outcome, test_eval.float_outcome
     configs = []
     for name, cfg in tqdm(candidates, desc="configurations", dynamic_ncols=True):
-        entry = score(name, cfg, s, val_eval, test_eval, fp_val, fp_test, joint)
+        entry = score(name, cfg, s, val_eval, test_eval, fp_val, fp_test)
         if name in SEARCHED:
             entry.update(search_drop=s3[name]["drop"], confirm_drop=None,
                          budget_holds_on_test=entry["test_drop"] <= s3["max_drop"])
         configs.append(entry)
-    s.quantizer.restore()
 
     if args.qat_epochs:
         fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant)
@@ -126,7 +130,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
     chosen = [(n, cfg) for n, cfg in candidates if not args.qat_configs or n in args.qat_configs]
     pool = s.split.calibration_pool
     if args.quick:
-        pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table), s.seed)
+        pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table.layers), s.seed)
     padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
     labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
     recipe = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": args.qat_batch_size, "momentum": MOMENTUM,
@@ -139,10 +143,11 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
     by_name = {c["name"]: c for c in configs}
     tuned = {}     # key -> name: a configuration equal to one already fine-tuned (pareto = greedy) reuses it
     for name, cfg in chosen:
-        key = {"base_sha256": base_sha, "config": config_json(cfg, True), "recipe": recipe, "quantization": quant,
-               "act_scales": {n: act[n, a].scale for n, (_, a) in cfg.items() if a != FLOAT_BITS}}
-        meta = {"name": name, "config": {n: list(v) for n, v in cfg.items()}, "model_args": s.meta["model_args"],
-                "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe}
+        key = {"base_sha256": base_sha, "config": s.space.to_file(cfg), "recipe": recipe, "quantization": quant,
+               "target": s.target, "tensor_scales": {n: act[n]["scales"][str(a)] for n, a in tensors_of(cfg).items()
+                                                     if a != FLOAT_BITS}}
+        meta = {"name": name, "config": [[list(g), b] for g, b in cfg.items()], "model_args": s.meta["model_args"],
+                "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe, "target": s.target}
         twin = tuned.setdefault(json.dumps(key, sort_keys=True), name)
         if twin != name:
             by_name[name].update({k: v for k, v in by_name[twin].items() if k.startswith("qat_")},
@@ -150,7 +155,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
             masks[name] = masks[twin]
             print(f"{name}: the same configuration as {twin}; its fine-tune is reused")
             continue
-        qat = prepare_qat(s.model, cfg, act, learn_scales=args.qat_scales == "learned",
+        qat = prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
                           per_channel=quant["granularity"] == "channel", clip=quant["clip"]).to(s.device)
         path = Path(args.checkpoint_dir) / f"qat_{name}.pt"
         run = finetune(qat, path, key, meta, padded, labels, s.normalize, args.qat_epochs, args.qat_lr,

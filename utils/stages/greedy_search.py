@@ -1,25 +1,25 @@
-"""Stage 3 as an importable function: greedy and exact (Pareto) width search over stage 2's table.
+"""Stage 3 as an importable function: greedy and Pareto width search over stage 2's table.
 
-Both searches rank by stage 2's per-layer signal (``--rank-by``, default the KL divergence to the
-float model), check every answer by real evaluation on the search images, and hold the budget as
-``Budget`` defines it: drop + z * SE <= --max-drop. With activation widths in stage 2's table,
-the options of a layer are (w, a) pairs and both searches move in both.
+The search space is one width per weight layer (stage 2's weight ladder) plus, when stage 2 measured
+tensor widths, one width per tensor (its tensor ladder). Both searches rank by stage 2's per-group
+signal (``--rank-by``, default the KL divergence to the float model), check every answer by real
+evaluation on the search images, and hold the budget as ``Budget`` defines it:
+drop + z * SE <= --max-drop. The Pareto DP is exact for its additive estimate, not for accuracy.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.config import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, check_widths, config_json, uniform
+from quant.cost import CostModel
+from quant.search import EvalCache, Measured, greedy_search, pareto_frontier, verify_frontier
+from quant.stats import Budget, paired_drop
+from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
 from utils.errors import UserError
-from utils.evaluation import CachedEvaluator
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
-from utils.search import EvalCache, Measured, greedy_search, pareto_frontier, verify_frontier
 from utils.stages.common import check_same_data, load_setup, results_header, write_results
-from utils.stats import Budget, paired_drop
 
 RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop"}
 # Scores divide by the estimated loss; a move estimated free must not divide by zero. In the units
@@ -51,23 +51,32 @@ def load_stage2(args):
 
 
 def check_calibration(s2: dict, s, path, force: bool):
-    """Activation ranges must be the ones stage 2 measured sensitivities with."""
-    rec = (s2.get("activation_calibration") or {}).get("layers") or {}
-    now = (s.act_calibration or {}).get("layers") or {}
-    for name, layer in now.items():
-        for b, scale in layer["scales"].items():
+    """Tensor ranges must be the ones stage 2 measured sensitivities with."""
+    rec = (s2.get("activation_calibration") or {}).get("tensors") or {}
+    for name, r in (s.ranges or {}).items():
+        for b, scale in r["scales"].items():
             if abs(rec.get(name, {}).get("scales", {}).get(b, float("nan")) - scale) > 1e-9 * max(1.0, abs(scale)) \
                     and not force:
-                raise UserError(f"the activation range of {name} at {b} bits calibrates to {scale:.6g} here but "
+                raise UserError(f"the range of tensor {name} at {b} bits calibrates to {scale:.6g} here but "
                                 f"{path} recorded another: its table describes other quantizers. Re-run "
                                 f"{PRODUCERS['2']} (same flags), or pass --force.")
 
 
 def stage2_column(s2: dict, key: str) -> dict:
-    """{(layer, "w" or "a", bits): value} of one column of stage 2's table."""
-    col = {(l["name"], "w", r["bits"]): r[key] for l in s2["layers"] for r in l["results"]}
-    col.update({(l["name"], "a", r["a_bits"]): r[key] for l in s2["layers"] for r in l.get("act_results") or []})
+    """{(group, bits): value} of one column of stage 2's table."""
+    col = {((W, l["name"]), r["bits"]): r[key] for l in s2["layers"] for r in l["results"]}
+    col.update({((A, t["name"]), r["a_bits"]): r[key] for t in s2.get("tensors") or [] for r in t["results"]})
     return col
+
+
+def stage2_cost_model(s2: dict, given: str | None, path) -> CostModel:
+    """Stage 2's cost model, or the one asked for (said so)."""
+    recorded = CostModel.from_json(s2.get("cost_model"))
+    if given is None or given == recorded.name:
+        return recorded
+    print(f"note: {path} was costed with the {recorded.name} model; this stage charges bytes with the {given} model, "
+          f"as --cost-model asks")
+    return CostModel(given, recorded.batch_size)
 
 
 def thin(points, k):
@@ -94,39 +103,42 @@ def search_widths(args) -> dict:
     s2_path, s2, w_ladder, a_ladder = load_stage2(args)
     if not w_ladder and not a_ladder:
         raise UserError(f"{s2_path} measured no widths to search.")
+    cm = stage2_cost_model(s2, args.cost_model, s2_path)
+    if a_ladder and cm.name == "reference":
+        raise UserError("--cost-model reference charges tensors in float, so it cannot search tensor widths. Pass "
+                        "--a-bits 32 to search weights only under it, or drop --cost-model.")
     quant = s2.get("quantization", {"granularity": "channel", "clip": "mse"})
     calib = (s2.get("dataset") or {}).get("calibration", {}).get("images")
-    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib)
+    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib,
+                   cost_model=cm, target=s2.get("target", "generic"))
     check_same_checkpoint(s2, s2_path, s.checkpoint, PRODUCERS["2"], args.force)
-    names = s.layer_names
-    if [l["name"] for l in s2["layers"]] != names:
-        raise UserError(f"{s2_path} describes other layers than {s.checkpoint} has. Re-run {PRODUCERS['2']}.")
+    space = s.space
+    if [l["name"] for l in s2["layers"]] != list(space.layers) or \
+            (a_ladder and [t["name"] for t in s2.get("tensors") or []] != list(space.tensors)):
+        raise UserError(f"{s2_path} describes other layers or tensors than {s.checkpoint} has. Re-run {PRODUCERS['2']}.")
     check_same_data(s2, s2_path, s, PRODUCERS["2"], args.force)
-    act = s.calibrate(a_ladder)
+    s.calibrate(a_ladder)
     check_calibration(s2, s, s2_path, args.force)
     joint = bool(a_ladder)
 
-    evaluator = CachedEvaluator(s.model, s.quantizer, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size,
-                                act_quant=act, cache_bytes=int(args.cache_gb * 2 ** 30))
+    evaluator = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_bytes=int(args.cache_gb * 2 ** 30))
     base = evaluator.float_outcome
     if abs(base.accuracy - s2["baseline_val_acc"]) > 1e-9:
         print(f"note: the float model scores {base.accuracy:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
               f"(non-deterministic kernels?); the search uses {base.accuracy:.2f}%")
     sig, drops = stage2_column(s2, RANK_SIGNALS[args.rank_by]), stage2_column(s2, "drop")
-    info_of = {t.name: t for t in s.table}
-    cm = s.cost_model
-    flops = cm.cost(s.table)["flops"]
+    flops = s.table.flops * cm.batch_size
+    const = cm.constant_bytes(s.table)
+    ladders = {**{(W, n): w_ladder for n in space.layers}, **{(A, t): a_ladder for t in space.tensors}}
 
-    def additive(table, name, opt):
-        w, a = opt
-        return ((0.0 if w == FLOAT_BITS else max(0.0, table[name, "w", w]))
-                + (0.0 if a == FLOAT_BITS else max(0.0, table[name, "a", a])))
+    def est(table, group, bits):
+        return 0.0 if bits == FLOAT_BITS else max(0.0, table[group, bits])
 
-    def bytes_of(name, opt):
-        return cm.layer_bytes(info_of[name], *opt)
+    def bytes_of(group, bits):
+        return cm.group_bytes(s.table, group, bits)
 
     def ai_of(config):
-        return flops / sum(bytes_of(n, config[n]) for n in names)
+        return flops / (const + sum(bytes_of(g, b) for g, b in config.items()))
 
     def measure(config) -> Measured:
         out = evaluator.evaluate(config)
@@ -134,39 +146,42 @@ def search_widths(args) -> dict:
         signal = {"kl": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[args.rank_by]
         return Measured(out.accuracy, pd.drop, pd.se, signal)
 
-    float_cfg = uniform(names, FLOAT_BITS, FLOAT_BITS)
+    float_cfg = space.uniform(FLOAT_BITS, FLOAT_BITS)
     cache = EvalCache(measure)
     cache.remember(float_cfg, Measured(base.accuracy, 0.0, 0.0, 0.0))
     budget = Budget(args.max_drop, args.z)
 
     def describe(config, m: Measured, **extra):
-        return {"config": config_json(config, joint), "ai": ai_of(config), "val_acc": m.acc, "drop": m.drop,
+        return {"config": space.to_file(config), "ai": ai_of(config), "val_acc": m.acc, "drop": m.drop,
                 "drop_se": m.se, "margin": m.drop + budget.z * m.se, **extra}
 
     header = results_header("3", s)
     result = {**header, "eval_images": evaluator.n, "max_drop": args.max_drop,
               "budget": budget.to_json(), "rank_by": args.rank_by, "baseline_val_acc": base.accuracy,
               "fp32_ai": ai_of(float_cfg), "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
-              "quantization": quant, "activation_calibration": s.act_calibration,
+              "search_space": {"weight_groups": len(space.layers), "weight_widths": [FLOAT_BITS] + w_ladder,
+                               "tensor_groups": len(space.tensors) if joint else 0,
+                               "tensor_widths": [FLOAT_BITS] + a_ladder if joint else [FLOAT_BITS]},
+              "quantization": quant, "activation_calibration": s.calibration,
               "max_evaluations": cap, "prune_infeasible": not args.no_prune_infeasible,
               "fast_forward": not args.no_fast_forward,
-              "layers": [{"name": t.name, "params": t.weights, "macs": t.macs, "segment": header["segments"][t.name]}
-                         for t in s.table],
+              "layers": [{"name": li.name, "params": li.weights, "macs": li.macs, "segment": header["segments"][li.name]}
+                         for li in s.table.layers],
+              "tensors": [{"name": t, "elements": s.table.elements[t], "traffic": s.table.traffic(t),
+                           "segment": header["segments"][t]} for t in space.tensors],
               "greedy": None, "pareto": None}
-
-    ladders = [w_ladder, a_ladder]
     greedy_cfg = None
     if args.method in ("greedy", "both"):
         bar = tqdm(desc="greedy steps", unit="step", dynamic_ncols=True)
 
         def progress(step, entry):
             bar.update()
-            bar.set_postfix(layer=entry["layer"], width=f"{entry['width']}{entry['bits']}", ai=f"{entry['ai']:.2f}",
+            bar.set_postfix(group=f"{entry['kind']}:{entry['name']}", bits=entry["bits"], ai=f"{entry['ai']:.2f}",
                             drop="-" if entry["drop"] is None else f"{entry['drop']:.2f}",
                             evals=entry.get("evaluations"))
 
         reserve = min(args.pareto_verify, cap // 4) if cap and args.method == "both" else 0   # left for pareto
-        g = greedy_search(names, ladders, bytes_of, lambda n, o: additive(sig, n, o), cache, budget,
+        g = greedy_search(ladders, bytes_of, lambda grp, b: est(sig, grp, b), cache, budget,
                           verify_top_k=args.verify_top_k, ai_of=ai_of,
                           on_accept=lambda cfg, m: evaluator.set_base(cfg), progress=progress,
                           prune_infeasible=not args.no_prune_infeasible,
@@ -174,7 +189,7 @@ def search_widths(args) -> dict:
                           score_eps=SCORE_EPS[args.rank_by], fast_forward=not args.no_fast_forward)
         bar.close()
         greedy_cfg = g["config"]
-        result["greedy"] = describe(g["config"], g["measured"], evaluations=g["evaluations"], steps=g["steps"],
+        result["greedy"] = describe(greedy_cfg, g["measured"], evaluations=g["evaluations"], steps=g["steps"],
                                     stopped_by=g["stopped_by"], pruned_moves=g["pruned_moves"],
                                     infeasible_evaluations=g["infeasible_evaluations"],
                                     trajectory=g["trajectory"])
@@ -182,23 +197,23 @@ def search_widths(args) -> dict:
               f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else ""))
 
     if args.method in ("pareto", "both"):
-        opts = list(itertools.product([FLOAT_BITS] + w_ladder, [FLOAT_BITS] + a_ladder))
-        options = {n: [(o, bytes_of(n, o), additive(sig, n, o)) for o in opts] for n in names}
+        options = {grp: [(b, bytes_of(grp, b), est(sig, grp, b)) for b in [FLOAT_BITS] + lad]
+                   for grp, lad in ladders.items()}
         t = time.time()
         frontier = pareto_frontier(options)
         dp_seconds = time.time() - t
-        left = None if cap is None else max(1, cap - (cache.count - 0))
+        left = None if cap is None else max(1, cap - cache.count)
         p = verify_frontier(frontier, cache, budget, ai_of, min(args.pareto_verify, left or args.pareto_verify),
                             seed_config=greedy_cfg)
         if p["config"] is None:
             p.update(config=float_cfg, ai=ai_of(float_cfg), measured=cache(float_cfg), source="float")
         result["pareto"] = describe(
-            p["config"], p["measured"], source=p["source"], evaluations=p["evaluations"], note=p["note"],
-            frontier_size=len(frontier), dp_seconds=dp_seconds,
+            p["config"], p["measured"], source=p["source"], evaluations=p["evaluations"],
+            note=p["note"], frontier_size=len(frontier), dp_seconds=dp_seconds,
             verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc, "drop": v["measured"].drop,
                        "drop_se": v["measured"].se, "feasible": v["feasible"]} for v in p["verified"]],
-            frontier=[{"ai": flops / pt.bytes, "estimated": pt.est,
-                       "estimated_drop": sum(additive(drops, n, o) for n, o in pt.config.items())}
+            frontier=[{"ai": flops / (const + pt.bytes), "estimated": pt.est,
+                       "estimated_drop": sum(est(drops, grp, b) for grp, b in pt.config.items())}
                       for pt in thin(frontier, FRONTIER_POINTS_SAVED)])
         print(f"pareto: {len(frontier)} frontier points ({dp_seconds:.2f} s); answer AI {p['ai']:.2f} at "
               f"{p['measured'].acc:.2f}% ({p['source']}), {p['evaluations']} evaluations"
@@ -210,7 +225,6 @@ def search_widths(args) -> dict:
         if result[m]["ai"] == result["fp32_ai"]:
             result[m]["why_float"] = (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE "
                                       f"<= {budget.max_drop}) on {evaluator.n} search images")
-    s.quantizer.restore()
     result["evaluations"] = cache.count
     path = write_results(result, args, s, {"checkpoint": s.checkpoint, "per_layer": s2_path}, t0, RESULTS_FILES["3"])
     print_search(result)

@@ -2,6 +2,7 @@
 and results. 1_train_baseline.py is a thin command-line shell over train_baseline()."""
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from utils.io import RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, jsonable_
 from utils.ai_calculator import layer_table
 from utils.split import (QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset,
                          split_identity, train_val_split)
-from utils.train import PAD, Normalizer, WarmupCosine, evaluate, param_groups, to_device_uint8, train_one_epoch
+from utils.train import (PAD, GraphStep, Normalizer, WarmupCosine, check_graph_mode, evaluate, load_optimizer_state,
+                         param_groups, to_device_uint8, train_one_epoch)
 
 QUICK_BATCH_SIZE = 32  # 62 steps instead of 15: enough for the synthetic set to be learned
 # Flags that shape the trained weights: a resumed run takes them from the checkpoint.
@@ -38,9 +40,27 @@ def check_args(args):
         raise UserError(f"--momentum must be in [0, 1), got {args.momentum}.")
     if args.val_size is not None and args.val_size < 0:
         raise UserError(f"--val-size must be >= 0, got {args.val_size}.")
+    if args.graph != "off" and args.compile:
+        raise UserError(f"--graph {args.graph} and --compile both compile the training: --graph {args.graph} the "
+                        f"whole step, --compile the model alone. Give one of them.")
+    if args.graph != "off" and dist.world_size() > 1:
+        raise UserError(f"--graph {args.graph} is not supported under torchrun yet (DistributedDataParallel's "
+                        f"gradient all-reduce is not part of the graph). Run with --graph off, or in one process.")
 
 
-def _resume_args(args, path: Path):
+def _with(args, **changes) -> argparse.Namespace:
+    """A copy of `args` with `changes`: the library never mutates the caller's Namespace."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _resolve_arch(args) -> argparse.Namespace:
+    arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
+    arch = arch or "resnet20"
+    return _with(args, arch=arch, shortcut=(shortcut or "B") if takes_shortcut(arch) else shortcut)
+
+
+def _resume_args(args, path: Path) -> tuple[argparse.Namespace, dict]:
+    """(a copy of `args` with the checkpoint's training flags, the checkpoint)."""
     ckpt = read_checkpoint(path)
     if "model_args" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a stage-1 training checkpoint (it has no optimizer state), so it "
@@ -65,35 +85,34 @@ def _resume_args(args, path: Path):
                if f in saved and getattr(args, f, None) != saved.get(f) and getattr(args, f, None) is not None}
     if changed:
         print(f"note: resuming with the checkpoint's settings; ignoring command-line values {changed}")
-    for f in TRAINING_FLAGS:
-        if f in saved:
-            setattr(args, f, saved[f])
-    args.depth = None
+    restored = {f: saved[f] for f in TRAINING_FLAGS if f in saved}
     if args.data_dir is None and saved.get("data_dir"):
-        args.data_dir = Path(saved["data_dir"])
-    return ckpt
+        restored["data_dir"] = Path(saved["data_dir"])
+    return _with(args, **restored, depth=None), ckpt
+
+
+def _run_args(args) -> argparse.Namespace:
+    """A copy of `args` with this run's defaults filled in (after any resume)."""
+    out = _with(args, seed=0 if args.seed is None else args.seed, decay_norm_and_bias=bool(args.decay_norm_and_bias),
+                sync_bn=bool(args.sync_bn), world_size=dist.world_size(), dataset=args.dataset or "cifar10",
+                data_dir=args.data_dir or Path("data"))
+    if out.quick:
+        out = _with(out, epochs=min(out.epochs, 1), batch_size=min(out.batch_size, QUICK_BATCH_SIZE))
+    return out
 
 
 def train_baseline(args) -> dict:
     """Train ResNet on CIFAR-10 (or synthetic data); returns the results dict it writes."""
     t_start = time.time()
     check_args(args)
-    args.arch, args.shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
-    args.arch = args.arch or "resnet20"
-    if takes_shortcut(args.arch):
-        args.shortcut = args.shortcut or "B"
+    args = _resolve_arch(args)
     device = resolve_device(args.device)
+    check_graph_mode(args.graph, device)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.checkpoint_dir, args.arch)
-    resume_state = _resume_args(args, ckpt_path) if args.resume else None
-    args.seed = 0 if args.seed is None else args.seed
-    args.decay_norm_and_bias = bool(args.decay_norm_and_bias)
-    args.sync_bn = bool(args.sync_bn)
-    args.world_size = dist.world_size()
-    args.dataset = args.dataset or "cifar10"
-    args.data_dir = args.data_dir or Path("data")
-    if args.quick:
-        args.epochs = min(args.epochs, 1)
-        args.batch_size = min(args.batch_size, QUICK_BATCH_SIZE)
+    resume_state = None
+    if args.resume:
+        args, resume_state = _resume_args(args, ckpt_path)
+    args = _run_args(args)
     dist.local_batch(args.batch_size)   # the global batch must split evenly over the processes
     seed_everything(args.seed)
 
@@ -121,8 +140,10 @@ def train_baseline(args) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     lr = args.lr * args.batch_size / 128  # linear scaling: --lr is per 128 images
+    # --graph cuda: the fused SGD kernel reads the LR from a tensor inside the graph (the update is the same)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay, args.decay_norm_and_bias), lr=lr,
-                                momentum=args.momentum, nesterov=args.nesterov)
+                                momentum=args.momentum, nesterov=args.nesterov,
+                                **({"fused": True} if args.graph == "cuda" else {}))
     steps_per_epoch = max(1, len(train_idx) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch))
@@ -130,7 +151,7 @@ def train_baseline(args) -> dict:
     if resume_state is not None:
         try:
             model.load_state_dict(resume_state["model"])
-            optimizer.load_state_dict(resume_state["optimizer"])
+            load_optimizer_state(optimizer, resume_state["optimizer"])   # this run's --graph picks the kernels
             scheduler.load_state_dict(resume_state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise UserError(f"{ckpt_path} cannot be resumed by this version of AI-QS: its model, optimizer or "
@@ -146,6 +167,8 @@ def train_baseline(args) -> dict:
             step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(step_fn) if args.compile else step_fn
     use_amp = device.type == "cuda" and not args.no_amp
+    graph = (GraphStep(model, optimizer, padded, train_y, normalize, use_amp, args.graph)
+             if args.graph != "off" else None)
 
     data_info = {**data.describe(), "data_dir": str(args.data_dir), "seed": args.seed, "val_size": val_size,
                  "quick": bool(args.quick),
@@ -165,13 +188,14 @@ def train_baseline(args) -> dict:
                 "final": final}
 
     print(f"training {len(train_idx)} images ({data.source}), validating on {len(val_idx)}, "
-          f"{args.epochs} epochs at batch {args.batch_size}, lr {lr:g}, on {device}")
+          f"{args.epochs} epochs at batch {args.batch_size}, lr {lr:g}, on {device}"
+          + (f", training step as a graph (--graph {args.graph})" if graph else ""))
     epoch, saved = start_epoch, start_epoch
     try:
         for epoch in range(start_epoch, args.epochs):
             t0 = time.perf_counter()
             stats = train_one_epoch(step_fn, optimizer, scheduler, padded, train_y, normalize, args.batch_size,
-                                    args.seed, epoch, use_amp, desc=f"epoch {epoch + 1}/{args.epochs}")
+                                    args.seed, epoch, use_amp, desc=f"epoch {epoch + 1}/{args.epochs}", graph=graph)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -199,7 +223,8 @@ def train_baseline(args) -> dict:
               f"Resume with: python 1_train_baseline.py --resume "
               f"--checkpoint-dir {args.checkpoint_dir}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
               # not a training flag, so not restored from the checkpoint: the results must land where asked
-              + (f" --results-dir {args.results_dir}" if str(args.results_dir) != "results" else ""),
+              + (f" --results-dir {args.results_dir}" if str(args.results_dir) != "results" else "")
+              + (f" --graph {args.graph}" if graph else ""),
               file=sys.stderr)
         raise SystemExit(130)
 

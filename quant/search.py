@@ -1,22 +1,23 @@
-"""Width search: choose a (weight, activation) width per layer to maximize arithmetic intensity
-under an accuracy budget.
+"""Width search: choose a width per group (a weight layer, or a tensor) to maximize arithmetic
+intensity under an accuracy budget.
 
 FLOPs do not depend on widths, so maximizing AI = FLOPs / bytes is the same as minimizing total
 bytes. Two searches live here, both free of models and I/O so they can be tested with fakes:
 
-* ``pareto_frontier`` + ``verify_frontier``: an exact multiple-choice-knapsack DP over an
-  *additive* per-layer estimate, then real evaluation along the frontier.
-* ``greedy_search``: the reference work's greedy, one width of one layer narrowed per step, each
-  step checked by real evaluation.
+* ``pareto_frontier`` + ``verify_frontier``: a multiple-choice-knapsack DP that is exact for an
+  *additive, clamped estimate* of the loss (not for accuracy), then real evaluation along the
+  frontier, bisecting on the assumption that feasibility is monotone along it.
+* ``greedy_search``: the reference work's greedy, one group's width narrowed per step, each step
+  checked by real evaluation.
 
-A layer's option is a tuple ``(w, a)``. The estimate of an option is a per-layer sensitivity
-signal measured by stage 2 with only that layer changed: by default the KL divergence from the
-float model's outputs (continuous, so it does not move in whole images as accuracy does), summed
-over the weight and the activation part. Per-layer estimates are clamped at 0 before they are
-summed: a layer whose loss happened to fall when quantized alone must not pay for other layers.
+A group is ``("w", layer)`` or ``("a", tensor)`` and its option a width. The estimate of an option
+is the group's sensitivity signal measured by stage 2 with only that group changed: by default the
+KL divergence from the float model's outputs (continuous, so it does not move in whole images as
+accuracy does). Per-group estimates are clamped at 0 before they are summed: a group whose loss
+happened to fall when quantized alone must not pay for other groups.
 
 Real evaluation returns a ``Measured``; a configuration is feasible when the ``Budget`` holds for
-its paired drop and standard error (utils/stats.py).
+its paired drop and standard error (quant/stats.py).
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-from utils.config import FLOAT_BITS
-from utils.stats import Budget
+from quant.stats import Budget
+from quant.widths import FLOAT_BITS
 
 EST_RESOLUTION = 1e-9   # estimates are compared as integers of this unit (sums in any order agree)
 
@@ -157,97 +158,90 @@ def pareto_frontier(options: dict, max_est: float | None = None,
                           est=float(est[i]), bytes=float(tot[i])) for i in range(n)]
 
 
-def _narrower(option: tuple, coord: int, ladder) -> list[tuple]:
-    return [option[:coord] + (v,) + option[coord + 1:] for v in ladder if v < option[coord]]
-
-
 @dataclass
 class _Pruned:
-    """Moves measured infeasible: (layer, coordinate) -> the widest value found infeasible.
+    """Moves measured infeasible: group -> the widest width found infeasible.
 
     Assumption (stated in the README, tested, and switchable off with --no-prune-infeasible):
     accuracy only falls as widths narrow, so a move found infeasible from one configuration stays
-    infeasible from any narrower configuration, and so does narrowing the same width further."""
+    infeasible from any narrower configuration, and so does narrowing the same group further."""
     enabled: bool = True
     bound: dict = field(default_factory=dict)
 
-    def blocks(self, name, coord, value) -> bool:
-        return self.enabled and value <= self.bound.get((name, coord), -1)
+    def blocks(self, group, value) -> bool:
+        return self.enabled and value <= self.bound.get(group, -1)
 
-    def add(self, name, coord, value):
+    def add(self, group, value):
         if self.enabled:
-            self.bound[name, coord] = max(value, self.bound.get((name, coord), -1))
+            self.bound[group] = max(value, self.bound.get(group, -1))
 
 
-def _ranked_moves(config, names, ladders, ai, ai_of, layer_est, score_eps, pruned=None):
+def _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned=None):
     """Every single narrowing of `config`, best estimated score (AI gained per estimated loss) first."""
     moves = []
-    for i, name in enumerate(names):
-        cur = config[name]
-        for coord, lad in enumerate(ladders):
-            for new_opt in _narrower(cur, coord, lad):
-                if pruned is not None and pruned.blocks(name, coord, new_opt[coord]):
-                    continue
-                new = dict(config)
-                new[name] = new_opt
-                d_ai = ai_of(new) - ai
-                if d_ai <= 0:
-                    continue
-                est_loss = layer_est(name, new_opt) - layer_est(name, cur)
-                moves.append((d_ai / max(est_loss, score_eps), d_ai, i, coord, -new_opt[coord], name, new, est_loss))
-    moves.sort(key=lambda m: (-m[0], -m[1], m[2], m[3], m[4]))
+    for i, (group, ladder) in enumerate(ladders.items()):
+        cur = config[group]
+        for v in ladder:
+            if v >= cur or (pruned is not None and pruned.blocks(group, v)):
+                continue
+            new = dict(config)
+            new[group] = v
+            d_ai = ai_of(new) - ai
+            if d_ai <= 0:
+                continue
+            est_loss = group_est(group, v) - group_est(group, cur)
+            moves.append((d_ai / max(est_loss, score_eps), d_ai, i, -v, group, new, est_loss))
+    moves.sort(key=lambda m: (-m[0], -m[1], m[2], m[3]))
     return moves
 
 
-def greedy_search(layer_names, ladders, bytes_of, est, evaluate, budget: Budget, float_option=(FLOAT_BITS, FLOAT_BITS),
-                  verify_top_k: int = 3, ai_of=None, on_accept=None, progress=None, prune_infeasible: bool = True,
-                  max_evaluations: int | None = None, score_eps: float = 1e-6, fast_forward: bool = True) -> dict:
-    """The reference greedy: from all-float, repeatedly narrow the one width that buys the most AI
-    per unit of estimated loss, until no single narrowing keeps the budget.
+def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify_top_k: int = 3, ai_of=None,
+                  on_accept=None, progress=None, prune_infeasible: bool = True, max_evaluations: int | None = None,
+                  score_eps: float = 1e-6, fast_forward: bool = True) -> dict:
+    """The reference greedy: from all-float, repeatedly narrow the one group that buys the most AI per
+    unit of estimated loss, until no single narrowing keeps the budget.
 
-    ``ladders`` gives each option coordinate's candidate widths, e.g. ``[(8, 6, 4, 3, 2), ()]``
-    for weights only or ``[(8, 6, 4, 3, 2), (8, 6, 4)]`` for weights and activations. Moves are
-    ranked by the estimated score (AI gained / estimated signal increase); ``verify_top_k`` of them
-    are evaluated for real at a time, best first, and the best *measured* score among the feasible
-    ones wins. A later batch is only opened when a whole batch is infeasible.
+    ``ladders`` maps each group (e.g. ``("w", "conv1")``, ``("a", "input")``) to its candidate widths.
+    Moves are ranked by the estimated score (AI gained / estimated signal increase); ``verify_top_k``
+    of them are evaluated for real at a time, best first, and the best *measured* score among the
+    feasible ones wins. A later batch is only opened when a whole batch is infeasible.
 
     ``fast_forward`` first walks the path the estimate alone would take (each step its best-ranked
     move, down to the narrowest configuration) and bisects it for the last configuration that holds
     the budget: about log2(path length) evaluations instead of one batch per step for the easy
     first part of the descent. The verified greedy continues from there.
 
-    ``bytes_of(name, option)``: a layer's bytes; ``est(name, option)``: its stage-2 signal;
+    ``bytes_of(group, bits)``: a group's bytes; ``est(group, bits)``: its stage-2 signal;
     ``evaluate``: config -> Measured (or a shared EvalCache); ``ai_of(config)``: the AI (default
     1 / total bytes, which ranks the same). ``on_accept(config, measured)`` runs after each
     accepted configuration, ``progress(step, entry)`` gets each trajectory entry. ``max_evaluations``
     caps the real evaluations of this call; the result says whether the cap stopped it.
     """
-    names = list(layer_names)
-    ladders = [sorted({int(v) for v in lad if int(v) != FLOAT_BITS}, reverse=True) for lad in ladders]
+    ladders = {g: sorted({int(v) for v in lad if int(v) != FLOAT_BITS}, reverse=True) for g, lad in ladders.items()}
     if verify_top_k < 1:
         raise ValueError("verify_top_k must be >= 1")
     cache = evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
     start_count = cache.count
-    ai_of = ai_of or (lambda c: 1.0 / sum(float(bytes_of(n, c[n])) for n in names))
+    ai_of = ai_of or (lambda c: 1.0 / sum(float(bytes_of(g, c[g])) for g in c))
     pruned = _Pruned(prune_infeasible)
 
-    def layer_est(name, option):
-        return 0.0 if option == float_option else clamp(est(name, option))
+    def group_est(group, bits):
+        return 0.0 if bits == FLOAT_BITS else clamp(est(group, bits))
 
     def out_of_budget(config):
         return config not in cache and max_evaluations is not None and cache.count - start_count >= max_evaluations
 
-    config = {n: tuple(float_option) for n in names}
+    config = {g: FLOAT_BITS for g in ladders}
     current = cache(config)
     ai = ai_of(config)
-    trajectory = [dict(step=0, layer=None, width=None, from_bits=None, bits=None, ai=ai, val_acc=current.acc,
+    trajectory = [dict(step=0, kind=None, name=None, from_bits=None, bits=None, ai=ai, val_acc=current.acc,
                        drop=current.drop, drop_se=current.se, estimated=0.0, verified=True)]
     total_est, stopped_by, infeasible_seen = 0.0, None, 0
 
-    def record(name, coord, from_bits, new, m, est_loss, phase):
+    def record(group, from_bits, new, m, est_loss, phase):
         nonlocal total_est
         total_est += est_loss
-        entry = dict(step=len(trajectory), layer=name, width="wa"[coord], from_bits=from_bits, bits=new[name][coord],
+        entry = dict(step=len(trajectory), kind=group[0], name=group[1], from_bits=from_bits, bits=new[group],
                      ai=ai_of(new), val_acc=m.acc if m else None, drop=m.drop if m else None,
                      drop_se=m.se if m else None, estimated=total_est, verified=m is not None, phase=phase)
         trajectory.append(entry)
@@ -257,42 +251,42 @@ def greedy_search(layer_names, ladders, bytes_of, est, evaluate, budget: Budget,
     if fast_forward:
         path, c, a = [], config, ai
         while True:
-            moves = _ranked_moves(c, names, ladders, a, ai_of, layer_est, score_eps)
+            moves = _ranked_moves(c, ladders, a, ai_of, group_est, score_eps)
             if not moves:
                 break
-            _, _, _, coord, _, name, new, est_loss = moves[0]
-            path.append((name, coord, c[name][coord], new, est_loss))
+            _, _, _, _, group, new, est_loss = moves[0]
+            path.append((group, c[group], new, est_loss))
             c, a = new, ai_of(new)
         lo, hi = -1, len(path)     # path[lo] holds the budget (-1: the float start), path[hi] does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if out_of_budget(path[mid][3]):
+            if out_of_budget(path[mid][2]):
                 stopped_by = "max_evaluations"
                 break
-            m = cache(path[mid][3])
+            m = cache(path[mid][2])
             if budget.holds(m.drop, m.se):
                 lo = mid
             else:
                 hi = mid
                 infeasible_seen += 1
         if hi == lo + 1 and hi < len(path):   # the move out of path[lo] is measured infeasible
-            name, coord, _, new, _ = path[hi]
-            pruned.add(name, coord, new[name][coord])
+            group, _, new, _ = path[hi]
+            pruned.add(group, new[group])
         for i in range(lo + 1):
-            name, coord, from_bits, new, est_loss = path[i]
-            record(name, coord, from_bits, new, cache.get(new), est_loss, "fast-forward")
+            group, from_bits, new, est_loss = path[i]
+            record(group, from_bits, new, cache.get(new), est_loss, "fast-forward")
         if lo >= 0:
-            config, current, ai = path[lo][3], cache.get(path[lo][3]), ai_of(path[lo][3])
+            config, current, ai = path[lo][2], cache.get(path[lo][2]), ai_of(path[lo][2])
             if on_accept is not None:
                 on_accept(dict(config), current)
 
     while stopped_by is None:
-        moves = _ranked_moves(config, names, ladders, ai, ai_of, layer_est, score_eps, pruned)
+        moves = _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned)
         chosen = None
         for first in range(0, len(moves), verify_top_k):
             best = None
-            for rank, (_, d_ai, _, coord, _, name, new, est_loss) in enumerate(moves[first:first + verify_top_k]):
-                if pruned.blocks(name, coord, new[name][coord]):   # found infeasible earlier in this step
+            for rank, (_, d_ai, _, _, group, new, est_loss) in enumerate(moves[first:first + verify_top_k]):
+                if pruned.blocks(group, new[group]):   # found infeasible earlier in this step
                     continue
                 if out_of_budget(new):
                     stopped_by = "max_evaluations"
@@ -300,30 +294,28 @@ def greedy_search(layer_names, ladders, bytes_of, est, evaluate, budget: Budget,
                 m = cache(new)
                 if not budget.holds(m.drop, m.se):
                     infeasible_seen += 1
-                    pruned.add(name, coord, new[name][coord])
+                    pruned.add(group, new[group])
                     continue
                 real = (d_ai / max(m.signal - current.signal, score_eps), d_ai, -rank)
                 if best is None or real > best[0]:
-                    best = (real, name, coord, new, m, est_loss)
+                    best = (real, group, new, m, est_loss)
             if best is not None or stopped_by:
                 chosen = best
                 break
         if chosen is None:
             break
-        _, name, coord, new, m, est_loss = chosen
-        from_bits = config[name][coord]
+        _, group, new, m, est_loss = chosen
+        from_bits = config[group]
         config, current, ai = new, m, ai_of(new)
-        record(name, coord, from_bits, new, m, est_loss, "verified")
+        record(group, from_bits, new, m, est_loss, "verified")
         if on_accept is not None:
             on_accept(dict(config), m)
-
     return dict(trajectory=trajectory, config=dict(config), ai=ai, measured=current,
                 evaluations=cache.count - start_count, steps=len(trajectory) - 1, stopped_by=stopped_by,
                 pruned_moves=len(pruned.bound), infeasible_evaluations=infeasible_seen)
 
 
-def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: int = 24, seed_config=None,
-                    float_option=(FLOAT_BITS, FLOAT_BITS)) -> dict:
+def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: int = 24, seed_config=None) -> dict:
     """The highest-AI frontier point that real evaluation keeps within budget.
 
     Along the frontier the estimate and the AI rise together, and the real drop tends to rise with
@@ -342,7 +334,7 @@ def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: 
     cache = evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
     start_count = cache.count
     verified, notes = [], []
-    is_float = [all(o == float_option for o in p.config.values()) for p in frontier]
+    is_float = [all(o == FLOAT_BITS for o in p.config.values()) for p in frontier]
 
     def check(i):
         done = next((v for v in verified if v["index"] == i), None)

@@ -1,75 +1,35 @@
 """Accuracy (and loss, and divergence from the float model) under many width configurations,
 reusing what does not change.
 
-The model declares itself as a chain of segments (models/structure.py). A configuration that
-differs from the current base only in layers of segment k computes exactly what the base computes
-in front of k, so the base's input activations of segments are kept and a candidate runs from
-segment k on. Stage 2 (one layer at a time against the float base) and the greedy search (one
-move at a time against the current configuration) both evaluate mostly suffixes this way.
+The simulated network is the BN-folded model (quant/fold.py) with each weight layer's weights
+fake-quantized (computed once per layer and width, then copied in) and each tensor fake-quantized
+where it is written (its Slot; quant/place.py), so every reader, the residual add and pooling
+included, reads the quantized tensor. This is exactly what the cost model charges.
 
-A configuration is ``{layer: (w, a)}``: weights fake-quantized at w bits (utils/quantization.py),
-and the layer's *input* fake-quantized at a bits where a < 32, by a forward pre-hook, i.e. what
-the layer reads. Residual additions and pooling stay in float.
+The model declares itself as a chain of segments (models/structure.py). A configuration that
+differs from the current base only in groups of segment k (a weight layer or a tensor written
+there) computes exactly what the base computes in front of k, so the base's segment inputs are
+kept and a candidate runs from segment k on. Stage 2 (one group at a time against the float base)
+and the greedy search (one move at a time against the current configuration) both evaluate mostly
+suffixes this way.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import quantizable_layers
-from utils.config import FLOAT_BITS, parse_config, weight_config
-from utils.errors import UserError
+from quant.calibrate import quantizers_from
+from quant.cost import KernelTable
+from quant.fold import fold_bn
+from quant.place import check_ranges, set_tensor_quantizer, slots
+from quant.quantizer import quantize_weight
+from quant.widths import FLOAT_BITS, W
 
 # Default bound on the cached activations (bytes). ResNet-20 on 5,000 images needs about 2 GB;
 # ResNet-110 about 10 GB, so it caches every few segments and recomputes in between.
 DEFAULT_CACHE_BYTES = 4 << 30
-
-
-class FoldedModel:
-    """An inference copy of `model` with every declared conv-BN pair folded into the conv.
-
-    Folding happens after weight quantization (sync() reads the source model's current, possibly
-    fake-quantized, weights): with per-channel scales the folded conv is still on a per-channel
-    grid, and the BN pass (a fifth of CPU inference time for ResNet-20) is saved. A BN that the
-    model does not pair with a conv stays a BN. The conv bias folds too: b' = beta + (b - mu) * gamma / sigma.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.src = model
-        self.model = copy.deepcopy(model).eval()
-        src_mods = dict(model.named_modules())
-        bn_of = dict(model.conv_bn_pairs())
-        self.pairs = {}  # layer name -> (source layer, folded layer, source BN or None)
-        for name in quantizable_layers(model):
-            dst = self.model.get_submodule(name)
-            bn = src_mods[bn_of[name]] if name in bn_of else None
-            if bn is not None:
-                if dst.bias is None:
-                    dst.bias = nn.Parameter(torch.zeros(dst.out_channels, device=dst.weight.device,
-                                                        dtype=dst.weight.dtype))
-                parent, _, leaf = bn_of[name].rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, leaf, nn.Identity())
-            self.pairs[name] = (src_mods[name], dst, bn)
-        self.sync()
-
-    @torch.no_grad()
-    def sync(self, names=None):
-        """Re-fold the listed layers (default all) from the source model's current weights."""
-        for name in (self.pairs if names is None else names):
-            src, dst, bn = self.pairs[name]
-            if bn is None:
-                dst.weight.copy_(src.weight)
-                if src.bias is not None:
-                    dst.bias.copy_(src.bias)
-            else:
-                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-                dst.weight.copy_(src.weight * scale.view(-1, *([1] * (src.weight.dim() - 1))))
-                bias = src.bias if src.bias is not None else torch.zeros_like(bn.running_mean)
-                dst.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
 
 
 @dataclass
@@ -106,26 +66,30 @@ def cached_segments(sizes: list[int], limit: int) -> list[bool]:
 class CachedEvaluator:
     """Accuracy, loss and KL to the float model of `model` under width configurations.
 
-    `quantizer` is a utils.quantization.WeightQuantizer of the same model; `act_quant` maps
-    (layer, bits) to an ActQuant for every activation width that may be asked for. The inputs of
+    `table` is the model's KernelTable (quant/cost.py) under the target simulated; `ranges` the
+    calibrated tensor ranges (quant/calibrate.py) of every width that may be asked for. Weights are
+    quantized per channel (or per tensor) after folding, with the MSE (or max-abs) clip. The inputs of
     segments under the base configuration are cached for the whole split, within `cache_bytes`;
     segments that do not fit are recomputed from the nearest cached one (identical results).
     """
 
-    def __init__(self, model, quantizer, x_u8, labels, normalize, batch_size=1000, base_config=None,
-                 act_quant=None, cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True):
-        self.model, self.quantizer = model.eval(), quantizer
-        self.folded = FoldedModel(model)
+    def __init__(self, model, table: KernelTable, x_u8, labels, normalize, ranges=None, per_channel: bool = True,
+                 clip: str = "mse", batch_size: int = 1000, base_config=None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True):
+        self.model = fold_bn(model)
+        self.table, self.target, self.space = table, table.target, table.space
+        self._groups = set(self.space.groups)
         self.x_u8, self.labels, self.normalize = x_u8, labels, normalize
         self.batch_size = batch_size
-        self.act_quant = dict(act_quant or {})
-        self.segments = self.folded.model.segments()
-        self.layer_names = [n for seg in self.segments for n in seg.layers]
-        self.segment_of = {n: i for i, seg in enumerate(self.segments) for n in seg.layers}
-        self._act = {n: None for n in self.layer_names}
-        mods = dict(self.folded.model.named_modules())
-        for n in self.layer_names:
-            mods[n].register_forward_pre_hook(self._hook(n))
+        self.per_channel, self.clip = per_channel, clip
+        self.ranges = dict(ranges or {})
+        self._tq = {k: q.to(x_u8.device).eval() for k, q in quantizers_from(self.ranges).items()}
+        self._wq: dict[tuple[str, int], torch.Tensor] = {}
+        self.layers = {n: self.model.get_submodule(n) for n in self.space.layers}
+        self.float_w = {n: m.weight.detach().clone() for n, m in self.layers.items()}
+        self.slots = slots(self.model, self.target)
+        self.segments = self.model.segments(self.target)
+        self.segment_of = table.segment_of
         sizes = self._segment_input_bytes() if cache_activations else [0] * len(self.segments)
         self.keep = cached_segments(sizes, cache_bytes) if cache_activations else [False] * len(self.segments)
         self.cached_bytes = sum(s for s, k in zip(sizes, self.keep) if k)
@@ -138,12 +102,6 @@ class CachedEvaluator:
         self.base_outcome = self.float_outcome
         if base_config:
             self.set_base(base_config)
-
-    def _hook(self, name):
-        def hook(_module, inputs):
-            q = self._act[name]
-            return None if q is None else (q(inputs[0]),)
-        return hook
 
     @torch.no_grad()
     def _segment_input_bytes(self) -> list[int]:
@@ -158,28 +116,37 @@ class CachedEvaluator:
     def n(self) -> int:
         return len(self.labels)
 
-    def full(self, config: dict) -> dict[str, tuple[int, int]]:
-        """{name: (w, a)} for every layer; accepts file-form configs (default activations float)."""
-        if config and all(isinstance(v, tuple) for v in config.values()) and list(config) == self.layer_names:
-            return config
-        return parse_config(config, self.layer_names, FLOAT_BITS, source="configuration")
+    def full(self, config) -> dict[tuple[str, str], int]:
+        """{group: bits} for every group, from a full or partial {group: bits} (absent: float) or a
+        configuration in file form."""
+        config = config or {}
+        if all(isinstance(k, tuple) for k in config):
+            return config if config.keys() == self._groups else self.space.full(config)
+        return self.space.parse(config, FLOAT_BITS, source="configuration")
 
     def _first_changed_segment(self, a: dict, b: dict) -> int:
-        changed = [self.segment_of[n] for n in self.layer_names if a[n] != b[n]]
+        changed = [self.segment_of[g] for g in a if a[g] != b[g]]
         return min(changed) if changed else len(self.segments)
 
+    def weight(self, name: str, bits: int) -> torch.Tensor:
+        """Layer `name`'s folded weight at `bits` (the float one at 32), quantized once."""
+        if bits == FLOAT_BITS:
+            return self.float_w[name]
+        if (name, bits) not in self._wq:
+            self._wq[name, bits] = quantize_weight(self.float_w[name], bits, self.per_channel, self.clip)
+        return self._wq[name, bits]
+
+    @torch.no_grad()
     def _apply(self, config: dict):
-        missing = [(n, a) for n, (_, a) in config.items() if a != FLOAT_BITS and (n, a) not in self.act_quant]
-        if missing:   # before anything changes, so a refused configuration leaves no trace
-            raise UserError(f"no activation range was calibrated for {missing[0][0]} at {missing[0][1]} bits; "
-                            f"calibrate that width (stage 2's --a-bits) before evaluating it.")
-        weights = weight_config(config)
-        prev = weight_config(self.applied) if self.applied is not None else None
-        if weights != prev:
-            self.quantizer.apply(weights)   # the source model may be shared: always apply, fold what changed
-            self.folded.sync(None if prev is None else [n for n in self.layer_names if weights[n] != prev[n]])
-        for n, (_, a) in config.items():
-            self._act[n] = None if a == FLOAT_BITS else self.act_quant[n, a]
+        check_ranges(config, self.ranges)   # before anything changes: a refused configuration leaves no trace
+        prev = self.applied or {}
+        for (kind, name), bits in config.items():
+            if prev.get((kind, name)) == bits:
+                continue
+            if kind == W:
+                self.layers[name].weight.copy_(self.weight(name, bits))
+            else:
+                set_tensor_quantizer(self.slots[name], None if bits == FLOAT_BITS else self._tq[name, bits])
         self.applied = config
 
     @torch.inference_mode()
@@ -217,7 +184,7 @@ class CachedEvaluator:
         self.evaluations += 1
         return Outcome(torch.cat(correct), float(loss) / self.n, float(kl) / self.n)
 
-    def set_base(self, config: dict, outcome: Outcome | None = None):
+    def set_base(self, config, outcome: Outcome | None = None):
         """Make `config` the base: recompute the cached activations behind its first change.
         `outcome`, if known, saves that pass when nothing is cached."""
         config = self.full(config)
@@ -229,15 +196,16 @@ class CachedEvaluator:
                 self.base_outcome = outcome if outcome is not None else self._run(config, 0, store=False)
         self.base = config
 
-    def evaluate(self, config: dict) -> Outcome:
+    def evaluate(self, config) -> Outcome:
         config = self.full(config)
         start = self._first_changed_segment(self.base, config)
         if start == len(self.segments):
             return self.base_outcome
         return self._run(config, start if any(self.keep) else 0, store=False)
 
-    def correct(self, config: dict) -> int:
+    def correct(self, config) -> int:
         return self.evaluate(config).n_correct
 
-    def accuracy(self, config: dict) -> float:
+    def accuracy(self, config) -> float:
         return self.evaluate(config).accuracy
+

@@ -1,0 +1,6 @@
+"""The one exception type for bad input a user can fix."""
+
+
+class UserError(Exception):
+    """Bad input or environment: its text is a one-paragraph message saying what to do. The
+    command-line entry points print it as one paragraph and exit with code 2, never a traceback."""

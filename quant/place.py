@@ -1,0 +1,104 @@
+"""Placement: quantizers attached where the model declares them (models/structure.py), the one
+mechanism that evaluation, fine-tuning, the trace and the export share.
+
+* A tensor quantizer goes into the tensor's ``Slot``, where it is written: every consumer then
+  reads the quantized tensor (convolutions, the residual add, pooling).
+* A weight quantizer goes onto the layer: baked (the weight is replaced by its fake-quantized value,
+  for evaluation) or as a ``torch.nn.utils.parametrize`` parametrization (for fine-tuning: the float
+  original trains and the forward pass uses its quantized view).
+
+``quantize_(model, config, ranges, ...)`` is the entry point (like torchao's): it folds nothing and
+reads no data; give it a BN-folded model (quant/fold.py) and calibrated ranges (quant/calibrate.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+from models.structure import Slot
+from quant.errors import UserError
+from quant.quantizer import Quantizer, tensor_quantizer, weight_quantizer
+from quant.widths import FLOAT_BITS, tensors_of, weights_of
+
+
+def slots(model: nn.Module, target: str) -> dict[str, Slot]:
+    """{tensor: its Slot}, as the model declares them."""
+    return {t.name: model.get_submodule(t.slot) for t in model.tensors(target)}
+
+
+def set_tensor_quantizer(slot: Slot, q: Quantizer | None):
+    slot.quant = q
+
+
+def tensor_quantizers(model: nn.Module, target: str) -> dict[str, Quantizer]:
+    """{tensor: its attached quantizer} of every quantized tensor."""
+    return {n: s.quant for n, s in slots(model, target).items() if s.quant is not None}
+
+
+def weight_quantizers(model: nn.Module, layers) -> dict[str, Quantizer]:
+    """{layer: its weight quantizer} of every parametrized layer among `layers`."""
+    out = {}
+    for n in layers:
+        m = model.get_submodule(n)
+        if parametrize.is_parametrized(m, "weight"):
+            out[n] = m.parametrizations.weight[0]
+    return out
+
+
+def check_ranges(config: dict, ranges: dict):
+    missing = [(n, a) for n, a in tensors_of(config).items()
+               if a != FLOAT_BITS and str(a) not in (ranges.get(n) or {}).get("scales", {})]
+    if missing:
+        raise UserError(f"no range was calibrated for tensor {missing[0][0]!r} at {missing[0][1]} bits; calibrate "
+                        f"that width (stage 2's --a-bits) before using it.")
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_channel: bool = True,
+              clip: str = "mse", trainable: bool = False, learn_scales: bool = True) -> nn.Module:
+    """Quantize the BN-folded `model` in place to the full configuration `config` ({group: bits}) and
+    return it. Tensor scales come from `ranges` (quant/calibrate.py); weight scales are searched on the
+    model's current weights. ``trainable``: parametrized weights and trainable tensor quantizers (LSQ;
+    scales learned unless ``learn_scales`` is False), else baked weights and eval-mode quantizers."""
+    check_ranges(config, ranges)
+    by_slot = slots(model, target)
+    for name, a in tensors_of(config).items():
+        q = None
+        if a != FLOAT_BITS:
+            q = tensor_quantizer(ranges[name]["scales"][str(a)], a, ranges[name]["signed"],
+                                 learn=trainable and learn_scales)
+            q = q.to(next(model.parameters()).device).train(trainable)
+        set_tensor_quantizer(by_slot[name], q)
+    for name, w in weights_of(config).items():
+        if w == FLOAT_BITS:
+            continue
+        layer = model.get_submodule(name)
+        q = weight_quantizer(layer.weight, w, per_channel, clip, learn=trainable and learn_scales)
+        q = q.to(layer.weight.device)
+        if trainable:
+            with torch.enable_grad():
+                parametrize.register_parametrization(layer, "weight", q.train())
+        else:
+            layer.weight.copy_(q.eval()(layer.weight))
+    return model
+
+
+def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_channel: bool = True) -> nn.Module:
+    """The structure `quantize_(..., trainable=True)` gives `model`, with placeholder scales, so that a
+    fine-tuned state dict loads into it. `grids`: {tensor: [qmin, qmax]} of its quantized tensors."""
+    by_slot = slots(model, target)
+    for name, a in tensors_of(config).items():
+        set_tensor_quantizer(by_slot[name], Quantizer(torch.ones(1), *grids[name]) if a != FLOAT_BITS else None)
+    for name, w in weights_of(config).items():
+        if w != FLOAT_BITS:
+            layer = model.get_submodule(name)
+            n = layer.weight.shape[0] if per_channel else 1
+            q = Quantizer(torch.ones(n), -(2 ** (w - 1) - 1), 2 ** (w - 1) - 1, 0 if per_channel else None)
+            parametrize.register_parametrization(layer, "weight", q)
+    return model
+
+
+def tensor_grids(model: nn.Module, target: str) -> dict[str, list[int]]:
+    """{tensor: [qmin, qmax]} of every quantized tensor (what `skeleton_` needs)."""
+    return {n: [q.qmin, q.qmax] for n, q in tensor_quantizers(model, target).items()}
