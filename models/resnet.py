@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import (DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target,
-                              module_name)
+from models.structure import DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target
 
 DEPTHS = (8, 20, 32, 44, 56, 110)
 SHORTCUTS = ("A", "B")
@@ -124,9 +123,12 @@ class CifarResNet(nn.Module):
     def blocks(self):
         return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
 
-    def _block_kernels(self, b: BasicBlock, prev: str, target: str) -> list[Kernel]:
-        """The kernels of block `b`, which reads tensor `prev`; the last one writes the block output."""
-        p = module_name(self, b)
+    def named_blocks(self) -> list[tuple[str, BasicBlock]]:
+        return [(f"layer{s}.{i}", b) for s, stage in enumerate((self.layer1, self.layer2, self.layer3), start=1)
+                for i, b in enumerate(stage)]
+
+    def _block_kernels(self, p: str, b: BasicBlock, prev: str, target: str) -> list[Kernel]:
+        """The kernels of block `b` (named `p`), which reads tensor `prev`; the last one writes the block output."""
         ks = [Kernel(f"{p}.conv1", (f"{p}.conv1",), (Read(prev),), f"{p}.conv1", (f"{p}.conv1",))]
         sc_ops = ()
         if b.projection:
@@ -149,9 +151,9 @@ class CifarResNet(nn.Module):
         check_target(target)
         out = [("stem", [Kernel("conv1", ("conv1",), (Read(INPUT),), "conv1", ("conv1",))])]
         prev = "conv1"
-        for b in self.blocks():
-            ks = self._block_kernels(b, prev, target)
-            out.append((module_name(self, b), ks))
+        for p, b in self.named_blocks():
+            ks = self._block_kernels(p, b, prev, target)
+            out.append((p, ks))
             prev = ks[-1].writes
         out.append(("head", [Kernel("pool", (), (Read(prev),), "pool", ("pool",)),
                              Kernel("linear", ("linear",), (Read("pool"),), "linear", ("linear",))]))
@@ -165,8 +167,7 @@ class CifarResNet(nn.Module):
     def tensors(self, target: str = DEFAULT_TARGET) -> list[Tensor]:
         check_target(target)
         ts = [Tensor(INPUT, "q_input", True), Tensor("conv1", "q_stem", False)]
-        for b in self.blocks():
-            p = module_name(self, b)
+        for p, b in self.named_blocks():
             ts.append(Tensor(f"{p}.conv1", f"{p}.q1", False))
             if b.projection:
                 ts.append(Tensor(f"{p}.shortcut.0", f"{p}.q_sc", True))
@@ -184,8 +185,7 @@ class CifarResNet(nn.Module):
 
     def conv_bn_pairs(self) -> list[tuple[str, str]]:
         pairs = [("conv1", "bn1")]
-        for b in self.blocks():
-            name = module_name(self, b)
+        for name, b in self.named_blocks():
             pairs += [(f"{name}.conv1", f"{name}.bn1"), (f"{name}.conv2", f"{name}.bn2")]
             if b.projection:
                 pairs.append((f"{name}.shortcut.0", f"{name}.shortcut.1"))

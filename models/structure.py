@@ -85,10 +85,10 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def module_name(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise KeyError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+    names = {id(m): n for n, m in model.named_modules()}
+    if id(module) not in names:
+        raise KeyError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+    return names[id(module)]
 
 
 def check_target(target: str) -> str:
@@ -146,7 +146,3 @@ def check_structure(model: nn.Module, target: str = DEFAULT_TARGET) -> None:
             raise ValueError(f"conv-BN pair ({conv!r}, {bn!r}): channel mismatch or BN folded twice")
         seen_bn.add(bn)
 
-
-def segment_layers(model: nn.Module, seg: Segment, target: str = DEFAULT_TARGET) -> tuple[str, ...]:
-    by_name = {k.name: k for k in model.kernels(target)}
-    return tuple(n for k in seg.kernels for n in by_name[k].layers)

@@ -25,7 +25,7 @@ from quant.cost import KernelTable
 from quant.fold import fold_bn
 from quant.place import check_ranges, set_tensor_quantizer, slots
 from quant.quantizer import quantize_weight
-from quant.widths import FLOAT_BITS, W
+from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, W
 
 # Default bound on the cached activations (bytes). ResNet-20 on 5,000 images needs about 2 GB;
 # ResNet-110 about 10 GB, so it caches every few segments and recomputes in between.
@@ -121,7 +121,12 @@ class CachedEvaluator:
         configuration in file form."""
         config = config or {}
         if all(isinstance(k, tuple) for k in config):
-            return config if config.keys() == self._groups else self.space.full(config)
+            # a full one skips Space.full's checks, but not the width check: an unchecked width would fail
+            # half-way through _apply and leave the network out of step with self.applied
+            if config.keys() == self._groups and all(type(b) is int and b in (WEIGHT_BITS if k == W else ACT_BITS)
+                                                     for (k, _), b in config.items()):
+                return config
+            return self.space.full(config)
         return self.space.parse(config, FLOAT_BITS, source="configuration")
 
     def _first_changed_segment(self, a: dict, b: dict) -> int:

@@ -94,7 +94,8 @@ def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_chan
         if w != FLOAT_BITS:
             layer = model.get_submodule(name)
             n = layer.weight.shape[0] if per_channel else 1
-            q = Quantizer(torch.ones(n), -(2 ** (w - 1) - 1), 2 ** (w - 1) - 1, 0 if per_channel else None)
+            q = Quantizer(torch.ones(n), -(2 ** (w - 1) - 1), 2 ** (w - 1) - 1, 0 if per_channel else None,
+                          per_sample=False)
             parametrize.register_parametrization(layer, "weight", q)
     return model
 

@@ -119,12 +119,14 @@ class Quantizer(nn.Module):
     """Uniform quantization with zero point 0 on the integer grid qmin..qmax, one scale per tensor
     (axis None) or per slice along axis 0. See the module docstring for its three forms."""
 
-    def __init__(self, scale, qmin: int, qmax: int, axis: int | None = None, learn: bool = False):
+    def __init__(self, scale, qmin: int, qmax: int, axis: int | None = None, learn: bool = False,
+                 per_sample: bool = True):
         super().__init__()
         scale = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(-1)
         if axis is None and scale.numel() != 1:
             raise ValueError("a per-tensor quantizer has one scale")
         self.qmin, self.qmax, self.axis = int(qmin), int(qmax), axis
+        self.per_sample = per_sample   # dim 0 is the batch (a tensor), not output channels (a weight)
         self.scale = nn.Parameter(scale, requires_grad=learn)
 
     @property
@@ -144,7 +146,8 @@ class Quantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
-            n = x[0].numel() if x.dim() > 1 else x.numel()
+            # LSQ's N: the elements one scale covers, per sample for a tensor
+            n = x[0].numel() if x.dim() > 1 and (self.per_sample or self.axis is not None) else x.numel()
             g = 1.0 / math.sqrt(n * max(abs(self.qmin), self.qmax))
             return _LSQ.apply(x.float(), self._scale(x), self.qmin, self.qmax, g).to(x.dtype)
         s = self.scale.detach().clamp_min(SCALE_EPS)
@@ -178,7 +181,7 @@ def weight_quantizer(w: torch.Tensor, bits: int, per_channel: bool = True, clip:
         x = w.detach().float()
         rows = x.reshape(x.shape[0], -1) if per_channel and x.dim() >= 1 else x.reshape(1, -1)
         scale = search_scales(rows, qmax, clip)
-    return Quantizer(scale, qmin, qmax, 0 if per_channel and x.dim() >= 1 else None, learn)
+    return Quantizer(scale, qmin, qmax, 0 if per_channel and x.dim() >= 1 else None, learn, per_sample=False)
 
 
 def tensor_quantizer(scale: float, bits: int, signed: bool, learn: bool = False) -> Quantizer:

@@ -52,9 +52,9 @@ class Measured:
 
 @dataclass
 class FrontierPoint:
-    config: dict          # {layer: option}, every layer, in layer order
-    est: float            # additive estimate (sum of clamped per-layer signals)
-    bytes: float          # total bytes
+    config: dict          # {group: width}, every group, in group order
+    est: float            # additive estimate (sum of clamped per-group signals)
+    bytes: float          # total bytes of the groups (without the constant the widths do not change)
 
 
 class EvalCache:
@@ -92,12 +92,13 @@ class EvalCache:
 
 def pareto_frontier(options: dict, max_est: float | None = None,
                     resolution: float = EST_RESOLUTION) -> list[FrontierPoint]:
-    """All non-dominated (estimate, bytes) configurations, exactly.
+    """All configurations not dominated in (additive estimate, bytes): exact for the estimate, which
+    is a sum of clamped per-group signals, not for accuracy.
 
-    ``options`` maps each layer name (in layer order) to a list of ``(option, bytes, est)``.
-    Dynamic programming over layers keeps only non-dominated partial states: with both objectives
-    additive, a dominated partial state can never complete into a frontier point, so pruning is
-    exact. Of states with identical (estimate, bytes) one is kept (the first in layer/option
+    ``options`` maps each group (in group order) to a list of ``(width, bytes, est)``. Dynamic
+    programming over groups keeps only non-dominated partial states: with both objectives additive,
+    a dominated partial state can never complete into a frontier point, so pruning is exact for the
+    estimate. Of states with identical (estimate, bytes) one is kept (the first in group/option
     order), which loses alternative configs but no frontier value. ``max_est`` drops states whose
     estimate already exceeds it; estimates only grow, so the result is the restricted frontier.
 

@@ -1,12 +1,18 @@
-"""Tests of quant/stats.py: intervals, paired drops, the budget rule, and whether the budget rule
-keeps its promise out of sample on a simulated model whose true drops are known."""
+"""Tests of quant/stats.py (intervals, paired drops, the budget rule) and quant/confirm.py (the confirm
+step), and whether the budget keeps its promise: P(true drop of the accepted configuration > budget)
+<= 5%, measured with the project's greedy search on simulated networks whose true drops are known
+(tests/simulated_network.py, shared with benchmarks/budget_simulation.py)."""
+import importlib.util
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from quant.search import Measured, greedy_search
+import simulated_network as sim
+from quant.confirm import CONFIRM_Z, confirm_sequence, frontier_sequence, greedy_sequence
+from quant.search import FrontierPoint, Measured, greedy_search
 from quant.stats import (BUDGET_Z, FEASIBILITY_TOL, Z95, Budget, PairedDrop, bootstrap_drop_interval,
                          paired_drop, wilson_interval)
 from quant.widths import FLOAT_BITS, W
@@ -147,142 +153,6 @@ def test_budget_rule():
     assert j["max_drop"] == 0.5 and j["z"] == 1.0 and "rule" in j
 
 
-# ---------------------------------------------------------------- the budget out of sample, on a simulated model
-
-N_IMAGES = 5000                 # images of the search split, and of a fresh split of the same size
-N_LAYERS = 8
-W_LADDER = (8, 4, 2)
-NAMES = [f"layer{i}" for i in range(N_LAYERS)]
-GROUPS = [(W, n) for n in NAMES]       # weight groups only: the simulated search narrows weights
-PARAMS = dict(zip(GROUPS, [432, 2304, 2304, 4608, 9216, 9216, 18432, 36864]))
-MAX_DROP = 1.0
-FLOAT_ACC = 0.9
-
-
-def _phi(x):
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
-class SimulatedModel:
-    """A model whose true drops are known, evaluated on a finite split.
-
-    Each (weight group, width) has a true drop in points (8 bits: 0-0.06, 4 bits: 0.05-0.5, 2 bits:
-    0.8-4); a configuration's true drop d (a fraction) is their sum, and its total flip rate is
-    f = 3 d + 0.005 * (quantized layers). Image i of a split has float-correctness c_i ~
-    Bernoulli(0.9) and uniform latents u_i, v_i, shared by all configurations (so neighbouring
-    configurations flip nested sets of images, as a real network's do): it flips right -> wrong
-    iff c_i and u_i < (f + d) / 2 / 0.9, wrong -> right iff not c_i and v_i < (f - d) / 2 / 0.1.
-    Expected lost fraction (f + d) / 2, gained (f - d) / 2: drop d, flip rate f."""
-
-    def __init__(self, seed):
-        rng = np.random.default_rng(seed)
-        self.true = {(g, 8): rng.uniform(0.0, 0.06) for g in GROUPS}
-        self.true.update({(g, 4): rng.uniform(0.05, 0.5) for g in GROUPS})
-        self.true.update({(g, 2): rng.uniform(0.8, 4.0) for g in GROUPS})
-        self.c = rng.random(N_IMAGES) < FLOAT_ACC
-        self.u = rng.random(N_IMAGES)
-        self.v = rng.random(N_IMAGES)
-
-    def truth(self, config):
-        """(true drop d, true flip rate f), both fractions."""
-        q = [(g, b) for g, b in config.items() if b != FLOAT_BITS]
-        d = sum(self.true[k] for k in q) / 100
-        return d, 3 * d + 0.005 * len(q)
-
-    def correct(self, config):
-        d, f = self.truth(config)
-        p_lose = min(1.0, (f + d) / 2 / FLOAT_ACC)
-        p_gain = min(1.0, (f - d) / 2 / (1 - FLOAT_ACC))
-        return np.where(self.c, self.u >= p_lose, self.v < p_gain)
-
-    def evaluate(self, config) -> Measured:
-        cand = self.correct(config)
-        p = paired_drop(self.c, cand)
-        return Measured(100.0 * cand.mean(), p.drop, p.se, p.drop)
-
-    def fresh_exceedance(self, config, max_drop=MAX_DROP):
-        """P(the drop on a fresh split of N_IMAGES exceeds max_drop), normal approximation with the
-        known d and f: the per-image difference has mean d and variance f - d^2."""
-        d, f = self.truth(config)
-        sd = 100 * math.sqrt(max(f - d * d, 0.0) / N_IMAGES)
-        if sd == 0:
-            return 0.0 if 100 * d <= max_drop else 1.0
-        return 1.0 - _phi((max_drop - 100 * d) / sd)
-
-
-def _bytes_of(group, bits):
-    return PARAMS[group] * bits / 8
-
-
-def _ai_of(config):
-    return 1.0 / sum(PARAMS[g] * b for g, b in config.items())
-
-
-def search_on_simulated_model(seed, z):
-    """Stage 2 (each layer alone, on the search split) then the real greedy_search (defaults:
-    fast-forward, pruning, top-3 verification) with Budget(MAX_DROP, z) on the same split.
-    Returns the chosen config and its fresh-split exceedance probability."""
-    m = SimulatedModel(seed)
-    fl = {g: FLOAT_BITS for g in GROUPS}
-    est = {(g, w): m.evaluate({**fl, g: w}).drop for g in GROUPS for w in W_LADDER}
-    g = greedy_search({grp: W_LADDER for grp in GROUPS}, _bytes_of, lambda grp, b: est[grp, b], m.evaluate,
-                      Budget(MAX_DROP, z), score_eps=0.005, ai_of=_ai_of)
-    assert Budget(MAX_DROP, z).holds(g["measured"].drop, g["measured"].se)
-    assert set(g["config"]) == set(GROUPS)
-    ai_gain = _ai_of(g["config"]) / _ai_of(fl)
-    return dict(config=g["config"], p=m.fresh_exceedance(g["config"]), true_drop=100 * m.truth(g["config"])[0],
-                ai_gain=ai_gain)
-
-
-SEEDS_MARGIN = 100     # Monte Carlo SE of the mean exceedance about 0.008 (per-seed SD about 0.08)
-SEEDS_NAIVE = 40
-
-
-@pytest.fixture(scope="module")
-def simulated_searches():
-    return {"margin": [search_on_simulated_model(s, BUDGET_Z) for s in range(SEEDS_MARGIN)],
-            "naive": [search_on_simulated_model(s, 0.0) for s in range(SEEDS_NAIVE)]}
-
-
-def test_simulated_model_realizes_its_truth():
-    """The simulator is what it claims: on a large split the measured drop and flip rate of a
-    configuration are its true d and f (so the exceedance formula below describes it)."""
-    m = SimulatedModel(0)
-    m.c = np.random.default_rng(1).random(400_000) < FLOAT_ACC
-    m.u, m.v = np.random.default_rng(2).random((2, 400_000))
-    config = {g: (4 if i % 2 else 8) for i, g in enumerate(GROUPS)}
-    d, f = m.truth(config)
-    p = paired_drop(m.c, m.correct(config))
-    assert p.drop == pytest.approx(100 * d, abs=0.05)
-    assert (p.lost + p.gained) / p.n == pytest.approx(f, abs=0.002)
-    assert p.se == pytest.approx(100 * math.sqrt((f - d * d) / p.n), rel=0.05)
-
-
-def test_budget_margin_holds_out_of_sample(simulated_searches):
-    """The issue's requirement: the configuration the search picks with Budget(1.0, BUDGET_Z) on a
-    5,000-image search split exceeds the 1-point budget on a fresh 5,000-image split with
-    probability at most about 5%, averaged over simulated models and search splits (selection by
-    the greedy included). Measured: about 4.1% over 2,000 seeds (SE 0.2%); the tolerance covers
-    the Monte Carlo error of SEEDS_MARGIN seeds. The margin must not make the search useless:
-    it still quantizes (AI gain well above 1)."""
-    runs = simulated_searches["margin"]
-    p = np.array([r["p"] for r in runs])
-    mc_se = p.std(ddof=1) / math.sqrt(len(p))
-    assert p.mean() <= 0.05 + 0.015, (p.mean(), mc_se)
-    assert np.mean([r["ai_gain"] for r in runs]) > 2.0
-    assert np.mean([r["true_drop"] for r in runs]) > 0.1
-
-
-def test_naive_budget_fails_out_of_sample(simulated_searches):
-    """z = 0 (accept whatever is within budget on the search split) exceeds the budget on fresh
-    data far more often than 5% (about 45%): the search drives the drop up to the budget and
-    selects configurations that were lucky on the search split. This is what the margin fixes."""
-    naive = np.array([r["p"] for r in simulated_searches["naive"]])
-    margin = np.array([r["p"] for r in simulated_searches["margin"][:SEEDS_NAIVE]])
-    assert naive.mean() > 0.25
-    assert naive.mean() > 4 * margin.mean()
-
-
 def test_bootstrap_interval_ends_are_attainable_drops():
     """Both ends are drops a resample can have (whole images: multiples of 100/n), so reports read
     -0.04, never an interpolated -0.040249999999995796."""
@@ -292,3 +162,337 @@ def test_bootstrap_interval_ends_are_attainable_drops():
     for end in bootstrap_drop_interval(p, level=0.9999, seed=0):
         k = end * p.n / 100
         assert k == pytest.approx(round(k), abs=1e-6) and end == round(end, 2)
+
+
+# ---------------------------------------------------------------- confirm_sequence on hand-made sequences
+
+def _seq(n):
+    return [{(W, "a"): i} for i in range(n)]
+
+
+class _Scripted:
+    """evaluate() returning a given (drop, se) per configuration index, recording the calls."""
+
+    def __init__(self, values):
+        self.values, self.calls = values, []
+
+    def __call__(self, config):
+        i = config[(W, "a")]
+        self.calls.append(i)
+        drop, se = self.values[i]
+        return Measured(90.0 - drop, drop, se, drop)
+
+
+def test_confirm_all_pass():
+    """Every configuration passes: the last is accepted, each was evaluated once in order, no failure."""
+    ev = _Scripted([(0.1, 0.1), (0.3, 0.2), (0.5, 0.25)])     # 0.5 + 1.645 * 0.25 = 0.91 <= 1
+    r = confirm_sequence(_seq(3), ev, 1.0)
+    assert r["accepted"] == 2 and r["config"] == {(W, "a"): 2} and r["measured"].drop == 0.5
+    assert r["first_failure"] is None and r["stopped_by"] is None and r["evaluations"] == 3 and ev.calls == [0, 1, 2]
+    assert [t["index"] for t in r["tested"]] == [0, 1, 2] and all(t["passed"] for t in r["tested"])
+    assert r["tested"][1] == {"index": 1, "drop": 0.3, "se": 0.2, "passed": True}
+    assert r["z"] == CONFIRM_Z == pytest.approx(1.6448536269514722)
+
+
+def test_confirm_first_fails():
+    """The first configuration fails: nothing is accepted (-1, the caller keeps float), and nothing
+    after the failure is evaluated, even configurations that would pass."""
+    ev = _Scripted([(0.9, 0.2), (0.0, 0.0), (0.0, 0.0)])
+    r = confirm_sequence(_seq(3), ev, 1.0)
+    assert r["accepted"] == -1 and r["config"] is None and r["measured"] is None
+    assert r["first_failure"] == 0 and r["evaluations"] == 1 and ev.calls == [0]
+    assert r["tested"] == [{"index": 0, "drop": 0.9, "se": 0.2, "passed": False}]
+
+
+def test_confirm_middle_failure_stops_there():
+    """A failure in the middle: the one before it is accepted and the later ones (passing or not)
+    are never tested: no stepping around the failure."""
+    ev = _Scripted([(0.1, 0.1), (0.2, 0.1), (1.2, 0.1), (0.1, 0.1), (0.2, 0.1)])
+    r = confirm_sequence(_seq(5), ev, 1.0)
+    assert r["accepted"] == 1 and r["config"] == {(W, "a"): 1} and r["measured"].drop == 0.2
+    assert r["first_failure"] == 2 and ev.calls == [0, 1, 2] and r["evaluations"] == 3
+    assert [t["passed"] for t in r["tested"]] == [True, True, False]
+
+
+def test_confirm_max_evaluations():
+    """The cap reached before a failure accepts the last passing configuration and says so; a cap
+    equal to the sequence length is not 'stopped'; a cap of 0 tests nothing; a failure within the
+    cap is a failure."""
+    vals = [(0.1, 0.1)] * 4 + [(2.0, 0.1)]
+    r = confirm_sequence(_seq(5), _Scripted(vals), 1.0, max_evaluations=2)
+    assert r["accepted"] == 1 and r["stopped_by"] == "max_evaluations" and r["first_failure"] is None
+    assert r["evaluations"] == 2 and len(r["tested"]) == 2
+    r = confirm_sequence(_seq(4), _Scripted(vals), 1.0, max_evaluations=4)
+    assert r["accepted"] == 3 and r["stopped_by"] is None and r["evaluations"] == 4
+    r = confirm_sequence(_seq(5), _Scripted(vals), 1.0, max_evaluations=0)
+    assert r["accepted"] == -1 and r["stopped_by"] == "max_evaluations" and r["evaluations"] == 0 and r["tested"] == []
+    r = confirm_sequence(_seq(5), _Scripted(vals), 1.0, max_evaluations=5)
+    assert r["accepted"] == 3 and r["first_failure"] == 4 and r["stopped_by"] is None
+    with pytest.raises(ValueError):
+        confirm_sequence(_seq(2), _Scripted(vals), 1.0, max_evaluations=-1)
+
+
+def test_confirm_tolerance_at_the_boundary():
+    """drop + z * se exactly at max_drop passes, within quant.stats.FEASIBILITY_TOL too; just above
+    the tolerance fails: the same rule as Budget.holds."""
+    z, se = CONFIRM_Z, 0.25
+    at = 1.0 - z * se
+    for drop, ok in [(at, True), (at + 0.5 * FEASIBILITY_TOL, True), (at + 3 * FEASIBILITY_TOL, False)]:
+        r = confirm_sequence(_seq(1), _Scripted([(drop, se)]), 1.0)
+        assert r["tested"][0]["passed"] is ok and r["accepted"] == (0 if ok else -1)
+        assert ok == Budget(1.0, z).holds(drop, se)
+    # another z is honoured; no flips on the confirm images (se 0) passes at drop 0
+    assert confirm_sequence(_seq(1), _Scripted([(0.8, 0.1)]), 1.0, z=2.0)["accepted"] == 0
+    assert confirm_sequence(_seq(1), _Scripted([(0.8, 0.1)]), 1.0, z=2.5)["accepted"] == -1
+    assert confirm_sequence(_seq(1), _Scripted([(0.0, 0.0)]), 0.0)["accepted"] == 0
+
+
+def test_confirm_empty_repeats_and_bad_arguments():
+    """An empty sequence accepts nothing without evaluating; a configuration repeated in the
+    sequence is evaluated once (and counted once); non-finite budgets or z are refused."""
+    r = confirm_sequence([], _Scripted([]), 1.0)
+    assert r["accepted"] == -1 and r["evaluations"] == 0 and r["first_failure"] is None and r["stopped_by"] is None
+    ev = _Scripted([(0.1, 0.1), (0.2, 0.1)])
+    r = confirm_sequence([{(W, "a"): 0}, {(W, "a"): 1}, {(W, "a"): 1}], ev, 1.0)
+    assert r["accepted"] == 2 and ev.calls == [0, 1] and r["evaluations"] == 2 and len(r["tested"]) == 3
+    for bad in (dict(max_drop=float("nan")), dict(max_drop=1.0, z=float("inf"))):
+        with pytest.raises(ValueError):
+            confirm_sequence(_seq(1), ev, **bad)
+
+
+def test_fixed_sequence_keeps_5_percent_where_stepping_back_does_not():
+    """The docstring's argument, measured: 4 configurations well within budget (true drop 0), then 8
+    just over it (true drop 1.05), each measured with SE 0.25 and independent errors. Fixed-sequence
+    testing from the float end accepts an over-budget configuration only if the first of them passes,
+    P(N(1.05, 0.25) <= 1 - 1.645 * 0.25) = 3.3% (times the 96% chance the four before it pass).
+    Stepping back from the end until something passes gives each of the 8 its chance:
+    1 - (1 - 0.033)^8 = 23%."""
+    se, good, bad = 0.25, 0.0, 1.05
+    true = np.r_[np.full(4, good), np.full(8, bad)]
+    rng = np.random.default_rng(0)
+    reps = 4000
+    noise = rng.standard_normal((reps, len(true))) * se
+    rule = Budget(1.0, CONFIRM_Z)
+    fixed_wrong = back_wrong = 0
+    for r in range(reps):
+        drops = true + noise[r]
+        res = confirm_sequence(_seq(len(true)), _Scripted([(d, se) for d in drops]), 1.0)
+        fixed_wrong += res["accepted"] >= 0 and true[res["accepted"]] > 1.0
+        back = next((i for i in range(len(true) - 1, -1, -1) if rule.holds(drops[i], se)), -1)
+        back_wrong += back >= 0 and true[back] > 1.0
+    threshold = 1.0 - CONFIRM_Z * se
+    p_good, p_bad = sim.phi((threshold - good) / se), sim.phi((threshold - bad) / se)
+    mc = math.sqrt(0.05 * 0.95 / reps)
+    assert fixed_wrong / reps == pytest.approx(p_good ** 4 * p_bad, abs=3 * mc)
+    assert fixed_wrong / reps <= 0.05 + 3 * mc
+    assert back_wrong / reps == pytest.approx(1 - (1 - p_bad) ** 8, abs=0.03)
+    assert back_wrong / reps > 0.15
+
+
+# ---------------------------------------------------------------- greedy_sequence, frontier_sequence
+
+def test_greedy_sequence_replays_the_trajectory():
+    """On a real greedy search of a simulated network: one configuration per step, each differing from
+    the previous in exactly the step's group (set to the step's bits), the last the greedy's answer;
+    a start config that cannot reach the answer is refused; a search without steps gives []."""
+    net = sim.SimulatedNetwork("independent", 3, sim.VAL_SIZE, {"search": (0, sim.SEARCH_SIZE)})
+    est = {(g, w): net.evaluate({**sim.FLOAT_CONFIG, g: w}, "search").drop for g in sim.GROUPS for w in sim.W_LADDER}
+    res = greedy_search({g: sim.W_LADDER for g in sim.GROUPS}, sim.bytes_of, lambda g, b: est[g, b],
+                        lambda c: net.evaluate(c, "search"), Budget(1.0, 0.0), ai_of=sim.ai_of)
+    seq = greedy_sequence(res, sim.FLOAT_CONFIG)
+    assert len(seq) == res["steps"] >= 3 and seq[-1] == res["config"]
+    prev = sim.FLOAT_CONFIG
+    for entry, cfg in zip(res["trajectory"][1:], seq):
+        changed = [g for g in cfg if cfg[g] != prev[g]]
+        assert changed == [(entry["kind"], entry["name"])] and cfg[changed[0]] == entry["bits"]
+        prev = cfg
+    moved = (res["trajectory"][1]["kind"], res["trajectory"][1]["name"])
+    with pytest.raises(ValueError, match="lacks"):
+        greedy_sequence(res, {g: b for g, b in sim.FLOAT_CONFIG.items() if g != moved})
+    with pytest.raises(ValueError, match="does not reach"):
+        greedy_sequence({**res, "config": {**res["config"], moved: 16}}, sim.FLOAT_CONFIG)
+    nothing = greedy_search({g: sim.W_LADDER for g in sim.GROUPS}, sim.bytes_of, lambda g, b: est[g, b],
+                            lambda c: net.evaluate(c, "search"), Budget(-1.0, 0.0), ai_of=sim.ai_of)
+    assert greedy_sequence(nothing, sim.FLOAT_CONFIG) == []
+
+
+def test_frontier_sequence_orders_by_ai():
+    """Frontier points in order of AI, lowest first, without the all-float point or repeats."""
+    pts = [FrontierPoint({"a": 4, "b": 8}, 0.3, 12), FrontierPoint({"a": 32, "b": 32}, 0.0, 64),
+           FrontierPoint({"a": 8, "b": 8}, 0.1, 16), FrontierPoint({"a": 2, "b": 4}, 0.9, 6), {"a": 8, "b": 8}]
+    seq = frontier_sequence(pts, lambda c: 1.0 / sum(c.values()))
+    assert seq == [{"a": 8, "b": 8}, {"a": 4, "b": 8}, {"a": 2, "b": 4}]
+
+
+# ---------------------------------------------------------------- the simulated networks
+
+@pytest.mark.parametrize("structure", sim.STRUCTURES)
+def test_simulated_counts_match_paired_drop(structure):
+    """The simulator's fast counts give exactly what quant.stats.paired_drop gives on its per-image
+    correctness (drop, SE, accuracy), on both splits and several configurations."""
+    net = sim.SimulatedNetwork(structure, 5, sim.VAL_SIZE,
+                               {"search": (0, sim.SEARCH_SIZE), "confirm": (sim.SEARCH_SIZE, sim.VAL_SIZE)})
+    rng = np.random.default_rng(0)
+    configs = [sim.FLOAT_CONFIG] + [{g: int(rng.choice([FLOAT_BITS, *sim.W_LADDER])) for g in sim.GROUPS}
+                                    for _ in range(12)]
+    for split, (a, b) in net.splits.items():
+        ref = net.c[a:b]
+        for cfg in configs:
+            cand = net.correct(cfg, split)
+            p = paired_drop(ref, cand)
+            m = net.evaluate(cfg, split)
+            assert m.drop == pytest.approx(p.drop, abs=1e-12) and m.se == pytest.approx(p.se, abs=1e-12)
+            assert m.acc == pytest.approx(100 * cand.mean(), abs=1e-9)
+
+
+@pytest.mark.parametrize("structure", sim.STRUCTURES)
+def test_simulated_network_realizes_its_truth(structure):
+    """On 400,000 images the measured drop and flip rate of a configuration are its exact truth, within
+    4 standard errors (so P(true drop > budget) below is known exactly, and the normal approximation
+    of the report set's exceedance uses the right variance)."""
+    n = 400_000
+    net = sim.SimulatedNetwork(structure, 0, n)
+    for cfg in ({g: (4 if i % 2 else 8) for i, g in enumerate(sim.GROUPS)},
+                {**sim.FLOAT_CONFIG, sim.GROUPS[2]: 2, sim.GROUPS[5]: 4}):
+        d, f = net.truth(cfg)
+        p = paired_drop(net.c, net.correct(cfg))
+        sd = 100 * math.sqrt((f - d * d) / n)
+        assert p.drop == pytest.approx(100 * d, abs=4 * sd)
+        assert (p.lost + p.gained) / p.n == pytest.approx(f, abs=4 * math.sqrt(f * (1 - f) / n))
+        assert p.se == pytest.approx(100 * math.sqrt((f - d * d) / n), rel=0.05)
+
+
+def test_independent_structure_is_nested_within_groups_and_independent_across():
+    """Independent per-layer image sets: a group's narrower width flips a superset of its wider
+    width's images; two groups flip independent sets (among the float model's right images, and
+    among its wrong ones, the overlap is the product of the rates, within 4 SE); a configuration
+    flips the union of its groups' sets."""
+    n = 200_000
+    net = sim.SimulatedNetwork("independent", 1, n)
+    ref = net.c
+
+    def flipped(cfg):
+        return net.correct(cfg) != ref
+
+    g0, g1 = sim.GROUPS[3], sim.GROUPS[6]
+    f8, f4, f2 = (flipped({**sim.FLOAT_CONFIG, g0: w}) for w in (8, 4, 2))
+    assert not (f8 & ~f4).any() and not (f4 & ~f2).any() and f2.sum() > f4.sum() > 0
+    h2 = flipped({**sim.FLOAT_CONFIG, g1: 2})
+    both = flipped({**sim.FLOAT_CONFIG, g0: 2, g1: 2})
+    assert (both == (f2 | h2)).all()
+    for part in (ref, ~ref):
+        p1, p2, m = f2[part].mean(), h2[part].mean(), int(part.sum())
+        both_rate = p1 * p2
+        assert 0 < both_rate and (f2 & h2)[part].mean() == pytest.approx(both_rate, abs=4 * math.sqrt(both_rate / m))
+    # the shared latent, by contrast, nests across groups: the smaller damage is inside the larger
+    s = sim.SimulatedNetwork("shared", 1, n)
+    a = s.correct({**sim.FLOAT_CONFIG, g0: 2}) != s.c
+    b = s.correct({**sim.FLOAT_CONFIG, g1: 2}) != s.c
+    small, large = (a, b) if a.sum() <= b.sum() else (b, a)
+    assert not (small & ~large).any()
+
+
+# ---------------------------------------------------------------- the promise, on simulated networks
+
+SEEDS = 2000                 # per structure: MC SE at the 5% target sqrt(0.05 * 0.95 / 2000) = 0.49%
+SEEDS_OLD = 400
+SEARCH_Z = 0.0               # the search margin the pipeline uses with the confirm step (issue 17): chosen
+                             # by benchmarks/budget_simulation.py as the highest AI with the promise kept
+TARGET = 0.05
+
+
+def _mc_bound(n):
+    """5% + 3 Monte Carlo standard errors of a rate measured over n seeds, the SE taken at 5% (the
+    rate under the null hypothesis that the promise holds exactly)."""
+    return TARGET + 3 * math.sqrt(TARGET * (1 - TARGET) / n)
+
+
+@pytest.fixture(scope="module")
+def confirmed():
+    """The pipeline as issue 17 builds it, SEEDS simulated networks per structure: stage 2 and the
+    real greedy_search with Budget(1.0, SEARCH_Z) on a 3,000-image search split, then
+    confirm_sequence of the greedy's trajectory on a separate 2,000-image confirm split."""
+    return {s: [sim.run_trial(s, seed, SEARCH_Z) for seed in range(SEEDS)] for s in sim.STRUCTURES}
+
+
+@pytest.mark.parametrize("structure", sim.STRUCTURES)
+def test_confirm_step_keeps_the_true_drop_within_budget(confirmed, structure):
+    """The README's promise: the accepted configuration's TRUE (population) drop exceeds the 1-point
+    budget with probability at most 5% (+ 3 Monte Carlo SE), under the shared latent and under
+    independent per-layer image sets. It must not be bought by never quantizing: most answers
+    quantize (AI gain well above 1), and the confirm step matters (it cuts the search's answer
+    back in most seeds, since the search margin is 0)."""
+    runs = confirmed[structure]
+    s = sim.summarize(runs)
+    assert s["seeds"] == SEEDS
+    assert s["p_true_over"] <= _mc_bound(SEEDS), s
+    assert s["ai_gain"] > 2.0 and s["float_answers"] < 0.1, s
+    assert s["cut_back"] > 0.5 and s["search_ai_gain"] > s["ai_gain"], s
+    assert all(r["true_drop"] > 0 for r in runs if r["ai_gain"] > 1)
+
+
+@pytest.mark.parametrize("structure", sim.STRUCTURES)
+def test_report_set_exceedance(confirmed, structure):
+    """The same runs, judged as a user would: P(drop on a fresh 10,000-image report set > budget)
+    (normal approximation from the exact drop and flip rate) averages at most 5% (+ 3 MC SE). Not
+    a guarantee (a configuration whose true drop is just under the budget exceeds it on a report
+    set nearly half the time), but the confirm margin, 1.645 SE on 2,000 images (about 3.7 report
+    SEs), keeps such configurations rare."""
+    rep = np.array([r["report_exceed"] for r in confirmed[structure]])
+    assert rep.mean() <= _mc_bound(SEEDS), rep.mean()
+
+
+def test_report_set_exceedance_of_the_old_default(confirmed):
+    """Under the harsher structure the old pipeline (margin 1.645 sqrt(2) on all 5,000 validation
+    images, no confirm step) exceeds the budget on the 10,000-image report set more often than the
+    new one does on the same seeds (benchmarks/budget_simulation.py: about 7% against 3%)."""
+    new = [r["report_exceed"] for r in confirmed["independent"][:SEEDS_OLD]]
+    old = [sim.run_trial("independent", seed, BUDGET_Z, sim.VAL_SIZE, 0)["report_exceed"] for seed in range(SEEDS_OLD)]
+    diff = np.array(old) - np.array(new)
+    assert diff.mean() > 2 * diff.std(ddof=1) / math.sqrt(SEEDS_OLD), diff.mean()
+
+
+def test_old_pipeline_without_confirm_fails_the_promise():
+    """The old pipeline with no margin (z = 0 on all 5,000 validation images, no confirm step) under
+    the harsher structure: the greedy drives the search drop up to the budget and the selected
+    configurations were lucky on the search images, so their true drop exceeds the budget far more
+    often than 5% (about 60%). The same networks searched with the same margin on 3,000 of those images
+    and confirmed on the other 2,000 keep the promise (test_confirm_step_keeps_the_true_drop_within_budget)."""
+    runs = [sim.run_trial("independent", seed, 0.0, sim.VAL_SIZE, 0) for seed in range(SEEDS_OLD)]
+    s = sim.summarize(runs)
+    assert s["p_true_over"] > 0.25 and s["p_true_over"] > _mc_bound(SEEDS_OLD) + 0.15, s
+    assert s["report_exceed"] > 0.25, s
+
+
+def test_confirm_margin_is_what_keeps_the_promise():
+    """Control: the same pipeline with the confirm test at z = 0 (accept while the confirm drop is
+    within budget) breaks the promise under the harsher structure; so the test above can fail."""
+    runs = [sim.run_trial("independent", seed, SEARCH_Z, confirm_z=0.0) for seed in range(SEEDS_OLD)]
+    assert sim.summarize(runs)["p_true_over"] > _mc_bound(SEEDS_OLD) + 0.05
+
+
+def test_search_margin_can_shrink(confirmed):
+    """With the confirm step carrying the guarantee, the search's own margin only decides how far the
+    trajectory goes: on the same seeds, SEARCH_Z gives a higher mean AI than the old margin
+    1.645 sqrt(2) followed by the same confirm step, under both structures."""
+    for structure in sim.STRUCTURES:
+        n = 500
+        wide = [sim.run_trial(structure, seed, BUDGET_Z)["ai_gain"] for seed in range(n)]
+        narrow = [r["ai_gain"] for r in confirmed[structure][:n]]
+        diff = np.array(narrow) - np.array(wide)
+        assert diff.mean() > 2 * diff.std(ddof=1) / math.sqrt(n), (structure, diff.mean())
+
+
+def test_budget_simulation_benchmark_runs(tmp_path):
+    """benchmarks/budget_simulation.py cannot rot: a few seeds, one margin, a JSON report with a row
+    per (structure, pipeline) and the fields the README quotes."""
+    spec = importlib.util.spec_from_file_location("budget_simulation", sim.REPO / "benchmarks" / "budget_simulation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sim.json"
+    rows = mod.main(["--seeds", "6", "--z", "0", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert len(rows) == len(r["rows"]) == 2 * (2 + 2) and r["recommended_z_search"] in (0.0, 1.0, None)
+    for row in r["rows"]:
+        assert row["seeds"] == 6 and 0 <= row["p_true_over"] <= 1 and 0 <= row["report_exceed"] <= 1
+        assert row["ai_gain"] >= 1 and (row["confirm_size"] == 0) == (row["confirm_evaluations"] == 0)

@@ -10,11 +10,11 @@ from models import (ARCHS, arch_flags, arch_names, build_from_args, build_model,
 from models.mobilenetv2 import MACS, PARAM_COUNT, MobileNetV2
 from models.resnet import DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, count_parameters, resnet20
 from models.structure import (DEFAULT_TARGET, INPUT, TARGETS, Add, Kernel, Read, Segment, Slot, Tensor,
-                              check_structure, quantizable_layers, segment_layers)
+                              check_structure, quantizable_layers)
 from quant.cost import layer_table
 from quant.fold import fold_bn
 from quant.place import quantize_, slots
-from quant.widths import A, W, Space
+from quant.widths import Space
 
 # He et al. 2015, table 6 (CIFAR-10, shortcut A): parameters in millions as published.
 PUBLISHED_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7}
@@ -458,9 +458,10 @@ def test_check_structure_accepts_every_model(arch, shortcut, target):
     segs = model.segments(target)
     assert all(isinstance(s, Segment) for s in segs)
     assert [k for s in segs for k in s.kernels] == [k.name for k in model.kernels(target)]
-    covered = [n for s in segs for n in segment_layers(model, s, target)]
+    layers_of = {k.name: k.layers for k in model.kernels(target)}
+    covered = [n for s in segs for k in s.kernels for n in layers_of[k]]
     assert sorted(covered) == sorted(quantizable_layers(model)) and len(set(covered)) == len(covered)
-    assert segs[0].name == "stem" and segs[0].kernels == ("conv1",) and segment_layers(model, segs[0]) == ("conv1",)
+    assert segs[0].name == "stem" and segs[0].kernels == ("conv1",) and layers_of["conv1"] == ("conv1",)
     assert segs[-1].name == "head" and segs[-1].kernels[-2:] == ("pool", "linear")
     for s in segs[1:-1]:
         assert s.kernels and all(k.startswith(s.name + ".") for k in s.kernels)
@@ -563,7 +564,9 @@ def test_resnet20_segment_names():
         seg = b.segments(target)[4]
         extra = ("layer2.0.add",) if target == "ort-cpu" else ()
         assert seg.kernels == ("layer2.0.conv1", "layer2.0.shortcut.0", "layer2.0.conv2") + extra
-        assert segment_layers(b, seg, target) == ("layer2.0.conv1", "layer2.0.shortcut.0", "layer2.0.conv2")
+        layers_of = {k.name: k.layers for k in b.kernels(target)}
+        assert tuple(n for k in seg.kernels for n in layers_of[k]) == ("layer2.0.conv1", "layer2.0.shortcut.0",
+                                                                      "layer2.0.conv2")
         assert b.segments(target)[-1].kernels == ("pool", "linear")
 
 

@@ -17,15 +17,17 @@ import torch
 from conftest import COMMON, QUICK_BITS, QUICK_VAL_SIZE, REPO, SUBPROCESS_ENV, run_script
 from models import build_model
 from models.resnet import resnet20
-from utils.ai_calculator import layer_table, model_ai
-from utils.config import FLOAT_BITS
+from quant.cost import CostModel, kernel_table
+from quant.widths import FLOAT_BITS, FORMAT, A, W
 from utils.io import SCHEMA_VERSION, sha256_file
 
-TOL = 1e-9  # the searches' own feasibility tolerance (utils.stats.FEASIBILITY_TOL)
+TOL = 1e-9  # the searches' own feasibility tolerance (quant.stats.FEASIBILITY_TOL)
+FUSED = CostModel("fused")
 PLOTS = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
 FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
 A_BITS = (8, 4)
 QAT_CONFIGS = ("fp32", "uniform_w4a4", "greedy", "pareto")
+SEARCH_IMAGES = QUICK_VAL_SIZE - round(0.4 * QUICK_VAL_SIZE)   # the rest is the confirm split
 
 
 def read_results(folder):
@@ -61,12 +63,16 @@ def joint(quick_stage1, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def table():
-    return layer_table(resnet20("B"))
+    return kernel_table(resnet20("B"))
 
 
 @pytest.fixture(scope="module")
 def names(table):
-    return [info.name for info in table]
+    return list(table.space.layers)
+
+
+def model_ai(table, partial):
+    return FUSED.ai(table, table.space.full(partial))
 
 
 def holds(res, entry):
@@ -74,8 +80,14 @@ def holds(res, entry):
     return entry["drop"] + res["budget"]["z"] * entry["drop_se"] <= res["max_drop"] + TOL
 
 
-def widths(value):
-    return (value["w"], value["a"]) if isinstance(value, dict) else (value, FLOAT_BITS)
+def declared_segments(model):
+    """{layer or tensor: segment} from the model's own declarations."""
+    kernels = {k.name: k for k in model.kernels()}
+    out = {"input": model.segments()[0].name}
+    for seg in model.segments():
+        for k in seg.kernels:
+            out.update({n: seg.name for n in (*kernels[k].layers, kernels[k].writes)})
+    return out
 
 
 # ---------------------------------------------------------------- common to every results file
@@ -97,8 +109,9 @@ def test_stage_header_and_provenance(pipeline, stage):
     assert r["dataset"]["name"] == "synthetic" and r["dataset"]["synthetic"] is True
     assert r["dataset"]["quick"] is True
     if stage != "1":   # one cost model, recorded once per file
-        assert r["cost_model"] == {"a_bits": 32, "batch_size": 1, "charge": ["weights", "bias", "inputs", "outputs"],
+        assert r["cost_model"] == {"name": "fused", "batch_size": 1, "target": "generic",
                                    "convention": r["cost_model"]["convention"]}
+        assert r["target"] == "generic" and "kernel" in r["cost_model"]["convention"]
 
 
 def test_input_hashes_chain_the_stages(pipeline):
@@ -131,26 +144,30 @@ def test_stage1_results(pipeline):
 
 def test_stage2_per_layer_table(pipeline, table, names):
     r = pipeline["res"]["2"]
-    assert r["bits"] == list(QUICK_BITS) and r["a_bits"] == []
-    assert r["eval_split"] == "val" and r["eval_images"] == QUICK_VAL_SIZE
-    # Stage 2 evaluates BN-folded, stage 1 did not: at most a near-tie or two may flip.
-    assert r["baseline_val_acc"] == pytest.approx(pipeline["res"]["1"]["val_acc"], abs=2 * 100.0 / QUICK_VAL_SIZE)
+    assert r["bits"] == list(QUICK_BITS) and r["a_bits"] == [] and r["tensors"] == []
+    # 40% of the validation images are held back as the confirm split: stage 2 never sees them
+    assert r["eval_split"] == "val" and r["eval_images"] == SEARCH_IMAGES
+    assert r["dataset"]["confirm"]["images"] == QUICK_VAL_SIZE - SEARCH_IMAGES
+    # The search part is 60% of stage 1's validation images (and stage 2 evaluates BN-folded).
+    n1 = pipeline["res"]["1"]["val_acc"] * QUICK_VAL_SIZE / 100
+    assert n1 - (QUICK_VAL_SIZE - SEARCH_IMAGES) - 2 <= r["baseline_val_acc"] * SEARCH_IMAGES / 100 <= n1 + 2
     assert [l["name"] for l in r["layers"]] == names
-    declared = {n: seg.name for seg in resnet20("B").segments() for n in seg.layers}
+    declared = declared_segments(resnet20("B"))
     assert r["segments"] == declared and all(l["segment"] == declared[l["name"]] for l in r["layers"])
-    step = 100.0 / QUICK_VAL_SIZE
-    for layer, info in zip(r["layers"], table):
-        assert layer["params"] == info.weights and layer["macs"] == info.macs
-        assert "act_results" not in layer    # without --a-bits: weights only, as before
+    assert r["quantization"]["weights"] == "BN-folded"
+    step = 100.0 / SEARCH_IMAGES
+    info = {li.name: li for li in table.layers}
+    for layer in r["layers"]:
+        assert layer["params"] == info[layer["name"]].weights and layer["macs"] == info[layer["name"]].macs
         assert [x["bits"] for x in layer["results"]] == list(QUICK_BITS)
         for x in layer["results"]:
             assert set(x) >= {"bits", "val_acc", "drop", "drop_se", "kl", "loss_increase", "model_ai"}
             assert x["drop"] == pytest.approx(r["baseline_val_acc"] - x["val_acc"], abs=1e-9)
             assert x["val_acc"] / step == pytest.approx(round(x["val_acc"] / step), abs=1e-6)  # k of N images
             assert x["kl"] >= 0 and x["drop_se"] >= 0
-            assert x["model_ai"] == model_ai(table, {layer["name"]: x["bits"]})
+            assert x["model_ai"] == model_ai(table, {(W, layer["name"]): x["bits"]})
             assert x["model_ai"] > r["fp32_ai"]
-    assert r["fp32_ai"] == model_ai(table, {})
+    assert r["fp32_ai"] == model_ai(table, {}) and round(r["fp32_ai"], 2) == 26.34
     assert any(x["drop"] > 0 for l in r["layers"] for x in l["results"])  # 2 bits hurts somewhere
 
 
@@ -158,31 +175,51 @@ def test_stage2_per_layer_table(pipeline, table, names):
 
 def check_search(r, res2, table, names, joint):
     """What both runs' 03_search.json must satisfy."""
-    assert r["max_drop"] == 1.0 and r["budget"]["z"] > 2 and r["joint"] is joint
+    # the search's own margin is smaller when the confirm step carries the guarantee (README)
+    assert r["max_drop"] == 1.0 and r["budget"]["z"] == r["search_margin"]["z"] == 0.0 and r["joint"] is joint
+    assert r["confirm_z"] == pytest.approx(1.96, abs=1e-3)   # two sequences confirmed, the better one shipped
     assert r["baseline_val_acc"] == res2["baseline_val_acc"]
     assert r["bits"] == sorted(res2["bits"], reverse=True) or r["bits"] == res2["bits"]   # taken from stage 2
     assert [l["name"] for l in r["layers"]] == names
+    assert r["search_space"]["weight_groups"] == 22 and r["search_space"]["tensor_groups"] == (24 if joint else 0)
     g, p = r["greedy"], r["pareto"]
     traj = g["trajectory"]
-    assert traj[0]["step"] == 0 and traj[0]["layer"] is None and traj[0]["ai"] == pytest.approx(r["fp32_ai"])
-    cfg = {n: (FLOAT_BITS, FLOAT_BITS) for n in names}
+    assert traj[0]["step"] == 0 and traj[0]["name"] is None and traj[0]["ai"] == pytest.approx(r["fp32_ai"])
+    cfg = table.space.uniform(FLOAT_BITS, FLOAT_BITS)
     for a, b in zip(traj, traj[1:]):
         assert b["ai"] > a["ai"] and b["step"] == a["step"] + 1
     for entry in traj[1:]:   # replaying the moves from all-float gives the reported configuration and AI
-        k = "wa".index(entry["width"])
-        assert entry["from_bits"] == cfg[entry["layer"]][k] and entry["bits"] < entry["from_bits"]
-        cfg[entry["layer"]] = tuple(entry["bits"] if i == k else v for i, v in enumerate(cfg[entry["layer"]]))
-        assert entry["ai"] == pytest.approx(model_ai(table, cfg), rel=1e-12)
+        group = (entry["kind"], entry["name"])
+        assert entry["from_bits"] == cfg[group] and entry["bits"] < entry["from_bits"]
+        assert joint or entry["kind"] == W
+        cfg[group] = entry["bits"]
+        assert entry["ai"] == pytest.approx(FUSED.ai(table, cfg), rel=1e-12)
         if entry["verified"]:
             assert holds(r, entry), entry
-    assert {n: widths(v) for n, v in g["config"].items()} == cfg
-    assert all(isinstance(v, dict) for v in g["config"].values()) is joint   # file form
-    assert holds(r, g) and g["margin"] == pytest.approx(g["drop"] + r["budget"]["z"] * g["drop_se"])
-    assert g["ai"] == pytest.approx(model_ai(table, g["config"]), rel=1e-12)
+    answer = g["search_answer"]
+    assert answer["config"]["format"] == FORMAT and table.space.parse(answer["config"]) == cfg   # file form
+    assert holds(r, answer) and answer["ai"] == pytest.approx(FUSED.ai(table, cfg), rel=1e-12)
     assert g["evaluations"] <= r["max_evaluations"]
-    # Pareto: never below the greedy (seeded by it), within budget, AI exact
-    assert p["ai"] >= g["ai"] - 1e-9 and holds(r, p)
-    assert p["ai"] == pytest.approx(model_ai(table, p["config"]), rel=1e-12)
+    # the confirm step: the trajectory in order on held-back images, the last pass before the first failure
+    c = g["confirm"]
+    assert r["confirm_images"] == g["confirm_images"] > 0 and c["sequence"] == len(traj) - 1
+    tested = c["tested"]
+    assert [t["index"] for t in tested] == list(range(len(tested)))
+    assert all(t["passed"] for t in tested[:-1]) and (c["first_failure"] is None) == tested[-1]["passed"]
+    for t in tested:
+        assert t["passed"] == (t["drop"] + c["z"] * t["se"] <= r["max_drop"] + TOL)
+    accepted = table.space.uniform(FLOAT_BITS, FLOAT_BITS)
+    for entry in traj[1:c["accepted"] + 2]:
+        accepted[entry["kind"], entry["name"]] = entry["bits"]
+    assert table.space.parse(g["config"]) == accepted and g["confirm_passed"] == (c["accepted"] >= 0)
+    assert g["ai"] == pytest.approx(FUSED.ai(table, accepted), rel=1e-12) and g["ai"] <= answer["ai"] + 1e-9
+    assert c["cut_back"] == (c["accepted"] != c["sequence"] - 1)
+    if g["confirm_passed"]:
+        assert g["confirm_drop"] == tested[c["accepted"]]["drop"] and g["confirm_drop_se"] == tested[c["accepted"]]["se"]
+    # Pareto: its own answer never below the greedy's (seeded by it), within budget, AI exact; confirmed the same way
+    assert p["search_answer"]["ai"] >= answer["ai"] - 1e-9 and holds(r, p["search_answer"])
+    assert p["ai"] == pytest.approx(FUSED.ai(table, table.space.parse(p["config"])), rel=1e-12)
+    assert p["ai"] <= p["search_answer"]["ai"] + 1e-9 and p["confirm"]["z"] == r["confirm_z"]
     front = p["frontier"]
     assert len(front) >= 2 and p["frontier_size"] >= len(front)
     assert all(b["estimated"] >= a["estimated"] - 1e-12 and b["ai"] > a["ai"] for a, b in zip(front, front[1:]))
@@ -199,7 +236,23 @@ def test_stage3_joint(joint, table, names):
     r = joint["res"]["3"]
     check_search(r, joint["res"]["2"], table, names, joint=True)
     assert r["a_bits"] == list(A_BITS)
-    assert any(v["a"] < FLOAT_BITS for v in r["greedy"]["config"].values())   # it moved activations too
+    assert any(v.get("a", FLOAT_BITS) < FLOAT_BITS for k, v in r["greedy"]["config"].items() if k != "format")
+
+
+def test_stage2_joint_tensor_table(joint, table):
+    """--a-bits: one row per tensor (24 for ResNet-20 B: the image, every kernel's output, pool, logits), each
+    quantized where it is written, with its elements, traffic and signedness, and the AI of that one change."""
+    r = joint["res"]["2"]
+    assert [t["name"] for t in r["tensors"]] == list(table.space.tensors) and len(r["tensors"]) == 24
+    assert r["tensors"][0]["name"] == "input" and r["tensors"][0]["signed"] and not r["tensors"][1]["signed"]
+    for t in r["tensors"]:
+        assert t["elements"] == table.elements[t["name"]] and t["traffic"] == table.traffic(t["name"])
+        assert [x["a_bits"] for x in t["results"]] == list(A_BITS)
+        for x in t["results"]:
+            assert x["model_ai"] == model_ai(table, {(A, t["name"]): x["a_bits"]})
+    cal = r["activation_calibration"]
+    assert cal["set"] == "train" and set(cal["tensors"]) == set(table.space.tensors)
+    assert all(set(v["scales"]) == {str(b) for b in A_BITS} for v in cal["tensors"].values())
 
 
 # ---------------------------------------------------------------- stage 4
@@ -210,10 +263,10 @@ def check_baselines(r, r3, table, names, expected):
     assert by["fp32"]["ai"] == model_ai(table, {}) and by["fp32"]["test_drop"] == 0
     for c in r["configs"]:
         m = re.fullmatch(r"uniform_w(\d)(?:a(\d))?", c["name"])
-        if m:
+        if m:   # every tensor, the image and the logits included, at the uniform width
             w, a = int(m.group(1)), int(m.group(2) or FLOAT_BITS)
-            assert {n: widths(v) for n, v in c["config"].items()} == {n: (w, a) for n in names}
-            assert c["ai"] == model_ai(table, {n: {"w": w, "a": a} for n in names})   # exactly
+            assert table.space.parse(c["config"]) == table.space.uniform(w, a)
+            assert c["ai"] == FUSED.ai(table, table.space.uniform(w, a))   # exactly
         lo, hi = c["test_acc_ci95"]
         assert lo <= c["test_acc"] <= hi and 0 <= lo and hi <= 100
         dlo, dhi = c["test_drop_ci95"]
@@ -223,10 +276,18 @@ def check_baselines(r, r3, table, names, expected):
         c = by[m]
         assert c["config"] == r3[m]["config"] and c["ai"] == pytest.approx(r3[m]["ai"], rel=1e-12)
         assert c["val_acc"] == r3[m]["val_acc"]   # stage 4 re-evaluates without the cache: same numbers
-        assert c["search_drop"] == r3[m]["drop"] and c["confirm_drop"] is None
+        assert c["search_drop"] == r3[m]["drop"] and c["confirm_drop"] == r3[m]["confirm_drop"]
+        assert c["confirm_passed"] == r3[m]["confirm_passed"] and c["confirm_images"] == r3["confirm_images"] > 0
         assert c["budget_holds_on_test"] == (c["test_drop"] <= r["max_drop"])
-    search, report = r["images"]["search"], r["images"]["report"]
+    search, report, confirm = r["images"]["search"], r["images"]["report"], r["images"]["confirm"]
     assert search["set"] == "train" and report["set"] == "test" and len(search["indices"]) == search["images"]
+    assert confirm["set"] == "train" and not set(confirm["indices"]) & set(search["indices"])
+    for row in r["comparisons"]["greedy"]:
+        lo, hi = row["acc_diff_ci95"]
+        assert lo <= row["acc_diff"] <= hi
+        assert (row["vs"] in r["dominates"]["greedy"]) == (row["relation"] == "dominates")
+        if row["relation"] == "dominates":
+            assert lo > 0 and by["greedy"]["ai"] >= by[row["vs"]]["ai"]
     assert r["report_split"] == "test"
 
 
@@ -308,7 +369,7 @@ def test_run_pipeline_on_other_architectures(tmp_path, arch):
     assert p.returncode == 0, p.stderr[-4000:]
     res = read_results(tmp_path / "results")
     assert res["1"]["checkpoint"].endswith(f"{arch}_baseline.pt")
-    names = [t.name for t in layer_table(build_model(arch))]
+    names = list(kernel_table(build_model(arch)).space.layers)
     assert [l["name"] for l in res["2"]["layers"]] == names
     for r in res.values():
         assert r["model_args"]["arch"] == arch
@@ -324,4 +385,20 @@ def test_a_bits_32_is_the_reference_mode(quick_stage2, tmp_path):
     run_script("2_per_layer_analysis.py", *quick_stage2["stage2_args"], "--a-bits", "32", "--results-dir", results)
     a = json.loads((quick_stage2["results"] / FILES["2"]).read_text())
     b = json.loads((results / FILES["2"]).read_text())
-    assert a["layers"] == b["layers"] and b["a_bits"] == [] and b["activation_calibration"] is None
+    assert a["layers"] == b["layers"] and b["a_bits"] == [] and b["tensors"] == [] and b["activation_calibration"] is None
+
+
+def test_reference_cost_model_reproduces_the_reference_convention(quick_stage2, tmp_path):
+    """--cost-model reference: the reference work's weight-only convention, recorded, 29.85 for ResNet-20 B;
+    with --a-bits it is refused (it charges tensors in float), before anything is written."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(quick_stage2["results"] / FILES["1"], results / FILES["1"])
+    run_script("2_per_layer_analysis.py", *quick_stage2["stage2_args"], "--cost-model", "reference",
+               "--results-dir", results)
+    r = json.loads((results / FILES["2"]).read_text())
+    assert r["cost_model"]["name"] == "reference" and round(r["fp32_ai"], 2) == 29.85
+    p = run_script("2_per_layer_analysis.py", *quick_stage2["stage2_args"], "--cost-model", "reference",
+                   "--a-bits", "8", "--results-dir", tmp_path / "other", check=False)
+    assert p.returncode == 2 and "reference convention charges activations in float" in " ".join(p.stderr.split())
+    assert not (tmp_path / "other" / FILES["2"]).exists()

@@ -11,7 +11,7 @@ import pytest
 
 from models import build_model
 from models.resnet import resnet20
-from utils.ai_calculator import layer_table, model_cost
+from quant.cost import CostModel, kernel_table
 from utils.errors import UserError
 from utils.io import REPO_ROOT, SCHEMA_VERSION
 from utils.plots.allocation import plot_bit_allocation
@@ -33,7 +33,7 @@ def _common(stage, synthetic):
                     "source": "generated (seed 0)" if synthetic else "data/cifar-10-batches-py",
                     "synthetic": synthetic},
         "model_args": {"arch": "resnet20", "shortcut": "B", "num_classes": 10},
-        "segments": {n: seg.name for seg in resnet20("B").segments() for n in seg.layers},
+        "segments": {n: seg.name for seg in resnet20("B").segments() for n in seg.kernels},
         "provenance": {"args": {}, "inputs": {}, "git_commit": None, "seconds": 1.0},
     }
 
@@ -48,15 +48,20 @@ def stage_of(name):
 def write_fixture_results(folder, synthetic=False, seed=0):
     """Write 01-04 results JSONs like the stages would for a trained ResNet-20 B; returns the folder."""
     rng = np.random.default_rng(seed)
-    table = layer_table(resnet20("B"))
+    ktable = kernel_table(resnet20("B"))
+    table = ktable.layers
     names = [l.name for l in table]
     params = {l.name: l.weights for l in table}
+    reference = CostModel("reference")
+
+    def full(cfg):
+        return ktable.space.full({("w", n): b for n, b in cfg.items()})
 
     def ai(cfg):
-        return model_cost(table, cfg)["ai"]
+        return reference.ai(ktable, full(cfg))
 
     def nbytes(cfg):
-        return model_cost(table, cfg)["bytes"]
+        return reference.total_bytes(ktable, full(cfg))
 
     fp32_ai = ai({})
     base_val, base_test = 91.86, 91.62
@@ -329,28 +334,35 @@ def test_joint_and_fine_tuned_results_are_drawn():
     assert any("uniform W4A4" in t and "QAT" in t for t in legend) and any("fine-tuned" in t for t in legend)
 
 
-def test_sensitivity_and_allocation_for_activations_and_many_layers():
-    """Activation columns sit beside the weight ones; a 110-layer model keeps a bounded, readable heat map
-    (colour only, thinner rows), and a 58-layer one two bars per layer for a joint configuration."""
+def test_sensitivity_and_allocation_for_tensors_and_many_layers():
+    """Tensor columns sit beside the weight ones, one row per name (tensor-only names have n/a weight cells);
+    a 110-layer model keeps a bounded, readable heat map (colour only, thinner rows), and a 58-layer one a
+    weight bar per layer and a tensor bar per tensor for a joint configuration."""
     def declared(arch):
         m = build_model(arch)
-        return layer_table(m), {n: seg.name for seg in m.segments() for n in seg.layers}
+        t = kernel_table(m)
+        return t, {n: seg.name for seg in m.segments() for n in seg.kernels} | {"input": "stem"}
     table, segments = declared("resnet110")
     layers = [dict(name=t.name, params=t.weights, macs=t.macs, segment=segments[t.name],
-                   results=[dict(bits=b, drop=0.1 * b, val_acc=90.0) for b in (8, 4)],
-                   act_results=[dict(a_bits=a, drop=0.2 * a, val_acc=90.0) for a in (8, 6)]) for t in table]
-    p02 = dict(baseline_val_acc=90.0, bits=[8, 4], a_bits=[8, 6], layers=layers, segments=segments)
+                   results=[dict(bits=b, drop=0.1 * b, val_acc=90.0) for b in (8, 4)]) for t in table.layers]
+    tensors = [dict(name=t, segment=segments[t], results=[dict(a_bits=a, drop=0.2 * a, val_acc=90.0) for a in (8, 6)])
+               for t in table.space.tensors]
+    p02 = dict(baseline_val_acc=90.0, bits=[8, 4], a_bits=[8, 6], layers=layers, tensors=tensors, segments=segments)
     fig = plot_sensitivity(p02)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["W8", "W4", "A8", "A6"]
-    assert len(ax.texts) == 0 and fig.get_size_inches()[1] < 0.2 * len(table) + 3
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["input", "conv1"]
+    assert len(ax.texts) == 0 and fig.get_size_inches()[1] < 0.2 * len(table.space.tensors) + 3
+    small = dict(p02, layers=layers[:3], tensors=tensors[:4])
+    texts = [t.get_text() for t in plot_sensitivity(small).axes[0].texts]
+    assert texts.count("n/a") == 2 and "0.80" in texts and "1.60" in texts    # input has no weights
     table, segments = declared("mobilenetv2")
-    cfg = {t.name: {"w": 4, "a": 8} for t in table}
+    cfg = table.space.to_file(table.space.uniform(4, 8))
     s03 = dict(greedy=dict(config=cfg, ai=100.0, val_acc=89.0), best="greedy", joint=True,
-               layers=[dict(name=t.name, params=t.weights) for t in table], segments=segments)
+               layers=[dict(name=t.name, params=t.weights) for t in table.layers], segments=segments)
     fig = plot_bit_allocation(s03)
     assert fig.get_size_inches()[0] <= 26
-    assert sum(len(c) for c in fig.axes[0].containers) == 2 * len(table)
+    assert sum(len(c) for c in fig.axes[0].containers) == len(table.layers) + len(table.space.tensors)
 
 
 def test_frontier_drawn_is_monotone_and_undominated():

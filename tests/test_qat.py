@@ -1,23 +1,30 @@
-"""Quantization-aware fine-tuning (utils/qat.py) and the integer export (utils/export.py): straight-through
-and LSQ gradients, the structure of the prepared model, resume equivalence, stale checkpoints, and an
-export round trip with identical predictions. Small models (ResNet-8) on a few hundred synthetic images."""
+"""Quantization-aware fine-tuning (utils/qat.py, on quant.place.quantize_) and the integer export
+(utils/export.py): straight-through and LSQ gradients of the one Quantizer, the structure of the prepared
+model, resume equivalence, stale checkpoints, and an export round trip with identical predictions. Small
+models (ResNet-8) on a few hundred synthetic images."""
 import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 
 import utils.qat as Q
 from models import build_model
-from models.structure import quantizable_layers
+from quant.calibrate import calibrate
+from quant.cost import kernel_table
+from quant.errors import UserError
+from quant.fold import fold_bn
+from quant.place import slots
+from quant.quantizer import Quantizer
+from quant.widths import FLOAT_BITS, A, W
 from utils.checkpoint import read_checkpoint
-from utils.config import FLOAT_BITS
 from utils.data import make_synthetic
-from utils.evaluation import FoldedModel
 from utils.export import EXPORT_FORMAT, export_model, load_exported
 from utils.io import atomic_torch_save
-from utils.quantization import calibrate_activations
 from utils.train import PAD, Normalizer
+
+TARGET = "generic"
 
 NORM = Normalizer([0.5, 0.5, 0.5], [0.25, 0.25, 0.25], "cpu")
 
@@ -33,39 +40,38 @@ def setup():
         model.train()
         model(NORM(x))
     model.eval()
-    names = list(quantizable_layers(model))
-    act = calibrate_activations(FoldedModel(model).model, [NORM(x[:128])], names, [4, 8])
+    table = kernel_table(model, TARGET)
+    ranges = calibrate(fold_bn(model), TARGET, [NORM(x[:128])], [4, 8])
     padded = F.pad(x, (0, 0, PAD, PAD, PAD, PAD))
-    return {"model": model, "names": names, "act": act, "padded": padded, "labels": torch.from_numpy(data.train_y),
-            "test_x": torch.from_numpy(data.test_x)}
+    return {"model": model, "space": table.space, "act": ranges, "padded": padded,
+            "labels": torch.from_numpy(data.train_y), "test_x": torch.from_numpy(data.test_x)}
 
 
-def mixed_config(names):
-    """Weights and activations narrowed in different layers, some left float."""
-    cfg = {n: (FLOAT_BITS, FLOAT_BITS) for n in names}
-    cfg[names[0]] = (8, 8)
-    cfg[names[1]] = (4, 4)
-    cfg[names[2]] = (2, FLOAT_BITS)
-    cfg[names[-1]] = (FLOAT_BITS, 4)
-    return cfg
+def mixed_config(space):
+    """Weights and tensors narrowed in different places, some left float; the image and the logits too."""
+    layers, tensors = space.layers, space.tensors
+    return space.full({(W, layers[0]): 8, (A, tensors[1]): 8, (W, layers[1]): 4, (A, layers[1]): 4,
+                       (W, layers[2]): 2, (A, "input"): 8, (A, layers[-1]): 4, (A, tensors[-3]): 4})
 
 
 def test_weight_gradient_is_straight_through_and_scale_gradient_finite():
     """Inside the clip range the gradient to the float original is the identity, outside it is zero; the LSQ
-    scale gets a finite, nonzero gradient."""
-    w = torch.tensor([[-3.0, -0.2, 0.05, 0.3, 2.5]], requires_grad=True)
-    p = Q.LSQWeight(torch.tensor([0.1]), bits=4)          # grid +-7 * 0.1 = +-0.7
+    scale gets a finite, nonzero gradient, per channel."""
+    w = torch.tensor([[-3.0, -0.2, 0.05, 0.3, 2.5], [0.01, 0.02, -0.5, 0.6, 0.0]], requires_grad=True)
+    p = Quantizer(torch.tensor([0.1, 0.05]), -7, 7, axis=0, learn=True).train()   # grids +-0.7, +-0.35
     p(w).sum().backward()
-    assert w.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
-    assert torch.isfinite(p.scale.grad).all() and p.scale.grad.abs().sum() > 0
-    fixed = Q.LSQWeight(torch.tensor([0.1]), bits=4, learn=False)
-    assert not fixed.scale.requires_grad
+    assert w.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 1.0]]
+    assert torch.isfinite(p.scale.grad).all() and (p.scale.grad != 0).all() and p.scale.grad.shape == (2,)
+    fixed = Quantizer(torch.tensor([0.1]), -7, 7, axis=0, learn=False).train()
+    w.grad = None
+    fixed(w[:1]).sum().backward()
+    assert not fixed.scale.requires_grad and fixed.scale.grad is None and w.grad[0].tolist() == [0, 1, 1, 1, 0]
 
 
 def test_activation_gradient_is_straight_through():
     """Per-tensor LSQ on an unsigned grid: identity inside [0, 15 * scale], zero outside; finite scale gradient."""
     x = torch.tensor([[-1.0, 0.1, 1.0, 1.4, 9.0]], requires_grad=True)      # one sample of 5 features
-    q = Q.LSQAct(0.1, 0, 15)
+    q = Quantizer(torch.tensor([0.1]), 0, 15, learn=True).train()
     out = q(x)
     out.sum().backward()
     assert x.grad.tolist() == [[0.0, 1.0, 1.0, 1.0, 0.0]]
@@ -79,33 +85,44 @@ def test_activation_gradient_is_straight_through():
 
 
 def test_prepared_model(setup):
-    """prepare_qat: BN folded away, weights are a parametrization whose view lies on the grid, quantized inputs
-    go through `input_quant`; an all-float configuration computes exactly the folded float model."""
-    model, names, act = setup["model"], setup["names"], setup["act"]
-    cfg = mixed_config(names)
-    qat = Q.prepare_qat(model, cfg, act)
+    """prepare_qat: BN folded away, weights are a parametrization whose view lies on the grid, quantized tensors
+    get a trainable quantizer in their Slot; an all-float configuration computes exactly the folded float model;
+    in eval mode the prepared model computes what post-training placement computes."""
+    model, space, act = setup["model"], setup["space"], setup["act"]
+    cfg = mixed_config(space)
+    qat = Q.prepare_qat(model, cfg, act, TARGET)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in qat.modules())
-    for n, (w, a) in cfg.items():
-        layer = qat.get_submodule(n)
-        assert Q.parametrize.is_parametrized(layer, "weight") == (w != FLOAT_BITS)
-        assert hasattr(layer, "input_quant") == (a != FLOAT_BITS)
-        if w != FLOAT_BITS:
-            levels = layer.parametrizations.weight[0].integers(layer.parametrizations.weight.original)
-            assert levels.abs().max() <= 2 ** (w - 1) - 1
+    by_slot = slots(qat, TARGET)
+    for (kind, n), b in cfg.items():
+        if kind == W:
+            layer = qat.get_submodule(n)
+            assert parametrize.is_parametrized(layer, "weight") == (b != FLOAT_BITS)
+            if b != FLOAT_BITS:
+                q = layer.parametrizations.weight[0]
+                levels = q.integers(layer.parametrizations.weight.original)
+                assert levels.abs().max() <= 2 ** (b - 1) - 1 and q.scale.requires_grad
+        else:
+            q = by_slot[n].quant
+            assert (q is not None) == (b != FLOAT_BITS)
+            if q is not None:
+                assert q.bits == b and q.scale.requires_grad and q.training
     x = NORM(setup["test_x"][:16])
-    plain = Q.prepare_qat(model, {n: (FLOAT_BITS, FLOAT_BITS) for n in names}).eval()
+    plain = Q.prepare_qat(model, space.uniform(FLOAT_BITS, FLOAT_BITS), act, TARGET).eval()
+    from quant.place import quantize_
     with torch.no_grad():
-        assert torch.equal(plain(x), FoldedModel(model).model(x))
-    with pytest.raises(Q.UserError):
-        Q.prepare_qat(model, {names[0]: (8, 6)}, act)     # 6-bit inputs were never calibrated
+        assert torch.equal(plain(x), fold_bn(model)(x))
+        assert torch.equal(qat.eval()(x), quantize_(fold_bn(model), cfg, act, TARGET)(x))
+    with pytest.raises(UserError):
+        Q.prepare_qat(model, space.full({(A, "input"): 6}), act, TARGET)     # 6 bits were never calibrated
 
 
 def run_finetune(setup, path, epochs=2, resume=False, key=None, interrupt_at=None, monkeypatch=None):
-    cfg = mixed_config(setup["names"])
-    qat = Q.prepare_qat(setup["model"], cfg, setup["act"])
+    cfg = mixed_config(setup["space"])
+    qat = Q.prepare_qat(setup["model"], cfg, setup["act"], TARGET)
     key = key or {"config": "mixed"}
-    meta = {"name": "mixed", "config": {n: list(v) for n, v in cfg.items()}, "model_args": setup["model"].model_args,
-            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "quantization": {"granularity": "channel"}}
+    meta = {"name": "mixed", "config": [[list(g), b] for g, b in cfg.items()], "model_args": setup["model"].model_args,
+            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "quantization": {"granularity": "channel"},
+            "target": TARGET}
     if interrupt_at is not None:
         real = Q.train_one_epoch
 
@@ -134,7 +151,7 @@ def test_checkpoint_is_weights_only_and_complete(straight):
     ck = read_checkpoint(straight["path"])
     assert ck["finished"] and ck["epoch"] == 2 and ck["qat_format"] == Q.QAT_FORMAT and ck["key"] == {"config": "mixed"}
     assert any(k.endswith("parametrizations.weight.0.scale") for k in ck["model"])
-    assert any(k.endswith("input_quant.scale") for k in ck["model"])
+    assert "q_input.quant.scale" in ck["model"] and "q_logits.quant.scale" in ck["model"]
     model, _ = Q.load_qat(straight["path"])
     for k, v in straight["qat"].state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
@@ -156,8 +173,8 @@ def test_resume_equals_uninterrupted(setup, straight, tmp_path, monkeypatch):
         assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][pid]["momentum_buffer"])
     # the weights did move during epoch 2: the comparison is not vacuous
     first = [k for k in a["model"] if k.endswith("original")][0]
-    assert not torch.equal(a["model"][first], Q.prepare_qat(setup["model"], mixed_config(setup["names"]),
-                                                            setup["act"]).state_dict()[first])
+    assert not torch.equal(a["model"][first], Q.prepare_qat(setup["model"], mixed_config(setup["space"]),
+                                                            setup["act"], TARGET).state_dict()[first])
 
 
 def test_finished_matching_checkpoint_is_reused_and_stale_one_is_not(setup, straight, tmp_path, capsys):
@@ -175,19 +192,22 @@ def test_finished_matching_checkpoint_is_reused_and_stale_one_is_not(setup, stra
 
 
 def test_export_round_trip(straight, tmp_path):
-    """The integer export holds int8 levels, per-channel scales and input scales for every layer with a < 32;
-    it loads with weights_only, and the model it rebuilds predicts exactly what the fine-tuned model predicts."""
+    """The integer export holds int8 levels and per-channel scales for every layer with w < 32 and a scale for
+    every quantized tensor; it loads with weights_only, and the model it rebuilds predicts exactly what the
+    fine-tuned model predicts."""
     obj = export_model(straight["path"])
     out = tmp_path / "mixed_int.pt"
     atomic_torch_save(obj, out)
     loaded = read_checkpoint(out)   # weights_only
     assert loaded["format"] == EXPORT_FORMAT
+    cfg = {tuple(g): b for g, b in loaded["config"]}
     for name, e in loaded["layers"].items():
-        assert ("weight_int8" in e) == (e["w_bits"] != FLOAT_BITS)
+        assert ("weight_int8" in e) == (e["w_bits"] != FLOAT_BITS) and e["w_bits"] == cfg[W, name]
         if "weight_int8" in e:
             assert e["weight_int8"].dtype == torch.int8 and e["weight_scale"].numel() == e["weight_int8"].shape[0]
             assert e["weight_int8"].abs().max() <= 2 ** (e["w_bits"] - 1) - 1
-        assert ("input_scale" in e) == (e["a_bits"] != FLOAT_BITS)
+    assert set(loaded["tensors"]) == {n for (k, n), b in cfg.items() if k == A and b != FLOAT_BITS}
+    assert loaded["tensors"]["input"]["dtype"] == "int8" and loaded["tensors"]["input"]["qmax"] == 127
     qat, _ = Q.load_qat(straight["path"])
     exported = load_exported(out)
     x = NORM(torch.from_numpy(make_synthetic(n_train=10, n_test=64).test_x))

@@ -310,11 +310,11 @@ def test_ctrl_c_during_final_evaluation_says_how_to_resume(tmp_path, monkeypatch
 
 def test_ctrl_c_in_stage2_writes_nothing(quick_stage1, tmp_path, monkeypatch):
     """Post-training stages: Ctrl-C -> exit 130, a message, and no results file."""
-    import utils.evaluation
+    import quant.evaluation
 
     def interrupt(self, config):
         raise KeyboardInterrupt
-    monkeypatch.setattr(utils.evaluation.CachedEvaluator, "evaluate", interrupt)
+    monkeypatch.setattr(quant.evaluation.CachedEvaluator, "evaluate", interrupt)
     code, _, err = run_stage("2_per_layer_analysis.py", *COMMON, "--bits", "2", "--results-dir", tmp_path,
                              "--checkpoint", quick_stage1["checkpoint"])
     assert code == 130 and "interrupted" in err and "Traceback" not in err

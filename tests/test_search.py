@@ -585,6 +585,37 @@ def test_greedy_ladders_are_normalized():
     assert all(e["bits"] != FLOAT_BITS for e in b["trajectory"][1:])
 
 
+def test_greedy_clamps_negative_estimates():
+    """A group whose stage-2 estimate is negative (it 'gained' alone) is estimated at 0 in the
+    greedy too: it ranks first (AI for no estimated loss) and the trajectory's running `estimated`
+    never goes below 0."""
+    gx, gy = (W, "x"), (A, "y")
+    est = {gx: -0.5, gy: 0.3}
+
+    def evaluate(config):
+        d = 0.1 * sum(b != FLOAT_BITS for b in config.values())
+        return Measured(BASELINE - d, d, 0.0, d)
+    res = greedy_search({gx: [4], gy: [4]}, lambda g, b: 1000 * b / 8, lambda g, b: est[g], evaluate,
+                        Budget(1.0, 0.0), verify_top_k=1, fast_forward=False)
+    assert [((e["kind"], e["name"]), e["estimated"]) for e in res["trajectory"][1:]] == [(gx, 0.0), (gy, 0.3)]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_greedy_ties_follow_ladder_order(reverse):
+    """Moves with equal estimated score and equal AI gain are taken in the order of the ladders'
+    groups (deterministic, whatever the kinds)."""
+    groups = [(W, "p"), (A, "q"), (W, "r")]
+    if reverse:
+        groups.reverse()
+
+    def evaluate(config):
+        d = 0.1 * sum(b != FLOAT_BITS for b in config.values())
+        return Measured(BASELINE - d, d, 0.0, d)
+    res = greedy_search({g: [8] for g in groups}, lambda g, b: 1000 * b / 8, lambda g, b: 0.2, evaluate,
+                        Budget(1.0, 0.0), verify_top_k=1, fast_forward=False)
+    assert [(e["kind"], e["name"]) for e in res["trajectory"][1:]] == groups
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_joint_mode_moves_weights_and_tensors(seed):
     """With ladders [8, 4] for every weight group and every tensor group the greedy narrows both

@@ -177,7 +177,7 @@ def test_moved_and_repacked_copies_have_the_same_identity(tiny, tmp_path):
         notes = []
         split = S.search_split(data, {"data": {"split": recorded}}, SEED, VAL_SIZE, warn=notes.append)
         assert notes == [] and split.policy == "val"
-        assert split.search.indices.tolist() == recorded["val_indices"]
+        assert searched_and_confirmed(split) == recorded["val_indices"]
 
 
 def test_load_setup_accepts_moved_and_repacked_copies(tiny, tmp_path, monkeypatch):
@@ -190,8 +190,11 @@ def test_load_setup_accepts_moved_and_repacked_copies(tiny, tmp_path, monkeypatc
     for source in (moved, packed):
         s = load_setup(stage_args(STAGES[0], tmp_path, "--checkpoint", tiny["ckpt"], "--data-dir", source))
         assert s.split.policy == "val" and s.data_info["policy"] == "val"
-        assert s.split.search.indices.tolist() == recorded["val_indices"]
-        assert s.data_info["search"]["content_sha256"] == recorded["val_sha256"]
+        assert searched_and_confirmed(s.split) == recorded["val_indices"]
+        s0 = load_setup(stage_args(STAGES[0], tmp_path, "--checkpoint", tiny["ckpt"], "--data-dir", source,
+                                   "--confirm-size", 0))
+        assert s0.split.confirm is None and s0.data_info["confirm"] is None
+        assert s0.data_info["search"]["content_sha256"] == recorded["val_sha256"]
 
 
 # ---------------------------------------------------------------- 2. another image order is refused
@@ -288,8 +291,7 @@ def test_legacy_checkpoint_warns_once_and_rebuilds_split(tiny, tmp_path, capsys)
     assert len(lines) == 1 and lines[0].startswith("warning") and f"seed {SEED}" in lines[0] \
         and f"size {VAL_SIZE}" in lines[0]
     assert s.split.policy == "val"
-    assert s.split.search.indices.tolist() == recorded["val_indices"]
-    assert s.data_info["search"]["content_sha256"] == recorded["val_sha256"]
+    assert searched_and_confirmed(s.split) == recorded["val_indices"]
 
 
 def test_legacy_meta_warns_through_callback():
@@ -301,16 +303,24 @@ def test_legacy_meta_warns_through_callback():
                            warn=notes.append)
     assert len(notes) == 1 and "\n" not in notes[0] and "old.pt" in notes[0]
     train_idx, val_idx, _ = S.train_val_split(data, 5, 20)
-    assert np.array_equal(split.search.indices, val_idx)
+    assert searched_and_confirmed(split) == val_idx.tolist() and len(split.confirm.indices) == 8
     assert np.array_equal(split.calibration_pool, train_idx)
     assert split.report.set == "test" and split.report.indices.tolist() == list(range(len(data.test_y)))
 
 
 # ---------------------------------------------------------------- 5. no validation split: test halves
+def searched_and_confirmed(split) -> list[int]:
+    """The search and confirm parts together (disjoint, sorted): the images the split was carved from."""
+    both = np.concatenate([split.search.indices, split.confirm.indices])
+    assert len(np.unique(both)) == len(both)
+    return sorted(both.tolist())
+
+
 def check_halves(split, data, seed):
-    """The test-halves policy: disjoint, covering, class-balanced, seeded; calibration = all train."""
-    search, report = split.search.indices, split.report.indices
-    assert split.policy == "test halves" and split.search.set == split.report.set == "test"
+    """The test-halves policy: disjoint, covering, class-balanced, seeded; calibration = all train; the
+    confirm images come out of the search half."""
+    search, report = np.array(searched_and_confirmed(split)), split.report.indices
+    assert split.policy == "test halves" and split.search.set == split.report.set == split.confirm.set == "test"
     assert np.intersect1d(search, report).size == 0
     assert np.array_equal(np.sort(np.concatenate([search, report])), np.arange(len(data.test_y)))
     assert np.array_equal(np.bincount(data.test_y[search], minlength=10),
@@ -348,6 +358,7 @@ def test_search_split_without_val_uses_test_halves_with_one_note(foreign):
     assert len(notes) == 1 and "\n" not in notes[0] and "m.pt" in notes[0] and "half of the test set" in notes[0]
     assert ("foreign" in notes[0]) == foreign and ("--val-size 0" in notes[0]) != foreign
     assert split.search.describe(data)["policy"] == split.report.describe(data)["policy"]
+    assert f"{len(split.confirm.indices)} more held back to confirm" in notes[0]
 
 
 def test_load_setup_foreign_checkpoint_uses_test_halves(tiny, tmp_path, capsys):
@@ -395,7 +406,8 @@ def test_holdout_files_load_from_train_or_test(tmp_path):
     for s_set, r_set in (("train", "test"), ("test", "test"), ("train", "train"), ("test", "train")):
         f = holdout_file(tmp_path / f"{s_set}-{r_set}.json",
                          {"search": {"set": s_set, "indices": [7, 1, 3]}, "report": {"set": r_set, "indices": [4, 0]}})
-        search, report = S.load_holdout(f, data)
+        search, report, confirm = S.load_holdout(f, data)
+        assert confirm is None
         assert (search.name, search.set, search.indices.tolist()) == ("holdout-search", s_set, [1, 3, 7])
         assert (report.name, report.set, report.indices.tolist()) == ("holdout-report", r_set, [0, 4])
         assert f.name in search.note
@@ -424,12 +436,11 @@ def test_holdout_calibration_pool_excludes_holdout_training_images(tmp_path):
 def test_load_setup_with_holdout(tiny, tmp_path):
     """load_setup --holdout FILE searches and reports on the file's images, calibrates on other
     training images, and records the parts (counts and hashes) in data_info."""
-    data = tiny["data"]
     f = holdout_file(tmp_path / "h.json", {"search": {"set": "train", "indices": list(range(0, 60, 3))},
                                            "report": {"set": "test", "indices": list(range(0, 40, 2))}})
     s = load_setup(stage_args(STAGES[0], tmp_path, "--checkpoint", tiny["ckpt"], "--holdout", f))
     assert s.split.policy == "holdout file" and s.data_info["policy"] == "holdout file"
-    assert s.data_info["search"] == S.Part("holdout-search", "train", np.arange(0, 60, 3), f"from {f.name}").describe(data)
+    assert searched_and_confirmed(s.split) == list(range(0, 60, 3)) and len(s.split.confirm.indices) == 8
     assert s.data_info["report"]["images"] == 20 and s.data_info["report"]["set"] == "test"
     assert np.intersect1d(s.split.calibration_pool, np.arange(0, 60, 3)).size == 0
     assert len(s.calib_x) == 40
@@ -452,6 +463,10 @@ MALFORMED = {
                    "distinct"),
     "overlap": ({"search": {"set": "test", "indices": [1, 2]}, "report": {"set": "test", "indices": [2, 3]}},
                 "share"),
+    "confirm overlaps search": ({"search": {"set": "test", "indices": [1, 2]}, "report": {"set": "test", "indices": [3]},
+                                 "confirm": {"set": "test", "indices": [2, 5]}}, "search and confirm share"),
+    "bad confirm": ({"search": {"set": "test", "indices": [1, 2]}, "report": {"set": "test", "indices": [3]},
+                     "confirm": {"set": "test", "indices": []}}, "'confirm'"),
 }
 def write_malformed(tmp_path, case):
     content, _ = MALFORMED[case]
@@ -526,11 +541,13 @@ def test_load_setup_quick_records_the_subset(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(common, "QUICK_EVAL_IMAGES", 7)
     data = tiny["data"]
     s = load_setup(stage_args(STAGES[0], tmp_path, "--checkpoint", tiny["ckpt"], "--quick"))
-    _, val_idx, _ = S.train_val_split(data, SEED, VAL_SIZE)
-    sub = S.quick_subset(val_idx, 7, SEED)
+    full = S.search_split(data, read_ckpt(tiny["ckpt"]), SEED, VAL_SIZE, warn=lambda m: None)
+    sub = S.quick_subset(full.search.indices, 7, SEED)
     assert np.array_equal(s.split.search.indices, sub)
+    assert np.array_equal(s.split.confirm.indices, S.quick_subset(full.confirm.indices, 7, SEED))
     assert s.data_info["search"] == S.Part("val", "train", sub).describe(data)
     assert s.data_info["search"]["images"] == 7 and s.data_info["report"]["images"] == 7
+    assert s.data_info["confirm"]["images"] == 7 and len(s.confirm_y) == 7
     assert s.data_info["report"]["indices_sha256"] == S.indices_sha256(S.quick_subset(np.arange(40), 7, SEED))
     assert len(s.eval_y) == len(s.report_y) == 7
 
@@ -550,3 +567,36 @@ def test_test_halves_with_unequal_classes():
     for c, n in ((0, 31), (1, 10), (2, 7)):
         assert abs((y[search] == c).sum() - (y[report] == c).sum()) <= 1
     assert abs(len(search) - len(report)) <= 1
+
+
+# ---------------------------------------------------------------- 7. the confirm split
+def test_confirm_split_is_seeded_stratified_and_disjoint():
+    """40% of the search part by default (2,000 of 5,000), stratified by class, seeded, disjoint from the
+    search images; --confirm-size N takes N; 0 turns it off; a size that leaves no search image is refused."""
+    data = tiny_dataset(np.arange(500) % 10)
+    meta = {"data": {"seed": 3, "val_size": 100}}
+    split = S.search_split(data, meta, 3, 100, warn=lambda m: None)
+    assert (len(split.search.indices), len(split.confirm.indices)) == (60, 40)
+    assert np.bincount(data.train_y[split.confirm.indices]).tolist() == [4] * 10
+    assert split.confirm.name == "val-confirm" and split.confirm.set == "train"
+    again = S.search_split(data, meta, 3, 100, warn=lambda m: None)
+    assert np.array_equal(again.confirm.indices, split.confirm.indices)
+    other = S.search_split(data, {"data": {"seed": 4, "val_size": 100}}, 4, 100, warn=lambda m: None)
+    assert not np.array_equal(other.confirm.indices, split.confirm.indices)
+    assert len(S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=10).confirm.indices) == 10
+    assert S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=0).confirm is None
+    for bad, match in ((100, "leaves no search images"), (-1, ">= 0")):
+        with pytest.raises(UserError, match=match):
+            S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=bad)
+
+
+def test_holdout_may_name_its_own_confirm_part(tmp_path):
+    """A holdout file's optional 'confirm' part is used as it is (nothing carved from 'search'), and the
+    calibration pool excludes its training images too."""
+    data = tiny_dataset(np.arange(60) % 10)
+    f = holdout_file(tmp_path / "h.json", {"search": {"set": "train", "indices": [1, 2, 3]},
+                                           "report": {"set": "test", "indices": [4]},
+                                           "confirm": {"set": "train", "indices": [9, 8]}})
+    split = S.search_split(data, {"foreign": True, "data": {}}, 0, None, holdout=f, warn=pytest.fail)
+    assert split.search.indices.tolist() == [1, 2, 3] and split.confirm.indices.tolist() == [8, 9]
+    assert split.confirm.name == "holdout-confirm" and not {1, 2, 3, 8, 9} & set(split.calibration_pool.tolist())

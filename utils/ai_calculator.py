@@ -19,8 +19,7 @@ import torch
 
 from models.structure import DEFAULT_TARGET, TARGETS
 from quant.calibrate import calibrate
-from quant.cost import (COST_MODELS, DEFAULT_COST_MODEL, DEVICES, CostModel, KernelTable, LayerInfo,  # noqa: F401
-                        attainable_flops, kernel_table, layer_table, ridge_point)
+from quant.cost import COST_MODELS, DEFAULT_COST_MODEL, CostModel, KernelTable, kernel_table
 from quant.fold import fold_bn
 from quant.place import quantize_
 from quant.trace import trace

@@ -9,6 +9,10 @@ A model with no validation split of its own (a foreign checkpoint, or ours train
 ``--val-size 0``) must never be searched on images it was trained on. The default then splits
 the *test* set, seeded and stratified, into a search half and a report half. ``--holdout FILE``
 names another split (format in ``load_holdout``).
+
+Either way, part of the search images (``--confirm-size``, default 40%: 2,000 of 5,000 validation
+images, or of a 5,000-image test half) is held back as the *confirm* split: no search step
+queries it; it only tests the searched answers, in an order the search fixed (quant/confirm.py).
 """
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ from utils.errors import UserError
 QUICK_TRAIN_IMAGES = 2000   # stage 1 --quick, for ResNet-20; fewer for heavier models (quick_images)
 QUICK_EVAL_IMAGES = 1000    # stage 1 --quick: validation and test
 QUICK_MIN_IMAGES = 50
+CONFIRM_SEED_OFFSET = 1_000_003   # the confirm split's draw is independent of the validation split's
 RESNET20_MACS, RESNET20_LAYERS = 40_813_184, 22
 HOLDOUT_FORMAT = ('{"search": {"set": "train" | "test", "indices": [...]}, '
-                  '"report": {"set": "train" | "test", "indices": [...]}}')
+                  '"report": {"set": "train" | "test", "indices": [...]}, '
+                  '"confirm": {"set": ..., "indices": [...]} (optional)}')
+CONFIRM_FRACTION = 0.4   # default --confirm-size: 2,000 of the 5,000 validation images; the search keeps 3,000
 
 
 def content_sha256(x_u8: np.ndarray, y: np.ndarray) -> str:
@@ -113,12 +120,44 @@ class Part:
 
 @dataclass
 class SearchSplit:
-    """The images a post-training search runs on, those its results are reported on, and the
-    training images activation ranges are calibrated on."""
+    """The images a post-training search runs on, the confirm images no search step queries (the
+    fixed-sequence test of the searched answers, quant/confirm.py), those results are reported on,
+    and the training images tensor ranges are calibrated on."""
     search: Part
     report: Part
     calibration_pool: np.ndarray = field(repr=False)   # training-set indices, never val or test
     policy: str = "val"                                # "val", "test halves" or "holdout file"
+    confirm: Part | None = None                        # None: --confirm-size 0
+
+
+def proportional_split(y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept positions, held positions), both sorted: `size` positions held, each class in proportion to
+    its count (largest remainders get the rounding), drawn by a seeded permutation. Any part size works,
+    classes of one image included."""
+    classes, counts = np.unique(y, return_counts=True)
+    quota = size * counts / len(y)
+    take = np.floor(quota).astype(int)
+    take[np.argsort(-(quota - take), kind="stable")[:size - take.sum()]] += 1
+    rng = np.random.default_rng(seed)
+    held = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]))
+    return np.setdiff1d(np.arange(len(y)), held, assume_unique=True), held
+
+
+def carve_confirm(part: Part, data, size: int | None, seed: int) -> tuple[Part, Part | None]:
+    """(search, confirm): a seeded, stratified `size` images of `part` (default: CONFIRM_FRACTION of it)
+    held back as the confirm split."""
+    if size is None:
+        size = int(round(CONFIRM_FRACTION * len(part.indices)))
+    if size == 0:
+        return part, None
+    _, y = part.arrays(data)
+    if size >= len(part.indices):
+        raise UserError(f"--confirm-size {size} leaves no search images: the {part.name} split has "
+                        f"{len(part.indices)}. Choose a smaller --confirm-size (0 turns the confirm step off).")
+    keep, held = proportional_split(y, size, seed + CONFIRM_SEED_OFFSET)
+    note = f"stratified {size} of the {part.name} split, seed {seed}"
+    return (Part(part.name, part.set, part.indices[keep], part.note),
+            Part(f"{part.name}-confirm", part.set, part.indices[held], note))
 
 
 def test_halves(test_y: np.ndarray, seed: int):
@@ -156,8 +195,11 @@ def load_holdout(path, data) -> tuple[Part, Part]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--holdout file {path} is not valid JSON ({e}). Its format: {HOLDOUT_FORMAT}.") from None
     parts = []
-    for role in ("search", "report"):
+    for role in ("search", "report", "confirm"):
         entry = obj.get(role) if isinstance(obj, dict) else None
+        if role == "confirm" and entry is None:
+            parts.append(None)
+            continue
         if not isinstance(entry, dict) or entry.get("set") not in ("train", "test") \
                 or not isinstance(entry.get("indices"), list) or not entry["indices"]:
             raise UserError(f"--holdout file {path} needs a non-empty '{role}' entry; the format is {HOLDOUT_FORMAT}.")
@@ -169,26 +211,35 @@ def load_holdout(path, data) -> tuple[Part, Part]:
                             f"0..{n - 1} (the {entry['set']} set has {n} images). The format is {HOLDOUT_FORMAT}.")
         parts.append(Part(f"holdout-{role}", entry["set"], np.asarray(sorted(idx), dtype=np.int64),
                           f"from {path.name}"))
-    search, report = parts
-    if search.set == report.set and np.intersect1d(search.indices, report.indices).size:
-        raise UserError(f"--holdout file {path}: search and report share images; they must be disjoint, "
-                        f"or the reported numbers are not out of sample. The format is {HOLDOUT_FORMAT}.")
-    return search, report
+    search, report, confirm = parts
+    present = [(role, p) for role, p in zip(("search", "report", "confirm"), parts) if p is not None]
+    for i, (ra, a) in enumerate(present):
+        for rb, b in present[i + 1:]:
+            if a.set == b.set and np.intersect1d(a.indices, b.indices).size:
+                raise UserError(f"--holdout file {path}: {ra} and {rb} share images; they must be disjoint, or the "
+                                f"reported numbers are not out of sample. The format is {HOLDOUT_FORMAT}.")
+    return search, report, confirm
 
 
 def search_split(data, meta: dict, seed: int, val_size, holdout=None, checkpoint="the checkpoint",
-                 warn=print) -> SearchSplit:
-    """The search / report / calibration images for a checkpoint, following the policy above.
+                 warn=print, confirm_size: int | None = None) -> SearchSplit:
+    """The search / confirm / report / calibration images for a checkpoint, following the policy above.
 
     ``meta["data"]`` is what the checkpoint recorded (empty for a foreign one); ``seed`` and
-    ``val_size`` are the recorded values (the caller refuses conflicting flags).
+    ``val_size`` are the recorded values (the caller refuses conflicting flags). ``confirm_size``
+    images of the search part (seeded, stratified; default CONFIRM_FRACTION of it) are held back
+    as the confirm split, unless a holdout file names its own.
     """
+    if confirm_size is not None and confirm_size < 0:
+        raise UserError(f"--confirm-size must be >= 0, got {confirm_size}.")
     all_train = np.arange(len(data.train_y))
     if holdout is not None:
-        search, report = load_holdout(holdout, data)
-        used = [p.indices for p in (search, report) if p.set == "train"]
+        search, report, confirm = load_holdout(holdout, data)
+        if confirm is None:
+            search, confirm = carve_confirm(search, data, confirm_size, seed)
+        used = [p.indices for p in (search, report, confirm) if p is not None and p.set == "train"]
         pool = np.setdiff1d(all_train, np.concatenate(used)) if used else all_train
-        return SearchSplit(search, report, pool, "holdout file")
+        return SearchSplit(search, report, pool, "holdout file", confirm)
     if not meta.get("foreign") and val_size:
         train_idx, val_idx, val_size = train_val_split(data, seed, val_size)
         recorded = meta.get("data", {}).get("split")
@@ -197,14 +248,15 @@ def search_split(data, meta: dict, seed: int, val_size, holdout=None, checkpoint
                  f"recorded seed {seed} and size {val_size}, and recording it in the results from now on")
         else:
             check_split_identity(recorded, data, val_idx, checkpoint)
-        return SearchSplit(Part("val", "train", val_idx), Part("test", "test", np.arange(len(data.test_y))),
-                           train_idx, "val")
+        search, confirm = carve_confirm(Part("val", "train", val_idx), data, confirm_size, seed)
+        return SearchSplit(search, Part("test", "test", np.arange(len(data.test_y))), train_idx, "val", confirm)
     search, report = test_halves(data.test_y, seed)
     why = ("a foreign checkpoint, probably trained on all training images" if meta.get("foreign")
            else "trained with --val-size 0, on all training images")
     note = f"stratified half of the test set, seed {seed}"
+    search_part, confirm = carve_confirm(Part("test-search", "test", search, note), data, confirm_size, seed)
     warn(f"note: {checkpoint} has no validation split ({why}): searching on a seeded, stratified half of the "
-         f"test set ({len(search)} images) and reporting on the other half ({len(report)}); --holdout FILE "
-         f"names another split")
-    return SearchSplit(Part("test-search", "test", search, note), Part("test-report", "test", report, note),
-                       all_train, "test halves")
+         f"test set ({len(search_part.indices)} images"
+         + (f", {len(confirm.indices)} more held back to confirm the answer" if confirm else "")
+         + f") and reporting on the other half ({len(report)}); --holdout FILE names another split")
+    return SearchSplit(search_part, Part("test-report", "test", report, note), all_train, "test halves", confirm)

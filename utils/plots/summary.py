@@ -105,20 +105,39 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
                   "accuracy intervals are Wilson's, drop intervals the paired bootstrap.", ""]
     searched = [c for c in rows if "budget_holds_on_test" in c]
     for c in searched:
-        lines.append(f"- {c['name']}: search drop {_fmt(c.get('search_drop'))}, test drop {_fmt(c.get('test_drop'))} "
-                     f"{_ci(c.get('test_drop_ci95'))}: budget {'held' if c['budget_holds_on_test'] else 'NOT held'} "
-                     f"on {report}.")
-    basis = b04.get("dominance_basis")
-    lines += ["", "Uniform configurations dominated by a searched one (at least as good in AI and accuracy, "
-                  "better in one), as judged by stage 4" + (f" on {basis}" if basis else "") + ":", ""]
-    dom = b04.get("dominates") or {}
-    if isinstance(dom, dict) and dom:
-        for name, beaten in dom.items():
-            beaten = list(beaten or [])
-            lines.append(f"- {name} dominates " + (", ".join(beaten) if beaten else
-                                                    "none of the uniform configurations") + ".")
+        confirm = ""
+        if c.get("confirm_images"):
+            confirm = (f", confirm drop {_fmt(c.get('confirm_drop'))} ± {_fmt(c.get('confirm_drop_se'))} on "
+                       f"{c['confirm_images']} held-back images"
+                       + ("" if c.get("confirm_passed") else " (nothing passed: float)"))
+        lines.append(f"- {c['name']}: search drop {_fmt(c.get('search_drop'))}{confirm}, test drop "
+                     f"{_fmt(c.get('test_drop'))} {_ci(c.get('test_drop_ci95'))}: budget "
+                     f"{'held' if c['budget_holds_on_test'] else 'NOT held'} on {report}.")
+    comparisons = b04.get("comparisons")
+    if isinstance(comparisons, dict) and comparisons:
+        lines += ["", "Searched against uniform configurations on the report images: \"dominates\" only where the "
+                      "paired 95% interval of the accuracy difference excludes zero (and AI is at least as high):", ""]
+        for name, rows in comparisons.items():
+            for rel in ("dominates", "higher AI at a statistically equal accuracy"):
+                vs = [f"{r['vs']} ({r['acc_diff']:+.2f} [{r['acc_diff_ci95'][0]:+.2f}, {r['acc_diff_ci95'][1]:+.2f}])"
+                      for r in rows if r.get("relation") == rel]
+                if vs:
+                    lines.append(f"- {name} {'dominates' if rel == 'dominates' else 'has ' + rel + ' to'} "
+                                 f"{', '.join(vs)}.")
+            if not any(r.get("relation") in ("dominates", "higher AI at a statistically equal accuracy") for r in rows):
+                lines.append(f"- {name}: no uniform configuration is dominated or matched at lower AI.")
     else:
-        lines.append("- (stage 4 recorded no dominance results)")
+        basis = b04.get("dominance_basis")
+        lines += ["", "Uniform configurations dominated by a searched one (at least as good in AI and accuracy, "
+                      "better in one), as judged by stage 4" + (f" on {basis}" if basis else "") + ":", ""]
+        dom = b04.get("dominates") or {}
+        if isinstance(dom, dict) and dom:
+            for name, beaten in dom.items():
+                beaten = list(beaten or [])
+                lines.append(f"- {name} dominates " + (", ".join(beaten) if beaten else
+                                                        "none of the uniform configurations") + ".")
+        else:
+            lines.append("- (stage 4 recorded no dominance results)")
     if s03:
         method, res = chosen_config(s03)
         if method:

@@ -40,6 +40,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    help='your own held-out split, JSON {"search": {"set": "train"|"test", "indices": [...]}, '
                         '"report": {...}} (default: the checkpoint\'s validation split; without one, halves of '
                         'the test set)')
+    g.add_argument("--confirm-size", default=None, type=int,
+                   help="search images held back as the confirm split: no search step queries them, they test the "
+                        "searched answers in an order the search fixed (0: no confirm step) (default: 40%% of the "
+                        "search images, 2,000 of 5,000 validation images)")
     g.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
     g.add_argument("--cache-gb", default=DEFAULT_CACHE_BYTES / 2 ** 30, type=float,
                    help="bound on the cached activations; segments beyond it are recomputed, with identical "
@@ -51,8 +55,10 @@ def add_model_args(p: argparse.ArgumentParser):
 
 def add_quant_args(p: argparse.ArgumentParser, stage: str):
     g = p.add_argument_group("quantization")
-    default_w = "8 6 4 3 2; with --quick: 8 4 2" if stage == "2" else "the widths stage 2 measured"
-    default_a = "none: tensors stay float" if stage == "2" else "the widths stage 2 measured"
+    default_w = ("8 6 4 3 2; with --quick: 8 4 2; --target ort-cpu: 8" if stage == "2"
+                 else "the widths stage 2 measured")
+    default_a = ("none: tensors stay float; --target ort-cpu: 8" if stage == "2"
+                 else "the widths stage 2 measured")
     g.add_argument("--bits", default=None, type=int, nargs="+",
                    help=f"candidate weight widths, 2-8 (default: {default_w})")
     g.add_argument("--a-bits", default=None, type=int, nargs="+",
@@ -77,19 +83,42 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
     return p
 
 
+# Widths a target's runtime executes in integer (besides float). The generic target models hardware that
+# runs any width; ONNX Runtime's CPU build runs 8-bit convolutions and adds (QLinearConv, QLinearAdd).
+EXECUTABLE = {"generic": None, "ort-cpu": (8,)}
+
+
+def check_executable(bits, flag: str, target: str):
+    allowed = EXECUTABLE[target]
+    bad = [b for b in bits if allowed is not None and b not in (*allowed, FLOAT_BITS)]
+    if bad:
+        raise UserError(f"{flag} {' '.join(map(str, bad))}: --target {target} runs only "
+                        f"{', '.join(f'{b}-bit' for b in allowed)} weights and tensors in integer (or float), so the "
+                        f"searched configuration could not run as found. Drop {flag} (the default is "
+                        f"{' '.join(map(str, allowed))}) or use --target generic to study hardware that runs any width.")
+
+
 def weight_ladder(args) -> list[int]:
-    """Stage 2's --bits: as given, else the default ladder (a shorter one with --quick); validated."""
-    bits = args.bits if args.bits is not None else list(QUICK_W_LADDER if args.quick else DEFAULT_W_LADDER)
+    """Stage 2's --bits: as given, else the default ladder (a shorter one with --quick; the runtime's widths
+    under an executing target); validated."""
+    target = getattr(args, "target", "generic")
+    default = EXECUTABLE[target] or (QUICK_W_LADDER if args.quick else DEFAULT_W_LADDER)
+    bits = args.bits if args.bits is not None else list(default)
     check_widths(bits, "--bits")
+    check_executable(bits, "--bits", target)
     return list(dict.fromkeys(bits))
 
 
 def act_ladder(args) -> list[int]:
-    """Stage 2's --a-bits without 32 (float is always a choice); [] means weights only."""
-    if args.a_bits is None:
+    """Stage 2's --a-bits without 32 (float is always a choice); [] means weights only. An executing target
+    searches its runtime's tensor widths by default."""
+    target = getattr(args, "target", "generic")
+    bits = args.a_bits if args.a_bits is not None else list(EXECUTABLE[target] or [])
+    if not bits:
         return []
-    check_widths(args.a_bits, "--a-bits", ACT_BITS)
-    return [b for b in dict.fromkeys(args.a_bits) if b != FLOAT_BITS]
+    check_widths(bits, "--a-bits", ACT_BITS)
+    check_executable(bits, "--a-bits", target)
+    return [b for b in dict.fromkeys(bits) if b != FLOAT_BITS]
 
 
 def resolve_checkpoint(args) -> Path:
@@ -127,6 +156,8 @@ class Setup:
     clip: str = "mse"
     ranges: dict | None = None
     calibration: dict | None = None
+    confirm_x: torch.Tensor | None = None   # the confirm images (None: --confirm-size 0)
+    confirm_y: torch.Tensor | None = None
 
     @property
     def seed(self) -> int:
@@ -201,14 +232,15 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
     data_dir = args.data_dir or Path(recorded.get("data_dir") or "data")
     data = load_dataset(dataset, data_dir)
     seed_everything(seed)
-    split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt)
+    split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt,
+                         confirm_size=getattr(args, "confirm_size", None))
     table = kernel_table(model, target)
     if args.quick:
         k = quick_images(QUICK_EVAL_IMAGES, table.layers, per_layer=True)
-        split.search = Part(split.search.name, split.search.set, quick_subset(split.search.indices, k, seed),
-                            split.search.note)
-        split.report = Part(split.report.name, split.report.set, quick_subset(split.report.indices, k, seed),
-                            split.report.note)
+        for role in ("search", "report", "confirm"):
+            part = getattr(split, role)
+            if part is not None:
+                setattr(split, role, Part(part.name, part.set, quick_subset(part.indices, k, seed), part.note))
     n_calib = calib_images if calib_images is not None else (QUICK_CALIB_IMAGES if args.quick else CALIB_IMAGES)
     if n_calib <= 0:
         raise UserError(f"--calib-images must be > 0, got {n_calib}.")
@@ -219,16 +251,18 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
         return to_device_uint8(x, device), torch.from_numpy(y).to(device)
     eval_x, eval_y = on_device(split.search)
     report_x, report_y = on_device(split.report)
+    confirm_x, confirm_y = on_device(split.confirm) if split.confirm is not None else (None, None)
     model = model.to(device)
     norm = meta["normalization"]
     info = {**data.describe(), "data_dir": str(data_dir), "seed": seed, "val_size": recorded.get("val_size"),
             "quick": bool(args.quick), "policy": split.policy, "eval_split": split.search.name,
             "search": split.search.describe(data), "report": split.report.describe(data),
+            "confirm": split.confirm.describe(data) if split.confirm is not None else None,
             "calibration": {"set": "train", "images": len(calib_idx)},
             "normalization": {**norm, "source": meta["normalization_source"]}}
     return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
                  eval_x, eval_y, report_x, report_y, table, to_device_uint8(data.train_x[calib_idx], device), data,
-                 cost_model, per_channel, clip)
+                 cost_model, per_channel, clip, confirm_x=confirm_x, confirm_y=confirm_y)
 
 
 def results_header(stage: str, s: Setup) -> dict:
@@ -247,12 +281,14 @@ def segment_names(s: Setup) -> dict[str, str]:
 
 def check_same_data(obj: dict, path, s: Setup, producer: str, force: bool):
     """Refuse results measured on other search images than this run's."""
-    rec, now = obj.get("dataset", {}).get("search", {}), s.data_info["search"]
-    differ = {k: (rec.get(k), now.get(k)) for k in ("name", "images", "indices_sha256", "content_sha256")
-              if rec.get(k) != now.get(k)}
+    differ = {}
+    for role in ("search", "confirm"):
+        rec, now = obj.get("dataset", {}).get(role) or {}, s.data_info[role] or {}
+        differ.update({f"{role} {k}": (rec.get(k), now.get(k)) for k in ("name", "images", "indices_sha256",
+                                                                        "content_sha256") if rec.get(k) != now.get(k)})
     if differ and not force:
         raise UserError(f"{path} was measured on other data than this run would search on ({differ}, as "
-                        f"(recorded, now)). Re-run {producer} with the same --quick / --holdout / --data-dir "
+                        f"(recorded, now)). Re-run {producer} with the same --quick / --holdout / --confirm-size / --data-dir "
                         f"flags, or pass --force.")
 
 

@@ -18,7 +18,7 @@ from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
 from utils.qat import BN_HANDLING, MOMENTUM, WEIGHT_DECAY, finetune, prepare_qat
 from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
-from utils.stages.common import check_same_data, load_setup, results_header, write_results
+from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
 from utils.train import PAD, correct_mask, to_device_uint8
 
@@ -26,20 +26,38 @@ JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activa
 SEARCHED = ("greedy", "pareto")
 
 
-def dominates(a: dict, b: dict) -> bool:
-    """Higher AI at equal or better accuracy, or better accuracy at equal or higher AI."""
-    return ((a["ai"] > b["ai"] and a["test_acc"] >= b["test_acc"]) or
-            (a["test_acc"] > b["test_acc"] and a["ai"] >= b["ai"]))
+DOMINATES = "dominates"
+EQUAL_ACC = "higher AI at a statistically equal accuracy"
+
+
+def relation(a: dict, b: dict, a_correct, b_correct) -> dict:
+    """How configuration `a` compares with `b` on the report images, by AI and the paired 95% bootstrap
+    interval of the accuracy difference acc(a) - acc(b):
+
+    * "dominates": AI(a) >= AI(b) and the interval lies above zero;
+    * "higher AI at a statistically equal accuracy": AI(a) > AI(b) and the interval contains zero;
+    * "trade-off" (more AI, significantly less accuracy) or "dominated or equal" otherwise."""
+    pd = paired_drop(a_correct, b_correct)          # drop of b against a = acc(a) - acc(b)
+    lo, hi = bootstrap_drop_interval(pd)
+    if a["ai"] >= b["ai"] and lo > 0:
+        rel = DOMINATES
+    elif a["ai"] > b["ai"] and lo <= 0 <= hi:
+        rel = EQUAL_ACC
+    else:
+        rel = "trade-off" if a["ai"] > b["ai"] else "dominated or equal"
+    return {"vs": b["name"], "relation": rel, "acc_diff": pd.drop, "acc_diff_ci95": [lo, hi]}
 
 
 def compared_configs(s3: dict, space, w_widths) -> list[tuple[str, dict]]:
     """(name, full config) of fp32, the uniform widths and what stage 3 found, in that order. Uniform
     weight widths leave every tensor float; the joint uniforms put every tensor (the image and the
-    logits included) at their width."""
+    logits included) at their width; under a target that runs only some widths, only those."""
     out = [("fp32", space.uniform(FLOAT_BITS, FLOAT_BITS))]
     out += [(f"uniform_w{b}", space.uniform(b, FLOAT_BITS)) for b in w_widths if b != FLOAT_BITS]
+    runs = EXECUTABLE[s3.get("target", "generic")]
     if s3.get("joint"):
-        out += [(f"uniform_w{w}a{a}", space.uniform(w, a)) for w, a in JOINT_UNIFORMS]
+        out += [(f"uniform_w{w}a{a}", space.uniform(w, a)) for w, a in JOINT_UNIFORMS
+                if runs is None or (w in runs and a in runs)]
     for m in SEARCHED:
         if s3.get(m):
             out.append((m, space.parse(s3[m]["config"], FLOAT_BITS, f"{RESULTS_FILES['3']} {m} config")))
@@ -85,11 +103,15 @@ def create_baselines(args) -> dict:
     val_eval = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_activations=False)
     test_eval = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, cache_activations=False)
     fp_val, fp_test = val_eval.float_outcome, test_eval.float_outcome
-    configs = []
+    configs, correct = [], {}
     for name, cfg in tqdm(candidates, desc="configurations", dynamic_ncols=True):
         entry = score(name, cfg, s, val_eval, test_eval, fp_val, fp_test)
+        correct[name] = test_eval.evaluate(cfg).correct
         if name in SEARCHED:
-            entry.update(search_drop=s3[name]["drop"], confirm_drop=None,
+            r3 = s3[name]
+            entry.update(search_drop=r3["drop"], confirm_drop=r3.get("confirm_drop"),
+                         confirm_drop_se=r3.get("confirm_drop_se"), confirm_passed=r3.get("confirm_passed"),
+                         confirm_images=r3.get("confirm_images", 0),
                          budget_holds_on_test=entry["test_drop"] <= s3["max_drop"])
         configs.append(entry)
 
@@ -98,11 +120,17 @@ def create_baselines(args) -> dict:
 
     by_name = {c["name"]: c for c in configs}
     uniforms = [c for c in configs if c["name"].startswith("uniform_")]
-    dom = {m: [u["name"] for u in uniforms if dominates(by_name[m], u)] for m in SEARCHED if m in by_name}
+    comparisons = {m: [relation(by_name[m], u, correct[m], correct[u["name"]]) for u in uniforms]
+                   for m in SEARCHED if m in by_name}
+    dom = {m: [c["vs"] for c in rows if c["relation"] == DOMINATES] for m, rows in comparisons.items()}
     result = {**results_header("4", s), "max_drop": s3.get("max_drop"), "budget": s3.get("budget"),
               "baseline": "fp32", "quantization": quant, "joint": joint, "configs": configs, "dominates": dom,
-              "dominance_basis": "test_acc and ai", "report_split": s.split.report.name,
+              "comparisons": comparisons,
+              "dominance_basis": "AI, and the paired 95% bootstrap interval of the test accuracy difference: "
+                                 "dominates only when it excludes zero",
+              "report_split": s.split.report.name,
               "images": {"search": s.split.search.describe(s.data, True),
+                         "confirm": s.split.confirm.describe(s.data, True) if s.split.confirm is not None else None,
                          "report": s.split.report.describe(s.data, True)}}
     if s.split.policy == "test halves":
         print(f"note: test accuracies are on the report half of the test set ({len(s.report_y)} images), which "
@@ -195,8 +223,11 @@ def print_comparison(res: dict):
         dlo, dhi = c["test_drop_ci95"]
         print(f"{c['name']:<14}{c['ai']:>8.2f}{c['ai'] / fp['ai']:>8.2f}{c['val_acc']:>8.2f}{c['test_acc']:>8.2f}"
               f"{f'[{lo:.2f}, {hi:.2f}]':>16}{c['test_drop']:>10.2f}{f'[{dlo:.2f}, {dhi:.2f}]':>16}")
-    for m, beaten in res["dominates"].items():
-        print(f"{m} dominates: {', '.join(beaten) if beaten else 'none of the uniform baselines'}")
+    for m, rows in (res.get("comparisons") or {}).items():
+        for c in rows:
+            if c["relation"] in (DOMINATES, EQUAL_ACC):
+                lo, hi = c["acc_diff_ci95"]
+                print(f"{m} vs {c['vs']}: {c['relation']} (test accuracy {c['acc_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}])")
     qat = [c for c in res["configs"] if "qat_test_acc" in c]
     if qat:
         print(f"\nafter {qat[0]['qat_epochs']} epochs of quantization-aware fine-tuning (same recipe for all; fp32 "

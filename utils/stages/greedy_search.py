@@ -13,9 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from quant.confirm import confirm_sequence, confirm_z, greedy_sequence
 from quant.cost import CostModel
 from quant.search import EvalCache, Measured, greedy_search, pareto_frontier, verify_frontier
-from quant.stats import Budget, paired_drop
+from quant.stats import BUDGET_Z, Budget, paired_drop
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
@@ -26,6 +27,12 @@ RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop"}
 # of each signal: nats of KL or cross-entropy per image, or points of accuracy (half an image of 10,000).
 SCORE_EPS = {"kl": 1e-6, "loss": 1e-6, "drop": 0.005}
 QUICK_MAX_EVALUATIONS = 40
+# The search's own margin when a confirm split carries the guarantee: 0, chosen by simulation
+# (benchmarks/budget_simulation.py: AI rises as the margin falls and the promise holds at every margin
+# tried; README "A budget that holds out of sample"); without one, the margin that keeps a fresh split
+# of the search's size within budget about 95% of the time.
+SEARCH_Z_WITH_CONFIRM = 0.0
+SEARCH_Z_WITHOUT_CONFIRM = BUDGET_Z
 FRONTIER_POINTS_SAVED = 300   # the frontier can have thousands of points: a thinned copy goes into the JSON
 
 
@@ -90,7 +97,7 @@ def search_widths(args) -> dict:
     t0 = time.time()
     if args.max_drop < 0:
         raise UserError(f"--max-drop must be >= 0 points, got {args.max_drop}.")
-    if args.z < 0:
+    if args.z is not None and args.z < 0:
         raise UserError(f"--z must be >= 0, got {args.z}.")
     if args.verify_top_k < 1 or args.pareto_verify < 1:
         raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
@@ -120,6 +127,10 @@ def search_widths(args) -> dict:
     s.calibrate(a_ladder)
     check_calibration(s2, s, s2_path, args.force)
     joint = bool(a_ladder)
+    confirming = s.confirm_x is not None
+    z = args.z if args.z is not None else (SEARCH_Z_WITH_CONFIRM if confirming else SEARCH_Z_WITHOUT_CONFIRM)
+    # both searches confirmed, the better answer shipped: each sequence at 5% / 2 keeps the shipped one at 5%
+    z_confirm = confirm_z(2 if args.method == "both" else 1)
 
     evaluator = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_bytes=int(args.cache_gb * 2 ** 30))
     base = evaluator.float_outcome
@@ -149,11 +160,52 @@ def search_widths(args) -> dict:
     float_cfg = space.uniform(FLOAT_BITS, FLOAT_BITS)
     cache = EvalCache(measure)
     cache.remember(float_cfg, Measured(base.accuracy, 0.0, 0.0, 0.0))
-    budget = Budget(args.max_drop, args.z)
+    budget = Budget(args.max_drop, z)
 
     def describe(config, m: Measured, **extra):
         return {"config": space.to_file(config), "ai": ai_of(config), "val_acc": m.acc, "drop": m.drop,
                 "drop_se": m.se, "margin": m.drop + budget.z * m.se, **extra}
+
+    confirm_eval = s.evaluator(s.confirm_x, s.confirm_y, args.eval_batch_size,
+                               cache_bytes=int(args.cache_gb * 2 ** 30)) if confirming else None
+
+    def confirm(sequence, chain: bool) -> dict | None:
+        """Fixed-sequence test of `sequence` (fixed by the search) on the confirm images."""
+        if not confirming:
+            return None
+        base = confirm_eval.float_outcome
+
+        def measure_confirm(config) -> Measured:
+            if chain:   # consecutive configurations differ in one group: move the cached prefix along
+                confirm_eval.set_base(config)
+                out = confirm_eval.base_outcome
+            else:
+                out = confirm_eval.evaluate(config)
+            pd = paired_drop(base.correct, out.correct)
+            return Measured(out.accuracy, pd.drop, pd.se, pd.drop)
+        c = confirm_sequence(sequence, measure_confirm, args.max_drop, z_confirm)
+        c["images"] = confirm_eval.n
+        return c
+
+    def answer(search_cfg, search_m, sequence, chain, **extra) -> dict:
+        """The searched entry: the configuration the confirm step accepts (the search's own answer without
+        one), its search-split and confirm-split numbers, and the search's answer before confirmation."""
+        c = confirm(sequence, chain)
+        if c is None:
+            return describe(search_cfg, search_m, confirm_drop=None, confirm_drop_se=None, confirm_acc=None,
+                            confirm_passed=None, confirm_images=0, confirm=None, **extra)
+        accepted = c["config"] if c["config"] is not None else float_cfg
+        cm_ = c["measured"]
+        entry = describe(accepted, cache(accepted), confirm_drop=cm_.drop if cm_ else 0.0,
+                         confirm_drop_se=cm_.se if cm_ else 0.0, confirm_acc=cm_.acc if cm_ else None,
+                         confirm_passed=cm_ is not None, confirm_images=c["images"], **extra)
+        entry["confirm"] = {"z": c["z"], "rule": f"confirm drop + {c['z']:.3f} x SE <= {args.max_drop}, tested in "
+                                                 f"the order the search fixed; the last pass before the first failure",
+                            "sequence": len(sequence), "accepted": c["accepted"], "first_failure": c["first_failure"],
+                            "evaluations": c["evaluations"], "tested": c["tested"],
+                            "cut_back": accepted != search_cfg}
+        entry["search_answer"] = {k: v for k, v in describe(search_cfg, search_m).items()}
+        return entry
 
     header = results_header("3", s)
     result = {**header, "eval_images": evaluator.n, "max_drop": args.max_drop,
@@ -163,6 +215,11 @@ def search_widths(args) -> dict:
                                "tensor_groups": len(space.tensors) if joint else 0,
                                "tensor_widths": [FLOAT_BITS] + a_ladder if joint else [FLOAT_BITS]},
               "quantization": quant, "activation_calibration": s.calibration,
+              "confirm_images": confirm_eval.n if confirming else 0,
+              "confirm_z": z_confirm if confirming else None,
+              "search_margin": {"z": z, "why": "the confirm step carries the 5% guarantee; z chosen by simulation"
+                                if confirming else "no confirm split: the margin alone keeps the budget on fresh "
+                                                   "data of the search's size"},
               "max_evaluations": cap, "prune_infeasible": not args.no_prune_infeasible,
               "fast_forward": not args.no_fast_forward,
               "layers": [{"name": li.name, "params": li.weights, "macs": li.macs, "segment": header["segments"][li.name]}
@@ -189,12 +246,13 @@ def search_widths(args) -> dict:
                           score_eps=SCORE_EPS[args.rank_by], fast_forward=not args.no_fast_forward)
         bar.close()
         greedy_cfg = g["config"]
-        result["greedy"] = describe(greedy_cfg, g["measured"], evaluations=g["evaluations"], steps=g["steps"],
-                                    stopped_by=g["stopped_by"], pruned_moves=g["pruned_moves"],
-                                    infeasible_evaluations=g["infeasible_evaluations"],
-                                    trajectory=g["trajectory"])
+        result["greedy"] = answer(greedy_cfg, g["measured"], greedy_sequence(g, float_cfg), True,
+                                  evaluations=g["evaluations"], steps=g["steps"], stopped_by=g["stopped_by"],
+                                  pruned_moves=g["pruned_moves"], infeasible_evaluations=g["infeasible_evaluations"],
+                                  trajectory=g["trajectory"])
         print(f"greedy: AI {g['ai']:.2f} at {g['measured'].acc:.2f}% after {g['steps']} steps, "
-              f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else ""))
+              f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else "")
+              + confirmed_note(result["greedy"]))
 
     if args.method in ("pareto", "both"):
         options = {grp: [(b, bytes_of(grp, b), est(sig, grp, b)) for b in [FLOAT_BITS] + lad]
@@ -207,8 +265,11 @@ def search_widths(args) -> dict:
                             seed_config=greedy_cfg)
         if p["config"] is None:
             p.update(config=float_cfg, ai=ai_of(float_cfg), measured=cache(float_cfg), source="float")
-        result["pareto"] = describe(
-            p["config"], p["measured"], source=p["source"], evaluations=p["evaluations"],
+        # the fixed sequence: the frontier points the search verified within budget, in order of AI, then its answer
+        seq = [v["config"] for v in sorted(p["verified"], key=lambda v: v["ai"]) if v["feasible"]
+               and v["config"] != p["config"] and v["ai"] < ai_of(p["config"])] + [p["config"]]
+        result["pareto"] = answer(
+            p["config"], p["measured"], seq, False, source=p["source"], evaluations=p["evaluations"],
             note=p["note"], frontier_size=len(frontier), dp_seconds=dp_seconds,
             verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc, "drop": v["measured"].drop,
                        "drop_se": v["measured"].se, "feasible": v["feasible"]} for v in p["verified"]],
@@ -217,7 +278,7 @@ def search_widths(args) -> dict:
                       for pt in thin(frontier, FRONTIER_POINTS_SAVED)])
         print(f"pareto: {len(frontier)} frontier points ({dp_seconds:.2f} s); answer AI {p['ai']:.2f} at "
               f"{p['measured'].acc:.2f}% ({p['source']}), {p['evaluations']} evaluations"
-              + (f"; {p['note']}" if p["note"] else ""))
+              + (f"; {p['note']}" if p["note"] else "") + confirmed_note(result["pareto"]))
 
     ran = [m for m in ("greedy", "pareto") if result[m]]
     result["best"] = max(ran, key=lambda m: (result[m]["ai"], result[m]["val_acc"])) if ran else None
@@ -230,6 +291,17 @@ def search_widths(args) -> dict:
     print_search(result)
     print(f"{cache.count} evaluations in {result['seconds']:.1f} s; wrote {path}")
     return result
+
+
+def confirmed_note(entry: dict) -> str:
+    c = entry.get("confirm")
+    if c is None:
+        return "; no confirm split"
+    if not entry["confirm_passed"]:
+        return f"; confirm split: the first configuration of {c['sequence']} failed, so the answer is float"
+    cut = f", cut back to step {c['accepted'] + 1} of {c['sequence']}" if c["cut_back"] else ""
+    return (f"; confirmed on {entry['confirm_images']} held-back images: drop {entry['confirm_drop']:.2f} +- "
+            f"{entry['confirm_drop_se']:.2f}{cut}, AI {entry['ai']:.2f}")
 
 
 def print_search(result: dict):

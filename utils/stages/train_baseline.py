@@ -17,7 +17,7 @@ from utils.cli import resolve_arch, resolve_device, seed_everything
 from utils.data import channel_stats, load_dataset, subset_indices
 from utils.errors import UserError
 from utils.io import RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, jsonable_args, provenance
-from utils.ai_calculator import layer_table
+from quant.cost import layer_table
 from utils.split import (QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset,
                          split_identity, train_val_split)
 from utils.train import (PAD, GraphStep, Normalizer, WarmupCosine, check_graph_mode, evaluate, load_optimizer_state,
