@@ -44,6 +44,9 @@ def get_args_parser():
     g.add_argument("--no-fast-forward", action="store_true",
                    help="greedy: verify every step from all-float, instead of first bisecting the path the estimate "
                         "alone would take (default: off)")
+    g.add_argument("--audit-pruning", default=0, type=int, metavar="N",
+                   help="after the greedy, measure N of the moves its pruning rule skipped, from where they were "
+                        "skipped, and record how many would have held the budget (default: 0)")
     g.add_argument("--max-evaluations", default=None, type=int,
                    help=f"hard cap on real evaluations (default: none; with --quick: {QUICK_MAX_EVALUATIONS})")
     g.add_argument("--pareto-verify", default=24, type=int,

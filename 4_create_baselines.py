@@ -6,6 +6,7 @@ search images and on report images the search never saw (the test set, or its re
     python 4_create_baselines.py --bits 8 4
     python 4_create_baselines.py --qat-epochs 2                 # fine-tune every configuration
     python 4_create_baselines.py --qat-epochs 15 --qat-configs fp32 uniform_w4a4 greedy --resume
+    python 4_create_baselines.py --qat-epochs 2 --qat-seeds 3 --keep-ends 8
 
 Reads the checkpoint and results/03_search.json; writes results/04_baselines.json and, with
 --qat-epochs, <checkpoint-dir>/qat_<name>.pt (export one with python -m utils.export).
@@ -26,11 +27,28 @@ def get_args_parser():
     g.add_argument("--qat-configs", default=None, nargs="+", metavar="NAME",
                    help="fine-tune only these (fp32, uniform_w4, uniform_w4a4, greedy, ...) (default: all)")
     g.add_argument("--qat-lr", default=0.001, type=float,
-                   help="peak learning rate per 128 images, cosine to zero; the folded network has no BN, and 0.01 "
-                        "diverged where 0.001 recovered (default: 0.001)")
+                   help="peak learning rate per 128 images, cosine to zero (default: 0.001)")
+    g.add_argument("--qat-bn", default="kept", choices=("kept", "folded"),
+                   help="kept: BN stays during fine-tuning (batch statistics) with each conv weight quantized in "
+                        "its folded form, and is folded at the end, so the folded model is what is evaluated and "
+                        "exported; folded: fold first and train the folded conv, which collapsed at 3 bits "
+                        "(default: kept)")
+    g.add_argument("--qat-warmup", default=0.0, type=float, metavar="FRACTION",
+                   help="linear learning-rate warm-up over this fraction of the fine-tuning steps (default: 0)")
+    g.add_argument("--qat-distill", action="store_true",
+                   help="train on KL divergence to the float model's logits instead of the labels (default: off)")
+    g.add_argument("--qat-seeds", default=1, type=int, metavar="K",
+                   help="fine-tune every configuration with K seeds (data order and augmentation); accuracies "
+                        "are reported as the mean over seeds with its standard deviation, and the answer is the "
+                        "seed best on validation images (default: 1)")
     g.add_argument("--qat-batch-size", default=128, type=int, help="images per fine-tuning step (default: 128)")
     g.add_argument("--qat-scales", default="learned", choices=("learned", "fixed"),
                    help="quantizer scales learned by LSQ or held at their post-training values (default: learned)")
+    g.add_argument("--keep-ends", default=None, type=int, metavar="BITS",
+                   help="uniform configurations keep the first layer's weights, the image, the last layer's "
+                        "weights and the tensor it reads (pooled features) at BITS (8, as the literature's W4A4 "
+                        "and W3A3 ResNet-20 results do) where they would be narrower; the JSON records it "
+                        "(default: off, uniform means uniform)")
     g.add_argument("--resume", action="store_true",
                    help="continue interrupted fine-tunes and reuse finished ones whose base checkpoint, "
                         "configuration and recipe match (default: off, fine-tune afresh)")

@@ -8,14 +8,15 @@
 #
 # Shared options go to every stage: --quick --dataset --data-dir --device --seed --val-size --results-dir
 # --checkpoint-dir. Model: --arch --depth --shortcut (stage 1 builds it; stages 2-4 check it against the
-# checkpoint); --checkpoint (a given checkpoint skips stage 1) --normalization --holdout (stages 2-4). Stage
-# options: --epochs --batch-size --lr --warmup-epochs (stage 1), --bits --a-bits (stages 2-4), --max-drop
-# --method --max-evaluations (stage 3), --qat-epochs (stage 4). PYTHON overrides the interpreter.
+# checkpoint); --checkpoint (a given checkpoint skips stage 1) --normalization --holdout --confirm-size
+# (stages 2-4). Stage options: --epochs --batch-size --lr --warmup-epochs (stage 1), --bits --a-bits (stages
+# 2-4), --cost-model --target (stage 2; stages 3-4 follow it), --max-drop --method --max-evaluations (stage 3),
+# --qat-epochs (stage 4). PYTHON overrides the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
-COMMON=(); MODEL=(); POST=(); S1=(); BITS=(); S3=(); S4=(); RESULTS=results; CHECKPOINT=
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+COMMON=(); MODEL=(); POST=(); S1=(); S2=(); BITS=(); S3=(); S4=(); RESULTS=results; CHECKPOINT=
 need() { [ "$1" -ge 2 ] || { echo "run_pipeline.sh: $2 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,7 +26,8 @@ while [ $# -gt 0 ]; do
     --results-dir) need $# "$1"; COMMON+=("$1" "$2"); RESULTS=$2; shift 2 ;;
     --arch|--depth|--shortcut) need $# "$1"; MODEL+=("$1" "$2"); shift 2 ;;
     --checkpoint) need $# "$1"; CHECKPOINT=$2; POST+=("$1" "$2"); shift 2 ;;
-    --normalization|--holdout) need $# "$1"; POST+=("$1" "$2"); shift 2 ;;
+    --normalization|--holdout|--confirm-size) need $# "$1"; POST+=("$1" "$2"); shift 2 ;;
+    --cost-model|--target) need $# "$1"; S2+=("$1" "$2"); shift 2 ;;
     --epochs|--batch-size|--lr|--warmup-epochs) need $# "$1"; S1+=("$1" "$2"); shift 2 ;;
     --max-drop|--method|--max-evaluations) need $# "$1"; S3+=("$1" "$2"); shift 2 ;;
     --qat-epochs) need $# "$1"; S4+=("$1" "$2"); shift 2 ;;
@@ -57,7 +59,7 @@ else
   echo "=== stage 1 skipped: --checkpoint $CHECKPOINT given ==="
 fi
 POSTARGS=("${COMMON[@]}" ${MODEL[@]+"${MODEL[@]}"} ${POST[@]+"${POST[@]}"} ${BITS[@]+"${BITS[@]}"})
-stage "stage 2 (per-layer sensitivity)" 2_per_layer_analysis.py "${POSTARGS[@]}"
+stage "stage 2 (per-layer sensitivity)" 2_per_layer_analysis.py "${POSTARGS[@]}" ${S2[@]+"${S2[@]}"}
 stage "stage 3 (search)" 3_greedy_search.py "${POSTARGS[@]}" ${S3[@]+"${S3[@]}"}
 stage "stage 4 (baselines)" 4_create_baselines.py "${POSTARGS[@]}" ${S4[@]+"${S4[@]}"}
 stage "stage 5 (plots)" 5_generate_plots.py "${COMMON[@]}"

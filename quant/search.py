@@ -281,8 +281,11 @@ def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify
             if on_accept is not None:
                 on_accept(dict(config), current)
 
+    skipped = []   # (configuration, group, width): moves the pruning rule kept from being measured
     while stopped_by is None:
         moves = _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned)
+        skipped += [(dict(config), g, v) for g, lad in ladders.items() for v in lad
+                    if v < config[g] and pruned.blocks(g, v)]
         chosen = None
         for first in range(0, len(moves), verify_top_k):
             best = None
@@ -313,7 +316,20 @@ def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify
             on_accept(dict(config), m)
     return dict(trajectory=trajectory, config=dict(config), ai=ai, measured=current,
                 evaluations=cache.count - start_count, steps=len(trajectory) - 1, stopped_by=stopped_by,
-                pruned_moves=len(pruned.bound), infeasible_evaluations=infeasible_seen)
+                pruned_moves=len(pruned.bound), infeasible_evaluations=infeasible_seen, skipped_moves=skipped)
+
+
+def audit_pruning(skipped, evaluate, budget: Budget, k: int, seed: int = 0) -> dict:
+    """How often a move the pruning rule skipped would have held the budget: `k` of the greedy's
+    skipped moves (a seeded sample), each measured from the configuration where it was skipped."""
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(skipped))[:k] if skipped else []
+    held = []
+    for i in picks:
+        config, group, bits = skipped[i]
+        m = evaluate({**config, group: bits})
+        held.append(budget.holds(m.drop, m.se))
+    return {"skipped": len(skipped), "checked": len(held), "would_have_held": int(sum(held))}
 
 
 def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: int = 24, seed_config=None) -> dict:

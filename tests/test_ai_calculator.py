@@ -442,6 +442,18 @@ def test_bad_config_raises_user_error(table_b, obj, match):
         table_b.space.parse(obj)
 
 
+def test_stage3_results_file_gives_its_best_configuration(table_b, tmp_path):
+    sp = table_b.space
+    obj = {"stage": "3", "best": "pareto", "greedy": {"config": sp.to_file(sp.uniform(8, 8))},
+           "pareto": {"config": sp.to_file(sp.uniform(4, 8))}}
+    path = tmp_path / "03_search.json"
+    path.write_text(json.dumps(obj))
+    assert load_config(path, sp) == sp.uniform(4, 8)
+    path.write_text(json.dumps(dict(obj, best=None)))
+    with pytest.raises(UserError, match="without a searched configuration"):
+        load_config(path, sp)
+
+
 def test_bad_config_files(tmp_path, table_b):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.json", table_b.space)

@@ -53,7 +53,7 @@ def joint(quick_stage1, tmp_path_factory):
     common = (*COMMON, "--results-dir", results)
     run_script("2_per_layer_analysis.py", *common, "--bits", "4", "--a-bits", *A_BITS)
     ckpts = results.parent / "qat"
-    procs = {"3": run_script("3_greedy_search.py", *common),
+    procs = {"3": run_script("3_greedy_search.py", *common, "--audit-pruning", 3),
              "4": run_script("4_create_baselines.py", *common, "--checkpoint-dir", ckpts, "--qat-epochs", 1,
                              "--qat-configs", *QAT_CONFIGS),
              "5": run_script("5_generate_plots.py", "--no-progress", "--results-dir", results)}
@@ -237,6 +237,9 @@ def test_stage3_joint(joint, table, names):
     check_search(r, joint["res"]["2"], table, names, joint=True)
     assert r["a_bits"] == list(A_BITS)
     assert any(v.get("a", FLOAT_BITS) < FLOAT_BITS for k, v in r["greedy"]["config"].items() if k != "format")
+    audit = r["pruning_audit"]
+    assert audit["checked"] == min(3, audit["skipped"]) and 0 <= audit["would_have_held"] <= audit["checked"]
+    assert "pruning_audit" not in joint["res"]["4"]
 
 
 def test_stage2_joint_tensor_table(joint, table):

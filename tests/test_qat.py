@@ -1,7 +1,7 @@
-"""Quantization-aware fine-tuning (utils/qat.py, on quant.place.quantize_) and the integer export
-(utils/export.py): straight-through and LSQ gradients of the one Quantizer, the structure of the prepared
-model, resume equivalence, stale checkpoints, and an export round trip with identical predictions. Small
-models (ResNet-8) on a few hundred synthetic images."""
+"""Quantization-aware fine-tuning (utils/qat.py, on quant.place.quantize_): straight-through and LSQ
+gradients of the one Quantizer, the structure of the prepared model, resume equivalence and stale
+checkpoints (the export of a fine-tuned checkpoint is tested in tests/test_export.py). Small models
+(ResNet-8) on a few hundred synthetic images."""
 import inspect
 
 import pytest
@@ -20,8 +20,6 @@ from quant.quantizer import Quantizer
 from quant.widths import FLOAT_BITS, A, W
 from utils.checkpoint import read_checkpoint
 from utils.data import make_synthetic
-from utils.export import EXPORT_FORMAT, export_model, load_exported
-from utils.io import atomic_torch_save
 from utils.train import PAD, Normalizer
 
 TARGET = "generic"
@@ -189,37 +187,3 @@ def test_finished_matching_checkpoint_is_reused_and_stale_one_is_not(setup, stra
     assert read_checkpoint(path)["key"] == {"config": "other"}
     _, run = run_finetune(setup, path, resume=False, key={"config": "other"}, epochs=1)
     assert run["status"] == "trained"
-
-
-def test_export_round_trip(straight, tmp_path):
-    """The integer export holds int8 levels and per-channel scales for every layer with w < 32 and a scale for
-    every quantized tensor; it loads with weights_only, and the model it rebuilds predicts exactly what the
-    fine-tuned model predicts."""
-    obj = export_model(straight["path"])
-    out = tmp_path / "mixed_int.pt"
-    atomic_torch_save(obj, out)
-    loaded = read_checkpoint(out)   # weights_only
-    assert loaded["format"] == EXPORT_FORMAT
-    cfg = {tuple(g): b for g, b in loaded["config"]}
-    for name, e in loaded["layers"].items():
-        assert ("weight_int8" in e) == (e["w_bits"] != FLOAT_BITS) and e["w_bits"] == cfg[W, name]
-        if "weight_int8" in e:
-            assert e["weight_int8"].dtype == torch.int8 and e["weight_scale"].numel() == e["weight_int8"].shape[0]
-            assert e["weight_int8"].abs().max() <= 2 ** (e["w_bits"] - 1) - 1
-    assert set(loaded["tensors"]) == {n for (k, n), b in cfg.items() if k == A and b != FLOAT_BITS}
-    assert loaded["tensors"]["input"]["dtype"] == "int8" and loaded["tensors"]["input"]["qmax"] == 127
-    qat, _ = Q.load_qat(straight["path"])
-    exported = load_exported(out)
-    x = NORM(torch.from_numpy(make_synthetic(n_train=10, n_test=64).test_x))
-    with torch.no_grad():
-        a, b = qat(x), exported(x)
-    assert torch.equal(a.argmax(1), b.argmax(1)) and torch.equal(a, b)
-
-
-def test_export_cli_refuses_other_files(tmp_path, capsys):
-    """The export command answers a file that is not a fine-tuning checkpoint with a message and exit code 2."""
-    from utils import export
-    torch.save({"model": {}}, tmp_path / "x.pt")
-    assert export.main(["--checkpoint", str(tmp_path / "x.pt"), "--out", str(tmp_path / "y.pt")]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert "not a fine-tuning checkpoint" in err and "Traceback" not in err and not (tmp_path / "y.pt").exists()

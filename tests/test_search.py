@@ -470,6 +470,29 @@ def test_pruning_trade_off_on_a_non_monotone_model():
     assert on["pruned_moves"] >= 1
 
 
+def test_pruning_audit_measures_what_the_rule_skipped():
+    """The greedy records every move its pruning rule kept from being measured, with the configuration it
+    was skipped from; audit_pruning measures a seeded sample and counts the ones that would have held
+    (on the non-monotone model: the tensor at 2 bits, skipped after 4 failed, would have held)."""
+    from quant.search import audit_pruning
+    search, calls, wa, ab = two_group_non_monotone()
+    on = search(True)
+    skipped = on["skipped_moves"]
+    assert skipped and all(cfg[g] > b for cfg, g, b in skipped)
+    assert (({wa: 4, ab: FLOAT_BITS}, ab, 2) in skipped)
+    audit = audit_pruning(skipped, lambda c: pytest.fail("k = 0 measures nothing"), Budget(1.0, 0.0), 0)
+    assert audit == {"skipped": len(skipped), "checked": 0, "would_have_held": 0}
+
+    def evaluate(config):
+        d = {(wa, 4): 0.2, (wa, 2): 5.0, (ab, 4): 5.0, (ab, 2): 0.3}
+        drop = sum(d[g, b] for g, b in config.items() if b != FLOAT_BITS)
+        return Measured(BASELINE - drop, drop, 0.0, drop)
+    audit = audit_pruning(skipped, evaluate, Budget(1.0, 0.0), 100)
+    expect = sum(evaluate({**cfg, g: b}).drop <= 1.0 for cfg, g, b in skipped)
+    assert audit == {"skipped": len(skipped), "checked": len(skipped), "would_have_held": expect} and expect >= 1
+    assert audit_pruning(skipped, evaluate, Budget(1.0, 0.0), 1)["checked"] == 1
+
+
 def test_pruning_is_per_group_not_per_name():
     """A weight layer and a tensor may share a name ("conv1" the layer, "conv1" the tensor its kernel
     writes); they are different groups. A weight move measured infeasible prunes only the weight

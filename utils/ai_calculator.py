@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default: 32, float)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help='a tensor-widths/1 file, {"format": "tensor-widths/1", "layer1.0.conv1": {"w": 4, "a": 8}, '
-                        '"input": {"a": 8}, ...} (default: none)')
+                        '"input": {"a": 8}, ...}, or a 03_search.json for its best configuration (default: none)')
     p.add_argument("--cost-model", default=DEFAULT_COST_MODEL, choices=COST_MODELS,
                    help="fused: every tensor each kernel reads and writes, at its width; reference: the reference "
                         "work's per-layer weight-only convention (default: fused)")

@@ -14,7 +14,8 @@ def save_config(path, space: Space, config: dict):
 
 
 def load_config(path, space: Space, default_a: int = FLOAT_BITS) -> dict[tuple[str, str], int]:
-    """The full {group: bits} of the configuration file at `path`."""
+    """The full {group: bits} of the configuration file at `path`; a stage-3 results file (03_search.json)
+    gives its best searched configuration."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
@@ -25,4 +26,9 @@ def load_config(path, space: Space, default_a: int = FLOAT_BITS) -> dict[tuple[s
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"bit configuration file {path} is not valid JSON ({e}). It must be an object "
                         f"mapping layer and tensor names to widths, e.g. {EXAMPLE}.") from None
+    if isinstance(obj, dict) and obj.get("stage") == "3":   # a stage-3 results file: its best configuration
+        best = obj.get("best")
+        if best not in ("greedy", "pareto") or not isinstance(obj.get(best), dict):
+            raise UserError(f"{path} is a stage-3 results file without a searched configuration to read.")
+        return space.parse(obj[best]["config"], default_a, source=f"{path} ({best})")
     return space.parse(obj, default_a, source=str(path))

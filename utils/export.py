@@ -2,7 +2,7 @@
 
     python -m utils.export --checkpoint pretrained/resnet20_cifar10jpeg_30ep.pt --w-bits 8 --a-bits 8 \\
         --target ort-cpu --data-dir ../shared/data/cifar10-jpeg.tar.gz --onnx w8a8.onnx
-    python -m utils.export --checkpoint C --config greedy.json --results-dir results --onnx greedy.onnx
+    python -m utils.export --checkpoint C --config results/03_search.json --onnx searched.onnx
     python -m utils.export --checkpoint checkpoints/qat_greedy.pt --onnx greedy_qat.onnx
 
 The file is standard ONNX, built node by node from the BN-folded model (``to_onnx``):
@@ -13,16 +13,25 @@ The file is standard ONNX, built node by node from the BN-folded model (``to_onn
   int4 levels -7..7 at opset 21) with a DequantizeLinear; float weights stay float initializers;
 * every quantized tensor as one QuantizeLinear where its Slot writes it and a DequantizeLinear in front
   of each reader, per tensor: uint8 (zero point 0) after a ReLU; a signed tensor's grid -128..127 as
-  uint8 with zero point 128 (``--signed-dtype uint8``, the default: the same levels, stored offset, and
-  the only activation type ONNX Runtime's x86 CPU build runs QLinearConv / QLinearAdd on, which also
-  needs a conv's input and output of one type), or as int8 with zero point 0 (``--signed-dtype int8``,
-  what TensorRT and ARM builds read);
+  uint8 with zero point 128 (``--signed-dtype uint8``, the default: the same levels, stored offset) or as
+  int8 with zero point 0 (``--signed-dtype int8``, what TensorRT and ARM builds read). ONNX Runtime's x86
+  CPU build computes QLinearConv / QLinearAdd on uint8 activations only, with a conv's input and output of
+  one type; it rewrites int8 QDQ pairs to uint8 itself, but not everywhere (all of ResNet-20's, but in
+  MobileNetV2 most convs next to a signed tensor then stay float), so uint8 is what runs in integer
+  everywhere;
 * a conv's (or the linear layer's) bias as int32 (scale = input scale x weight scale) where ONNX
   Runtime fuses the node into QLinearConv / QGemm (quantized input, 8-bit weights, quantized output of
   the input's type), else float;
 * ReLU as Relu (ONNX Runtime drops a Relu in front of a uint8 QuantizeLinear with zero point 0); the
   residual add as Add, which ONNX Runtime runs as QLinearAdd where both inputs and its output are
   quantized tensors of one type, i.e. under ``--target ort-cpu``.
+
+What ONNX Runtime runs in integer is read back from its optimized graph (``fusion_report``): ResNet-20
+W8A8 under ``--target ort-cpu`` runs all 21 convolutions as QLinearConv, all 9 adds as QLinearAdd, the
+pool and the linear layer in integer; under ``generic`` the 9 conv2 + add pairs stay float. A float
+layer that reads a quantized tensor would be quantized by ONNX Runtime itself (per-tensor int8 weights,
+its default WeightBiasQuantization optimizer); the sessions here disable that optimizer (``KEEP_FLOAT``)
+so that what stays float runs in float, and the export says when a deployment must do the same.
 
 Only widths the runtime executes are exported: 8-bit weights and tensors, and float; 4-bit weights too
 (int4, opset 21), although ONNX Runtime's CPU build dequantizes them to float in front of the convolution
@@ -45,13 +54,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import math
-import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -64,8 +72,12 @@ from models.structure import DEFAULT_TARGET, TARGETS, Add, Slot
 from quant.fold import fold_bn
 from quant.place import quantize_, slots
 from quant.quantizer import Quantizer
-from quant.widths import FLOAT_BITS, A, W, tensors_of, weights_of
+from quant.widths import FLOAT_BITS, A, W, tensors_of
 from utils.errors import UserError, error_paragraph
+from utils.train import Normalizer
+
+if TYPE_CHECKING:
+    import onnx
 
 try:   # the model zoo's only model-specific op: option A's subsample-and-pad shortcut
     from models.resnet import PadShortcut
@@ -147,20 +159,6 @@ def round_up_quantized_(model: nn.Module, target: str, changed: dict) -> nn.Modu
     return model
 
 
-def model_config(model: nn.Module, target: str) -> dict:
-    """The full {group: bits} a placed model (quantize_ in trainable form, or a fine-tuned one) computes with."""
-    cfg = {}
-    for t in model.tensors(target):
-        q = model.get_submodule(t.slot).quant
-        cfg[A, t.name] = FLOAT_BITS if q is None else q.bits
-    for k in model.kernels(target):
-        for n in k.layers:
-            m = model.get_submodule(n)
-            cfg[W, n] = (m.parametrizations.weight[0].qmax.bit_length() + 1
-                         if parametrize.is_parametrized(m, "weight") else FLOAT_BITS)
-    return cfg
-
-
 # ---------------------------------------------------------------- the graph
 class _Tracer(fx.Tracer):
     """Leaves: layers, Slots, the residual add and the pad shortcut (everything else is traced through)."""
@@ -185,6 +183,7 @@ class _Graph:
     names: collections.Counter = field(default_factory=collections.Counter)
     opset: int = OPSET
     int_bias: list = field(default_factory=list)     # layers written with an int32 bias (fusable)
+    float_after_dq: list = field(default_factory=list)   # float-weight layers reading a quantized tensor
 
     def fresh(self, base: str) -> str:
         base = base.replace("/", ".")
@@ -192,14 +191,12 @@ class _Graph:
         return base if self.names[base] == 1 else f"{base}__{self.names[base] - 1}"
 
     def init(self, name, array: np.ndarray, dtype=None) -> str:
-        import onnx
         from onnx import helper, numpy_helper
         name = self.fresh(name)
         if dtype is not None:      # int4: helper packs the values
             self.inits.append(helper.make_tensor(name, dtype, list(array.shape), array.flatten().tolist()))
         else:
             self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))   # keeps 0-d scalars
-        del onnx
         return name
 
     def node(self, op, inputs, base, **attrs) -> str:
@@ -288,6 +285,8 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
         w = wq(m)
         if w is None:
             wname = g.init(f"{name}.weight", m.weight.detach().float().cpu().numpy())
+            if v_in.q is not None:
+                g.float_after_dq.append(name)
         else:
             levels, scale, bits = w
             per_channel = isinstance(scale, torch.Tensor)
@@ -304,8 +303,10 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
         if m.bias is None:
             return wname, None
         b = m.bias.detach().float().cpu().numpy()
-        fused = (w is not None and w[2] == INTEGER_W_BITS and v_in.q is not None
-                 and (fuse_out is None or fuse_out.q["dtype"] == v_in.q["dtype"]))
+        # QLinearConv needs a quantized output of the input's type; QGemm may also write float
+        out_ok = (fuse_out.q["dtype"] == v_in.q["dtype"]) if fuse_out is not None and v_in.q is not None else (
+            isinstance(m, nn.Linear))
+        fused = w is not None and w[2] == INTEGER_W_BITS and v_in.q is not None and out_ok
         if not fused:
             return wname, g.init(f"{name}.bias", b)
         bscale = (v_in.q["s"] * np.broadcast_to(w[1].numpy() if isinstance(w[1], torch.Tensor) else np.array(w[1]),
@@ -412,5 +413,419 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
                               doc_string=doc)
     proto.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", g.opset)])
     proto.metadata_props.add(key="int32_bias_layers", value=",".join(g.int_bias))
+    proto.metadata_props.add(key="float_layers_reading_quantized_tensors", value=",".join(g.float_after_dq))
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+# ---------------------------------------------------------------- building what is exported
+def placed_model(float_model: nn.Module, config: dict, ranges: dict, target: str, per_channel: bool = True,
+                 clip: str = "mse") -> nn.Module:
+    """The fake-quant model of `config` (post-training: MSE weight scales of the folded weights, calibrated
+    tensor ranges) in the form the exporter reads: weights as parametrizations, quantizers in the Slots, eval
+    mode. It computes exactly what ``quantize_(fold_bn(model), config, ranges, target)`` computes."""
+    return quantize_(fold_bn(float_model), config, ranges, target, per_channel, clip, trainable=True,
+                     learn_scales=False).eval()
+
+
+def export_model(qmodel: nn.Module, target: str, signed_dtype: str = DEFAULT_SIGNED_DTYPE, meta: dict | None = None,
+                 input_shape=(3, 32, 32)) -> "onnx.ModelProto":
+    """`to_onnx` plus metadata: the configuration (tensor-widths/1), target, normalization and source."""
+    import json
+    proto = to_onnx(qmodel, signed_dtype, input_shape, doc=f"AI-QS export, {target} kernels")
+    for k, v in {"target": target, "signed_dtype": signed_dtype, **(meta or {})}.items():
+        proto.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
+    return proto
+
+
+# ---------------------------------------------------------------- ONNX Runtime
+# ONNX Runtime's graph optimizer that quantizes, by itself, the float weights (per tensor, int8) and float biases
+# (int32) of a Conv/Gemm whose input comes from a DequantizeLinear: a layer the configuration keeps in float would
+# not run in float. Sessions here disable it, so that what stays float in the file stays float when it runs.
+KEEP_FLOAT = ("WeightBiasQuantization",)
+
+
+def ort_session(model, threads: int = 1, optimized_path=None, level: str = "all", keep_float: bool = True):
+    """An ONNX Runtime CPU session (sequential, `threads` intra-op threads) of a ModelProto, bytes or path; with
+    `keep_float`, without the optimizer that would quantize float layers behind a DequantizeLinear (KEEP_FLOAT)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
+    so.log_severity_level = 3      # the saved optimized model's "hardware specific" warning is expected
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"], disabled_optimizers=list(KEEP_FLOAT) if keep_float else None)
+
+
+def runtime_name() -> str:
+    import onnxruntime as ort
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider"
+
+
+def normalized_numpy(x_u8: torch.Tensor, normalize) -> np.ndarray:
+    return normalize(x_u8).contiguous().cpu().numpy()
+
+
+def ort_logits(sess, x_u8: torch.Tensor, normalize, batch_size: int = 500) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: normalized_numpy(x_u8[i:i + batch_size], normalize)})[0]
+                           for i in range(0, len(x_u8), batch_size)])
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, x_u8: torch.Tensor, normalize, batch_size: int = 500) -> np.ndarray:
+    dev = next(model.parameters()).device
+    return torch.cat([model(normalize(x_u8[i:i + batch_size].to(dev))).float().cpu()
+                      for i in range(0, len(x_u8), batch_size)]).numpy()
+
+
+# The issue's bar for "the runtime computes what the simulation computes" (>= 2,000 test images).
+MIN_AGREEMENT = 99.0          # % of images with the same top-1 class
+MAX_ACC_DIFF = 0.2            # accuracy points
+MIN_CHECK_IMAGES = 2000
+
+
+def check_agreement(model_proto, qmodel: nn.Module, x_u8: torch.Tensor, labels: torch.Tensor, normalize,
+                    threads: int = 1, batch_size: int = 500) -> dict:
+    """ONNX Runtime (CPU) on the exported file against the fake-quant PyTorch model, on the same images:
+    top-1 agreement (%), both accuracies (%) and their difference (points), the largest logit difference."""
+    sess = ort_session(model_proto, threads)
+    a = ort_logits(sess, x_u8, normalize, batch_size)
+    b = torch_logits(qmodel, x_u8, normalize, batch_size)
+    y = labels.cpu().numpy()
+    n = len(y)
+    pa, pb = a.argmax(1), b.argmax(1)
+    out = {"images": n, "agreement": 100.0 * float((pa == pb).mean()), "ort_acc": 100.0 * float((pa == y).mean()),
+           "torch_acc": 100.0 * float((pb == y).mean()), "max_logit_diff": float(np.abs(a - b).max())}
+    out["acc_diff"] = out["ort_acc"] - out["torch_acc"]
+    out["passed"] = bool(out["agreement"] >= MIN_AGREEMENT and abs(out["acc_diff"]) <= MAX_ACC_DIFF)
+    out["enough_images"] = n >= MIN_CHECK_IMAGES
+    return out
+
+
+def fusion_report(model_proto, threads: int = 1) -> dict:
+    """What ONNX Runtime's CPU build actually runs, read from its optimized graph (all optimizations, as the
+    benchmark runs it): how many of the exported convolutions, adds, linear layers and pools became integer
+    kernels (QLinearConv, QLinearAdd, QGemm / QLinearMatMul, QLinearGlobalAveragePool), and every op type."""
+    import onnx
+    exported = collections.Counter(n.op_type for n in model_proto.graph.node)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "optimized.onnx"
+        ort_session(model_proto, threads, optimized_path=path)
+        opt = onnx.load(str(path))
+    ops = collections.Counter((f"{n.domain}." if n.domain not in ("", "ai.onnx", "com.microsoft") else "")
+                              + n.op_type for n in opt.graph.node)
+    return {"convs": exported["Conv"], "integer_convs": ops["QLinearConv"],
+            "adds": exported["Add"], "integer_adds": ops["QLinearAdd"],
+            "linears": exported["Gemm"], "integer_linears": ops["QGemm"] + ops["QLinearMatMul"],
+            "pools": exported["GlobalAveragePool"], "integer_pools": ops["QLinearGlobalAveragePool"],
+            "quantize_nodes": ops["QuantizeLinear"], "dequantize_nodes": ops["DequantizeLinear"],
+            "optimized_ops": dict(sorted(ops.items()))}
+
+
+def describe_fusion(f: dict) -> str:
+    return (f"ONNX Runtime runs {f['integer_convs']} of {f['convs']} convolutions as QLinearConv, {f['integer_adds']} "
+            f"of {f['adds']} adds as QLinearAdd, {f['integer_linears']} of {f['linears']} linear layers and "
+            f"{f['integer_pools']} of {f['pools']} pools in integer; {f['quantize_nodes']} QuantizeLinear and "
+            f"{f['dequantize_nodes']} DequantizeLinear left")
+
+
+def config_summary(config: dict) -> str:
+    w = collections.Counter(b for (k, _), b in config.items() if k == W)
+    a = collections.Counter(b for (k, _), b in config.items() if k == A)
+    fmt = lambda c: ", ".join(f"{n} at {'float' if b == FLOAT_BITS else f'{b} bits'}" for b, n in sorted(c.items()))
+    return f"weights: {fmt(w)}; tensors: {fmt(a)}"
+
+
+# ---------------------------------------------------------------- the command line
+def _recorded_stage2(args, checkpoint: Path):
+    """Stage 2's results in --results-dir when they were made from this checkpoint, else None (and why)."""
+    from utils.io import PRODUCERS, RESULTS_FILES, load_results_json, sha256_file
+    path = Path(args.results_dir) / RESULTS_FILES["2"]
+    if not path.is_file():
+        return None, None
+    try:
+        obj = load_results_json(path, "2", PRODUCERS["2"])
+    except UserError as e:
+        return None, f"{path} not used ({e})"
+    recorded = obj.get("provenance", {}).get("inputs", {}).get("checkpoint", {}).get("sha256")
+    if recorded != sha256_file(checkpoint):
+        return None, f"{path} was made from another checkpoint: its tensor ranges are not used"
+    return obj, None
+
+
+def _stage3_answer(path, checkpoint: Path, force: bool):
+    """Stage 3's answer when --config names a 03_search.json (its ``best`` search): (file-form configuration,
+    target, recorded ranges, quantization, label); None for a plain configuration file."""
+    import json
+    from utils.io import PRODUCERS, check_same_checkpoint, load_results_json
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None     # load_config says what is wrong with it
+    if not (isinstance(obj, dict) and obj.get("stage") == "3"):
+        return None
+    obj = load_results_json(path, "3", PRODUCERS["3"], force=force)
+    check_same_checkpoint(obj, path, checkpoint, PRODUCERS["3"], force)
+    best = obj.get("best")
+    if not best or not isinstance(obj.get(best), dict) or "config" not in obj[best]:
+        raise UserError(f"{path} holds no searched configuration (no 'best' answer). Re-run {PRODUCERS['3']}.")
+    return (obj[best]["config"], obj.get("target", DEFAULT_TARGET),
+            (obj.get("activation_calibration") or {}).get("tensors") or {}, obj.get("quantization") or {},
+            f"{path} ({best})")
+
+
+def seeded_subset(n: int, k: int, seed: int) -> np.ndarray:
+    """`k` of `n` indices, seeded and sorted (all of them when k >= n): test sets are stored class by class."""
+    from utils.split import quick_subset
+    idx = np.arange(n)
+    return idx if k >= n else np.sort(quick_subset(idx, k, seed))
+
+
+@dataclass
+class Prepared:
+    """A quantized model ready to export, and what the check needs."""
+    qmodel: nn.Module
+    float_model: nn.Module | None      # the BN-folded float model (None for a fine-tuned checkpoint)
+    target: str
+    config: dict                       # what is exported (after rounding up)
+    asked: dict                        # what was asked for
+    rounded: dict                      # {group: (from, to)}
+    space: object
+    normalization: dict
+    source: str
+    notes: list
+    check_x: torch.Tensor | None = None
+    check_y: torch.Tensor | None = None
+    check_set: str = ""
+
+
+def prepare(args) -> Prepared:
+    """Resolve the checkpoint, configuration, target, tensor ranges and check images of an export (see main)."""
+    from quant.cost import kernel_table
+    from utils.checkpoint import load_model, parse_normalization, read_checkpoint
+    from utils.cli import resolve_arch
+    from utils.config import load_config
+    from utils.data import load_dataset
+    from utils.qat import load_qat
+    from utils.stages.common import load_setup, resolve_checkpoint
+
+    if args.check_images < 0 or args.threads < 1:
+        raise UserError(f"--check-images must be >= 0 and --threads >= 1; got {args.check_images}, {args.threads}.")
+    given = [f for f, v in (("--config", args.config), ("--w-bits", args.w_bits), ("--a-bits", args.a_bits)) if v is not None]
+    ckpt = resolve_checkpoint(args)
+    obj = read_checkpoint(ckpt)
+    notes = []
+    if isinstance(obj, dict) and "qat_format" in obj:     # a fine-tuned checkpoint carries everything
+        if given:
+            raise UserError(f"{ckpt} is a fine-tuned checkpoint: it carries its configuration and scales, so "
+                            f"{' and '.join(given)} cannot change them. Drop {' and '.join(given)}, or export from "
+                            f"the float checkpoint it was fine-tuned from.")
+        qm, ck = load_qat(ckpt)          # refuses other versions of the format
+        target = ck["target"]
+        if args.target is not None and args.target != target:
+            raise UserError(f"{ckpt} was fine-tuned under --target {target}; it cannot be exported as {args.target}. "
+                            f"Drop --target, or fine-tune under --target {args.target}.")
+        from models import build_from_args
+        space = kernel_table(build_from_args(ck["model_args"]), target).space
+        asked = {(g[0], g[1]): int(b) for g, b in ck["config"]}
+        cfg, rounded = exportable_config(asked, args.round_up_widths)
+        if rounded:
+            round_up_quantized_(qm, target, rounded)
+            notes.append("fine-tuned quantizers rounded up keep their learned clip range")
+        p = Prepared(qm, None, target, cfg, asked, rounded, space, ck["normalization"], str(ckpt), notes)
+        if args.check_images:
+            data = load_dataset(args.dataset or "cifar10", args.data_dir or Path("data"))
+            idx = seeded_subset(len(data.test_y), args.check_images, 0)
+            p.check_x, p.check_y = torch.from_numpy(data.test_x[idx]), torch.from_numpy(data.test_y[idx])
+            p.check_set = f"{len(idx)} test images of {data.name}"
+        return p
+
+    # a float checkpoint: quantize it here
+    arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
+    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(args.normalization),
+                             require_finished=not args.force)
+    s2, why = _recorded_stage2(args, ckpt)
+    if why:
+        notes.append(why)
+    if args.config is not None and (args.w_bits is not None or args.a_bits is not None):
+        raise UserError("give either --config FILE or --w-bits/--a-bits (a uniform configuration), not both.")
+    s3 = _stage3_answer(args.config, ckpt, args.force) if args.config is not None else None
+    if s3 is not None and args.target is not None and args.target != s3[1]:
+        raise UserError(f"{s3[4]} was searched under --target {s3[1]}; its configuration cannot be exported as "
+                        f"--target {args.target}. Drop --target, or search under --target {args.target}.")
+    target = args.target or (s3[1] if s3 else None) or (s2 or {}).get("target") or DEFAULT_TARGET
+    space = kernel_table(model, target).space
+    if s3 is not None:
+        asked = space.parse(s3[0], source=s3[4])
+        notes.append(f"configuration: the answer of {s3[4]}")
+    elif args.config is not None:
+        asked = load_config(args.config, space)
+    elif args.w_bits is not None or args.a_bits is not None:
+        w = FLOAT_BITS if args.w_bits is None else args.w_bits
+        a = FLOAT_BITS if args.a_bits is None else args.a_bits
+        asked = space.uniform(w, a)
+    else:
+        raise UserError(f"{ckpt} is a float checkpoint: say what to export with --config FILE (a tensor-widths/1 "
+                        f"configuration, e.g. one stage 3 found) or --w-bits N --a-bits N (every weight and tensor "
+                        f"at one width, e.g. --w-bits 8 --a-bits 8), or pass a fine-tuned checkpoint.")
+    cfg, rounded = exportable_config(asked, args.round_up_widths)
+    widths = sorted({a for a in tensors_of(cfg).values() if a != FLOAT_BITS}, reverse=True)
+    ranges, quant = None, {"granularity": "channel", "clip": "mse"}
+
+    def covers(rec):
+        return all(str(a) in (rec.get(n) or {}).get("scales", {}) for n, a in tensors_of(cfg).items() if a != FLOAT_BITS)
+    if s3 is not None and covers(s3[2]):
+        ranges = s3[2]
+        quant = {**quant, **{k: v for k, v in s3[3].items() if k in quant}}
+        notes.append(f"tensor ranges and weight quantization ({quant['granularity']}, {quant['clip']}) as the search "
+                     f"used them")
+    elif s2 is not None and s2.get("target") == target:
+        rec = (s2.get("activation_calibration") or {}).get("tensors") or {}
+        if covers(rec):
+            ranges = rec
+            quant = {**quant, **{k: v for k, v in (s2.get("quantization") or {}).items() if k in quant}}
+            notes.append(f"tensor ranges and weight quantization ({quant['granularity']}, {quant['clip']}) as stage 2 "
+                         f"recorded them in {Path(args.results_dir) / '02_per_layer.json'}")
+    need_data = args.check_images > 0 or (ranges is None and widths)
+    p = Prepared(None, fold_bn(model), target, cfg, asked, rounded, space, meta["normalization"], str(ckpt), notes)
+    if need_data:
+        s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"],
+                       calib_images=args.calib_images, target=target)
+        if ranges is None and widths:
+            ranges = s.calibrate(widths)
+            notes.append(f"tensor ranges calibrated here on {len(s.calib_x)} training images at {widths} bits "
+                         f"(no stage-2 record for this checkpoint, target and widths)")
+        if args.check_images:
+            idx = seeded_subset(len(s.report_y), args.check_images, s.seed)
+            p.check_x, p.check_y = s.report_x[idx].cpu(), s.report_y[idx].cpu()
+            p.check_set = f"{len(idx)} {s.split.report.name} images"
+    p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, quant["granularity"] == "channel", quant["clip"])
+    return p
+
+
+def get_args_parser():
+    from utils.cli import add_common_args
+    from utils.stages.common import add_model_args
+    p = argparse.ArgumentParser(
+        description="Write a configuration as standard ONNX with integer QDQ (int8 weights per channel, 8-bit "
+                    "tensors), check it on ONNX Runtime's CPU build against the fake-quant PyTorch model, and say "
+                    "what the runtime runs in integer.")
+    add_common_args(p)
+    add_model_args(p)
+    for a in p._actions:
+        if a.dest == "checkpoint":
+            a.help = ("a float checkpoint (with --config or --w-bits/--a-bits), or a fine-tuning checkpoint "
+                      "<checkpoint-dir>/qat_<name>.pt, which carries its configuration (default: the one recorded "
+                      "in <results-dir>/01_baseline.json)")
+    g = p.add_argument_group("export")
+    g.add_argument("--onnx", required=True, type=Path, help="the ONNX file to write")
+    g.add_argument("--config", default=None,
+                   help="a tensor-widths/1 configuration file, or stage 3's results (<results-dir>/03_search.json: its "
+                        "best answer, with the target, tensor ranges and weight quantization the search used)")
+    g.add_argument("--w-bits", default=None, type=int, help="every weight layer at this width (default: float)")
+    g.add_argument("--a-bits", default=None, type=int, help="every tensor, the image and the logits included, at this "
+                                                            "width (default: float)")
+    g.add_argument("--target", default=None, choices=TARGETS,
+                   help="the kernels simulated and exported: generic (the add fused into the conv before it) or "
+                        "ort-cpu (ONNX Runtime's CPU kernels: the conv output quantized, the add its own integer "
+                        "kernel) (default: a fine-tuned checkpoint's; else the one stage 2 recorded in --results-dir; "
+                        "else generic)")
+    g.add_argument("--signed-dtype", default=DEFAULT_SIGNED_DTYPE, choices=SIGNED_DTYPES,
+                   help="storage of signed tensors (grid -128..127): uint8 with zero point 128 (the same levels), which "
+                        "ONNX Runtime's x86 CPU kernels run in integer wherever they are; or int8 with zero point 0 "
+                        "(TensorRT, ARM), which ONNX Runtime on x86 rewrites to uint8 only in some places (default: uint8)")
+    g.add_argument("--round-up-widths", action="store_true",
+                   help="export widths the runtime cannot run at the next exportable width (weights 2-3 -> 4, 5-7 -> 8; "
+                        "tensors -> 8) instead of refusing them; the accuracy reported is the exported one's")
+    g.add_argument("--check-images", default=MIN_CHECK_IMAGES, type=int,
+                   help=f"report (test) images ONNX Runtime and the fake-quant PyTorch model both classify (a seeded "
+                        f"subset; for a fine-tuned checkpoint, of the test set of --dataset/--data-dir): top-1 "
+                        f"agreement >= {MIN_AGREEMENT}%% and accuracy difference <= {MAX_ACC_DIFF} points pass; 0 = "
+                        f"no check and no data needed when ranges are recorded (default: {MIN_CHECK_IMAGES})")
+    g.add_argument("--threads", default=2, type=int, help="ONNX Runtime intra-op threads for the check (default: 2)")
+    g.add_argument("--calib-images", default=None, type=int,
+                   help="training images that calibrate tensor ranges when stage 2 recorded none (default: 1000)")
+    return p
+
+
+def export(args) -> dict:
+    """Prepare, export, look at what ONNX Runtime fuses, check agreement, write. Returns the report."""
+    t0 = time.time()
+    p = prepare(args)
+    proto = export_model(p.qmodel, p.target, args.signed_dtype,
+                         meta={"config": p.space.to_file(p.config), "normalization": p.normalization, "source": p.source})
+    fusion = fusion_report(proto, args.threads)
+    behind = [v for p_ in proto.metadata_props if p_.key == "float_layers_reading_quantized_tensors"
+              for v in p_.value.split(",") if v]
+    if behind:
+        p.notes.append(f"{len(behind)} float layer(s) read a quantized tensor ({', '.join(behind[:3])}"
+                       f"{', ...' if len(behind) > 3 else ''}): ONNX Runtime's default optimizer "
+                       f"{KEEP_FLOAT[0]} would quantize their weights to per-tensor int8 by itself; run the file "
+                       f"with InferenceSession(..., disabled_optimizers={list(KEEP_FLOAT)}) to keep them float, as "
+                       f"this check and benchmarks/deploy_speed.py do")
+    rep = {"onnx": str(args.onnx), "target": p.target, "signed_dtype": args.signed_dtype, "source": p.source,
+           "config": config_summary(p.config), "rounded_up": {f"{k}:{n}": v for (k, n), v in p.rounded.items()},
+           "int4_weights": any(b == 4 for (k, _), b in p.config.items() if k == W), "fusion": fusion,
+           "notes": p.notes, "check": None}
+    if p.check_x is not None:
+        normalize = Normalizer(p.normalization["mean"], p.normalization["std"], "cpu")
+        rep["check"] = check_agreement(proto, p.qmodel, p.check_x, p.check_y, normalize, args.threads,
+                                       args.eval_batch_size)
+        rep["check"]["set"] = p.check_set
+        if p.float_model is not None:
+            fl = torch_logits(p.float_model, p.check_x, normalize, args.eval_batch_size).argmax(1)
+            rep["check"]["float_acc"] = 100.0 * float((fl == p.check_y.numpy()).mean())
+    from utils.io import atomic_write_bytes
+    atomic_write_bytes(args.onnx, proto.SerializeToString())
+    rep["bytes"] = Path(args.onnx).stat().st_size
+    rep["seconds"] = time.time() - t0
+    print_report(rep)
+    return rep
+
+
+def print_report(rep: dict):
+    print(f"wrote {rep['onnx']} ({rep['bytes'] / 1e3:.0f} kB; target {rep['target']}, signed tensors as "
+          f"{rep['signed_dtype']}): {rep['config']}")
+    for n in rep["notes"]:
+        print(f"note: {n}")
+    if rep["rounded_up"]:
+        moves = collections.Counter(f"{k.split(':')[0]}{a}->{b}" for k, (a, b) in rep["rounded_up"].items())
+        print(f"rounded up {len(rep['rounded_up'])} group(s) ({', '.join(f'{m}: {c}' for m, c in sorted(moves.items()))}); "
+              f"the accuracy below is that of the exported widths")
+    if rep["int4_weights"]:
+        print(f"note: {INT4_NOTE}")
+    print(describe_fusion(rep["fusion"]))
+    c = rep["check"]
+    if c:
+        print(f"check on {c['set']}: ONNX Runtime {c['ort_acc']:.2f}%, fake-quant PyTorch {c['torch_acc']:.2f}%"
+              + (f", float {c['float_acc']:.2f}%" if "float_acc" in c else "")
+              + f"; top-1 agreement {c['agreement']:.2f}%, accuracy difference {c['acc_diff']:+.2f} points: "
+              f"{'PASS' if c['passed'] else 'FAIL'} (>= {MIN_AGREEMENT}% and <= {MAX_ACC_DIFF} points"
+              + ("" if c["enough_images"] else f"; fewer than {MIN_CHECK_IMAGES} images") + ")")
+
+
+def main(argv=None) -> int:
+    """Exit codes: 0 written (and the check passed), 1 written but the check failed, 2 bad input, 130 Ctrl-C."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        rep = export(args)
+    except UserError as e:
+        print(error_paragraph(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C): no file was written.", file=sys.stderr)
+        return 130
+    return 1 if rep["check"] and not rep["check"]["passed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,56 +1,162 @@
 """Quantization-aware fine-tuning (QAT) of one width configuration.
 
-* BN is folded first (quant/fold.py) and the folded conv, weights and bias, is what trains: the
-  fine-tuned weights are exactly what a deployment without BN runs.
+* **BN is kept during fine-tuning and folded at the end** (the default, ``bn="kept"``; torch.ao's
+  ConvBn QAT modules and NNCF/ModelOpt do the same). Each narrowed conv weight is quantized in its
+  folded form: the parametrization chain is w -> w * gamma / sqrt(running_var + eps) (``BNScale``)
+  -> the weight quantizer -> / (gamma / sqrt(running_var + eps)), so the conv computes with exactly the
+  quantized folded weight, rescaled, and its BN follows. In training BN normalizes with the batch
+  statistics and re-estimates its running statistics on the quantized network; in evaluation it uses
+  the running ones, and the network is then the folded one. ``deployable`` folds it: w' = w * gamma /
+  sigma, b' = beta - mu * gamma / sigma, the quantizer kept as it is. The folded model is what the
+  checkpoint's ``model`` holds, what stage 4 evaluates and what the export writes: what is fine-tuned
+  is what deploys (tests show the folded model predicts what the fine-tuned one predicts).
+* ``bn="folded"`` folds BN first and trains the folded conv (weights and bias), the recipe before
+  issue 20. It collapses at 3 bits: see docs/README "Quantization-aware fine-tuning" for the measurements
+  (the folded parametrization multiplies each output channel's effective learning rate by
+  sigma^2 / gamma^2 relative to the BN form, up to 15x in a trained ResNet-20, and the damaged 3-bit start
+  has large gradients, so the first steps move weights by several quantization steps).
 * The configuration is placed by the quantization core's ``quantize_`` (quant/place.py) in its
-  trainable form: each quantized weight is a ``torch.nn.utils.parametrize`` parametrization (the
-  float original trains, the forward pass uses its fake-quantized view, per-channel scales), and
-  each quantized tensor has a trainable quantizer in its Slot, so every reader of the tensor, the
-  residual add included, reads what post-training evaluation and the export read. Gradients are
-  LSQ's (quant/quantizer.py).
-* Scales start at the post-training values (MSE clip for weights, calibrated ranges for tensors)
-  and are learned, or held there (``learn_scales=False``).
+  trainable form: each quantized weight is a ``torch.nn.utils.parametrize`` parametrization (the float
+  original trains, the forward pass uses its fake-quantized view, per-channel scales), and each
+  quantized tensor has a trainable quantizer in its Slot. Gradients are LSQ's (quant/quantizer.py).
+* Scales start at the post-training values (MSE clip of the folded weights, calibrated ranges for
+  tensors) and are learned, or held there (``learn_scales=False``). Before any training step the
+  fine-tuned model is exactly the post-training one.
+* Optional distillation from the float model (``Distilled``): the gradient of the trainer's
+  cross-entropy is replaced by that of KL(teacher || student) on the logits.
 
 Training reuses stage 1's device-resident epoch (utils.train.train_one_epoch), its augmentation
 and its atomic checkpoints; a fine-tune resumes to identical weights.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
 
 from models import build_from_args
 from quant.fold import fold_bn
-from quant.place import quantize_, skeleton_, tensor_grids
+from quant.place import quantize_, skeleton_, slots, tensor_grids
+from quant.quantizer import Quantizer
+from quant.widths import FLOAT_BITS, weights_of
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
 from utils.train import WarmupCosine, train_one_epoch
 
-QAT_FORMAT = 2
-WEIGHT_DECAY = 5e-4      # on the conv/linear weights (their float originals); none on biases and scales
+QAT_FORMAT = 2           # "model" is the folded, deployable state (as in format 2 before BN was kept)
+WEIGHT_DECAY = 5e-4      # on the conv/linear weights (their float originals); none on biases, BN and scales
 MOMENTUM = 0.9
-BN_HANDLING = "folded before fine-tuning; the folded conv (weights and bias) is trained"
+BN_MODES = ("kept", "folded")
+DEFAULT_BN = "kept"
+BN_HANDLING = {
+    "kept": "kept during fine-tuning (batch statistics, running statistics re-estimated on the quantized "
+            "network), each conv weight quantized in its folded form; folded at the end, and the folded model "
+            "is what is evaluated, saved and exported",
+    "folded": "folded before fine-tuning; the folded conv (weights and bias) is trained",
+}
+DISTILL = "KL(float teacher || student) on the logits, temperature 1, in place of the cross-entropy"
+
+
+class BNScale(nn.Module):
+    """Parametrization w -> w * gamma / sqrt(running_var + eps) per output channel (``inverse``: divided by
+    it), with the BN's current values: the conv weight as BN folding computes it (quant/fold.py, the same
+    expression, so the same floats). The BN is held in a tuple, not as a submodule, so that it is neither
+    saved nor trained twice."""
+
+    def __init__(self, bn: nn.Module, inverse: bool = False):
+        super().__init__()
+        self._bn = (bn,)
+        self.inverse = inverse
+
+    def factor(self) -> torch.Tensor:
+        bn = self._bn[0]
+        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        f = self.factor()
+        if self.inverse:   # a channel with gamma exactly 0 has a zero folded weight: divide by 1 there, not 0
+            f = torch.where(f == 0, torch.ones_like(f), f)
+        f = f.view(-1, *([1] * (w.dim() - 1)))
+        return w / f if self.inverse else w * f
+
+    def extra_repr(self) -> str:
+        return "inverse" if self.inverse else ""
 
 
 def prepare_qat(model: nn.Module, config: dict, ranges: dict, target: str, learn_scales: bool = True,
-                per_channel: bool = True, clip: str = "mse") -> nn.Module:
-    """A BN-folded copy of the float `model` with the full configuration `config` ({group: bits})
-    fake-quantized for training. Weight scales start at the post-training ones of the folded weights;
-    tensor scales at the calibrated `ranges`."""
-    qat = quantize_(fold_bn(model), config, ranges, target, per_channel, clip, trainable=True,
-                    learn_scales=learn_scales)
+                per_channel: bool = True, clip: str = "mse", bn: str = DEFAULT_BN) -> nn.Module:
+    """A copy of the float `model` with the full configuration `config` ({group: bits}) fake-quantized for
+    training, in train mode. ``bn="kept"``: BN stays, each narrowed conv weight paired with a BN is quantized
+    in its folded form (``deployable`` folds the result); ``bn="folded"``: a BN-folded copy. Either way, weight
+    scales start at the post-training ones of the folded weights and tensor scales at the calibrated
+    `ranges`, so that ``deployable(prepare_qat(...))`` computes exactly what post-training placement does."""
+    if bn not in BN_MODES:
+        raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    if bn == "folded":
+        qat = quantize_(fold_bn(model), config, ranges, target, per_channel, clip, trainable=True,
+                        learn_scales=learn_scales)
+        return qat.train()
+    qat = copy.deepcopy(model)
+    pairs = dict(qat.conv_bn_pairs())
+    narrowed = [n for n, w in weights_of(config).items() if w != FLOAT_BITS and n in pairs]
+    for n in narrowed:   # quantize_ then searches the weight scales on the folded weights
+        parametrize.register_parametrization(qat.get_submodule(n), "weight", BNScale(qat.get_submodule(pairs[n])))
+    quantize_(qat, config, ranges, target, per_channel, clip, trainable=True, learn_scales=learn_scales)
+    for n in narrowed:
+        parametrize.register_parametrization(qat.get_submodule(n), "weight",
+                                             BNScale(qat.get_submodule(pairs[n]), inverse=True))
     return qat.train()
 
 
+def bn_kept(qat: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in qat.modules())
+
+
+def weight_quantizer_of(module: nn.Module) -> Quantizer | None:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return next(p for p in module.parametrizations.weight if isinstance(p, Quantizer))
+
+
+@torch.no_grad()
+def deployable(qat: nn.Module, target: str) -> nn.Module:
+    """The folded model (eval mode) that a fine-tune with BN kept deploys: BN folded into each conv with its
+    running statistics (quant/fold.py), each weight quantizer kept with its scales on the folded weight,
+    each tensor quantizer kept. A model without BN (``bn="folded"``) is returned as it is, in eval mode."""
+    if not bn_kept(qat):
+        return qat.eval()
+    float_state = {}
+    for k, v in qat.state_dict().items():
+        if ".parametrizations.weight." in k:
+            if k.endswith(".parametrizations.weight.original"):
+                float_state[k[:-len(".parametrizations.weight.original")] + ".weight"] = v
+        elif ".quant." not in k and not k.startswith("quant."):
+            float_state[k] = v
+    plain = build_from_args(qat.model_args)
+    plain.load_state_dict(float_state)
+    folded = fold_bn(plain.to(next(qat.parameters()).device))
+    for name, m in qat.named_modules():
+        q = weight_quantizer_of(m)
+        if q is not None:
+            with torch.enable_grad():
+                parametrize.register_parametrization(folded.get_submodule(name), "weight", copy.deepcopy(q))
+    source = slots(qat, target)
+    for name, slot in slots(folded, target).items():
+        slot.quant = copy.deepcopy(source[name].quant)
+    return folded.eval()
+
+
 def qat_skeleton(model_args: dict, config: dict, grids: dict, target: str, per_channel: bool = True) -> nn.Module:
-    """The structure of a fine-tuned model, with placeholder scales, for loading its state dict."""
+    """The structure of a fine-tuned (folded) model, with placeholder scales, for loading its state dict."""
     return skeleton_(fold_bn(build_from_args(model_args)), config, grids, target, per_channel)
 
 
 def param_groups(qat: nn.Module, weight_decay: float = WEIGHT_DECAY) -> list[dict]:
-    """Decay on the float originals of conv/linear weights; none on biases and quantizer scales."""
+    """Decay on the float originals of conv/linear weights; none on biases, BN and quantizer scales."""
     decay, no_decay = [], []
     for name, p in qat.named_parameters():
         if not p.requires_grad:
@@ -59,8 +165,53 @@ def param_groups(qat: nn.Module, weight_decay: float = WEIGHT_DECAY) -> list[dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _DistillGrad(torch.autograd.Function):
+    """Identity on the student's logits whose backward is the gradient of KL(teacher || student), batch mean,
+    temperature 1: (softmax(student) - softmax(teacher)) / batch. It stands in for the gradient of the
+    trainer's loss (the batch-mean cross-entropy of these logits), which it ignores; the trainer's reported
+    loss and accuracy stay the student's cross-entropy and accuracy."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        ctx.save_for_backward(student, teacher)
+        return student.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        g = (student.float().softmax(1) - teacher.float().softmax(1)) / student.shape[0]
+        return g.to(grad.dtype), None
+
+
+class Distilled(nn.Module):
+    """The student, trained on KL divergence to the float teacher's logits instead of the labels (see
+    ``_DistillGrad``). The teacher runs in eval mode without gradients and is not a submodule: neither
+    trained, nor saved, nor switched to train mode."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        super().__init__()
+        self.student = student
+        self._teacher = (teacher.eval(),)
+
+    def forward(self, x):
+        out = self.student(x)
+        if not (self.training and torch.is_grad_enabled()):
+            return out
+        with torch.no_grad():
+            t = self._teacher[0](x)
+        return _DistillGrad.apply(out, t)
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student), batch mean, temperature 1: the loss whose gradient ``Distilled`` trains on."""
+    return F.kl_div(F.log_softmax(student_logits.float(), 1), F.log_softmax(teacher_logits.float(), 1),
+                    log_target=True, reduction="batchmean")
+
+
 def load_qat(path, map_location="cpu"):
-    """(model in eval mode, checkpoint) of a fine-tuned model, from its file alone."""
+    """(model in eval mode, checkpoint) of a fine-tuned model, from its file alone: the folded model the
+    checkpoint's ``model`` holds (the answer: the fine-tuned weights, or the post-training ones where the
+    fine-tune ended below them, ``ck["answer"]``)."""
     ck = read_checkpoint(path)
     if not isinstance(ck, dict) or ck.get("qat_format") != QAT_FORMAT:
         raise UserError(f"{path} is not a fine-tuning checkpoint of this version of AI-QS (no qat_format "
@@ -72,19 +223,36 @@ def load_qat(path, map_location="cpu"):
     return qat.to(map_location).eval(), ck
 
 
+def keep_post_training(path, post_training: nn.Module):
+    """Make the post-training model the answer of the fine-tune checkpoint at `path` (the fine-tune ended below
+    it): ``model`` becomes its folded state and the fine-tuned one moves to ``fine_tuned_model``. Idempotent."""
+    ck = read_checkpoint(path)
+    if ck.get("answer") == "post-training":
+        return
+    ck["fine_tuned_model"] = ck["model"]
+    ck["model"] = post_training.state_dict()
+    ck["answer"] = "post-training"
+    save_checkpoint(path, ck)
+
+
 def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normalize, epochs: int, lr: float,
-             batch_size: int, seed: int, resume: bool = False, desc: str = "qat") -> dict:
-    """Train `qat` for `epochs` with SGD + Nesterov and a cosine schedule, checkpointing every epoch to
-    `path` (atomic, weights_only-loadable). With `resume`, a checkpoint with the same `key` continues
-    where it stopped (or is reused when finished); any other is started afresh."""
+             batch_size: int, seed: int, resume: bool = False, desc: str = "qat", teacher: nn.Module | None = None,
+             warmup_steps: int = 0) -> dict:
+    """Train `qat` (from ``prepare_qat``) for `epochs` with SGD + Nesterov and a cosine schedule (after
+    `warmup_steps` of linear warm-up), checkpointing every epoch to `path` (atomic, weights_only-loadable).
+    With `teacher`, the student learns the teacher's logits (``Distilled``). With `resume`, a checkpoint with
+    the same `key` continues where it stopped (or is reused when finished); any other is started afresh.
+
+    Returns status, history, seconds and ``model``: the deployable (folded) fine-tuned model, in eval mode."""
     optimizer = torch.optim.SGD(param_groups(qat), lr=lr * batch_size / 128, momentum=MOMENTUM, nesterov=True)
     steps = max(1, len(labels) // batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(epochs * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(epochs * steps, warmup_steps))
+    target = meta["target"]
     start, history, status = 0, [], "trained"
     if resume and path.is_file():
         ck = read_checkpoint(path)
         if isinstance(ck, dict) and ck.get("key") == key:
-            qat.load_state_dict(ck["model"])
+            qat.load_state_dict(ck["train_model"] if "train_model" in ck else ck.get("fine_tuned_model", ck["model"]))
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
             start, history = int(ck["epoch"]), list(ck["history"])
@@ -93,18 +261,23 @@ def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normal
             print(f"note: {path} was fine-tuned from another base checkpoint, configuration or recipe; starting afresh")
 
     def state(epoch, finished):
-        return {"qat_format": QAT_FORMAT, "key": key, **meta, "tensor_grids": tensor_grids(qat, meta["target"]),
-                "model": qat.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "epochs": epochs, "finished": finished, "history": history}
+        folded = deployable(qat, target)
+        out = {"qat_format": QAT_FORMAT, "key": key, **meta, "tensor_grids": tensor_grids(folded, target),
+               "model": folded.state_dict(), "answer": "fine-tuned",
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+               "epochs": epochs, "finished": finished, "history": history}
+        if folded is not qat:
+            out["train_model"] = qat.state_dict()
+        qat.train()
+        return out
 
+    trained = qat if teacher is None else Distilled(qat, teacher)
     t0 = time.time()
     for epoch in range(start, epochs):
         t = time.perf_counter()
-        stats = train_one_epoch(qat, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
+        stats = train_one_epoch(trained, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
                                 use_amp=padded.device.type == "cuda", desc=f"{desc} epoch {epoch + 1}/{epochs}")
         history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
                         "seconds": time.perf_counter() - t})
         save_checkpoint(path, state(epoch + 1, epoch + 1 == epochs))
-    qat.eval()
-    return {"status": status, "history": history, "seconds": time.time() - t0}
+    return {"status": status, "history": history, "seconds": time.time() - t0, "model": deployable(qat, target)}

@@ -82,7 +82,7 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
         z = _num(budget.get("z"))
         lines.append(f"Accuracy budget: at most {_points(max_drop)} below FP32"
                      + (f", as search drop + {z:.2f} × its standard error" if z else "") + f" on the {split} split.")
-    head = ("| name | widths | AI (FLOPs/byte) | × fp32 | search acc (%) | test acc (%) | test 95% CI "
+    head = ("| name | widths | modelled AI (FLOPs/byte) | × fp32 | search acc (%) | test acc (%) | test 95% CI "
             "| test drop | drop 95% CI |")
     sep = "|---|---|---:|---:|---:|---:|---|---:|---|"
     if qat:

@@ -9,14 +9,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from quant.fold import fold_bn
 from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval
-from quant.widths import FLOAT_BITS, check_widths, tensors_of
+from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
-from utils.qat import BN_HANDLING, MOMENTUM, WEIGHT_DECAY, finetune, prepare_qat
+from utils.qat import BN_HANDLING, DISTILL, MOMENTUM, WEIGHT_DECAY, deployable, finetune, keep_post_training, prepare_qat
 from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
@@ -94,7 +96,7 @@ def create_baselines(args) -> dict:
                    cost_model=cm, target=s3.get("target", "generic"))
     check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], args.force)
     check_same_data(s3, s3_path, s, PRODUCERS["3"], args.force)
-    candidates = compared_configs(s3, s.space, w_widths)
+    candidates = with_ends(compared_configs(s3, s.space, w_widths), s.model, s.target, args.keep_ends)
     if not any(s3.get(m) for m in SEARCHED):
         print(f"note: {s3_path} holds no searched configuration; comparing uniform widths only")
     act = s.calibrate({a for _, cfg in candidates for a in tensors_of(cfg).values()})
@@ -115,8 +117,7 @@ def create_baselines(args) -> dict:
                          budget_holds_on_test=entry["test_drop"] <= s3["max_drop"])
         configs.append(entry)
 
-    if args.qat_epochs:
-        fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant)
+    qat_top = fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) if args.qat_epochs else {}
 
     by_name = {c["name"]: c for c in configs}
     uniforms = [c for c in configs if c["name"].startswith("uniform_")]
@@ -126,6 +127,10 @@ def create_baselines(args) -> dict:
     result = {**results_header("4", s), "max_drop": s3.get("max_drop"), "budget": s3.get("budget"),
               "baseline": "fp32", "quantization": quant, "joint": joint, "configs": configs, "dominates": dom,
               "comparisons": comparisons,
+              "keep_ends": None if args.keep_ends is None else {
+                  "bits": args.keep_ends, "groups": [list(g) for g in end_groups(s.model, s.target)],
+                  "applies_to": "uniform configurations (--keep-ends), where narrower"},
+              **qat_top,
               "dominance_basis": "AI, and the paired 95% bootstrap interval of the test accuracy difference: "
                                  "dominates only when it excludes zero",
               "report_split": s.split.report.name,
@@ -142,17 +147,74 @@ def create_baselines(args) -> dict:
 
 
 def check_qat_args(args, names):
-    if args.qat_epochs < 0 or args.qat_lr <= 0 or args.qat_batch_size < 1:
-        raise UserError(f"--qat-epochs must be >= 0, --qat-lr > 0 and --qat-batch-size >= 1; got {args.qat_epochs}, "
-                        f"{args.qat_lr}, {args.qat_batch_size}.")
+    if args.qat_epochs < 0 or args.qat_lr <= 0 or args.qat_batch_size < 1 or args.qat_seeds < 1 \
+            or args.qat_warmup < 0:
+        raise UserError(f"--qat-epochs must be >= 0, --qat-lr > 0, --qat-batch-size >= 1, --qat-seeds >= 1 and "
+                        f"--qat-warmup >= 0; got {args.qat_epochs}, {args.qat_lr}, {args.qat_batch_size}, "
+                        f"{args.qat_seeds}, {args.qat_warmup}.")
+    if args.keep_ends is not None and args.keep_ends not in KEEP_ENDS_BITS:
+        raise UserError(f"--keep-ends {args.keep_ends}: give the width the ends keep, one of {list(KEEP_ENDS_BITS)} "
+                        f"(8, as the literature's W4A4 and W3A3 results do).")
     unknown = [n for n in args.qat_configs or [] if names is not None and n not in names]
     if unknown:
         raise UserError(f"--qat-configs {unknown}: stage 4 compares {names}; name some of those.")
 
 
-def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
-    """Fine-tune each selected configuration from the float checkpoint under one recipe and add
-    qat_* fields to its entry; drops are paired against the fine-tuned fp32 and the original float."""
+KEEP_ENDS_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def end_groups(model, target) -> list[tuple[str, str]]:
+    """The ends of a network: the first kernel's weights and the tensor it reads (the image), the last kernel's
+    weights and the tensor it reads (the pooled features of a ResNet)."""
+    ks = model.kernels(target)
+    return [(W, ks[0].layers[0]), (A, ks[0].reads[0].tensor), (W, ks[-1].layers[0]), (A, ks[-1].reads[0].tensor)]
+
+
+def with_ends(candidates, model, target, bits):
+    """--keep-ends BITS: every uniform configuration keeps its ends (``end_groups``) at `bits` wherever it
+    would have them narrower; float ends stay float. Searched configurations are left as stage 3 found them."""
+    if bits is None:
+        return candidates
+    ends = end_groups(model, target)
+    out = []
+    for name, cfg in candidates:
+        if name.startswith("uniform_"):
+            cfg = {**cfg, **{g: bits for g in ends if cfg[g] < bits}}
+        out.append((name, cfg))
+    return out
+
+
+def seeds_drop(ref, cand) -> tuple[float, list[float]]:
+    """Paired drop acc(ref) - acc(cand), in points, on the same images, and its 95% paired bootstrap interval.
+    `ref` and `cand` are lists of correct-masks (one per seed); with one of each this is exactly
+    quant.stats.paired_drop and bootstrap_drop_interval. With more, each image's difference is the mean over
+    seeds of ref minus the mean over seeds of cand, and images are resampled (20,000 times, seed 0) keeping
+    their pairs; the ends are attainable values, rounded outward."""
+    if len(ref) == 1 and len(cand) == 1:
+        pd = paired_drop(ref[0], cand[0])
+        return pd.drop, bootstrap_drop_interval(pd)
+    d = (torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in ref]).mean(0)
+         - torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in cand]).mean(0)).numpy()
+    n = len(d)
+    values, counts = np.unique(np.round(d, 12), return_counts=True)
+    draws = np.random.default_rng(0).multinomial(n, counts / n, size=20000)
+    drops = 100.0 * (draws @ values) / n
+    lo, hi = np.quantile(drops, 0.025, method="lower"), np.quantile(drops, 0.975, method="higher")
+    return 100.0 * float(d.mean()), [round(float(lo), 10), round(float(hi), 10)]
+
+
+def _acc(mask) -> float:
+    return 100.0 * int(mask.sum()) / len(mask)
+
+
+def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict:
+    """Fine-tune each selected configuration from the float checkpoint under one recipe, with each of
+    --qat-seeds seeds, and add qat_* fields to its entry. Selection is made on validation images, never on
+    test: on the confirm split when there is one, else on the search images ("qat_selected_on"). The
+    answer of a configuration is its fine-tune with the best selection accuracy, unless that ends below the
+    post-training accuracy of the same configuration on the same images: then the post-training weights stay
+    the answer, and the JSON says so. Drops are paired against the fine-tuned fp32 and the original float,
+    per image over the mean of the seeds. Returns the top-level fields."""
     names = [n for n, _ in candidates]
     check_qat_args(args, names)
     chosen = [(n, cfg) for n, cfg in candidates if not args.qat_configs or n in args.qat_configs]
@@ -161,59 +223,104 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant):
         pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table.layers), s.seed)
     padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
     labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
+    steps = max(1, len(pool) // args.qat_batch_size) * args.qat_epochs
+    warmup = min(steps, int(round(args.qat_warmup * steps)))
+    seeds = [s.seed + k for k in range(args.qat_seeds)]
     recipe = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": args.qat_batch_size, "momentum": MOMENTUM,
-              "nesterov": True, "weight_decay": WEIGHT_DECAY, "schedule": "cosine, no warm-up",
-              "scales": args.qat_scales, "bn": BN_HANDLING, "seed": s.seed, "train_images": len(pool),
-              "train_indices_sha256": indices_sha256(pool),
+              "nesterov": True, "weight_decay": WEIGHT_DECAY,
+              "schedule": f"linear warm-up over {warmup} of {steps} steps, then cosine to zero" if warmup else
+                          "cosine to zero, no warm-up",
+              "warmup_steps": warmup, "scales": args.qat_scales, "bn": args.qat_bn, "bn_handling": BN_HANDLING[args.qat_bn],
+              "loss": DISTILL if args.qat_distill else "cross-entropy on the labels",
+              "train_images": len(pool), "train_indices_sha256": indices_sha256(pool),
               "amp": "bf16 autocast (quantizers in fp32)" if s.device.type == "cuda" else "none (fp32)"}
+    selected_on = "confirm" if s.confirm_x is not None else "val"
+    sel_x, sel_y = (s.confirm_x, s.confirm_y) if selected_on == "confirm" else (s.eval_x, s.eval_y)
+    sel_eval = s.evaluator(sel_x, sel_y, args.eval_batch_size, cache_activations=False) \
+        if selected_on == "confirm" else None
+    teacher = fold_bn(s.model).to(s.device) if args.qat_distill else None
     base_sha = sha256_file(s.checkpoint)
-    masks = {}
+    masks = {}      # name -> list of test masks of the fine-tunes, one per seed
     by_name = {c["name"]: c for c in configs}
-    tuned = {}     # key -> name: a configuration equal to one already fine-tuned (pareto = greedy) reuses it
+    tuned = {}      # key -> name: a configuration equal to one already fine-tuned (pareto = greedy) reuses it
     for name, cfg in chosen:
-        key = {"base_sha256": base_sha, "config": s.space.to_file(cfg), "recipe": recipe, "quantization": quant,
-               "target": s.target, "tensor_scales": {n: act[n]["scales"][str(a)] for n, a in tensors_of(cfg).items()
-                                                     if a != FLOAT_BITS}}
-        meta = {"name": name, "config": [[list(g), b] for g, b in cfg.items()], "model_args": s.meta["model_args"],
-                "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe, "target": s.target}
-        twin = tuned.setdefault(json.dumps(key, sort_keys=True), name)
+        e = by_name[name]
+        base_key = {"base_sha256": base_sha, "config": s.space.to_file(cfg), "recipe": recipe, "quantization": quant,
+                    "target": s.target, "tensor_scales": {n: act[n]["scales"][str(a)]
+                                                          for n, a in tensors_of(cfg).items() if a != FLOAT_BITS}}
+        twin = tuned.setdefault(json.dumps({**base_key, "seeds": seeds}, sort_keys=True), name)
         if twin != name:
-            by_name[name].update({k: v for k, v in by_name[twin].items() if k.startswith("qat_")},
-                                 qat_status=f"reused: same configuration and recipe as {twin}")
+            e.update({k: v for k, v in by_name[twin].items() if k.startswith("qat_")},
+                     qat_status=f"reused: same configuration and recipe as {twin}")
             masks[name] = masks[twin]
             print(f"{name}: the same configuration as {twin}; its fine-tune is reused")
             continue
-        qat = prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
-                          per_channel=quant["granularity"] == "channel", clip=quant["clip"]).to(s.device)
-        path = Path(args.checkpoint_dir) / f"qat_{name}.pt"
-        run = finetune(qat, path, key, meta, padded, labels, s.normalize, args.qat_epochs, args.qat_lr,
-                       args.qat_batch_size, s.seed, resume=args.resume, desc=f"qat {name}")
-        v = correct_mask(qat, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
-        t = correct_mask(qat, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
-        masks[name] = t
-        e = by_name[name]
-        e.update(qat_epochs=args.qat_epochs, qat_val_acc=100.0 * int(v.sum()) / len(v),
-                 qat_test_acc=100.0 * int(t.sum()) / len(t), qat_test_acc_ci95=wilson_interval(int(t.sum()), len(t)),
-                 qat_checkpoint=str(path), qat_status=run["status"], qat_seconds=run["seconds"],
-                 qat_history=run["history"])
-        pd = paired_drop(fp_test.correct, t)
-        e.update(qat_test_drop_vs_float=pd.drop, qat_test_drop_vs_float_ci95=bootstrap_drop_interval(pd))
-        print(f"{name}: fine-tuned {args.qat_epochs} epochs ({run['status']}): test {e['test_acc']:.2f}% -> "
-              f"{e['qat_test_acc']:.2f}%")
+        meta = {"name": name, "config": [[list(g), b] for g, b in cfg.items()], "model_args": s.meta["model_args"],
+                "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe, "target": s.target}
+
+        def prepared():
+            return prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
+                               per_channel=quant["granularity"] == "channel", clip=quant["clip"],
+                               bn=args.qat_bn).to(s.device)
+        ptq_sel = e["val_acc"] if sel_eval is None else sel_eval.evaluate(cfg).accuracy
+        runs, tests = [], []
+        for k, seed in enumerate(seeds):
+            path = Path(args.checkpoint_dir) / (f"qat_{name}.pt" if k == 0 else f"qat_{name}_seed{seed}.pt")
+            run = finetune(prepared(), path, {**base_key, "seed": seed}, {**meta, "seed": seed}, padded, labels,
+                           s.normalize, args.qat_epochs, args.qat_lr, args.qat_batch_size, seed, resume=args.resume,
+                           desc=f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""), teacher=teacher,
+                           warmup_steps=warmup)
+            m = run["model"]
+            v = correct_mask(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
+            sel = v if sel_eval is None else correct_mask(m, sel_x, sel_y, s.normalize, args.eval_batch_size)
+            t = correct_mask(m, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
+            tests.append(t)
+            runs.append({"seed": seed, "val_acc": _acc(v), "selection_acc": _acc(sel), "test_acc": _acc(t),
+                         "below_post_training": _acc(sel) < ptq_sel, "checkpoint": str(path),
+                         "status": run["status"], "seconds": run["seconds"], "history": run["history"]})
+        masks[name] = tests
+        test_accs = [r["test_acc"] for r in runs]
+        mean_test = float(np.mean(test_accs))
+        n_test = len(tests[0])
+        best = max(runs, key=lambda r: r["selection_acc"])     # the first seed on ties
+        answer = "post-training" if best["below_post_training"] else "fine-tuned"
+        if answer == "post-training":
+            keep_post_training(Path(best["checkpoint"]), deployable(prepared(), s.target))
+        e.update(qat_epochs=args.qat_epochs, qat_seeds=seeds,
+                 qat_val_acc=float(np.mean([r["val_acc"] for r in runs])),
+                 qat_selection_acc=float(np.mean([r["selection_acc"] for r in runs])),
+                 qat_test_acc=mean_test,
+                 qat_test_acc_sd=float(np.std(test_accs, ddof=1)) if len(runs) > 1 else None,
+                 qat_test_acc_ci95=wilson_interval(int(round(mean_test * n_test / 100)), n_test),
+                 qat_post_training_selection_acc=ptq_sel,
+                 qat_below_post_training=[r["below_post_training"] for r in runs],
+                 qat_answer=answer, qat_answer_seed=None if answer == "post-training" else best["seed"],
+                 qat_answer_test_acc=e["test_acc"] if answer == "post-training" else best["test_acc"],
+                 qat_checkpoint=best["checkpoint"], qat_status=runs[0]["status"],
+                 qat_seconds=float(sum(r["seconds"] for r in runs)), qat_history=runs[0]["history"],
+                 qat_runs=[{k: v for k, v in r.items() if k != "history"} for r in runs])
+        drop, ci = seeds_drop([fp_test.correct], tests)
+        e.update(qat_test_drop_vs_float=drop, qat_test_drop_vs_float_ci95=ci)
+        sd = f" (sd {e['qat_test_acc_sd']:.2f} over {len(seeds)} seeds)" if len(seeds) > 1 else ""
+        print(f"{name}: fine-tuned {args.qat_epochs} epochs ({runs[0]['status']}): test {e['test_acc']:.2f}% -> "
+              f"{mean_test:.2f}%{sd}" + ("; below post-training on the " + selected_on + " images, which stays the "
+                                         "answer" if answer == "post-training" else ""))
     for name in masks:
         e = by_name[name]
         if "fp32" in masks:
-            pd = paired_drop(masks["fp32"], masks[name])
-            e.update(qat_test_drop=pd.drop, qat_test_drop_ci95=bootstrap_drop_interval(pd))
+            drop, ci = seeds_drop(masks["fp32"], masks[name])
+            e.update(qat_test_drop=drop, qat_test_drop_ci95=ci)
         else:
             e.update(qat_test_drop=None, qat_test_drop_ci95=None)
+    return {"qat_selected_on": selected_on, "qat_recipe": recipe, "qat_seeds": seeds}
 
 
 def print_comparison(res: dict):
     label = " (synthetic data)" if res["dataset"].get("synthetic") else ""
     cm = res.get("cost_model") or {}
     n_test = res["dataset"]["report"]["images"]
-    print(f"\ncomparison{label}: AI in FLOPs/byte (batch {cm.get('batch_size', 1)}); accuracies on "
+    print(f"\ncomparison{label}: modelled AI in FLOPs/byte ({cm.get('name', 'fused')} cost model, batch "
+          f"{cm.get('batch_size', 1)}); accuracies on "
           f"{res['eval_split']} (search) and {res['report_split']} ({n_test} images, never searched), 95% intervals")
     fp = next(c for c in res["configs"] if c["name"] == "fp32")
     print(f"{'config':<14}{'AI':>8}{'x fp32':>8}{'val %':>8}{'test %':>8}{'test 95% CI':>16}{'test drop':>10}"
@@ -230,12 +337,16 @@ def print_comparison(res: dict):
                 print(f"{m} vs {c['vs']}: {c['relation']} (test accuracy {c['acc_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}])")
     qat = [c for c in res["configs"] if "qat_test_acc" in c]
     if qat:
+        seeds = len(qat[0].get("qat_seeds") or [0])
         print(f"\nafter {qat[0]['qat_epochs']} epochs of quantization-aware fine-tuning (same recipe for all; fp32 "
-              f"fine-tuned in float): test accuracy, drop vs fine-tuned fp32 and vs the original float")
+              f"fine-tuned in float{f'; mean over {seeds} seeds' if seeds > 1 else ''}): test accuracy, drop vs "
+              f"fine-tuned fp32 and vs the original float; selected on {res.get('qat_selected_on', 'val')} images")
         for c in qat:
             d = "-" if c["qat_test_drop"] is None else f"{c['qat_test_drop']:.2f}"
-            print(f"{c['name']:<14}{c['ai']:>8.2f}  PTQ {c['test_acc']:6.2f}%  QAT {c['qat_test_acc']:6.2f}%  "
-                  f"drop {d:>6}  vs float {c['qat_test_drop_vs_float']:.2f}")
+            sd = f" sd {c['qat_test_acc_sd']:.2f}" if c.get("qat_test_acc_sd") is not None else ""
+            kept = "  (below post-training: post-training kept)" if c.get("qat_answer") == "post-training" else ""
+            print(f"{c['name']:<14}{c['ai']:>8.2f}  PTQ {c['test_acc']:6.2f}%  QAT {c['qat_test_acc']:6.2f}%{sd}  "
+                  f"drop {d:>6}  vs float {c['qat_test_drop_vs_float']:.2f}{kept}")
     for c in res["configs"]:
         if "budget_holds_on_test" in c:
             print(f"{c['name']}: test drop {c['test_drop']:.2f} {'<=' if c['budget_holds_on_test'] else '>'} budget "

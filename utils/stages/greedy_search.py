@@ -13,9 +13,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quant.confirm import confirm_sequence, confirm_z, greedy_sequence
+from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence
 from quant.cost import CostModel
-from quant.search import EvalCache, Measured, greedy_search, pareto_frontier, verify_frontier
+from quant.search import EvalCache, Measured, audit_pruning, greedy_search, pareto_frontier, verify_frontier
 from quant.stats import BUDGET_Z, Budget, paired_drop
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
 from utils.errors import UserError
@@ -101,6 +101,8 @@ def search_widths(args) -> dict:
         raise UserError(f"--z must be >= 0, got {args.z}.")
     if args.verify_top_k < 1 or args.pareto_verify < 1:
         raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
+    if args.audit_pruning < 0:
+        raise UserError(f"--audit-pruning must be >= 0, got {args.audit_pruning}.")
     if args.max_evaluations is not None and args.max_evaluations < 1:
         raise UserError(f"--max-evaluations must be >= 1, got {args.max_evaluations}.")
     for flag, allowed in (("bits", WEIGHT_BITS), ("a_bits", ACT_BITS)):   # before any file is read
@@ -246,6 +248,8 @@ def search_widths(args) -> dict:
                           score_eps=SCORE_EPS[args.rank_by], fast_forward=not args.no_fast_forward)
         bar.close()
         greedy_cfg = g["config"]
+        if args.audit_pruning:
+            result["pruning_audit"] = audit_pruning(g["skipped_moves"], cache, budget, args.audit_pruning, s.seed)
         result["greedy"] = answer(greedy_cfg, g["measured"], greedy_sequence(g, float_cfg), True,
                                   evaluations=g["evaluations"], steps=g["steps"], stopped_by=g["stopped_by"],
                                   pruned_moves=g["pruned_moves"], infeasible_evaluations=g["infeasible_evaluations"],
@@ -266,8 +270,9 @@ def search_widths(args) -> dict:
         if p["config"] is None:
             p.update(config=float_cfg, ai=ai_of(float_cfg), measured=cache(float_cfg), source="float")
         # the fixed sequence: the frontier points the search verified within budget, in order of AI, then its answer
-        seq = [v["config"] for v in sorted(p["verified"], key=lambda v: v["ai"]) if v["feasible"]
-               and v["config"] != p["config"] and v["ai"] < ai_of(p["config"])] + [p["config"]]
+        answer_ai = ai_of(p["config"])
+        seq = frontier_sequence([v["config"] for v in p["verified"] if v["feasible"] and v["ai"] < answer_ai]
+                                + [p["config"]], ai_of)
         result["pareto"] = answer(
             p["config"], p["measured"], seq, False, source=p["source"], evaluations=p["evaluations"],
             note=p["note"], frontier_size=len(frontier), dp_seconds=dp_seconds,
@@ -307,7 +312,7 @@ def confirmed_note(entry: dict) -> str:
 def print_search(result: dict):
     label = " (synthetic data)" if result["dataset"].get("synthetic") else ""
     b = result["budget"]
-    print(f"\nsearch{label}: float {result['baseline_val_acc']:.2f}% at AI {result['fp32_ai']:.2f}; budget: drop + "
+    print(f"\nsearch{label}: float {result['baseline_val_acc']:.2f}% at modelled AI {result['fp32_ai']:.2f}; budget: drop + "
           f"{b['z']:.2f} x SE <= {b['max_drop']} points on {result['eval_images']} {result['eval_split']} images")
     for m in ("greedy", "pareto"):
         r = result[m]
