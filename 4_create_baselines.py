@@ -15,6 +15,7 @@ import argparse
 
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
+from utils.qat import DEFAULT_FREEZE_BN
 from utils.stages.create_baselines import create_baselines
 
 
@@ -33,6 +34,10 @@ def get_args_parser():
                         "its folded form, and is folded at the end, so the folded model is what is evaluated and "
                         "exported; folded: fold first and train the folded conv, which collapsed at 3 bits "
                         "(default: kept)")
+    g.add_argument("--qat-freeze-bn", default=DEFAULT_FREEZE_BN, type=float, metavar="FRACTION",
+                   help="with --qat-bn kept, BN normalizes with its running statistics (frozen) from this fraction "
+                        "of the steps on, so the last steps train exactly the folded network that deploys; 1 "
+                        f"never freezes, 0 freezes from the start (default: {DEFAULT_FREEZE_BN})")
     g.add_argument("--qat-warmup", default=0.0, type=float, metavar="FRACTION",
                    help="linear learning-rate warm-up over this fraction of the fine-tuning steps (default: 0)")
     g.add_argument("--qat-distill", action="store_true",

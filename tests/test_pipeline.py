@@ -19,7 +19,7 @@ from models import build_model
 from models.resnet import resnet20
 from quant.cost import CostModel, kernel_table
 from quant.widths import FLOAT_BITS, FORMAT, A, W
-from utils.io import SCHEMA_VERSION, sha256_file
+from utils.io import SCHEMA_VERSIONS, sha256_file
 
 TOL = 1e-9  # the searches' own feasibility tolerance (quant.stats.FEASIBILITY_TOL)
 FUSED = CostModel("fused")
@@ -95,7 +95,7 @@ def declared_segments(model):
 @pytest.mark.parametrize("stage", ["1", "2", "3", "4"])
 def test_stage_header_and_provenance(pipeline, stage):
     r = pipeline["res"][stage]
-    assert r["stage"] == stage and r["schema_version"] == SCHEMA_VERSION
+    assert r["stage"] == stage and r["schema_version"] == SCHEMA_VERSIONS[stage]
     prov = r["provenance"]
     for key in ("args", "inputs", "git_commit", "torch_version", "device", "seconds", "world_size"):
         assert key in prov, key
@@ -405,3 +405,22 @@ def test_reference_cost_model_reproduces_the_reference_convention(quick_stage2, 
                    "--a-bits", "8", "--results-dir", tmp_path / "other", check=False)
     assert p.returncode == 2 and "reference convention charges activations in float" in " ".join(p.stderr.split())
     assert not (tmp_path / "other" / FILES["2"]).exists()
+
+
+def test_comparison_relations():
+    """"dominates" only where the paired interval of the accuracy difference excludes zero; more AI within
+    noise is "higher AI at a statistically equal accuracy"; significant gains against AI are trade-offs."""
+    from utils.stages.create_baselines import relation
+    ref = [True] * 900 + [False] * 100
+    better = [True] * 1000                      # +10 points, interval well above zero
+    noisy = [True] * 899 + [False] * 101        # -0.1 points, interval contains zero
+    worse = [True] * 850 + [False] * 150        # -5 points
+
+    def rel(ai_a, ai_b, a):
+        return relation({"name": "a", "ai": ai_a}, {"name": "b", "ai": ai_b}, ref if a is None else a, ref)
+    assert rel(2, 1, better)["relation"] == rel(1, 1, better)["relation"] == "dominates"
+    assert rel(2, 1, noisy)["relation"] == "higher AI at a statistically equal accuracy"
+    assert rel(2, 1, worse)["relation"] == rel(1, 2, better)["relation"] == "trade-off"
+    assert rel(1, 2, worse)["relation"] == rel(1, 1, noisy)["relation"] == "dominated or equal"
+    r = rel(2, 1, better)
+    assert r["vs"] == "b" and r["acc_diff"] == pytest.approx(10.0) and r["acc_diff_ci95"][0] > 0

@@ -13,7 +13,7 @@ from models import build_model
 from models.resnet import resnet20
 from quant.cost import CostModel, kernel_table
 from utils.errors import UserError
-from utils.io import REPO_ROOT, SCHEMA_VERSION
+from utils.io import REPO_ROOT, SCHEMA_VERSIONS
 from utils.plots.allocation import plot_bit_allocation
 from utils.plots.pareto import _upper_envelope, plot_pareto
 from utils.plots.sensitivity import plot_sensitivity
@@ -28,7 +28,7 @@ MAX_DROP = 1.0
 
 def _common(stage, synthetic):
     return {
-        "stage": stage, "schema_version": SCHEMA_VERSION,
+        "stage": stage, "schema_version": SCHEMA_VERSIONS[stage],
         "dataset": {"name": "synthetic" if synthetic else "cifar10",
                     "source": "generated (seed 0)" if synthetic else "data/cifar-10-batches-py",
                     "synthetic": synthetic},

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import REPO
 from utils.checkpoint import load_model, read_checkpoint
-from utils.io import sha256_file
+from utils.io import PRODUCERS, load_results_json, sha256_file
 
 SHIPPED = REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"
 
@@ -24,3 +24,5 @@ def test_shipped_baseline():
     assert r["provenance"]["inputs"]["checkpoint"]["sha256"] == sha256_file(SHIPPED)
     assert r["epochs"] == 30 and r["test_acc"] == ck["final"]["test_acc"]
     assert SHIPPED.stat().st_size < 1.5e6
+    # stages 2-5 read it as it ships (stage 5 draws its training curve from it): its schema is current
+    assert load_results_json(SHIPPED.parent / "01_baseline.json", "1", PRODUCERS["1"]) == r

@@ -16,8 +16,10 @@ import torch
 from utils.distributed import world_size
 from utils.errors import UserError
 
-# Bump when the layout of any results JSON changes; stages refuse older files.
-SCHEMA_VERSION = 3
+# Per results file: bump a stage's version when the layout of its JSON changes; stages refuse other
+# versions. Version 3 of stages 2-4: tensor widths, the kernel cost models, the confirm split.
+SCHEMA_VERSIONS = {"1": 2, "2": 3, "3": 3, "4": 3}
+SCHEMA_VERSION = SCHEMA_VERSIONS["4"]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -130,9 +132,10 @@ def load_results_json(path, expected_stage: str, producer: str, force: bool = Fa
     if not isinstance(obj, dict) or obj.get("stage") != expected_stage:
         raise UserError(f"{path} is not a stage-{expected_stage} results file (its 'stage' field is "
                         f"{obj.get('stage') if isinstance(obj, dict) else None!r}). Re-run {producer}.")
-    if obj.get("schema_version") != SCHEMA_VERSION and not force:
+    version = SCHEMA_VERSIONS[expected_stage]
+    if obj.get("schema_version") != version and not force:
         raise UserError(f"{path} was written with results schema version {obj.get('schema_version')!r}, "
-                        f"this code reads version {SCHEMA_VERSION}. Re-run {producer} to refresh it "
+                        f"this code reads version {version}. Re-run {producer} to refresh it "
                         f"(or pass --force to use it anyway).")
     return obj
 

@@ -5,16 +5,17 @@
   folded form: the parametrization chain is w -> w * gamma / sqrt(running_var + eps) (``BNScale``)
   -> the weight quantizer -> / (gamma / sqrt(running_var + eps)), so the conv computes with exactly the
   quantized folded weight, rescaled, and its BN follows. In training BN normalizes with the batch
-  statistics and re-estimates its running statistics on the quantized network; in evaluation it uses
-  the running ones, and the network is then the folded one. ``deployable`` folds it: w' = w * gamma /
+  statistics and re-estimates its running statistics on the quantized network, until ``finetune``'s
+  ``freeze_bn_step`` (stage 4: half-way, DEFAULT_FREEZE_BN), from which it uses the running ones, as in
+  evaluation: the network is then the folded one. ``deployable`` folds it: w' = w * gamma /
   sigma, b' = beta - mu * gamma / sigma, the quantizer kept as it is. The folded model is what the
   checkpoint's ``model`` holds, what stage 4 evaluates and what the export writes: what is fine-tuned
   is what deploys (tests show the folded model predicts what the fine-tuned one predicts).
 * ``bn="folded"`` folds BN first and trains the folded conv (weights and bias), the recipe before
-  issue 20. It collapses at 3 bits: see docs/README "Quantization-aware fine-tuning" for the measurements
-  (the folded parametrization multiplies each output channel's effective learning rate by
-  sigma^2 / gamma^2 relative to the BN form, up to 15x in a trained ResNet-20, and the damaged 3-bit start
-  has large gradients, so the first steps move weights by several quantization steps).
+  issue 20. It can collapse at 3 bits (README, "Quantization-aware fine-tuning"): the folded
+  parametrization multiplies each output channel's effective learning rate by sigma^2 / gamma^2 relative
+  to the BN form (up to 15x in the shipped ResNet-20), and the damaged 3-bit start has large gradients,
+  so one step can move weights by several quantization steps; tests/test_qat.py reproduces it.
 * The configuration is placed by the quantization core's ``quantize_`` (quant/place.py) in its
   trainable form: each quantized weight is a ``torch.nn.utils.parametrize`` parametrization (the float
   original trains, the forward pass uses its fake-quantized view, per-channel scales), and each
@@ -52,10 +53,11 @@ WEIGHT_DECAY = 5e-4      # on the conv/linear weights (their float originals); n
 MOMENTUM = 0.9
 BN_MODES = ("kept", "folded")
 DEFAULT_BN = "kept"
+DEFAULT_FREEZE_BN = 0.5    # BN kept: running statistics from half-way on (stage 4's --qat-freeze-bn)
 BN_HANDLING = {
     "kept": "kept during fine-tuning (batch statistics, running statistics re-estimated on the quantized "
-            "network), each conv weight quantized in its folded form; folded at the end, and the folded model "
-            "is what is evaluated, saved and exported",
+            "network, then frozen from bn_frozen_from_step on), each conv weight quantized in its folded form; "
+            "folded at the end, and the folded model is what is evaluated, saved and exported",
     "folded": "folded before fine-tuning; the folded conv (weights and bias) is trained",
 }
 DISTILL = "KL(float teacher || student) on the logits, temperature 1, in place of the cross-entropy"
@@ -237,7 +239,7 @@ def keep_post_training(path, post_training: nn.Module):
 
 def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normalize, epochs: int, lr: float,
              batch_size: int, seed: int, resume: bool = False, desc: str = "qat", teacher: nn.Module | None = None,
-             warmup_steps: int = 0) -> dict:
+             warmup_steps: int = 0, freeze_bn_step: int | None = None) -> dict:
     """Train `qat` (from ``prepare_qat``) for `epochs` with SGD + Nesterov and a cosine schedule (after
     `warmup_steps` of linear warm-up), checkpointing every epoch to `path` (atomic, weights_only-loadable).
     With `teacher`, the student learns the teacher's logits (``Distilled``). With `resume`, a checkpoint with
@@ -272,12 +274,23 @@ def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normal
         return out
 
     trained = qat if teacher is None else Distilled(qat, teacher)
+    bns = [m for m in qat.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def freeze(module, args):   # from step freeze_bn_step on, BN normalizes with its running statistics
+        if module.training and scheduler.last_epoch >= freeze_bn_step:
+            for m in bns:
+                m.eval()
+    hook = qat.register_forward_pre_hook(freeze) if freeze_bn_step is not None and bns else None
     t0 = time.time()
-    for epoch in range(start, epochs):
-        t = time.perf_counter()
-        stats = train_one_epoch(trained, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
-                                use_amp=padded.device.type == "cuda", desc=f"{desc} epoch {epoch + 1}/{epochs}")
-        history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
-                        "seconds": time.perf_counter() - t})
-        save_checkpoint(path, state(epoch + 1, epoch + 1 == epochs))
+    try:
+        for epoch in range(start, epochs):
+            t = time.perf_counter()
+            stats = train_one_epoch(trained, optimizer, scheduler, padded, labels, normalize, batch_size, seed, epoch,
+                                    use_amp=padded.device.type == "cuda", desc=f"{desc} epoch {epoch + 1}/{epochs}")
+            history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
+                            "seconds": time.perf_counter() - t})
+            save_checkpoint(path, state(epoch + 1, epoch + 1 == epochs))
+    finally:
+        if hook is not None:
+            hook.remove()
     return {"status": status, "history": history, "seconds": time.time() - t0, "model": deployable(qat, target)}

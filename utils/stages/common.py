@@ -18,7 +18,7 @@ from utils.checkpoint import default_checkpoint_path, load_model, parse_normaliz
 from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
 from utils.data import load_dataset
 from utils.errors import UserError
-from utils.io import PRODUCERS, RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, load_results_json, provenance
+from utils.io import PRODUCERS, RESULTS_FILES, SCHEMA_VERSIONS, atomic_write_json, load_results_json, provenance
 from utils.split import Part, SearchSplit, quick_images, quick_subset, search_split
 from utils.train import Normalizer, to_device_uint8
 
@@ -267,7 +267,7 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
 
 def results_header(stage: str, s: Setup) -> dict:
     """The fields every post-training results file starts with."""
-    return {"stage": stage, "schema_version": SCHEMA_VERSION, "dataset": s.data_info,
+    return {"stage": stage, "schema_version": SCHEMA_VERSIONS[stage], "dataset": s.data_info,
             "model_args": s.meta["model_args"], "checkpoint": str(s.checkpoint), "eval_split": s.eval_split,
             "cost_model": s.cost_model.to_json(s.target), "target": s.target,
             "segments": segment_names(s)}

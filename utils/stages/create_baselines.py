@@ -38,15 +38,18 @@ def relation(a: dict, b: dict, a_correct, b_correct) -> dict:
 
     * "dominates": AI(a) >= AI(b) and the interval lies above zero;
     * "higher AI at a statistically equal accuracy": AI(a) > AI(b) and the interval contains zero;
-    * "trade-off" (more AI, significantly less accuracy) or "dominated or equal" otherwise."""
+    * "trade-off": more AI and significantly less accurate, or less AI and significantly more accurate;
+    * "dominated or equal" otherwise."""
     pd = paired_drop(a_correct, b_correct)          # drop of b against a = acc(a) - acc(b)
     lo, hi = bootstrap_drop_interval(pd)
     if a["ai"] >= b["ai"] and lo > 0:
         rel = DOMINATES
     elif a["ai"] > b["ai"] and lo <= 0 <= hi:
         rel = EQUAL_ACC
+    elif (a["ai"] > b["ai"] and hi < 0) or (a["ai"] < b["ai"] and lo > 0):
+        rel = "trade-off"
     else:
-        rel = "trade-off" if a["ai"] > b["ai"] else "dominated or equal"
+        rel = "dominated or equal"
     return {"vs": b["name"], "relation": rel, "acc_diff": pd.drop, "acc_diff_ci95": [lo, hi]}
 
 
@@ -147,11 +150,13 @@ def create_baselines(args) -> dict:
 
 
 def check_qat_args(args, names):
+    fractions = [f for f in (args.qat_warmup, args.qat_freeze_bn) if f is not None]
     if args.qat_epochs < 0 or args.qat_lr <= 0 or args.qat_batch_size < 1 or args.qat_seeds < 1 \
-            or args.qat_warmup < 0:
-        raise UserError(f"--qat-epochs must be >= 0, --qat-lr > 0, --qat-batch-size >= 1, --qat-seeds >= 1 and "
-                        f"--qat-warmup >= 0; got {args.qat_epochs}, {args.qat_lr}, {args.qat_batch_size}, "
-                        f"{args.qat_seeds}, {args.qat_warmup}.")
+            or not all(0 <= f <= 1 for f in fractions):
+        raise UserError(f"--qat-epochs must be >= 0, --qat-lr > 0, --qat-batch-size >= 1, --qat-seeds >= 1, and "
+                        f"--qat-warmup and --qat-freeze-bn fractions of the steps between 0 and 1; got "
+                        f"{args.qat_epochs}, {args.qat_lr}, {args.qat_batch_size}, {args.qat_seeds}, "
+                        f"{args.qat_warmup}, {args.qat_freeze_bn}.")
     if args.keep_ends is not None and args.keep_ends not in KEEP_ENDS_BITS:
         raise UserError(f"--keep-ends {args.keep_ends}: give the width the ends keep, one of {list(KEEP_ENDS_BITS)} "
                         f"(8, as the literature's W4A4 and W3A3 results do).")
@@ -203,6 +208,14 @@ def seeds_drop(ref, cand) -> tuple[float, list[float]]:
     return 100.0 * float(d.mean()), [round(float(lo), 10), round(float(hi), 10)]
 
 
+def choose_answer(runs: list[dict]) -> tuple[str, dict]:
+    """("fine-tuned" or "post-training", the run chosen): the fine-tune (one per seed) with the best accuracy on
+    the selection images, the first seed on ties, unless it ends below the post-training accuracy of the same
+    configuration on those images (``below_post_training``): then the post-training weights stay the answer."""
+    best = max(runs, key=lambda r: r["selection_acc"])
+    return ("post-training" if best["below_post_training"] else "fine-tuned"), best
+
+
 def _acc(mask) -> float:
     return 100.0 * int(mask.sum()) / len(mask)
 
@@ -225,12 +238,14 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
     labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
     steps = max(1, len(pool) // args.qat_batch_size) * args.qat_epochs
     warmup = min(steps, int(round(args.qat_warmup * steps)))
+    freeze = None if args.qat_freeze_bn is None or args.qat_bn != "kept" else int(round(args.qat_freeze_bn * steps))
     seeds = [s.seed + k for k in range(args.qat_seeds)]
     recipe = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": args.qat_batch_size, "momentum": MOMENTUM,
               "nesterov": True, "weight_decay": WEIGHT_DECAY,
               "schedule": f"linear warm-up over {warmup} of {steps} steps, then cosine to zero" if warmup else
                           "cosine to zero, no warm-up",
               "warmup_steps": warmup, "scales": args.qat_scales, "bn": args.qat_bn, "bn_handling": BN_HANDLING[args.qat_bn],
+              "bn_frozen_from_step": freeze,
               "loss": DISTILL if args.qat_distill else "cross-entropy on the labels",
               "train_images": len(pool), "train_indices_sha256": indices_sha256(pool),
               "amp": "bf16 autocast (quantizers in fp32)" if s.device.type == "cuda" else "none (fp32)"}
@@ -269,7 +284,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
             run = finetune(prepared(), path, {**base_key, "seed": seed}, {**meta, "seed": seed}, padded, labels,
                            s.normalize, args.qat_epochs, args.qat_lr, args.qat_batch_size, seed, resume=args.resume,
                            desc=f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""), teacher=teacher,
-                           warmup_steps=warmup)
+                           warmup_steps=warmup, freeze_bn_step=freeze)
             m = run["model"]
             v = correct_mask(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
             sel = v if sel_eval is None else correct_mask(m, sel_x, sel_y, s.normalize, args.eval_batch_size)
@@ -282,8 +297,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         test_accs = [r["test_acc"] for r in runs]
         mean_test = float(np.mean(test_accs))
         n_test = len(tests[0])
-        best = max(runs, key=lambda r: r["selection_acc"])     # the first seed on ties
-        answer = "post-training" if best["below_post_training"] else "fine-tuned"
+        answer, best = choose_answer(runs)
         if answer == "post-training":
             keep_post_training(Path(best["checkpoint"]), deployable(prepared(), s.target))
         e.update(qat_epochs=args.qat_epochs, qat_seeds=seeds,

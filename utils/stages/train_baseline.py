@@ -16,7 +16,7 @@ from utils import distributed as dist
 from utils.cli import resolve_arch, resolve_device, seed_everything
 from utils.data import channel_stats, load_dataset, subset_indices
 from utils.errors import UserError
-from utils.io import RESULTS_FILES, SCHEMA_VERSION, atomic_write_json, jsonable_args, provenance
+from utils.io import RESULTS_FILES, SCHEMA_VERSIONS, atomic_write_json, jsonable_args, provenance
 from quant.cost import layer_table
 from utils.split import (QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset,
                          split_identity, train_val_split)
@@ -231,7 +231,7 @@ def train_baseline(args) -> dict:
     train_seconds = sum(h["seconds"] for h in history)
 
     results = {
-        "stage": "1", "schema_version": SCHEMA_VERSION,
+        "stage": "1", "schema_version": SCHEMA_VERSIONS["1"],
         "dataset": {**data_info, "split": split_summary}, "model_args": model_args, "params": count_parameters(model),
         "checkpoint": str(ckpt_path),
         "test_acc": test["acc"], "val_acc": final["val_acc"], "test_loss": test["loss"],
