@@ -1,7 +1,7 @@
 """Measured speed on a real integer runtime: ONNX Runtime's CPU build, in one run, same thread count.
 
     python benchmarks/deploy_speed.py --checkpoint pretrained/resnet20_cifar10jpeg_30ep.pt \\
-        --data-dir ../shared/data/cifar10-jpeg.tar.gz --results-dir results --out results/deploy_speed.json
+        --data-dir ../shared/data/cifar10-jpeg.tar.gz --results-dir results/ort --out results/ort/deploy_speed.json
 
 Times, each at batch 1 (latency, ms) and batch 64 (throughput, images/s):
 

@@ -375,3 +375,34 @@ def test_frontier_drawn_is_monotone_and_undominated():
     assert all(b1 > b2 for (_, b1), (_, b2) in zip(env, env[1:]))
     dominated = {p for p in pts if any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in pts)}
     assert set(env) == set(pts) - dominated
+
+
+def test_measured_speed_is_merged_when_present(fixture_dirs, tmp_path):
+    """A deploy_speed.json beside the stage results adds the measured panel to the Pareto plot (throughput
+    against accuracy on the runtime) and the measured table to summary.md, next to the modelled AI; a file
+    that is not one is reported and ignored."""
+    folder = tmp_path / "r"
+    shutil.copytree(fixture_dirs["real"], folder)
+    deploy = {"benchmark": "deploy_speed", "runtime": "onnxruntime 1.x CPUExecutionProvider", "threads": 2,
+              "images": 10000, "results": [
+                  {"name": "fp32", "throughput_b64": 2700.0, "latency_ms_b1": 0.41, "speedup_b64": 1.0,
+                   "speedup_b1": 1.0, "test_acc": 86.45, "modelled_ai": 21.56},
+                  {"name": "uniform_w8a8", "throughput_b64": 6400.0, "latency_ms_b1": 0.30, "speedup_b64": 2.37,
+                   "speedup_b1": 1.37, "test_acc": 86.55, "modelled_ai": 86.01},
+                  {"name": "ort_quantize_static", "throughput_b64": 6300.0, "latency_ms_b1": 0.28,
+                   "speedup_b64": 2.33, "speedup_b1": 1.46, "test_acc": 86.68}]}
+    (folder / "deploy_speed.json").write_text(json.dumps(deploy))
+    data, why = load_inputs(folder)
+    assert data["deploy"] == deploy and "deploy" not in why
+    with style():
+        fig = plot_pareto(data["baselines"], data["search"], False, data["deploy"])
+    assert len(fig.axes) == 2 and "throughput" in fig.axes[1].get_xlabel()
+    assert {t.get_text() for t in fig.axes[1].texts} >= {"uniform W8A8 (2.37x)", "ONNX Runtime quantize_static (2.33x)"}
+    text = summary_markdown(data["baselines"], data["search"], deploy=data["deploy"])
+    assert "| uniform_w8a8 | 6,400 | 2.37 | 0.300 | 1.37 | 86.55 | 86.01 |" in text
+    (folder / "deploy_speed.json").write_text("{broken")
+    data, why = load_inputs(folder)
+    assert data["deploy"] is None and "deploy_speed" in why["deploy"]
+    assert any("left out the measured speeds" in n for n in generate_plots(folder, progress=False)["notes"])
+    with style():
+        assert len(plot_pareto(data["baselines"], data["search"], False, data["deploy"]).axes) == 1

@@ -10,9 +10,11 @@ from utils.plots.style import (BUDGET_COLOR, PARETO_COLOR, SkipPlot, _configs_04
                                _new_figure, _num, _place_labels, _points, _title, config_style, display_name)
 
 
-def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> Figure:
-    """Test accuracy (with its 95% interval) vs AI of every stage-4 configuration, the budget band,
-    the estimated frontier, and, after fine-tuning, an arrow from each PTQ point to its QAT point."""
+def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False, deploy: dict | None = None) -> Figure:
+    """Test accuracy (with its 95% interval) vs modelled AI of every stage-4 configuration, the budget
+    band, the estimated frontier, and, after fine-tuning, an arrow from each PTQ point to its QAT point.
+    With a deploy_speed.json (``deploy``), a second panel: measured throughput against accuracy on the
+    runtime, beside the modelled one."""
     rows = [c for c in _configs_04(b04) if _num(c.get("test_acc")) is not None]
     if not rows:
         raise SkipPlot("04_baselines.json has no test accuracies")
@@ -46,8 +48,10 @@ def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> 
         xpad = max(0.5, 0.06 * (max(ais) - min(ais)))
         xlo, xhi = min(ais) - xpad, max(ais) + xpad
 
-    fig = _new_figure((9.0, 5.4))
-    ax = fig.add_subplot()
+    measured = [r for r in (deploy or {}).get("results") or []
+                if _num(r.get("throughput_b64")) is not None and _num(r.get("test_acc")) is not None]
+    fig = _new_figure((15.0, 5.6) if measured else (9.0, 5.4))
+    ax, axm = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.5, 1])) if measured else (fig.add_subplot(), None)
     handles = []
     if ref is not None and max_drop is not None:
         ax.axhspan(ref - max_drop, ref, color=BUDGET_COLOR, alpha=0.13, lw=0, zorder=0)
@@ -105,10 +109,40 @@ def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False) -> 
     report = b04.get("report_split") or "test"
     n = ((b04.get("dataset") or {}).get("report") or {}).get("images")
     ax.set_ylabel(f"Accuracy on {report} (%)" + (f", {n} images" if n else ""))
-    fig.suptitle(_title("Accuracy vs modelled arithmetic intensity (bars: 95% Wilson intervals)", synthetic))
+    fig.suptitle(_title("Accuracy vs modelled arithmetic intensity (bars: 95% Wilson intervals)", synthetic)
+                 + ("; right: measured on the runtime" if measured else ""))
     fig.legend(handles=handles, loc="outside lower center", ncols=3)
     _place_labels(fig, ax, labels)
+    if measured:
+        _measured_panel(axm, deploy, measured, ref, max_drop)
     return fig
+
+
+def _measured_panel(ax, deploy: dict, rows: list, ref, max_drop):
+    """Measured throughput (batch 64) against accuracy, one point per exported model."""
+    names = {"ort_quantize_static": "ONNX Runtime quantize_static"}
+    labels = []
+    if ref is not None and max_drop is not None:
+        ax.axhspan(ref - max_drop, ref, color=BUDGET_COLOR, alpha=0.13, lw=0, zorder=0)
+    for r in rows:
+        st = config_style(r["name"]) if r["name"] != "ort_quantize_static" else \
+            {"color": "#555555", "marker": "X", "markersize": 9}
+        x, y = _num(r["throughput_b64"]), _num(r["test_acc"])
+        ax.plot([x], [y], ls="none", marker=st["marker"], ms=st["markersize"], color=st["color"], mec="white",
+                mew=0.6, zorder=4)
+        speed = _num(r.get("speedup_b64"))
+        labels.append(dict(x=x, y=y, color=st["color"],
+                           text=f"{names.get(r['name'], display_name(r['name']))}"
+                                + (f" ({speed:.2f}x)" if speed else "")))
+    xs = [_num(r["throughput_b64"]) for r in rows]
+    ys = [_num(r["test_acc"]) for r in rows] + ([ref] if ref is not None else [])
+    ax.set_xlim(0, max(xs) * 1.25)
+    pad = max(0.3, 0.1 * (max(ys) - min(ys)))
+    ax.set_ylim(min(ys + ([ref - max_drop] if ref is not None and max_drop else [])) - pad, max(ys) + pad)
+    ax.set_xlabel(f"Measured throughput, batch 64 (images/s), {deploy.get('threads', '?')} threads")
+    ax.set_ylabel("Accuracy on test (%), through the runtime")
+    ax.set_title(f"{deploy.get('runtime', 'runtime')}", fontsize=9)
+    _place_labels(ax.figure, ax, labels)
 
 
 def _upper_envelope(points):

@@ -43,7 +43,7 @@ def _ci(pair):
 
 
 def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None,
-                     dataset: dict | None = None, synthetic: bool = False, plots=()) -> str:
+                     dataset: dict | None = None, synthetic: bool = False, plots=(), deploy: dict | None = None) -> str:
     rows = [c for c in b04["configs"] if isinstance(c, dict) and "name" in c]
     if not rows:
         raise SkipPlot("04_baselines.json lists no configurations")
@@ -143,6 +143,15 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
         if method:
             lines += ["", f"Stage 3's chosen configuration: {method} (AI {_fmt(res.get('ai'))} FLOPs/byte, "
                           f"search accuracy {_fmt(res.get('val_acc'))}%)."]
+    if deploy and deploy.get("results"):
+        lines += ["", f"Measured on {deploy.get('runtime', 'the runtime')}, {deploy.get('threads', '?')} threads "
+                      f"(benchmarks/deploy_speed.py; {deploy.get('images', '?')} test images), beside the modelled AI:", "",
+                  "| model | throughput b64 (img/s) | × fp32 | latency b1 (ms) | × fp32 | test acc (%) | modelled AI |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in deploy["results"]:
+            lines.append(f"| {r.get('name')} | {_fmt(r.get('throughput_b64'), ',.0f')} | {_fmt(r.get('speedup_b64'))} | "
+                         f"{_fmt(r.get('latency_ms_b1'), '.3f')} | {_fmt(r.get('speedup_b1'))} | {_fmt(r.get('test_acc'))} | "
+                         f"{_fmt(r.get('modelled_ai'))} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -175,10 +175,6 @@ class Setup:
     def target(self) -> str:
         return self.table.target
 
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.space.layers)
-
     def calibrate(self, widths, batch_size: int = 250) -> dict:
         """Ranges of every tensor at `widths`, on the calibration images, in the folded float model."""
         widths = sorted({b for b in widths if b != FLOAT_BITS}, reverse=True)

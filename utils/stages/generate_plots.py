@@ -9,6 +9,7 @@ PNG and PDF atomically into <results-dir>/plots/, plus <results-dir>/summary.md.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -32,14 +33,28 @@ INPUTS = {key: (RESULTS_FILES[stage], stage) for key, stage in
 # loading, saving, driving
 
 
+DEPLOY_FILE = "deploy_speed.json"   # benchmarks/deploy_speed.py --out <results-dir>/deploy_speed.json
+
+
 def load_inputs(results_dir):
-    """({key: results dict or None}, {key: why it is missing}) for the four stage files."""
+    """({key: results dict or None}, {key: why it is missing}) for the four stage files, plus the measured
+    speeds of benchmarks/deploy_speed.py under "deploy" when <results-dir>/deploy_speed.json exists."""
     data, why = {}, {}
     for key, (fname, stage) in INPUTS.items():
         try:
             data[key] = load_results_json(Path(results_dir) / fname, stage, PRODUCERS[stage])
         except UserError as e:   # this stage has no --force: leave out that advice
             data[key], why[key] = None, str(e).replace(" (or pass --force to use it anyway)", "")
+    data["deploy"] = None
+    path = Path(results_dir) / DEPLOY_FILE
+    if path.is_file():
+        try:
+            obj = json.loads(path.read_text())
+            data["deploy"] = obj if isinstance(obj, dict) and obj.get("benchmark") == "deploy_speed" else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            data["deploy"] = None
+        if data["deploy"] is None:
+            why["deploy"] = f"{path} is not a deploy_speed.json; re-run benchmarks/deploy_speed.py"
     return data, why
 
 
@@ -76,7 +91,7 @@ def save_figure(fig: Figure, plots_dir, stem: str) -> dict:
 
 # name -> (input keys it needs, builder(data, synthetic) -> Figure)
 PLOTS = {
-    "pareto": (("baselines",), lambda d, s: plot_pareto(d["baselines"], d["search"], s)),
+    "pareto": (("baselines",), lambda d, s: plot_pareto(d["baselines"], d["search"], s, d.get("deploy"))),
     "sensitivity": (("per_layer",), lambda d, s: plot_sensitivity(d["per_layer"], s)),
     "bit_allocation": (("search",), lambda d, s: plot_bit_allocation(d["search"], s, d["per_layer"])),
     "search_trajectory": (("search",), lambda d, s: plot_search_trajectory(d["search"], s)),
@@ -103,7 +118,7 @@ def generate_plots(results_dir, plots_dir=None, progress: bool = True) -> dict:
     results_dir = Path(results_dir)
     plots_dir = Path(plots_dir) if plots_dir is not None else results_dir / "plots"
     data, why = load_inputs(results_dir)
-    if all(v is None for v in data.values()):
+    if all(data[k] is None for k in INPUTS):
         absent = all(not (results_dir / f).exists() for f, _ in INPUTS.values())
         files = ", ".join(f for f, _ in INPUTS.values())
         if absent:
@@ -114,10 +129,15 @@ def generate_plots(results_dir, plots_dir=None, progress: bool = True) -> dict:
                         + " ".join(why.values()))
     synthetic = is_synthetic(data)
     notes = []
-    names = {(d.get("dataset") or {}).get("name") for d in data.values() if d}
+    names = {(d.get("dataset") or {}).get("name") for k, d in data.items() if d and k in INPUTS}
     if len(names) > 1:
         notes.append(f"note: the results files describe different datasets ({sorted(map(str, names))}); "
                      f"they were probably made by different runs.")
+    if "deploy" in why:
+        notes.append(f"note: left out the measured speeds: {why['deploy']}")
+    elif data["deploy"] and data["baselines"] and data["deploy"].get("checkpoint") != data["baselines"].get("checkpoint"):
+        notes.append(f"note: {DEPLOY_FILE} measured {data['deploy'].get('checkpoint')}, but 04_baselines.json "
+                     f"quantized {data['baselines'].get('checkpoint')}; they are shown side by side anyway.")
 
     made, skipped = {}, {}
     bar = None
@@ -164,7 +184,7 @@ def generate_plots(results_dir, plots_dir=None, progress: bool = True) -> dict:
                                                           data["per_layer"], data["baseline"])
                        if d and d.get("dataset")), {})
             text = summary_markdown(data["baselines"], data["search"], data["per_layer"], ds, synthetic,
-                                    [v["png"] for v in made.values()])
+                                    [v["png"] for v in made.values()], data["deploy"])
             summary = results_dir / "summary.md"
             atomic_write_text(summary, text)
         except _BAD_CONTENT as e:
