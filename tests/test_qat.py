@@ -392,6 +392,7 @@ def test_stage4_seeds_selection_and_never_worse(stage4, tmp_path):
     top = CB.fine_tune(args, s, cands, configs, val.float_outcome, test.float_outcome, s.ranges,
                        {"granularity": "channel", "clip": "mse"})
     assert top["qat_selected_on"] == "confirm" and top["qat_seeds"] == [0, 1]
+    assert top["qat_comparisons"] == {}     # no searched configuration among the fine-tuned ones
     assert top["qat_recipe"]["bn"] == Q.DEFAULT_BN and top["qat_recipe"]["lr"] == 50.0
     for e in configs:
         accs = [r["test_acc"] for r in e["qat_runs"]]
@@ -480,3 +481,28 @@ def test_seeds_drop_matches_quant_stats_for_one_seed():
     drop, (lo, hi) = CB.seeds_drop(ref, cand)
     expect = 100 * (torch.stack(ref).float().mean() - torch.stack(cand).float().mean()).item()
     assert drop == pytest.approx(expect) and lo <= drop <= hi and lo > 0
+
+
+def test_qat_comparisons_pair_fine_tuned_searched_with_fine_tuned_uniforms():
+    """After fine-tuning, each searched configuration is compared with each fine-tuned uniform one (never with
+    fp32, never a uniform with another) on the per-image mean over seeds; "dominates" needs the interval above
+    zero, equal masks are a statistically equal accuracy, and less AI at significantly more accuracy a
+    trade-off."""
+    g = torch.Generator().manual_seed(1)
+    base = [torch.rand(2000, generator=g) < 0.85 for _ in range(2)]
+    worse = [m & (torch.rand(2000, generator=g) < 0.9) for m in base]     # about 8.5 points below
+    configs = [{"name": "fp32", "ai": 26.3}, {"name": "uniform_w8a8", "ai": 105.0},
+               {"name": "uniform_w4a4", "ai": 209.3}, {"name": "greedy", "ai": 110.0}, {"name": "pareto", "ai": 150.0}]
+    masks = {"fp32": base, "uniform_w8a8": worse, "uniform_w4a4": worse, "greedy": base, "pareto": worse}
+    out = CB.qat_comparisons(configs, masks)
+    assert set(out) == {"greedy", "pareto"}
+    rel = {(m, r["vs"]): r for m, rows in out.items() for r in rows}
+    assert set(rel) == {(m, u) for m in ("greedy", "pareto") for u in ("uniform_w8a8", "uniform_w4a4")}
+    assert rel["greedy", "uniform_w8a8"]["relation"] == CB.DOMINATES
+    assert rel["greedy", "uniform_w4a4"]["relation"] == "trade-off"
+    assert rel["pareto", "uniform_w8a8"]["relation"] == CB.EQUAL_ACC
+    assert rel["pareto", "uniform_w8a8"]["acc_diff_ci95"] == [0.0, 0.0]
+    assert rel["pareto", "uniform_w4a4"]["relation"] == "dominated or equal"
+    r = rel["greedy", "uniform_w8a8"]
+    assert (r["acc_diff"], r["acc_diff_ci95"]) == CB.seeds_drop(base, worse) and r["acc_diff_ci95"][0] > 5
+    assert "pareto" not in CB.qat_comparisons(configs, {k: v for k, v in masks.items() if k != "pareto"})

@@ -41,7 +41,11 @@ def relation(a: dict, b: dict, a_correct, b_correct) -> dict:
     * "trade-off": more AI and significantly less accurate, or less AI and significantly more accurate;
     * "dominated or equal" otherwise."""
     pd = paired_drop(a_correct, b_correct)          # drop of b against a = acc(a) - acc(b)
-    lo, hi = bootstrap_drop_interval(pd)
+    return _relation(a, b, pd.drop, bootstrap_drop_interval(pd))
+
+
+def _relation(a: dict, b: dict, diff: float, ci) -> dict:
+    lo, hi = ci
     if a["ai"] >= b["ai"] and lo > 0:
         rel = DOMINATES
     elif a["ai"] > b["ai"] and lo <= 0 <= hi:
@@ -50,7 +54,17 @@ def relation(a: dict, b: dict, a_correct, b_correct) -> dict:
         rel = "trade-off"
     else:
         rel = "dominated or equal"
-    return {"vs": b["name"], "relation": rel, "acc_diff": pd.drop, "acc_diff_ci95": [lo, hi]}
+    return {"vs": b["name"], "relation": rel, "acc_diff": diff, "acc_diff_ci95": [lo, hi]}
+
+
+def qat_comparisons(configs: list[dict], masks: dict) -> dict:
+    """After fine-tuning: each fine-tuned searched configuration against each fine-tuned uniform one, under
+    the same recipe and seeds, by `relation`'s rules. The accuracy difference is per image over the mean of
+    the seeds (the recipe's expected accuracy, not the selected seed's), with seeds_drop's paired interval."""
+    by_name = {c["name"]: c for c in configs}
+    uniforms = [n for n in masks if n.startswith("uniform_")]
+    return {m: [_relation(by_name[m], by_name[u], *seeds_drop(masks[m], masks[u])) for u in uniforms]
+            for m in SEARCHED if m in masks}
 
 
 def compared_configs(s3: dict, space, w_widths) -> list[tuple[str, dict]]:
@@ -326,7 +340,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
             e.update(qat_test_drop=drop, qat_test_drop_ci95=ci)
         else:
             e.update(qat_test_drop=None, qat_test_drop_ci95=None)
-    return {"qat_selected_on": selected_on, "qat_recipe": recipe, "qat_seeds": seeds}
+    return {"qat_selected_on": selected_on, "qat_recipe": recipe, "qat_seeds": seeds,
+            "qat_comparisons": qat_comparisons(configs, masks)}
 
 
 def print_comparison(res: dict):
@@ -361,6 +376,11 @@ def print_comparison(res: dict):
             kept = "  (below post-training: post-training kept)" if c.get("qat_answer") == "post-training" else ""
             print(f"{c['name']:<14}{c['ai']:>8.2f}  PTQ {c['test_acc']:6.2f}%  QAT {c['qat_test_acc']:6.2f}%{sd}  "
                   f"drop {d:>6}  vs float {c['qat_test_drop_vs_float']:.2f}{kept}")
+        for m, rows in (res.get("qat_comparisons") or {}).items():
+            for c in rows:
+                lo, hi = c["acc_diff_ci95"]
+                print(f"fine-tuned {m} vs fine-tuned {c['vs']}: {c['relation']} (test accuracy {c['acc_diff']:+.2f} "
+                      f"[{lo:+.2f}, {hi:+.2f}], mean over seeds)")
     for c in res["configs"]:
         if "budget_holds_on_test" in c:
             print(f"{c['name']}: test drop {c['test_drop']:.2f} {'<=' if c['budget_holds_on_test'] else '>'} budget "
