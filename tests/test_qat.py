@@ -238,6 +238,7 @@ def test_finished_matching_checkpoint_is_reused_and_stale_one_is_not(setup, stra
     path.write_bytes(straight["path"].read_bytes())
     _, run = run_finetune(setup, path, resume=True)
     assert run["status"] == "reused" and run["history"] == read_checkpoint(straight["path"])["history"]
+    assert run["seconds"] == sum(h["seconds"] for h in run["history"]) > 0     # the training it reuses, not 0
     _, run = run_finetune(setup, path, resume=True, key={"config": "other"}, epochs=1)
     assert run["status"] == "trained" and "starting afresh" in capsys.readouterr().out
     assert read_checkpoint(path)["key"] == {"config": "other"}

@@ -245,7 +245,8 @@ def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normal
     With `teacher`, the student learns the teacher's logits (``Distilled``). With `resume`, a checkpoint with
     the same `key` continues where it stopped (or is reused when finished); any other is started afresh.
 
-    Returns status, history, seconds and ``model``: the deployable (folded) fine-tuned model, in eval mode."""
+    Returns status, history, seconds (the training time of every epoch, reused ones included), wall_seconds
+    (this call's) and ``model``: the deployable (folded) fine-tuned model, in eval mode."""
     optimizer = torch.optim.SGD(param_groups(qat), lr=lr * batch_size / 128, momentum=MOMENTUM, nesterov=True)
     steps = max(1, len(labels) // batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(epochs * steps, warmup_steps))
@@ -293,4 +294,6 @@ def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normal
     finally:
         if hook is not None:
             hook.remove()
-    return {"status": status, "history": history, "seconds": time.time() - t0, "model": deployable(qat, target)}
+    # seconds: the training time of all its epochs, those of a reused or resumed checkpoint included
+    return {"status": status, "history": history, "seconds": float(sum(h["seconds"] for h in history)),
+            "wall_seconds": time.time() - t0, "model": deployable(qat, target)}
