@@ -324,14 +324,22 @@ def test_joint_and_fine_tuned_results_are_drawn():
         dict(name="fp32", ai=29.85, test_acc=86.0, test_acc_ci95=[85.3, 86.7], qat_test_acc=86.2, qat_epochs=2),
         dict(name="uniform_w8a8", ai=119.4, test_acc=85.8, test_acc_ci95=[85.1, 86.5], qat_test_acc=86.0, qat_epochs=2),
         dict(name="uniform_w4a4", ai=238.8, test_acc=70.0, test_acc_ci95=[69.1, 70.9], qat_test_acc=84.9, qat_epochs=2),
-        dict(name="greedy", ai=150.0, test_acc=85.3, test_acc_ci95=[84.6, 86.0])]}
+        dict(name="greedy", ai=150.0, test_acc=85.3, test_acc_ci95=[84.6, 86.0]),
+        dict(name="pareto", ai=160.0, test_acc=85.5, test_acc_ci95=[84.8, 86.2], qat_test_acc=85.7, qat_epochs=2,
+             qat_test_acc_sd=0.07, qat_test_drop=0.5, qat_test_drop_ci95=[0.2, 0.8], qat_answer="post-training")],
+        "qat_selected_on": "confirm"}
     fig = plot_pareto(b04)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     arrows = [t for t in ax.texts if getattr(t, "arrow_patch", None) is not None and t.get_text() == ""]
-    assert len(arrows) == 3
+    assert len(arrows) == 4
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert any("uniform W4A4" in t and "QAT" in t for t in legend) and any("fine-tuned" in t for t in legend)
+    assert any("85.70% QAT (post-training kept)" in t for t in legend)
+    text = summary_markdown(b04)
+    assert "answer (selected on confirm)" in text
+    assert "| 85.70 ± 0.07 | 0.50 [0.20, 0.80] | post-training (fine-tunes ended below it) |" in text
+    assert "| 84.90 | 1.30 | –" in text          # no recorded drop: the difference of the means; no answer recorded
 
 
 def test_sensitivity_and_allocation_for_tensors_and_many_layers():

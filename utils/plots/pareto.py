@@ -91,7 +91,7 @@ def plot_pareto(b04: dict, s03: dict | None = None, synthetic: bool = False, dep
                         arrowprops=dict(arrowstyle="->", color=st["color"], lw=1.1, alpha=0.9))
             ax.plot([x], [q], ls="none", marker=st["marker"], ms=st["markersize"], mfc="white", mec=st["color"],
                     mew=1.4, zorder=5)
-            label += f" → {q:.2f}% QAT"
+            label += f" → {q:.2f}% QAT" + (" (post-training kept)" if c.get("qat_answer") == "post-training" else "")
         handles.append(Line2D([], [], ls="none", marker=st["marker"], ms=st["markersize"] * 0.8,
                               color=st["color"], label=label))
     if qat:

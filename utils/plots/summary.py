@@ -86,8 +86,9 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
             "| test drop | drop 95% CI |")
     sep = "|---|---|---:|---:|---:|---:|---|---:|---|"
     if qat:
-        head += " QAT test acc (%) | QAT drop vs fine-tuned fp32 |"
-        sep += "---:|---:|"
+        head += " QAT test acc (%), mean ± sd | QAT drop vs fine-tuned fp32 [95% CI] | answer (selected on " \
+                f"{b04.get('qat_selected_on') or 'val'}) |"
+        sep += "---:|---|---|"
     lines += ["", head, sep]
     qat_ref = _num(fp32.get("qat_test_acc"))
     for c in rows:
@@ -98,8 +99,15 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
                 f"| {_fmt(c.get('test_acc'))} | {_ci(c.get('test_acc_ci95'))} | {_fmt(c.get('test_drop'))} "
                 f"| {_ci(c.get('test_drop_ci95'))} |")
         if qat:
-            q = _num(c.get("qat_test_acc"))
-            line += f" {_fmt(q)} | {_fmt(None if q is None or qat_ref is None else qat_ref - q)} |"
+            q, sd = _num(c.get("qat_test_acc")), _num(c.get("qat_test_acc_sd"))
+            d = _num(c.get("qat_test_drop"))
+            if d is None and q is not None and qat_ref is not None:
+                d = qat_ref - q
+            answer = {"post-training": "post-training (fine-tunes ended below it)", "fine-tuned":
+                      f"fine-tuned (seed {c.get('qat_answer_seed')})"}.get(c.get("qat_answer"), "–") \
+                if q is not None else ""
+            line += (f" {_fmt(q)}{f' ± {sd:.2f}' if sd is not None else ''} | {_fmt(d)}"
+                     f"{' ' + _ci(c.get('qat_test_drop_ci95')) if c.get('qat_test_drop_ci95') else ''} | {answer} |")
         lines.append(line)
     lines += ["", "Drops are FP32 minus the configuration's accuracy on the same images (positive = worse); "
                   "accuracy intervals are Wilson's, drop intervals the paired bootstrap.", ""]
