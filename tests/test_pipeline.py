@@ -417,7 +417,7 @@ def test_comparison_relations():
     worse = [True] * 850 + [False] * 150        # -5 points
 
     def rel(ai_a, ai_b, a):
-        return relation({"name": "a", "ai": ai_a}, {"name": "b", "ai": ai_b}, ref if a is None else a, ref)
+        return relation({"name": "a", "ai": ai_a}, {"name": "b", "ai": ai_b}, [ref if a is None else a], [ref])
     assert rel(2, 1, better)["relation"] == rel(1, 1, better)["relation"] == "dominates"
     assert rel(2, 1, noisy)["relation"] == "higher AI at a statistically equal accuracy"
     assert rel(2, 1, worse)["relation"] == rel(1, 2, better)["relation"] == "trade-off"

@@ -377,7 +377,7 @@ def ptq_entries(s, candidates):
     """The post-training part of stage 4's entries (what fine_tune adds qat_* fields to)."""
     val = s.evaluator(s.eval_x, s.eval_y, 200, cache_activations=False)
     test = s.evaluator(s.report_x, s.report_y, 200, cache_activations=False)
-    return [CB.score(n, cfg, s, val, test, val.float_outcome, test.float_outcome) for n, cfg in candidates], val, test
+    return [CB.score(n, cfg, s, val, test, val.float_outcome, test.float_outcome)[0] for n, cfg in candidates], val, test
 
 
 def test_stage4_seeds_selection_and_never_worse(stage4, tmp_path):

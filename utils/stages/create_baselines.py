@@ -32,20 +32,16 @@ DOMINATES = "dominates"
 EQUAL_ACC = "higher AI at a statistically equal accuracy"
 
 
-def relation(a: dict, b: dict, a_correct, b_correct) -> dict:
+def relation(a: dict, b: dict, a_masks: list, b_masks: list) -> dict:
     """How configuration `a` compares with `b` on the report images, by AI and the paired 95% bootstrap
-    interval of the accuracy difference acc(a) - acc(b):
+    interval of the accuracy difference acc(a) - acc(b) (``seeds_drop``: the correct-masks of one run each,
+    or of several seeds, averaged per image):
 
     * "dominates": AI(a) >= AI(b) and the interval lies above zero;
     * "higher AI at a statistically equal accuracy": AI(a) > AI(b) and the interval contains zero;
     * "trade-off": more AI and significantly less accurate, or less AI and significantly more accurate;
     * "dominated or equal" otherwise."""
-    pd = paired_drop(a_correct, b_correct)          # drop of b against a = acc(a) - acc(b)
-    return _relation(a, b, pd.drop, bootstrap_drop_interval(pd))
-
-
-def _relation(a: dict, b: dict, diff: float, ci) -> dict:
-    lo, hi = ci
+    diff, (lo, hi) = seeds_drop(a_masks, b_masks)   # drop of b against a = acc(a) - acc(b)
     if a["ai"] >= b["ai"] and lo > 0:
         rel = DOMINATES
     elif a["ai"] > b["ai"] and lo <= 0 <= hi:
@@ -63,7 +59,7 @@ def qat_comparisons(configs: list[dict], masks: dict) -> dict:
     the seeds (the recipe's expected accuracy, not the selected seed's), with seeds_drop's paired interval."""
     by_name = {c["name"]: c for c in configs}
     uniforms = [n for n in masks if n.startswith("uniform_")]
-    return {m: [_relation(by_name[m], by_name[u], *seeds_drop(masks[m], masks[u])) for u in uniforms]
+    return {m: [relation(by_name[m], by_name[u], masks[m], masks[u]) for u in uniforms]
             for m in SEARCHED if m in masks}
 
 
@@ -83,15 +79,16 @@ def compared_configs(s3: dict, space, w_widths) -> list[tuple[str, dict]]:
     return out
 
 
-def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test) -> dict:
-    """AI and the accuracy of one configuration on both splits, with intervals and paired drops."""
+def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test) -> tuple[dict, torch.Tensor]:
+    """(entry, test correct-mask): AI and the accuracy of one configuration on both splits, with intervals and
+    paired drops, and which report images it classifies correctly."""
     cost = s.cost_model.cost(s.table, cfg)
     v, t = val_eval.evaluate(cfg), test_eval.evaluate(cfg)
     pv, pt = paired_drop(fp_val.correct, v.correct), paired_drop(fp_test.correct, t.correct)
     return {"name": name, "config": s.space.to_file(cfg), "ai": cost["ai"], "bytes": cost["bytes"],
             "val_acc": v.accuracy, "val_acc_ci95": wilson_interval(v.n_correct, v.n), "val_drop": pv.drop,
             "test_acc": t.accuracy, "test_acc_ci95": wilson_interval(t.n_correct, t.n),
-            "test_drop": pt.drop, "test_drop_se": pt.se, "test_drop_ci95": bootstrap_drop_interval(pt)}
+            "test_drop": pt.drop, "test_drop_se": pt.se, "test_drop_ci95": bootstrap_drop_interval(pt)}, t.correct
 
 
 def create_baselines(args) -> dict:
@@ -124,8 +121,7 @@ def create_baselines(args) -> dict:
     fp_val, fp_test = val_eval.float_outcome, test_eval.float_outcome
     configs, correct = [], {}
     for name, cfg in tqdm(candidates, desc="configurations", dynamic_ncols=True):
-        entry = score(name, cfg, s, val_eval, test_eval, fp_val, fp_test)
-        correct[name] = test_eval.evaluate(cfg).correct
+        entry, correct[name] = score(name, cfg, s, val_eval, test_eval, fp_val, fp_test)
         if name in SEARCHED:
             r3 = s3[name]
             entry.update(search_drop=r3["drop"], confirm_drop=r3.get("confirm_drop"),
@@ -138,7 +134,7 @@ def create_baselines(args) -> dict:
 
     by_name = {c["name"]: c for c in configs}
     uniforms = [c for c in configs if c["name"].startswith("uniform_")]
-    comparisons = {m: [relation(by_name[m], u, correct[m], correct[u["name"]]) for u in uniforms]
+    comparisons = {m: [relation(by_name[m], u, [correct[m]], [correct[u["name"]]]) for u in uniforms]
                    for m in SEARCHED if m in by_name}
     dom = {m: [c["vs"] for c in rows if c["relation"] == DOMINATES] for m, rows in comparisons.items()}
     result = {**results_header("4", s), "max_drop": s3.get("max_drop"), "budget": s3.get("budget"),
