@@ -48,9 +48,10 @@ from quant.stats import bootstrap_drop_interval, paired_drop  # noqa: E402
 from quant.widths import FLOAT_BITS, W  # noqa: E402
 from utils.cli import add_common_args, run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.config import searched_answer  # noqa: E402
 from utils.export import (INT4_NOTE, config_summary, exportable_config, export_model, fusion_report,  # noqa: E402
-                          normalized_numpy, ort_logits, ort_session, placed_model, runtime_name, seeded_subset,
-                          to_onnx, check_agreement)
+                          normalized_numpy, ort_logits, ort_session, placed_model, recorded_stage2, runtime_name,
+                          seeded_subset, to_onnx, check_agreement)
 from utils.io import (PRODUCERS, RESULTS_FILES, atomic_write_json, check_same_checkpoint,  # noqa: E402
                       load_results_json, provenance)
 from utils.stages.common import CALIB_IMAGES, QUICK_CALIB_IMAGES, add_model_args, load_setup  # noqa: E402
@@ -131,14 +132,15 @@ def searched_entry(args, s, ranges, quant):
     if obj.get("target") != TARGET:
         return None, (f"{path} was searched under --target {obj.get('target')}, not {TARGET}: its configuration "
                       f"is not what ONNX Runtime's kernels run, so it is not timed (search with --target {TARGET})")
-    best = obj.get("best")
-    if not best or not obj.get(best):
+    answer = searched_answer(obj)
+    if answer is None:
         return None, f"{path} holds no answer"
-    cfg = s.space.parse(obj[best]["config"], source=str(path))
+    best, entry = answer
+    cfg = s.space.parse(entry["config"], source=str(path))
     rec = (obj.get("activation_calibration") or {}).get("tensors") or ranges
     q = {**quant, **{k: v for k, v in (obj.get("quantization") or {}).items() if k in quant}}
-    return (cfg, rec, q, {"source": f"{path} ({best})", "search_ai": obj[best].get("ai"),
-                          "search_val_acc": obj[best].get("val_acc")}), None
+    return (cfg, rec, q, {"source": f"{path} ({best})", "search_ai": entry.get("ai"),
+                          "search_val_acc": entry.get("val_acc")}), None
 
 
 def deploy_speed(args) -> dict:
@@ -160,17 +162,16 @@ def deploy_speed(args) -> dict:
     notes = []
     quant = {"granularity": "channel", "clip": "mse"}
     ranges = None
-    s2_path = Path(args.results_dir) / RESULTS_FILES["2"]
-    if s2_path.is_file():
-        s2 = load_results_json(s2_path, "2", PRODUCERS["2"], force=True)
+    s2, why = recorded_stage2(args, s.checkpoint)     # made from this checkpoint, or None
+    if why:
+        notes.append(why)
+    if s2 is not None:
         rec = (s2.get("activation_calibration") or {}).get("tensors") or {}
-        same = s2.get("provenance", {}).get("inputs", {}).get("checkpoint", {}).get("sha256")
-        from utils.io import sha256_file
-        if (s2.get("target") == TARGET and same == sha256_file(s.checkpoint)
-                and all("8" in (rec.get(t) or {}).get("scales", {}) for t in s.space.tensors)):
+        if s2.get("target") == TARGET and all("8" in (rec.get(t) or {}).get("scales", {}) for t in s.space.tensors):
             ranges = rec
             quant.update({k: v for k, v in (s2.get("quantization") or {}).items() if k in quant})
-            notes.append(f"uniform W8A8: tensor ranges recorded by stage 2 in {s2_path}")
+            notes.append(f"uniform W8A8: tensor ranges recorded by stage 2 in "
+                         f"{Path(args.results_dir) / RESULTS_FILES['2']}")
     if ranges is None:
         s.calib_x = calib_pool[:ours_calib]
         ranges = s.calibrate([8])

@@ -14,13 +14,18 @@ import torch
 import torch.nn as nn
 
 
+def bn_scale(bn: nn.Module) -> torch.Tensor:
+    """gamma / sigma = gamma / sqrt(running_var + eps), per channel: what folding multiplies a conv's weights by."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
 @torch.no_grad()
 def fold_bn(model: nn.Module) -> nn.Module:
     """A folded copy of `model` in eval mode (the source is left as it is)."""
     folded = copy.deepcopy(model).eval()
     for conv_name, bn_name in model.conv_bn_pairs():
         conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        scale = bn_scale(bn)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         new_bias = bn.bias + (bias - bn.running_mean) * scale
         conv.weight.copy_(conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1))))

@@ -18,7 +18,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from models.structure import Slot
 from quant.errors import UserError
-from quant.quantizer import Quantizer, tensor_quantizer, weight_quantizer
+from quant.quantizer import Quantizer, tensor_quantizer, weight_grid, weight_quantizer
 from quant.widths import FLOAT_BITS, tensors_of, weights_of
 
 
@@ -94,8 +94,7 @@ def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_chan
         if w != FLOAT_BITS:
             layer = model.get_submodule(name)
             n = layer.weight.shape[0] if per_channel else 1
-            q = Quantizer(torch.ones(n), -(2 ** (w - 1) - 1), 2 ** (w - 1) - 1, 0 if per_channel else None,
-                          per_sample=False)
+            q = Quantizer(torch.ones(n), *weight_grid(w), 0 if per_channel else None, per_sample=False)
             parametrize.register_parametrization(layer, "weight", q)
     return model
 

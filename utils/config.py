@@ -27,8 +27,17 @@ def load_config(path, space: Space, default_a: int = FLOAT_BITS) -> dict[tuple[s
         raise UserError(f"bit configuration file {path} is not valid JSON ({e}). It must be an object "
                         f"mapping layer and tensor names to widths, e.g. {EXAMPLE}.") from None
     if isinstance(obj, dict) and obj.get("stage") == "3":   # a stage-3 results file: its best configuration
-        best = obj.get("best")
-        if best not in ("greedy", "pareto") or not isinstance(obj.get(best), dict):
+        answer = searched_answer(obj)
+        if answer is None:
             raise UserError(f"{path} is a stage-3 results file without a searched configuration to read.")
-        return space.parse(obj[best]["config"], default_a, source=f"{path} ({best})")
+        best, entry = answer
+        return space.parse(entry["config"], default_a, source=f"{path} ({best})")
     return space.parse(obj, default_a, source=str(path))
+
+
+def searched_answer(s3: dict) -> tuple[str, dict] | None:
+    """(method, its entry) of the answer a stage-3 results object names as ``best``, or None when it holds no
+    searched configuration."""
+    best = s3.get("best")
+    entry = s3.get(best) if best in ("greedy", "pareto") else None
+    return (best, entry) if isinstance(entry, dict) and "config" in entry else None

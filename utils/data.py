@@ -265,19 +265,22 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int):
                         f"{n} images; 0 trains on all of them and searches on the test set).")
     if val_size == 0:
         return np.arange(n), np.arange(0)
-    classes = np.unique(labels)
-    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
     per_class = [val_size // len(classes) + (i < val_size % len(classes)) for i in range(len(classes))]
-    val = []
-    for c, k in zip(classes, per_class):
-        idx = np.flatnonzero(labels == c)
-        if k > len(idx) - 1:
+    for c, k, m in zip(classes, per_class, counts):
+        if k > m - 1:
             raise UserError(f"--val-size {val_size} would take {k} images of class {c}, which has only "
-                            f"{len(idx)}; choose a smaller --val-size.")
-        val.append(rng.permutation(idx)[:k])
-    val = np.sort(np.concatenate(val))
+                            f"{m}; choose a smaller --val-size.")
+    val = draw_by_class(labels, classes, per_class, seed)
     train = np.setdiff1d(np.arange(n), val, assume_unique=True)
     return train, val
+
+
+def draw_by_class(labels: np.ndarray, classes, take, seed: int) -> np.ndarray:
+    """Sorted positions: the first `k` of a seeded permutation of each class's positions, for each (class, k) of
+    (`classes`, `take`) in that order (one generator for all, so the draw depends on the order)."""
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]))
 
 
 def channel_stats(x_uint8: np.ndarray):

@@ -71,7 +71,7 @@ import torch.nn.utils.parametrize as parametrize
 from models.structure import DEFAULT_TARGET, TARGETS, Add, Slot
 from quant.fold import fold_bn
 from quant.place import quantize_, slots
-from quant.quantizer import Quantizer
+from quant.quantizer import Quantizer, tensor_grid, weight_grid
 from quant.widths import FLOAT_BITS, A, W, tensors_of
 from utils.errors import UserError, error_paragraph
 from utils.train import Normalizer
@@ -134,14 +134,12 @@ def exportable_config(config: dict, round_up: bool) -> tuple[dict, dict]:
 def rescale_to(q: Quantizer, bits: int, weight: bool) -> Quantizer:
     """`q` at another width with the same clip range (a fine-tuned quantizer rounded up keeps its learned range)."""
     if weight:
-        qmax = 2 ** (bits - 1) - 1
-        clip = q.scale.detach() * q.qmax
-        return Quantizer(clip / qmax, -qmax, qmax, q.axis, per_sample=False)
-    if q.signed:
-        clip = q.scale.detach() * -q.qmin
-        return Quantizer(clip / 2 ** (bits - 1), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    clip = q.scale.detach() * q.qmax
-    return Quantizer(clip / (2 ** bits - 1), 0, 2 ** bits - 1)
+        qmin, qmax = weight_grid(bits)
+        return Quantizer(q.scale.detach() * q.qmax / qmax, qmin, qmax, q.axis, per_sample=False)
+    qmin, qmax = tensor_grid(bits, q.signed)
+    if q.signed:     # the clip range of a signed grid is its negative end
+        return Quantizer(q.scale.detach() * -q.qmin / -qmin, qmin, qmax)
+    return Quantizer(q.scale.detach() * q.qmax / qmax, qmin, qmax)
 
 
 @torch.no_grad()
@@ -546,8 +544,9 @@ def config_summary(config: dict) -> str:
 
 
 # ---------------------------------------------------------------- the command line
-def _recorded_stage2(args, checkpoint: Path):
-    """Stage 2's results in --results-dir when they were made from this checkpoint, else None (and why)."""
+def recorded_stage2(args, checkpoint: Path):
+    """(stage 2's results in --results-dir when they were made from this checkpoint, else None; why they are not
+    used, or None)."""
     from utils.io import PRODUCERS, RESULTS_FILES, load_results_json, sha256_file
     path = Path(args.results_dir) / RESULTS_FILES["2"]
     if not path.is_file():
@@ -566,6 +565,7 @@ def _stage3_answer(path, checkpoint: Path, force: bool):
     """Stage 3's answer when --config names a 03_search.json (its ``best`` search): (file-form configuration,
     target, recorded ranges, quantization, label); None for a plain configuration file."""
     import json
+    from utils.config import searched_answer
     from utils.io import PRODUCERS, check_same_checkpoint, load_results_json
     try:
         obj = json.loads(Path(path).read_text())
@@ -575,10 +575,11 @@ def _stage3_answer(path, checkpoint: Path, force: bool):
         return None
     obj = load_results_json(path, "3", PRODUCERS["3"], force=force)
     check_same_checkpoint(obj, path, checkpoint, PRODUCERS["3"], force)
-    best = obj.get("best")
-    if not best or not isinstance(obj.get(best), dict) or "config" not in obj[best]:
+    answer = searched_answer(obj)
+    if answer is None:
         raise UserError(f"{path} holds no searched configuration (no 'best' answer). Re-run {PRODUCERS['3']}.")
-    return (obj[best]["config"], obj.get("target", DEFAULT_TARGET),
+    best, entry = answer
+    return (entry["config"], obj.get("target", DEFAULT_TARGET),
             (obj.get("activation_calibration") or {}).get("tensors") or {}, obj.get("quantization") or {},
             f"{path} ({best})")
 
@@ -653,7 +654,7 @@ def prepare(args) -> Prepared:
     arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
     model, meta = load_model(ckpt, arch, shortcut, parse_normalization(args.normalization),
                              require_finished=not args.force)
-    s2, why = _recorded_stage2(args, ckpt)
+    s2, why = recorded_stage2(args, ckpt)
     if why:
         notes.append(why)
     if args.config is not None and (args.w_bits is not None or args.a_bits is not None):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 
 from models import build_from_args
-from quant.fold import fold_bn
+from quant.fold import bn_scale, fold_bn
 from quant.place import quantize_, skeleton_, slots, tensor_grids
 from quant.quantizer import Quantizer
 from quant.widths import FLOAT_BITS, weights_of
@@ -65,8 +65,8 @@ DISTILL = "KL(float teacher || student) on the logits, temperature 1, in place o
 
 class BNScale(nn.Module):
     """Parametrization w -> w * gamma / sqrt(running_var + eps) per output channel (``inverse``: divided by
-    it), with the BN's current values: the conv weight as BN folding computes it (quant/fold.py, the same
-    expression, so the same floats). The BN is held in a tuple, not as a submodule, so that it is neither
+    it), with the BN's current values: the conv weight as BN folding computes it (quant.fold.bn_scale, the same
+    function, so the same floats). The BN is held in a tuple, not as a submodule, so that it is neither
     saved nor trained twice."""
 
     def __init__(self, bn: nn.Module, inverse: bool = False):
@@ -75,8 +75,7 @@ class BNScale(nn.Module):
         self.inverse = inverse
 
     def factor(self) -> torch.Tensor:
-        bn = self._bn[0]
-        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return bn_scale(self._bn[0])
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         f = self.factor()

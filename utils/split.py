@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data import default_val_size, stratified_split, subset_indices
+from utils.data import default_val_size, draw_by_class, stratified_split, subset_indices
 from utils.errors import UserError
 
 QUICK_TRAIN_IMAGES = 2000   # stage 1 --quick, for ResNet-20; fewer for heavier models (quick_images)
@@ -138,8 +138,7 @@ def proportional_split(y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray,
     quota = size * counts / len(y)
     take = np.floor(quota).astype(int)
     take[np.argsort(-(quota - take), kind="stable")[:size - take.sum()]] += 1
-    rng = np.random.default_rng(seed)
-    held = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]))
+    held = draw_by_class(y, classes, take, seed)
     return np.setdiff1d(np.arange(len(y)), held, assume_unique=True), held
 
 
@@ -175,15 +174,16 @@ def test_halves(test_y: np.ndarray, seed: int):
     return np.sort(np.concatenate(search)), np.sort(np.concatenate(report))
 
 
-def load_holdout(path, data) -> tuple[Part, Part]:
+def load_holdout(path, data) -> tuple[Part, Part, Part | None]:
     """A user's own held-out split. The file is JSON:
 
         {"search": {"set": "train" | "test", "indices": [...]},
-         "report": {"set": "train" | "test", "indices": [...]}}
+         "report": {"set": "train" | "test", "indices": [...]},
+         "confirm": {"set": "train" | "test", "indices": [...]}}      (optional)
 
     Indices are 0-based positions in the training or test images, in the order the data source
-    lists them (class folders in label order, files in name order). Search and report must not
-    share an image. Use images the model was not trained on.
+    lists them (class folders in label order, files in name order). No two parts may share an
+    image. Use images the model was not trained on. Returns (search, report, confirm or None).
     """
     path = Path(path)
     try:

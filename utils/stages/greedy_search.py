@@ -206,7 +206,7 @@ def search_widths(args) -> dict:
                             "sequence": len(sequence), "accepted": c["accepted"], "first_failure": c["first_failure"],
                             "evaluations": c["evaluations"], "tested": c["tested"],
                             "cut_back": accepted != search_cfg}
-        entry["search_answer"] = {k: v for k, v in describe(search_cfg, search_m).items()}
+        entry["search_answer"] = describe(search_cfg, search_m)
         return entry
 
     header = results_header("3", s)
