@@ -51,7 +51,10 @@ from utils.errors import UserError  # noqa: E402
 from utils.config import searched_answer  # noqa: E402
 from utils.export import (INT4_NOTE, config_summary, exportable_config, export_model, fusion_report,  # noqa: E402
                           normalized_numpy, ort_logits, ort_session, placed_model, recorded_stage2, runtime_name,
-                          seeded_subset, to_onnx, check_agreement)
+                          seeded_subset, to_onnx, check_agreement, with_weight_range)
+from utils.machine import describe_cpu, runtime_machine  # noqa: E402
+from quant.quantizer import WEIGHT_RANGES  # noqa: E402
+from quant.recipe import Recipe  # noqa: E402
 from utils.io import (PRODUCERS, RESULTS_FILES, atomic_write_json, check_same_checkpoint,  # noqa: E402
                       load_results_json, provenance)
 from utils.stages.common import CALIB_IMAGES, QUICK_CALIB_IMAGES, add_model_args, load_setup  # noqa: E402
@@ -83,6 +86,11 @@ def get_args_parser():
     g.add_argument("--ort-calib-images", default=ORT_CALIB_IMAGES, type=int,
                    help=f"training images ONNX Runtime's quantize_static calibrates on (default: {ORT_CALIB_IMAGES}), "
                         f"the first of ours")
+    g.add_argument("--weight-range", default=None, type=int, choices=WEIGHT_RANGES,
+                   help="levels of our int8 weights (utils.export --weight-range; default: stage 2's, else 7)")
+    g.add_argument("--ort-reduce-range", default="auto", choices=("auto", "on", "off"),
+                   help="the rival's reduce_range (7-bit weights): auto = on where this CPU has no VNNI, as ONNX "
+                        "Runtime's documentation advises (default: auto)")
     g.add_argument("--keep-onnx", default=None, type=Path, help="also write the ONNX files into this folder")
     return p
 
@@ -98,8 +106,10 @@ def timings(sess, x: np.ndarray, runs: int) -> float:
     return statistics.median(out)
 
 
-def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray, batch: int = 64):
-    """ONNX Runtime's own static quantizer: QDQ, per-channel int8 weights, uint8 activations, MinMax."""
+def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray, batch: int = 64,
+                        reduce_range: bool = False):
+    """ONNX Runtime's own static quantizer: QDQ, per-channel int8 weights, uint8 activations, MinMax; with
+    `reduce_range`, 7-bit weights, what its documentation advises on x86 CPUs without VNNI."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -117,7 +127,7 @@ def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray, batc
     try:
         quantize_static(str(fp32_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range)
     finally:
         root.setLevel(level)
 
@@ -138,7 +148,7 @@ def searched_entry(args, s, ranges, quant):
     best, entry = answer
     cfg = s.space.parse(entry["config"], source=str(path))
     rec = (obj.get("activation_calibration") or {}).get("tensors") or ranges
-    q = {**quant, **{k: v for k, v in (obj.get("quantization") or {}).items() if k in quant}}
+    q = Recipe.from_json(obj.get("quantization")) if obj.get("quantization") else quant
     return (cfg, rec, q, {"source": f"{path} ({best})", "search_ai": entry.get("ai"),
                           "search_val_acc": entry.get("val_acc")}), None
 
@@ -151,6 +161,7 @@ def deploy_speed(args) -> dict:
         raise UserError("--threads, --batch, --rounds, --latency-runs, --throughput-runs, --calib-images and "
                         "--ort-calib-images must be >= 1.")
     load_before = os.getloadavg()
+    machine = runtime_machine()
     s = load_setup(args, calib_images=max(ours_calib, args.ort_calib_images), target=TARGET)
     calib_pool = s.calib_x
     model = s.model.cpu()
@@ -160,7 +171,7 @@ def deploy_speed(args) -> dict:
         idx = seeded_subset(len(y), args.test_images, s.seed)
         x, y = x[idx], y[idx]
     notes = []
-    quant = {"granularity": "channel", "clip": "mse"}
+    quant = Recipe.for_target(TARGET, weight_range=args.weight_range)
     ranges = None
     s2, why = recorded_stage2(args, s.checkpoint)     # made from this checkpoint, or None
     if why:
@@ -169,7 +180,7 @@ def deploy_speed(args) -> dict:
         rec = (s2.get("activation_calibration") or {}).get("tensors") or {}
         if s2.get("target") == TARGET and all("8" in (rec.get(t) or {}).get("scales", {}) for t in s.space.tensors):
             ranges = rec
-            quant.update({k: v for k, v in (s2.get("quantization") or {}).items() if k in quant})
+            quant = with_weight_range(Recipe.from_json(s2.get("quantization")), args.weight_range, "stage 2", notes)
             notes.append(f"uniform W8A8: tensor ranges recorded by stage 2 in "
                          f"{Path(args.results_dir) / RESULTS_FILES['2']}")
     if ranges is None:
@@ -185,14 +196,16 @@ def deploy_speed(args) -> dict:
     fp32 = to_onnx(fold_bn(model))
     models.append(("fp32", fp32, None, {"modelled_ai": fp32_ai}))
     w8a8_cfg = s.space.uniform(8, 8)
-    qm = placed_model(model, w8a8_cfg, ranges, TARGET, quant["granularity"] == "channel", quant["clip"])
+    qm = placed_model(model, w8a8_cfg, ranges, TARGET, quant)
     models.append(("uniform_w8a8", export_model(qm, TARGET), qm,
-                   {"config": config_summary(w8a8_cfg), "modelled_ai": cm.ai(s.table, w8a8_cfg)}))
+                   {"config": config_summary(w8a8_cfg), "modelled_ai": cm.ai(s.table, w8a8_cfg),
+                    "quantization": quant.to_json()}))
     found, why = searched_entry(args, s, ranges, quant)
     if found is None:
         notes.append(why)
     else:
         cfg, rec, q, info = found
+        q = with_weight_range(q, args.weight_range, "the search", notes)
         cfg, rounded = exportable_config(cfg, round_up=True)
         if rounded:
             info["rounded_up"] = {f"{k}:{n}": v for (k, n), v in rounded.items()}
@@ -204,9 +217,10 @@ def deploy_speed(args) -> dict:
             check_ranges(cfg, rec)
         except UserError:
             rec = {**rec, **{t: r for t, r in ranges.items() if t not in rec or "8" not in rec[t]["scales"]}}
-        qs = placed_model(model, cfg, rec, TARGET, q["granularity"] == "channel", q["clip"])
+        qs = placed_model(model, cfg, rec, TARGET, q)
         models.append(("searched", export_model(qs, TARGET), qs,
-                       {"config": config_summary(cfg), "modelled_ai": cm.ai(s.table, cfg), **info}))
+                       {"config": config_summary(cfg), "modelled_ai": cm.ai(s.table, cfg), "quantization": q.to_json(),
+                        **info}))
 
     with tempfile.TemporaryDirectory() as d:
         d = Path(args.keep_onnx) if args.keep_onnx else Path(d)
@@ -214,12 +228,15 @@ def deploy_speed(args) -> dict:
         (d / "fp32.onnx").write_bytes(fp32.SerializeToString())
         calib = normalized_numpy(calib_pool[:args.ort_calib_images].cpu(), norm)
         t = time.time()
-        ort_quantize_static(d / "fp32.onnx", d / "ort_quantize_static.onnx", calib)
+        reduce_range = machine["cpu"]["vnni"] is not True if args.ort_reduce_range == "auto" else (
+            args.ort_reduce_range == "on")
+        ort_quantize_static(d / "fp32.onnx", d / "ort_quantize_static.onnx", calib, reduce_range=reduce_range)
         import onnx
         rival = onnx.load(str(d / "ort_quantize_static.onnx"))
         models.append(("ort_quantize_static", rival, None,
-                       {"recipe": f"onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights, uint8 "
-                                  f"activations, MinMax on {len(calib)} training images",
+                       {"recipe": f"onnxruntime.quantization.quantize_static: QDQ, per-channel int8 weights"
+                                  f"{' (reduce_range: 7-bit)' if reduce_range else ''}, uint8 activations, MinMax on "
+                                  f"{len(calib)} training images", "reduce_range": reduce_range,
                         "quantize_seconds": time.time() - t}))
         for name, proto, _, _ in models:
             if name != "ort_quantize_static":
@@ -277,7 +294,9 @@ def deploy_speed(args) -> dict:
            "test_set": s.split.report.name, "batch": args.batch, "rounds": args.rounds,
            "latency_runs": args.latency_runs, "throughput_runs": args.throughput_runs, "target": TARGET,
            "checkpoint": str(s.checkpoint), "model_args": s.meta["model_args"], "fp32_modelled_ai": fp32_ai,
-           "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_average_before": list(load_before),
+           "machine": {"cpu": machine["cpu"]["model"] or platform.machine(), "cpu_info": machine["cpu"],
+                       "onnxruntime": machine["onnxruntime"], "cores": os.cpu_count(),
+                       "load_average_before": list(load_before),
                        "load_average_after": list(load_after),
                        "shared": bool(max(load_before[0], load_after[0]) > 0.5),
                        "note": "1-minute load averages; above ~0.5 other processes ran on the CPU during the run"},
@@ -289,19 +308,9 @@ def deploy_speed(args) -> dict:
     return out
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def print_table(out: dict):
     b = out["batch"]
-    print(f"\n{out['runtime']}, {out['threads']} threads, {out['machine']['cpu']}; accuracy on {out['images']} "
+    print(f"\n{out['runtime']}, {out['threads']} threads, {describe_cpu(out['machine']['cpu_info'])}; accuracy on {out['images']} "
           f"{out['test_set']} images; load average {out['machine']['load_average_before'][0]:.2f} -> "
           f"{out['machine']['load_average_after'][0]:.2f}")
     print(f"{'model':<22}{'img/s b' + str(b):>12}{'x fp32':>8}{'ms b1':>9}{'x fp32':>8}{'acc %':>8}"

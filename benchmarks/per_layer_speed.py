@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from utils.cli import add_common_args  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
+from quant.recipe import Recipe  # noqa: E402
 from quant.place import quantize_  # noqa: E402
 from utils.stages.common import act_ladder, add_model_args, add_quant_args, load_setup, weight_ladder  # noqa: E402
 from utils.stages.per_layer_analysis import candidates  # noqa: E402
@@ -47,7 +48,8 @@ def main():
     args = add_common_args(p).parse_args()
     print(args)
     w_ladder, a_ladder = weight_ladder(args), act_ladder(args)
-    s = load_setup(args, per_channel=args.granularity == "channel", clip=args.clip, target=args.target)
+    s = load_setup(args, Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range),
+                   target=args.target)
     if args.images:
         s.eval_x, s.eval_y = s.eval_x[:args.images], s.eval_y[:args.images]
     s.calibrate(a_ladder)
@@ -56,7 +58,7 @@ def main():
     def placed():
         out = []
         for cfg in grid:
-            m = quantize_(fold_bn(s.model), cfg, s.ranges, s.target, s.per_channel, s.clip)
+            m = quantize_(fold_bn(s.model), cfg, s.ranges, s.target, **s.recipe.weight_kwargs())
             out.append(evaluate(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)["correct"])
         return out
 

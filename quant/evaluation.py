@@ -68,20 +68,21 @@ class CachedEvaluator:
 
     `table` is the model's KernelTable (quant/cost.py) under the target simulated; `ranges` the
     calibrated tensor ranges (quant/calibrate.py) of every width that may be asked for. Weights are
-    quantized per channel (or per tensor) after folding, with the MSE (or max-abs) clip. The inputs of
+    quantized per channel (or per tensor) after folding, with the MSE (or max-abs) clip, on the grid of
+    `weight_range` (quant/quantizer.py). The inputs of
     segments under the base configuration are cached for the whole split, within `cache_bytes`;
     segments that do not fit are recomputed from the nearest cached one (identical results).
     """
 
     def __init__(self, model, table: KernelTable, x_u8, labels, normalize, ranges=None, per_channel: bool = True,
                  clip: str = "mse", batch_size: int = 1000, base_config=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True, weight_range: int = 8):
         self.model = fold_bn(model)
         self.table, self.target, self.space = table, table.target, table.space
         self._groups = set(self.space.groups)
         self.x_u8, self.labels, self.normalize = x_u8, labels, normalize
         self.batch_size = batch_size
-        self.per_channel, self.clip = per_channel, clip
+        self.per_channel, self.clip, self.weight_range = per_channel, clip, weight_range
         self.ranges = dict(ranges or {})
         self._tq = {k: q.to(x_u8.device).eval() for k, q in quantizers_from(self.ranges).items()}
         self._wq: dict[tuple[str, int], torch.Tensor] = {}
@@ -138,7 +139,8 @@ class CachedEvaluator:
         if bits == FLOAT_BITS:
             return self.float_w[name]
         if (name, bits) not in self._wq:
-            self._wq[name, bits] = quantize_weight(self.float_w[name], bits, self.per_channel, self.clip)
+            self._wq[name, bits] = quantize_weight(self.float_w[name], bits, self.per_channel, self.clip,
+                                                     self.weight_range)
         return self._wq[name, bits]
 
     @torch.no_grad()

@@ -56,11 +56,13 @@ def check_ranges(config: dict, ranges: dict):
 
 @torch.no_grad()
 def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_channel: bool = True,
-              clip: str = "mse", trainable: bool = False, learn_scales: bool = True) -> nn.Module:
+              clip: str = "mse", trainable: bool = False, learn_scales: bool = True,
+              weight_range: int = 8) -> nn.Module:
     """Quantize the BN-folded `model` in place to the full configuration `config` ({group: bits}) and
     return it. Tensor scales come from `ranges` (quant/calibrate.py); weight scales are searched on the
-    model's current weights. ``trainable``: parametrized weights and trainable tensor quantizers (LSQ;
-    scales learned unless ``learn_scales`` is False), else baked weights and eval-mode quantizers."""
+    model's current weights, on the grid of `weight_range` (quant/quantizer.py). ``trainable``:
+    parametrized weights and trainable tensor quantizers (LSQ; scales learned unless ``learn_scales`` is
+    False), else baked weights and eval-mode quantizers."""
     check_ranges(config, ranges)
     by_slot = slots(model, target)
     for name, a in tensors_of(config).items():
@@ -74,7 +76,8 @@ def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_cha
         if w == FLOAT_BITS:
             continue
         layer = model.get_submodule(name)
-        q = weight_quantizer(layer.weight, w, per_channel, clip, learn=trainable and learn_scales)
+        q = weight_quantizer(layer.weight, w, per_channel, clip, learn=trainable and learn_scales,
+                             weight_range=weight_range)
         q = q.to(layer.weight.device)
         if trainable:
             with torch.enable_grad():
@@ -84,7 +87,8 @@ def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_cha
     return model
 
 
-def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_channel: bool = True) -> nn.Module:
+def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_channel: bool = True,
+              weight_range: int = 8) -> nn.Module:
     """The structure `quantize_(..., trainable=True)` gives `model`, with placeholder scales, so that a
     fine-tuned state dict loads into it. `grids`: {tensor: [qmin, qmax]} of its quantized tensors."""
     by_slot = slots(model, target)
@@ -94,7 +98,7 @@ def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_chan
         if w != FLOAT_BITS:
             layer = model.get_submodule(name)
             n = layer.weight.shape[0] if per_channel else 1
-            q = Quantizer(torch.ones(n), *weight_grid(w), 0 if per_channel else None, per_sample=False)
+            q = Quantizer(torch.ones(n), *weight_grid(w, weight_range), 0 if per_channel else None, per_sample=False)
             parametrize.register_parametrization(layer, "weight", q)
     return model
 

@@ -4,7 +4,10 @@
 
 * weights: a restricted-range signed grid, levels -q..q with q = 2^(b-1) - 1, so zero is exact and
   the grid symmetric (2 bits is ternary); one scale per output channel by default, chosen to
-  minimize the squared error over a log grid of clip ratios (``weight_quantizer``);
+  minimize the squared error over a log grid of clip ratios (``weight_quantizer``). A weight
+  *range* r < b keeps a b-bit weight on the levels of an r-bit one, q = 2^(r-1) - 1, still stored
+  (and charged) in b bits: 8-bit weights in range 7 use -63..63, which ONNX Runtime's x86 kernels
+  without VNNI multiply exactly (``weight_grid``);
 * tensors: one scale per tensor, an unsigned grid 0..2^b - 1 where the tensor is never negative
   (after a ReLU) and a signed grid -2^(b-1)..2^(b-1) - 1 otherwise, with calibrated ranges
   (``tensor_quantizer``; quant/calibrate.py).
@@ -41,6 +44,22 @@ SCALE_EPS = 1e-12
 _SEARCH_CHUNK = 1 << 20
 
 
+# The weight ranges (bits of levels an 8-bit weight uses): 8 is the full int8 grid -127..127. ONNX Runtime's x86
+# kernel for uint8 x int8 without VNNI (AVX2 `vpmaddubsw`) adds two products in int16 and saturates:
+# 2 x 255 x 127 = 64,770 > 32,767. In range 7 (-63..63) the pair is at most 2 x 255 x 63 = 32,130: exact.
+WEIGHT_RANGES = (7, 8)
+# By target: ort-cpu runs on any x86 CPU, with or without VNNI (a file made on one runs on the other), so
+# it simulates the range every one of them computes exactly; generic models hardware without that defect.
+DEFAULT_WEIGHT_RANGE = {"generic": 8, "ort-cpu": 7}
+
+
+def check_weight_range(weight_range):
+    if isinstance(weight_range, bool) or weight_range not in WEIGHT_RANGES:
+        raise UserError(f"weight range {weight_range!r} is not supported; use 8 (int8 weights on the full grid "
+                        f"-127..127) or 7 (-63..63, which ONNX Runtime's x86 kernels compute exactly on CPUs "
+                        f"without VNNI).")
+
+
 def check_weight_args(bits, clip="mse"):
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
         raise UserError(f"weight width {bits!r} is not supported; widths must be integers 2-8, "
@@ -50,8 +69,9 @@ def check_weight_args(bits, clip="mse"):
                         f"that minimizes squared error) or 'maxabs' (clip at the largest weight).")
 
 
-def weight_grid(bits: int) -> tuple[int, int]:
-    q = 2 ** (bits - 1) - 1
+def weight_grid(bits: int, weight_range: int = 8) -> tuple[int, int]:
+    """Levels (-q, q) of a `bits`-wide weight: the r-bit grid within it when the range r is narrower."""
+    q = 2 ** (min(bits, weight_range) - 1) - 1
     return -q, q
 
 
@@ -171,12 +191,14 @@ class Quantizer(nn.Module):
 
 
 def weight_quantizer(w: torch.Tensor, bits: int, per_channel: bool = True, clip: str = "mse",
-                     learn: bool = False) -> Quantizer:
-    """The quantizer of weight `w` at `bits` (not 32): symmetric signed grid, MSE (or max-abs) scales."""
+                     learn: bool = False, weight_range: int = 8) -> Quantizer:
+    """The quantizer of weight `w` at `bits` (not 32): symmetric signed grid (within `weight_range`), MSE (or
+    max-abs) scales."""
     check_weight_args(bits, clip)
+    check_weight_range(weight_range)
     if bits == FLOAT_BITS:
         raise ValueError("float weights have no quantizer")
-    qmin, qmax = weight_grid(bits)
+    qmin, qmax = weight_grid(bits, weight_range)
     with torch.no_grad():
         x = w.detach().float()
         rows = x.reshape(x.shape[0], -1) if per_channel and x.dim() >= 1 else x.reshape(1, -1)
@@ -190,9 +212,10 @@ def tensor_quantizer(scale: float, bits: int, signed: bool, learn: bool = False)
     return Quantizer(torch.tensor([float(scale)]), *tensor_grid(bits, signed), axis=None, learn=learn)
 
 
-def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool = True, clip: str = "mse") -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool = True, clip: str = "mse",
+                    weight_range: int = 8) -> torch.Tensor:
     """Fake-quantized copy of `w` (same shape and dtype); `bits` 32 returns `w` itself."""
     check_weight_args(bits, clip)
     if bits == FLOAT_BITS:
         return w
-    return weight_quantizer(w, bits, per_channel, clip).eval()(w)
+    return weight_quantizer(w, bits, per_channel, clip, weight_range=weight_range).eval()(w)

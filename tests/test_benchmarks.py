@@ -19,3 +19,21 @@ def test_gpu_suite_tiny(tmp_path):
     assert set(r["stages"]) == {"2_per_layer_analysis.py", "3_greedy_search.py", "4_create_baselines.py"}
     assert all(v["wall_s"] > 0 and v["evaluations"] > 0 for v in r["stages"].values())
     assert r["qat"]["float_epoch_s"] > 0 and r["qat"]["ratio"] > 0
+
+
+def test_no_vnni_emulation_smoke(quick_stage1, tmp_path):
+    """benchmarks/no_vnni_emulation.py on the session's quick checkpoint: both weight ranges and both K orders,
+    every integer conv of ResNet-20 emulated; in range 7 no pair can saturate, whatever the data."""
+    out = tmp_path / "emu.json"
+    run_script("benchmarks/no_vnni_emulation.py", "--checkpoint", quick_stage1["checkpoint"], "--device", "cpu",
+               "--images", 4, "--calib-images", 64, "--results-dir", tmp_path, "--out", out)
+    r = json.loads(out.read_text())
+    assert r["images"] == 4 and set(r["ranges"]) == {"7", "8"} and "vnni" in r["machine"]["cpu"]
+    for rng in ("7", "8"):
+        assert set(r["ranges"][rng]) == {"hwc", "chw"}
+        for e in r["ranges"][rng].values():
+            assert e["convs"] == 21 and len(e["per_conv"]) == 21 and e["pairs"] > 0
+            assert e["outputs"] == sum(c["outputs"] for c in e["per_conv"])
+    for e in r["ranges"]["7"].values():
+        assert e["saturated_pairs"] == 0 and e["outputs_changed"] == 0 and e["max_abs_pair_sum"] <= 2 * 255 * 63
+        assert all(-63 <= c["weight_levels"][0] and c["weight_levels"][1] <= 63 for c in e["per_conv"])

@@ -20,6 +20,7 @@ from models import build_model
 from quant.calibrate import calibrate
 from quant.cost import kernel_table
 from quant.fold import fold_bn
+from quant.recipe import Recipe
 from quant.widths import FLOAT_BITS, A, W
 from utils.checkpoint import save_checkpoint
 from utils.data import make_synthetic
@@ -229,7 +230,8 @@ def test_mobilenetv2_exports_fully_integer_under_ort_cpu():
         model(x)
     model.eval()
     sp = space(model)
-    qm = X.placed_model(model, sp.uniform(8, 8), calibrate(fold_bn(model), ORT, [x], [8]), ORT, clip="maxabs")
+    qm = X.placed_model(model, sp.uniform(8, 8), calibrate(fold_bn(model), ORT, [x], [8]), ORT,
+                        Recipe.for_target(ORT, clip="maxabs"))
     f = X.fusion_report(X.to_onnx(qm))
     assert f["integer_convs"] == f["convs"] == 57 and f["integer_adds"] == f["adds"] == 14
 
@@ -430,3 +432,129 @@ def test_deploy_speed_smoke(trained, tmp_path, data_once):
     assert by["uniform_w8a8"]["agreement"]["agreement"] >= 99 and "met" in r["goal"]
     assert by["fp32"]["drop_vs_fp32"] == 0 and len(r["goal"]["uniform_w8a8_acc_minus_ort_quantizer_ci95"]) == 2
     assert set(r["machine"]) >= {"load_average_before", "load_average_after", "cores"}
+
+
+# ---------------------------------------------------------------- x86 CPUs without VNNI
+def test_ort_cpu_default_range_7_levels_are_exported_exactly(trained):
+    """Under ort-cpu the 8-bit weights default to range 7: the file's int8 levels are the simulated quantizer's
+    levels (-63..63) and its scales the quantizer's scales, bit for bit; the evaluator that stages 2-4 use
+    computes the same weights; every conv still runs in integer and ONNX Runtime agrees with the simulation."""
+    from quant.evaluation import CachedEvaluator
+    model = trained["model"]
+    cfg = space(model).uniform(8, 8)
+    qm, proto = exported(trained, cfg)
+    ev = CachedEvaluator(model, kernel_table(model, ORT), trained["x"][:8], trained["y"][:8], NORM,
+                         trained["ranges"][ORT], weight_range=7)
+    init = inits(proto)
+    for name in space(model).layers:
+        layer = qm.get_submodule(name)
+        q = layer.parametrizations.weight[0]
+        assert (q.qmin, q.qmax) == (-63, 63)
+        levels = numpy_helper.to_array(init[f"{name}.weight_int8"])
+        assert np.array_equal(levels, q.integers(layer.parametrizations.weight.original).numpy())
+        assert levels.min() >= -63 and levels.max() <= 63 and np.abs(levels).max() == 63
+        scale = numpy_helper.to_array(init[f"{name}.weight_scale"])
+        assert np.array_equal(scale, q.scale.detach().numpy())
+        simulated = ev.weight(name, 8).numpy()
+        assert np.allclose(levels.reshape(len(scale), -1) * scale[:, None], simulated.reshape(len(scale), -1),
+                           rtol=1e-6, atol=0)
+    f = X.fusion_report(proto)
+    assert f["integer_convs"] == 9 and f["integer_adds"] == 3
+    assert X.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
+
+
+def test_cli_weight_range_default_recorded_and_followed(trained, tmp_path, capsys):
+    """Without a stage-2 record the export uses range 7 under ort-cpu and records it (report, file metadata) with
+    the machine that ran it; a stage-2 file that records no range is followed as range 8 (what it simulated);
+    --weight-range overrides it, with a note; a fine-tuned checkpoint refuses another range."""
+    out = tmp_path / "w8a8.onnx"
+    rep = X.export(X.get_args_parser().parse_args(
+        ["--checkpoint", str(trained["ckpt"]), "--results-dir", str(tmp_path / "none"), "--w-bits", "8", "--a-bits",
+         "8", "--target", ORT, "--check-images", "0", "--calib-images", "64", "--dataset", "synthetic", "--onnx",
+         str(out)]))
+    assert rep["quantization"]["weight_range"] == 7 and rep["int8_weight_layers"] == 10
+    assert set(rep["machine"]["cpu"]) >= {"model", "vnni", "int8_isa"} and rep["machine"]["onnxruntime"]
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["quantization"])["weight_range"] == 7
+    assert "8-bit weights in range 7" in capsys.readouterr().out
+    assert cli(trained, "--w-bits", 8, "--a-bits", 8, "--check-images", 0, "--onnx", out) == 0
+    assert "8-bit weights in range 8" in capsys.readouterr().out
+    assert numpy_helper.to_array(inits(onnx.load(str(out)))["conv1.weight_int8"]).max() > 63
+    assert cli(trained, "--w-bits", 8, "--a-bits", 8, "--check-images", 0, "--onnx", out, "--weight-range", 7) == 0
+    text = flat(capsys.readouterr().out)
+    assert "--weight-range 7 differs from the range 8 that stage 2 measured" in text and "range 7" in text
+
+
+def test_finetuned_checkpoint_keeps_its_weight_range(trained, finetuned, tmp_path, capsys):
+    out = tmp_path / "qat.onnx"
+    assert X.main(["--checkpoint", str(finetuned["ok"]), "--onnx", str(out), "--check-images", "0",
+                   "--weight-range", "7"]) == 2
+    err = flat(capsys.readouterr().err)
+    assert "fine-tuned with 8-bit weights in range 8" in err and not out.exists()
+
+
+def test_failed_check_names_the_saturation_on_cpus_without_vnni(trained, tmp_path, monkeypatch, capsys, data_once):
+    """When the check fails with full-range 8-bit weights on a CPU without VNNI, the message names the cause
+    (the 16-bit pair sums of vpmaddubsw) and the remedy (--weight-range 7) in one paragraph; in range 7 it does
+    not blame the instruction set."""
+    no_vnni = {"cpu": {"model": "AVX2 test CPU", "machine": "x86_64", "logical_cpus": 2, "int8_isa": ["avx2"],
+                       "vnni": False}, "onnxruntime": "test", "providers": ["CPUExecutionProvider"]}
+    monkeypatch.setattr(X, "runtime_machine", lambda: no_vnni)
+    monkeypatch.setattr(X, "MIN_AGREEMENT", 100.1)
+    out = tmp_path / "m.onnx"
+    assert cli(trained, "--w-bits", 8, "--a-bits", 8, "--onnx", out, "--check-images", 100, "--weight-range", 8) == 1
+    text = flat(capsys.readouterr().out)
+    assert "FAIL" in text and "vpmaddubsw" in text and "AVX2 test CPU (without VNNI" in text
+    assert "export with --weight-range 7" in text
+    assert cli(trained, "--w-bits", 8, "--a-bits", 8, "--onnx", out, "--check-images", 100, "--weight-range", 7) == 1
+    text = flat(capsys.readouterr().out)
+    assert "FAIL" in text and "vpmaddubsw" not in text and "disagree beyond rounding" in text
+
+
+def test_pair_sums_saturate_like_vpmaddubsw():
+    """The emulation by hand: two products of 255 x 127 add to 64,770, which int16 saturation cuts to 32,767
+    (and -32,768 below); in range 7 the largest pair, 2 x 255 x 63 = 32,130, is exact; an odd K pairs the last
+    product with zero; unsaturated pair sums are the exact int32 product."""
+    from utils.ort_x86 import pair_sums
+    x = torch.tensor([[255], [255], [255]])
+    exact, emul, sat, big = pair_sums(x, torch.tensor([[127, 127, 1], [-127, -127, 0], [63, 63, 63]]))
+    assert exact.flatten().tolist() == [64770 + 255, -64770, 3 * 255 * 63]
+    assert emul.flatten().tolist() == [32767 + 255, -32768, 3 * 255 * 63] and sat == 2 and big == 64770
+    g = torch.Generator().manual_seed(0)
+    xs, ws = torch.randint(0, 256, (64, 50), generator=g), torch.randint(-63, 64, (8, 64), generator=g)
+    exact, emul, sat, big = pair_sums(xs, ws)
+    assert sat == 0 and big <= 32130 and torch.equal(exact, emul) and torch.equal(exact, ws @ xs)
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"
+JPEG = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not (SHIPPED.exists() and JPEG.exists()), reason="needs the shipped model and the JPEG data")
+def test_shipped_model_saturates_without_vnni_on_the_full_range_only():
+    """The non-VNNI kernel emulated on the shipped ResNet-20's exported integer convolutions (W8A8, ort-cpu,
+    8 test images): on the full int8 grid pair sums pass int16 and change conv outputs, in both K orders, most
+    of all in the first conv; in range 7, the default, none does."""
+    from utils.checkpoint import load_model
+    from utils.data import load_dataset
+    from utils.ort_x86 import conv_saturation
+    model, meta = load_model(SHIPPED)
+    data = load_dataset("cifar10", JPEG)
+    norm = Normalizer(meta["normalization"]["mean"], meta["normalization"]["std"], "cpu")
+    rng = np.random.default_rng(0)
+    calib = norm(torch.from_numpy(data.train_x[rng.choice(len(data.train_y), 256, replace=False)]))
+    x = norm(torch.from_numpy(data.test_x[rng.choice(len(data.test_y), 8, replace=False)])).numpy()
+    ranges = calibrate(fold_bn(model), ORT, [calib], [8])
+    cfg = space(model).uniform(8, 8)
+    for r in (8, 7):
+        proto = X.to_onnx(X.placed_model(model, cfg, ranges, ORT, Recipe.for_target(ORT, weight_range=r)))
+        for order in ("hwc", "chw"):
+            rep = conv_saturation(proto, x, order)
+            assert len(rep) == 21
+            saturated = [c for c in rep if c["saturated_pairs"]]
+            if r == 8:
+                # the first conv reads the image, signed, stored as uint8 around 128: it spreads over 0..255
+                assert rep[0]["name"] == "Conv:conv1" and rep[0]["outputs_changed"] > 0.05 * rep[0]["outputs"], rep
+                assert len(saturated) >= 2 and max(c["max_abs_pair_sum"] for c in rep) > 2 ** 15 - 1
+            else:
+                assert not saturated and max(c["max_abs_pair_sum"] for c in rep) <= 2 * 255 * 63, rep

@@ -424,3 +424,40 @@ def test_comparison_relations():
     assert rel(1, 2, worse)["relation"] == rel(1, 1, noisy)["relation"] == "dominated or equal"
     r = rel(2, 1, better)
     assert r["vs"] == "b" and r["acc_diff"] == pytest.approx(10.0) and r["acc_diff_ci95"][0] > 0
+
+
+def test_ort_cpu_weight_range_runs_through_every_stage(quick_stage1, tmp_path):
+    """Under --target ort-cpu, stage 2 simulates 8-bit weights in range 7 by default and records it; stages 3 and
+    4 and the fine-tune read it back (the fine-tuned quantizers are on -63..63), and the export follows it, so
+    what is searched is what runs. --weight-range 8 is recorded as given; a bad range is refused by argparse."""
+    from utils.qat import load_qat
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(quick_stage1["results"] / FILES["1"], results / FILES["1"])
+    common = (*COMMON, "--results-dir", results)
+    run_script("2_per_layer_analysis.py", *common, "--target", "ort-cpu")
+    run_script("3_greedy_search.py", *common, "--max-evaluations", 3)
+    run_script("4_create_baselines.py", *common, "--checkpoint-dir", tmp_path / "qat", "--qat-epochs", 1,
+               "--qat-configs", "uniform_w8a8")
+    res = read_results(results)
+    for k in ("2", "3", "4"):
+        assert res[k]["quantization"]["weight_range"] == 7 and res[k]["target"] == "ort-cpu", k
+    model, ck = load_qat(tmp_path / "qat" / "qat_uniform_w8a8.pt")
+    assert ck["quantization"]["weight_range"] == 7
+    q = model.get_submodule("layer2.0.conv1").parametrizations.weight[0]
+    assert (q.qmin, q.qmax) == (-63, 63)
+    out = tmp_path / "w8a8.onnx"
+    import utils.export as X
+    assert X.main(["--results-dir", str(results), "--w-bits", "8", "--a-bits", "8", "--check-images", "0",
+                   "--onnx", str(out), "--device", "cpu"]) == 0
+    import onnx
+    meta = {m.key: m.value for m in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["quantization"])["weight_range"] == 7 and meta["target"] == "ort-cpu"
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(quick_stage1["results"] / FILES["1"], other / FILES["1"])
+    run_script("2_per_layer_analysis.py", *COMMON, "--results-dir", other, "--target", "ort-cpu",
+               "--weight-range", 8, "--bits", 8)
+    assert json.loads((other / FILES["2"]).read_text())["quantization"]["weight_range"] == 8
+    p = run_script("2_per_layer_analysis.py", *COMMON, "--results-dir", other, "--weight-range", 6, check=False)
+    assert p.returncode == 2 and "--weight-range" in p.stderr

@@ -257,6 +257,55 @@ def test_weight_quantizer_forms(bits, per_channel):
         Quantizer(torch.ones(3), -1, 1, axis=None)
 
 
+@pytest.mark.parametrize("per_channel", (True, False))
+def test_weight_range_7_levels_and_scales(per_channel):
+    """An 8-bit weight in range 7 lies on -63..63 (the levels of a 7-bit weight), with exactly the scales the MSE
+    search picks for that grid; narrower widths are unchanged by the range; range 8 is the full grid. The pair
+    bound that makes range 7 exact on x86 without VNNI: 2 x 255 x 63 fits int16, 2 x 255 x 127 does not."""
+    from quant.quantizer import WEIGHT_RANGES, check_weight_range, search_scales
+    assert WEIGHT_RANGES == (7, 8)
+    assert weight_grid(8, 7) == (-63, 63) and weight_grid(8, 8) == weight_grid(8) == (-127, 127)
+    assert all(weight_grid(b, 7) == weight_grid(b) for b in range(2, 8))
+    assert 2 * 255 * 63 <= 2 ** 15 - 1 < 2 * 255 * 127
+    w = skewed(2)
+    q = weight_quantizer(w, 8, per_channel, weight_range=7).eval()
+    assert (q.qmin, q.qmax) == (-63, 63)
+    rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    assert torch.equal(q.scale.detach(), search_scales(rows, 63, "mse"))
+    k = q.integers(w)
+    assert k.min() >= -63 and k.max() <= 63 and {int(k.min()), int(k.max())} & {-63, 63}
+    s = q.scale.view(-1, 1, 1, 1) if per_channel else q.scale
+    assert torch.equal(q(w), quantize_weight(w, 8, per_channel, weight_range=7))
+    assert torch.allclose(k.float() * s, q(w), rtol=1e-6, atol=0)
+    assert torch.equal(quantize_weight(w, 8, per_channel, weight_range=7), quantize_weight(w, 7, per_channel))
+    for bad in (6, 9, True, "7"):
+        with pytest.raises(UserError, match="weight range"):
+            check_weight_range(bad)
+
+
+def test_recipe_defaults_json_and_placement():
+    """The Recipe: the target's default range (7 under ort-cpu, 8 under generic), its JSON round trip, files
+    written before the range existed read as range 8, bad settings refused; quantize_ with it places 8-bit
+    weights on -63..63."""
+    from quant.recipe import Recipe
+    assert Recipe.for_target("ort-cpu").weight_range == 7 and Recipe.for_target("generic").weight_range == 8
+    assert Recipe.for_target("ort-cpu", weight_range=8).weight_range == 8
+    r = Recipe("tensor", "maxabs", 7)
+    assert Recipe.from_json(r.to_json()) == r and r.to_json()["weights"] == "BN-folded"
+    assert Recipe.from_json({"granularity": "channel", "clip": "mse"}) == Recipe() == Recipe.from_json(None)
+    assert r.weight_kwargs() == {"per_channel": False, "clip": "maxabs", "weight_range": 7}
+    for bad in ({"granularity": "row"}, {"clip": "max"}, {"weight_range": 4}):
+        with pytest.raises(UserError):
+            Recipe.from_json(bad)
+    model = build_model("resnet8", "B").eval()
+    space = Space(tuple(quantizable_layers(model)), tuple(t.name for t in model.tensors()))
+    qm = quantize_(fold_bn(model), space.full({(W, n): 8 for n in space.layers}), {}, "generic", trainable=True,
+                   **Recipe.for_target("ort-cpu").weight_kwargs())
+    for n in space.layers:
+        m = qm.get_submodule(n)
+        assert (m.parametrizations.weight[0].qmin, m.parametrizations.weight[0].qmax) == (-63, 63)
+
+
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_tensor_grid(bits):
     """Unsigned grids are 0..2^b-1, signed grids the two's complement -2^(b-1)..2^(b-1)-1; a tensor

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from models.structure import DEFAULT_TARGET, TARGETS
+from quant.recipe import Recipe
 from quant.calibrate import calibrate
 from quant.cost import COST_MODELS, DEFAULT_COST_MODEL, CostModel, KernelTable, kernel_table
 from quant.fold import fold_bn
@@ -133,7 +134,7 @@ def main(args):
     if args.trace:
         widths = {(n, b) for (k, n), b in config.items() if k == A and b != FLOAT_BITS}
         ranges, source = _ranges(args, folded, args.target, widths)
-        quantize_(folded, config, ranges, args.target)
+        quantize_(folded, config, ranges, args.target, **Recipe.for_target(args.target).weight_kwargs())
         x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(TRACE_SEED))
         tr = trace(folded, args.target, {n: b for (k, n), b in config.items() if k == W}, x)
         tr.update(cost_model=cm.name, model_args=model_args, ranges=source,

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import sys
 import tempfile
 import time
@@ -71,9 +72,11 @@ import torch.nn.utils.parametrize as parametrize
 from models.structure import DEFAULT_TARGET, TARGETS, Add, Slot
 from quant.fold import fold_bn
 from quant.place import quantize_, slots
-from quant.quantizer import Quantizer, tensor_grid, weight_grid
+from quant.quantizer import WEIGHT_RANGES, Quantizer, tensor_grid, weight_grid
+from quant.recipe import Recipe
 from quant.widths import FLOAT_BITS, A, W, tensors_of
 from utils.errors import UserError, error_paragraph
+from utils.machine import describe_cpu, runtime_machine
 from utils.train import Normalizer
 
 if TYPE_CHECKING:
@@ -88,6 +91,8 @@ except ImportError:  # pragma: no cover
 EXPORT_W_BITS = (8, 4, FLOAT_BITS)      # 4: int4 weights (opset 21), dequantized to float by ORT's CPU build
 EXPORT_A_BITS = (8, FLOAT_BITS)
 INTEGER_W_BITS = 8                      # the weight width ORT's CPU kernels compute with in integer
+# {largest level: the width stored}: int8 on the full grid or in range 7 (quant/quantizer.py), int4
+STORED_WEIGHT_QMAX = {weight_grid(8)[1]: 8, weight_grid(8, 7)[1]: 8, weight_grid(4)[1]: 4}
 SIGNED_DTYPES = ("uint8", "int8")
 DEFAULT_SIGNED_DTYPE = "uint8"
 OPSET = 13                              # per-axis DequantizeLinear; 4-bit weights need 21
@@ -131,10 +136,10 @@ def exportable_config(config: dict, round_up: bool) -> tuple[dict, dict]:
     return out, changed
 
 
-def rescale_to(q: Quantizer, bits: int, weight: bool) -> Quantizer:
+def rescale_to(q: Quantizer, bits: int, weight: bool, weight_range: int = 8) -> Quantizer:
     """`q` at another width with the same clip range (a fine-tuned quantizer rounded up keeps its learned range)."""
     if weight:
-        qmin, qmax = weight_grid(bits)
+        qmin, qmax = weight_grid(bits, weight_range)
         return Quantizer(q.scale.detach() * q.qmax / qmax, qmin, qmax, q.axis, per_sample=False)
     qmin, qmax = tensor_grid(bits, q.signed)
     if q.signed:     # the clip range of a signed grid is its negative end
@@ -143,7 +148,7 @@ def rescale_to(q: Quantizer, bits: int, weight: bool) -> Quantizer:
 
 
 @torch.no_grad()
-def round_up_quantized_(model: nn.Module, target: str, changed: dict) -> nn.Module:
+def round_up_quantized_(model: nn.Module, target: str, changed: dict, weight_range: int = 8) -> nn.Module:
     """Round up the widths of a quantized (e.g. fine-tuned) model in place, keeping each quantizer's clip range."""
     by_slot = slots(model, target)
     for (kind, name), (_, bits) in changed.items():
@@ -153,7 +158,7 @@ def round_up_quantized_(model: nn.Module, target: str, changed: dict) -> nn.Modu
         else:
             layer = model.get_submodule(name)
             old = layer.parametrizations.weight[0]
-            layer.parametrizations.weight[0] = rescale_to(old, bits, weight=True).to(old.scale.device).eval()
+            layer.parametrizations.weight[0] = rescale_to(old, bits, True, weight_range).to(old.scale.device).eval()
     return model
 
 
@@ -240,11 +245,11 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
         if not parametrize.is_parametrized(m, "weight"):
             return None
         q = m.parametrizations.weight[0]
-        if q.qmin != -q.qmax or q.qmax not in (127, 7):
+        if q.qmin != -q.qmax or q.qmax not in STORED_WEIGHT_QMAX:
             raise UserError(f"a weight quantizer on the grid [{q.qmin}, {q.qmax}] cannot be exported: ONNX Runtime "
                             f"runs 8-bit (and stores 4-bit) weights. Use --round-up-widths.")
         levels = q.integers(m.parametrizations.weight.original).cpu().numpy()
-        return levels, q.qparams()["scale"], (8 if q.qmax == 127 else 4)
+        return levels, q.qparams()["scale"], STORED_WEIGHT_QMAX[q.qmax]
 
     def slot_q(node):    # the tensor quantizer of an fx Slot node, or None
         return mods[node.target].quant if node.op == "call_module" and isinstance(mods[node.target], Slot) else None
@@ -417,13 +422,15 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
 
 
 # ---------------------------------------------------------------- building what is exported
-def placed_model(float_model: nn.Module, config: dict, ranges: dict, target: str, per_channel: bool = True,
-                 clip: str = "mse") -> nn.Module:
-    """The fake-quant model of `config` (post-training: MSE weight scales of the folded weights, calibrated
-    tensor ranges) in the form the exporter reads: weights as parametrizations, quantizers in the Slots, eval
-    mode. It computes exactly what ``quantize_(fold_bn(model), config, ranges, target)`` computes."""
-    return quantize_(fold_bn(float_model), config, ranges, target, per_channel, clip, trainable=True,
-                     learn_scales=False).eval()
+def placed_model(float_model: nn.Module, config: dict, ranges: dict, target: str,
+                 recipe: Recipe | None = None) -> nn.Module:
+    """The fake-quant model of `config` (post-training: weight scales of the folded weights by `recipe`, default
+    the target's; calibrated tensor ranges) in the form the exporter reads: weights as parametrizations,
+    quantizers in the Slots, eval mode. It computes exactly what ``quantize_(fold_bn(model), config, ranges,
+    target, **recipe.weight_kwargs())`` computes."""
+    recipe = recipe or Recipe.for_target(target)
+    return quantize_(fold_bn(float_model), config, ranges, target, trainable=True, learn_scales=False,
+                     **recipe.weight_kwargs()).eval()
 
 
 def export_model(qmodel: nn.Module, target: str, signed_dtype: str = DEFAULT_SIGNED_DTYPE, meta: dict | None = None,
@@ -604,6 +611,7 @@ class Prepared:
     normalization: dict
     source: str
     notes: list
+    recipe: Recipe = Recipe()
     check_x: torch.Tensor | None = None
     check_y: torch.Tensor | None = None
     check_set: str = ""
@@ -631,7 +639,11 @@ def prepare(args) -> Prepared:
                             f"{' and '.join(given)} cannot change them. Drop {' and '.join(given)}, or export from "
                             f"the float checkpoint it was fine-tuned from.")
         qm, ck = load_qat(ckpt)          # refuses other versions of the format
-        target = ck["target"]
+        target, recipe = ck["target"], Recipe.from_json(ck["quantization"])
+        if args.weight_range is not None and args.weight_range != recipe.weight_range:
+            raise UserError(f"{ckpt} was fine-tuned with 8-bit weights in range {recipe.weight_range}; its learned "
+                            f"weights cannot be exported in range {args.weight_range}. Drop --weight-range, or "
+                            f"fine-tune with stage 2's --weight-range {args.weight_range}.")
         if args.target is not None and args.target != target:
             raise UserError(f"{ckpt} was fine-tuned under --target {target}; it cannot be exported as {args.target}. "
                             f"Drop --target, or fine-tune under --target {args.target}.")
@@ -640,9 +652,9 @@ def prepare(args) -> Prepared:
         asked = {(g[0], g[1]): int(b) for g, b in ck["config"]}
         cfg, rounded = exportable_config(asked, args.round_up_widths)
         if rounded:
-            round_up_quantized_(qm, target, rounded)
+            round_up_quantized_(qm, target, rounded, recipe.weight_range)
             notes.append("fine-tuned quantizers rounded up keep their learned clip range")
-        p = Prepared(qm, None, target, cfg, asked, rounded, space, ck["normalization"], str(ckpt), notes)
+        p = Prepared(qm, None, target, cfg, asked, rounded, space, ck["normalization"], str(ckpt), notes, recipe)
         if args.check_images:
             data = load_dataset(args.dataset or "cifar10", args.data_dir or Path("data"))
             idx = seeded_subset(len(data.test_y), args.check_images, 0)
@@ -680,27 +692,25 @@ def prepare(args) -> Prepared:
                         f"at one width, e.g. --w-bits 8 --a-bits 8), or pass a fine-tuned checkpoint.")
     cfg, rounded = exportable_config(asked, args.round_up_widths)
     widths = sorted({a for a in tensors_of(cfg).values() if a != FLOAT_BITS}, reverse=True)
-    ranges, quant = None, {"granularity": "channel", "clip": "mse"}
+    ranges, recipe, measured_by = None, Recipe.for_target(target), None
 
     def covers(rec):
         return all(str(a) in (rec.get(n) or {}).get("scales", {}) for n, a in tensors_of(cfg).items() if a != FLOAT_BITS)
     if s3 is not None and covers(s3[2]):
-        ranges = s3[2]
-        quant = {**quant, **{k: v for k, v in s3[3].items() if k in quant}}
-        notes.append(f"tensor ranges and weight quantization ({quant['granularity']}, {quant['clip']}) as the search "
-                     f"used them")
+        ranges, recipe, measured_by = s3[2], Recipe.from_json(s3[3]), "the search"
+        notes.append(f"tensor ranges and weight quantization ({recipe.describe()}) as the search used them")
     elif s2 is not None and s2.get("target") == target:
         rec = (s2.get("activation_calibration") or {}).get("tensors") or {}
         if covers(rec):
-            ranges = rec
-            quant = {**quant, **{k: v for k, v in (s2.get("quantization") or {}).items() if k in quant}}
-            notes.append(f"tensor ranges and weight quantization ({quant['granularity']}, {quant['clip']}) as stage 2 "
-                         f"recorded them in {Path(args.results_dir) / '02_per_layer.json'}")
+            ranges, recipe, measured_by = rec, Recipe.from_json(s2.get("quantization")), "stage 2"
+            notes.append(f"tensor ranges and weight quantization ({recipe.describe()}) as stage 2 recorded them in "
+                         f"{Path(args.results_dir) / '02_per_layer.json'}")
+    recipe = with_weight_range(recipe, args.weight_range, measured_by, notes)
     need_data = args.check_images > 0 or (ranges is None and widths)
-    p = Prepared(None, fold_bn(model), target, cfg, asked, rounded, space, meta["normalization"], str(ckpt), notes)
+    p = Prepared(None, fold_bn(model), target, cfg, asked, rounded, space, meta["normalization"], str(ckpt), notes,
+                 recipe)
     if need_data:
-        s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"],
-                       calib_images=args.calib_images, target=target)
+        s = load_setup(args, recipe, calib_images=args.calib_images, target=target)
         if ranges is None and widths:
             ranges = s.calibrate(widths)
             notes.append(f"tensor ranges calibrated here on {len(s.calib_x)} training images at {widths} bits "
@@ -709,8 +719,19 @@ def prepare(args) -> Prepared:
             idx = seeded_subset(len(s.report_y), args.check_images, s.seed)
             p.check_x, p.check_y = s.report_x[idx].cpu(), s.report_y[idx].cpu()
             p.check_set = f"{len(idx)} {s.split.report.name} images"
-    p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, quant["granularity"] == "channel", quant["clip"])
+    p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, recipe)
     return p
+
+
+def with_weight_range(recipe: Recipe, weight_range: int | None, measured_by: str | None, notes: list) -> Recipe:
+    """`recipe` with --weight-range where given; a note when that is not the range `measured_by` simulated."""
+    if weight_range is None or weight_range == recipe.weight_range:
+        return recipe
+    if measured_by:
+        notes.append(f"--weight-range {weight_range} differs from the range {recipe.weight_range} that {measured_by} "
+                     f"measured: the file computes a model the search did not evaluate (the check below compares "
+                     f"it with its own simulation)")
+    return dataclasses.replace(recipe, weight_range=weight_range)
 
 
 def get_args_parser():
@@ -744,6 +765,10 @@ def get_args_parser():
                    help="storage of signed tensors (grid -128..127): uint8 with zero point 128 (the same levels), which "
                         "ONNX Runtime's x86 CPU kernels run in integer wherever they are; or int8 with zero point 0 "
                         "(TensorRT, ARM), which ONNX Runtime on x86 rewrites to uint8 only in some places (default: uint8)")
+    g.add_argument("--weight-range", default=None, type=int, choices=WEIGHT_RANGES,
+                   help="levels of the int8 weights: 7 (-63..63), which ONNX Runtime's x86 kernels compute exactly on "
+                        "every CPU, or 8 (-127..127), which they saturate on CPUs without VNNI (default: what stage 2 "
+                        "or 3 recorded; else 7 under --target ort-cpu and 8 under generic)")
     g.add_argument("--round-up-widths", action="store_true",
                    help="export widths the runtime cannot run at the next exportable width (weights 2-3 -> 4, 5-7 -> 8; "
                         "tensors -> 8) instead of refusing them; the accuracy reported is the exported one's")
@@ -763,7 +788,8 @@ def export(args) -> dict:
     t0 = time.time()
     p = prepare(args)
     proto = export_model(p.qmodel, p.target, args.signed_dtype,
-                         meta={"config": p.space.to_file(p.config), "normalization": p.normalization, "source": p.source})
+                         meta={"config": p.space.to_file(p.config), "normalization": p.normalization, "source": p.source,
+                               "quantization": p.recipe.to_json()})
     fusion = fusion_report(proto, args.threads)
     behind = [v for p_ in proto.metadata_props if p_.key == "float_layers_reading_quantized_tensors"
               for v in p_.value.split(",") if v]
@@ -774,8 +800,9 @@ def export(args) -> dict:
                        f"with InferenceSession(..., disabled_optimizers={list(KEEP_FLOAT)}) to keep them float, as "
                        f"this check and benchmarks/deploy_speed.py do")
     rep = {"onnx": str(args.onnx), "target": p.target, "signed_dtype": args.signed_dtype, "source": p.source,
-           "config": config_summary(p.config), "rounded_up": {f"{k}:{n}": v for (k, n), v in p.rounded.items()},
+           "quantization": p.recipe.to_json(), "machine": runtime_machine(), "config": config_summary(p.config), "rounded_up": {f"{k}:{n}": v for (k, n), v in p.rounded.items()},
            "int4_weights": any(b == 4 for (k, _), b in p.config.items() if k == W), "fusion": fusion,
+           "int8_weight_layers": sum(b == INTEGER_W_BITS for (k, _), b in p.config.items() if k == W),
            "notes": p.notes, "check": None}
     if p.check_x is not None:
         normalize = Normalizer(p.normalization["mean"], p.normalization["std"], "cpu")
@@ -793,9 +820,32 @@ def export(args) -> dict:
     return rep
 
 
+def saturation_risk(rep: dict) -> bool:
+    """8-bit integer weights on the full range, run by a CPU that is not known to have VNNI."""
+    return (rep["int8_weight_layers"] > 0 and rep["quantization"]["weight_range"] == 8 and rep["fusion"]["integer_convs"] > 0
+            and rep["machine"]["cpu"]["vnni"] is not True)
+
+
+def failure_hint(rep: dict) -> str:
+    """One paragraph on why the agreement check failed, and what to do."""
+    cpu = describe_cpu(rep["machine"]["cpu"])
+    if saturation_risk(rep):
+        return (f"likely cause: this CPU, {cpu}, multiplies uint8 tensors by int8 weights in ONNX Runtime's "
+                f"AVX2 kernel, which adds two products in 16 bits (vpmaddubsw) and saturates when they exceed "
+                f"32,767 (2 x 255 x 127 = 64,770). The file uses 8-bit weights on the full range -127..127. "
+                f"Remedy: export with --weight-range 7 (-63..63, exact on every x86 CPU; the default under "
+                f"--target ort-cpu), and run stage 2 with the same --weight-range so that the search measures "
+                f"what runs.")
+    return (f"the file and the fake-quant model disagree beyond rounding on {cpu} (weight range "
+            f"{rep['quantization']['weight_range']}, ONNX Runtime {rep['machine']['onnxruntime']}). Check that "
+            f"the file runs with disabled_optimizers={list(KEEP_FLOAT)} as here, re-run with more --check-images, "
+            f"and report the configuration if it persists.")
+
+
 def print_report(rep: dict):
     print(f"wrote {rep['onnx']} ({rep['bytes'] / 1e3:.0f} kB; target {rep['target']}, signed tensors as "
-          f"{rep['signed_dtype']}): {rep['config']}")
+          f"{rep['signed_dtype']}, 8-bit weights in range {rep['quantization']['weight_range']}): {rep['config']}")
+    print(f"machine: {describe_cpu(rep['machine']['cpu'])}; onnxruntime {rep['machine']['onnxruntime']}")
     for n in rep["notes"]:
         print(f"note: {n}")
     if rep["rounded_up"]:
@@ -812,6 +862,10 @@ def print_report(rep: dict):
               + f"; top-1 agreement {c['agreement']:.2f}%, accuracy difference {c['acc_diff']:+.2f} points: "
               f"{'PASS' if c['passed'] else 'FAIL'} (>= {MIN_AGREEMENT}% and <= {MAX_ACC_DIFF} points"
               + ("" if c["enough_images"] else f"; fewer than {MIN_CHECK_IMAGES} images") + ")")
+        if not c["passed"]:
+            print(error_paragraph(failure_hint(rep)).replace("error: ", "", 1))
+    elif saturation_risk(rep):
+        print(f"note: {failure_hint(rep)}")
 
 
 def main(argv=None) -> int:

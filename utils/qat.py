@@ -43,6 +43,7 @@ from models import build_from_args
 from quant.fold import bn_scale, fold_bn
 from quant.place import quantize_, skeleton_, slots, tensor_grids
 from quant.quantizer import Quantizer
+from quant.recipe import Recipe
 from quant.widths import FLOAT_BITS, weights_of
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
@@ -89,7 +90,7 @@ class BNScale(nn.Module):
 
 
 def prepare_qat(model: nn.Module, config: dict, ranges: dict, target: str, learn_scales: bool = True,
-                per_channel: bool = True, clip: str = "mse", bn: str = DEFAULT_BN) -> nn.Module:
+                per_channel: bool = True, clip: str = "mse", bn: str = DEFAULT_BN, weight_range: int = 8) -> nn.Module:
     """A copy of the float `model` with the full configuration `config` ({group: bits}) fake-quantized for
     training, in train mode. ``bn="kept"``: BN stays, each narrowed conv weight paired with a BN is quantized
     in its folded form (``deployable`` folds the result); ``bn="folded"``: a BN-folded copy. Either way, weight
@@ -99,14 +100,15 @@ def prepare_qat(model: nn.Module, config: dict, ranges: dict, target: str, learn
         raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
     if bn == "folded":
         qat = quantize_(fold_bn(model), config, ranges, target, per_channel, clip, trainable=True,
-                        learn_scales=learn_scales)
+                        learn_scales=learn_scales, weight_range=weight_range)
         return qat.train()
     qat = copy.deepcopy(model)
     pairs = dict(qat.conv_bn_pairs())
     narrowed = [n for n, w in weights_of(config).items() if w != FLOAT_BITS and n in pairs]
     for n in narrowed:   # quantize_ then searches the weight scales on the folded weights
         parametrize.register_parametrization(qat.get_submodule(n), "weight", BNScale(qat.get_submodule(pairs[n])))
-    quantize_(qat, config, ranges, target, per_channel, clip, trainable=True, learn_scales=learn_scales)
+    quantize_(qat, config, ranges, target, per_channel, clip, trainable=True, learn_scales=learn_scales,
+              weight_range=weight_range)
     for n in narrowed:
         parametrize.register_parametrization(qat.get_submodule(n), "weight",
                                              BNScale(qat.get_submodule(pairs[n]), inverse=True))
@@ -151,9 +153,10 @@ def deployable(qat: nn.Module, target: str) -> nn.Module:
     return folded.eval()
 
 
-def qat_skeleton(model_args: dict, config: dict, grids: dict, target: str, per_channel: bool = True) -> nn.Module:
+def qat_skeleton(model_args: dict, config: dict, grids: dict, target: str, per_channel: bool = True,
+                 weight_range: int = 8) -> nn.Module:
     """The structure of a fine-tuned (folded) model, with placeholder scales, for loading its state dict."""
-    return skeleton_(fold_bn(build_from_args(model_args)), config, grids, target, per_channel)
+    return skeleton_(fold_bn(build_from_args(model_args)), config, grids, target, per_channel, weight_range)
 
 
 def param_groups(qat: nn.Module, weight_decay: float = WEIGHT_DECAY) -> list[dict]:
@@ -218,8 +221,9 @@ def load_qat(path, map_location="cpu"):
         raise UserError(f"{path} is not a fine-tuning checkpoint of this version of AI-QS (no qat_format "
                         f"{QAT_FORMAT}). Re-run 4_create_baselines.py --qat-epochs N.")
     config = {(g[0], g[1]): int(b) for g, b in ck["config"]}
-    qat = qat_skeleton(ck["model_args"], config, ck["tensor_grids"], ck["target"],
-                       ck["quantization"]["granularity"] == "channel")
+    recipe = Recipe.from_json(ck["quantization"])
+    qat = qat_skeleton(ck["model_args"], config, ck["tensor_grids"], ck["target"], recipe.per_channel,
+                       recipe.weight_range)
     qat.load_state_dict(ck["model"])
     return qat.to(map_location).eval(), ck
 

@@ -13,6 +13,8 @@ from quant.calibrate import METHOD as CALIBRATION_METHOD, calibrate
 from quant.cost import COST_MODELS, CostModel, KernelTable, kernel_table
 from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
 from quant.fold import fold_bn
+from quant.quantizer import WEIGHT_RANGES
+from quant.recipe import Recipe
 from quant.widths import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, Space, check_widths
 from utils.checkpoint import default_checkpoint_path, load_model, parse_normalization
 from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
@@ -77,6 +79,10 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
                             "(default: channel)")
         g.add_argument("--clip", default="mse", choices=("mse", "maxabs"),
                        help="weights: MSE-optimal clipping range or max |w| (default: mse)")
+        g.add_argument("--weight-range", default=None, type=int, choices=WEIGHT_RANGES,
+                       help="levels an 8-bit weight uses: 8 (-127..127) or 7 (-63..63, still stored and charged as "
+                            "8 bits), which ONNX Runtime's x86 kernels compute exactly on CPUs without VNNI, where "
+                            "8 saturates (default: 7 under --target ort-cpu, else 8)")
         g.add_argument("--calib-images", default=None, type=int,
                        help=f"training images (never validation or test) that calibrate tensor ranges "
                             f"(default: {CALIB_IMAGES}; with --quick: {QUICK_CALIB_IMAGES})")
@@ -152,12 +158,19 @@ class Setup:
     calib_x: torch.Tensor     # uint8 training images for tensor-range calibration
     data: object = None       # the utils.data.Dataset
     cost_model: CostModel = CostModel()
-    per_channel: bool = True
-    clip: str = "mse"
+    recipe: Recipe = Recipe()
     ranges: dict | None = None
     calibration: dict | None = None
     confirm_x: torch.Tensor | None = None   # the confirm images (None: --confirm-size 0)
     confirm_y: torch.Tensor | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.recipe.per_channel
+
+    @property
+    def clip(self) -> str:
+        return self.recipe.clip
 
     @property
     def seed(self) -> int:
@@ -189,8 +202,8 @@ class Setup:
         return self.ranges
 
     def evaluator(self, x, y, batch_size: int, **kw) -> CachedEvaluator:
-        return CachedEvaluator(self.model, self.table, x, y, self.normalize, self.ranges, self.per_channel,
-                               self.clip, batch_size, **kw)
+        return CachedEvaluator(self.model, self.table, x, y, self.normalize, self.ranges, batch_size=batch_size,
+                               **self.recipe.weight_kwargs(), **kw)
 
 
 def _check_recorded(flag, given, recorded, ckpt):
@@ -200,9 +213,10 @@ def _check_recorded(flag, given, recorded, ckpt):
                         f"{flag.replace('_', '-')} (or pass {recorded}).")
 
 
-def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: int | None = None,
+def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = None,
                cost_model: CostModel = CostModel(), target: str = DEFAULT_TARGET) -> Setup:
-    """Checkpoint -> model, preprocessing, and the search / report / calibration images."""
+    """Checkpoint -> model, preprocessing, and the search / report / calibration images. `recipe`: how weights
+    are quantized (default: the target's, quant/recipe.py)."""
     if getattr(args, "eval_batch_size", 1) <= 0:
         raise UserError(f"--eval-batch-size must be > 0, got {args.eval_batch_size}.")
     device = resolve_device(args.device)
@@ -258,7 +272,7 @@ def load_setup(args, per_channel: bool = True, clip: str = "mse", calib_images: 
             "normalization": {**norm, "source": meta["normalization_source"]}}
     return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
                  eval_x, eval_y, report_x, report_y, table, to_device_uint8(data.train_x[calib_idx], device), data,
-                 cost_model, per_channel, clip, confirm_x=confirm_x, confirm_y=confirm_y)
+                 cost_model, recipe or Recipe.for_target(target), confirm_x=confirm_x, confirm_y=confirm_y)
 
 
 def results_header(stage: str, s: Setup) -> dict:

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from quant.fold import fold_bn
+from quant.recipe import Recipe
 from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval
 from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of
 from utils.errors import UserError
@@ -99,14 +100,15 @@ def create_baselines(args) -> dict:
     s3_path = Path(args.results_dir) / RESULTS_FILES["3"]
     s3 = load_results_json(s3_path, "3", PRODUCERS["3"], force=args.force)
     w_widths = list(dict.fromkeys(args.bits if args.bits is not None else s3.get("bits") or []))
-    quant = s3.get("quantization", {"granularity": "channel", "clip": "mse"})
+    recipe = Recipe.from_json(s3.get("quantization"))
+    quant = recipe.to_json()
     calib = (s3.get("dataset") or {}).get("calibration", {}).get("images")
     cm = stage2_cost_model(s3, args.cost_model, s3_path)
     joint = bool(s3.get("joint"))
     if joint and cm.name == "reference":
         raise UserError(f"{s3_path} searched tensor widths, which --cost-model reference cannot price (it charges "
                         f"tensors in float). Drop --cost-model.")
-    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib,
+    s = load_setup(args, recipe, calib_images=calib,
                    cost_model=cm, target=s3.get("target", "generic"))
     check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], args.force)
     check_same_data(s3, s3_path, s, PRODUCERS["3"], args.force)
@@ -285,7 +287,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
 
         def prepared():
             return prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
-                               per_channel=quant["granularity"] == "channel", clip=quant["clip"],
+                               **Recipe.from_json(quant).weight_kwargs(),
                                bn=args.qat_bn).to(s.device)
         ptq_sel = e["val_acc"] if sel_eval is None else sel_eval.evaluate(cfg).accuracy
         runs, tests = [], []

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence
 from quant.cost import CostModel
+from quant.recipe import Recipe
 from quant.search import EvalCache, Measured, audit_pruning, greedy_search, pareto_frontier, verify_frontier
 from quant.stats import BUDGET_Z, Budget, paired_drop
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
@@ -116,9 +117,8 @@ def search_widths(args) -> dict:
     if a_ladder and cm.name == "reference":
         raise UserError("--cost-model reference charges tensors in float, so it cannot search tensor widths. Pass "
                         "--a-bits 32 to search weights only under it, or drop --cost-model.")
-    quant = s2.get("quantization", {"granularity": "channel", "clip": "mse"})
     calib = (s2.get("dataset") or {}).get("calibration", {}).get("images")
-    s = load_setup(args, per_channel=quant["granularity"] == "channel", clip=quant["clip"], calib_images=calib,
+    s = load_setup(args, Recipe.from_json(s2.get("quantization")), calib_images=calib,
                    cost_model=cm, target=s2.get("target", "generic"))
     check_same_checkpoint(s2, s2_path, s.checkpoint, PRODUCERS["2"], args.force)
     space = s.space
@@ -216,7 +216,7 @@ def search_widths(args) -> dict:
               "search_space": {"weight_groups": len(space.layers), "weight_widths": [FLOAT_BITS] + w_ladder,
                                "tensor_groups": len(space.tensors) if joint else 0,
                                "tensor_widths": [FLOAT_BITS] + a_ladder if joint else [FLOAT_BITS]},
-              "quantization": quant, "activation_calibration": s.calibration,
+              "quantization": s.recipe.to_json(), "activation_calibration": s.calibration,
               "confirm_images": confirm_eval.n if confirming else 0,
               "confirm_z": z_confirm if confirming else None,
               "search_margin": {"z": z, "why": "the confirm step carries the 5% guarantee; z chosen by simulation"

@@ -16,6 +16,7 @@ import time
 from tqdm import tqdm
 
 from quant.cost import CostModel
+from quant.recipe import Recipe
 from quant.stats import paired_drop
 from quant.widths import A, W
 from utils import distributed as dist
@@ -73,7 +74,8 @@ def per_layer_analysis(args) -> dict:
         raise UserError(f"--a-bits {' '.join(map(str, a_ladder))} with --cost-model reference: the reference "
                         f"convention charges activations in float, so it cannot price narrower tensors. Drop "
                         f"--a-bits for the weight-only reproduction, or use --cost-model fused.")
-    s = load_setup(args, per_channel=args.granularity == "channel", clip=args.clip, calib_images=args.calib_images,
+    recipe = Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range)
+    s = load_setup(args, recipe, calib_images=args.calib_images,
                    cost_model=cm, target=args.target)
     s.calibrate(a_ladder)
     evaluator = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_bytes=int(args.cache_gb * 2 ** 30))
@@ -90,7 +92,7 @@ def per_layer_analysis(args) -> dict:
     layers, tensors = assemble(s, rows, w_ladder, a_ladder)
     out = {**results_header("2", s), "eval_images": evaluator.n, "baseline_val_acc": base.accuracy,
            "baseline_loss": base.loss, "bits": w_ladder, "a_bits": a_ladder,
-           "quantization": {"granularity": args.granularity, "clip": args.clip, "weights": "BN-folded"},
+           "quantization": recipe.to_json(),
            "activation_calibration": s.calibration, "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
            "layers": layers, "tensors": tensors, "evaluations": sum(n for _, n in parts)}
     path = write_results(out, args, s, {"checkpoint": s.checkpoint}, t0, RESULTS_FILES["2"])
