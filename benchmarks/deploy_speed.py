@@ -6,7 +6,7 @@
 Times, each at batch 1 (latency, ms) and batch 64 (throughput, images/s):
 
 * ``fp32``: the BN-folded float model as ONNX;
-* ``uniform_w8a8``: every weight and tensor at 8 bits, exported by utils.export under ``--target ort-cpu``
+* ``uniform_w8a8``: every weight and tensor at 8 bits (the logits float unless stage 2 quantized them), exported by utils.export under ``--target ort-cpu``
   (ONNX Runtime's own kernels: every conv writes a quantized tensor, the add is QLinearAdd);
 * ``searched``: the configuration of <results-dir>/03_search.json (its ``best`` answer), when it was
   searched under ``--target ort-cpu`` from this checkpoint;
@@ -44,7 +44,9 @@ import numpy as np  # noqa: E402
 
 from quant.cost import CostModel  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
-from quant.stats import bootstrap_drop_interval, paired_drop  # noqa: E402
+import torch  # noqa: E402
+
+from quant.stats import bootstrap_drop_interval, paired_drop, top1_credit  # noqa: E402
 from quant.widths import FLOAT_BITS, W  # noqa: E402
 from utils.cli import add_common_args, run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -195,7 +197,7 @@ def deploy_speed(args) -> dict:
     models = []      # (name, proto or path, fake-quant model or None, extra)
     fp32 = to_onnx(fold_bn(model))
     models.append(("fp32", fp32, None, {"modelled_ai": fp32_ai}))
-    w8a8_cfg = s.space.uniform(8, 8)
+    w8a8_cfg = quant.uniform(s.space, 8, 8)
     qm = placed_model(model, w8a8_cfg, ranges, TARGET, quant)
     models.append(("uniform_w8a8", export_model(qm, TARGET), qm,
                    {"config": config_summary(w8a8_cfg), "modelled_ai": cm.ai(s.table, w8a8_cfg),
@@ -250,7 +252,7 @@ def deploy_speed(args) -> dict:
     for name, proto, fq, extra in models:
         sess = ort_session(proto, args.threads)
         sessions[name] = sess
-        correct[name] = ort_logits(sess, x, norm, 250).argmax(1) == y.numpy()
+        correct[name] = top1_credit(torch.from_numpy(ort_logits(sess, x, norm, 250)), y).numpy()
         r = {"name": name, "latency_ms_b1": None, f"throughput_b{args.batch}": None,
              "test_acc": 100.0 * float(correct[name].mean()),
              "onnx_bytes": len(proto.SerializeToString()), **extra}

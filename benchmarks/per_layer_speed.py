@@ -23,7 +23,8 @@ from utils.cli import add_common_args  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
 from quant.place import quantize_  # noqa: E402
-from utils.stages.common import act_ladder, add_model_args, add_quant_args, load_setup, weight_ladder  # noqa: E402
+from utils.stages.common import (act_ladder, add_model_args, add_quant_args, load_setup, ptq_options,  # noqa: E402
+                                 weight_ladder)
 from utils.stages.per_layer_analysis import candidates  # noqa: E402
 from utils.train import evaluate  # noqa: E402
 
@@ -48,17 +49,19 @@ def main():
     args = add_common_args(p).parse_args()
     print(args)
     w_ladder, a_ladder = weight_ladder(args), act_ladder(args)
-    s = load_setup(args, Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range),
-                   target=args.target)
+    s = load_setup(args, Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range,
+                                           "quantized" if args.quantize_logits else "float",
+                                           **ptq_options(args, args.cost_model or "fused")), target=args.target)
     if args.images:
         s.eval_x, s.eval_y = s.eval_x[:args.images], s.eval_y[:args.images]
     s.calibrate(a_ladder)
-    grid = [s.space.full({g: b}) for g, b in candidates(s.space, w_ladder, a_ladder)]
+    s.learn_levels([(n, b) for n in s.space.layers for b in w_ladder])     # one-time fits, not timed
+    grid = [s.space.full({g: b}) for g, b in candidates(s.space, w_ladder, a_ladder, s.recipe)]
 
     def placed():
         out = []
         for cfg in grid:
-            m = quantize_(fold_bn(s.model), cfg, s.ranges, s.target, **s.recipe.weight_kwargs())
+            m = quantize_(fold_bn(s.model), cfg, s.ranges, s.target, levels=s.levels, **s.recipe.weight_kwargs())
             out.append(evaluate(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)["correct"])
         return out
 

@@ -127,7 +127,8 @@ class KernelTable:
 
     @cached_property
     def space(self) -> Space:
-        return Space(tuple(n for k in self.kernels for n, _ in k.weights), tuple(self.elements))
+        return Space(tuple(n for k in self.kernels for n, _ in k.weights), tuple(self.elements),
+                     logits=self.kernels[-1].writes[0] if self.kernels else None)
 
     @cached_property
     def flops(self) -> int:

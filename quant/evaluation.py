@@ -24,7 +24,8 @@ from quant.calibrate import quantizers_from
 from quant.cost import KernelTable
 from quant.fold import fold_bn
 from quant.place import check_ranges, set_tensor_quantizer, slots
-from quant.quantizer import quantize_weight
+from quant.quantizer import learned_weight, quantize_weight
+from quant.stats import top1_credit, top1_tied
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, W
 
 # Default bound on the cached activations (bytes). ResNet-20 on 5,000 images needs about 2 GB;
@@ -35,17 +36,23 @@ DEFAULT_CACHE_BYTES = 4 << 30
 @dataclass
 class Outcome:
     """One configuration evaluated on n images."""
-    correct: torch.Tensor   # bool [n], on the CPU: which images are classified right
+    correct: torch.Tensor   # float64 [n], on the CPU: each image's credit, 1 right, 0 wrong, 1/k in a k-way
+                            # top-1 tie that holds the label (quant.stats.top1_credit)
     loss: float             # mean cross-entropy against the labels
     kl: float               # mean KL(float model || this configuration), nats per image
+    tied: int = 0           # images whose top-1 is a tie
 
     @property
     def n(self) -> int:
         return len(self.correct)
 
     @property
-    def n_correct(self) -> int:
-        return int(self.correct.sum())
+    def n_correct(self) -> float:
+        return float(self.correct.sum())
+
+    @property
+    def tie_rate(self) -> float:
+        return self.tied / max(self.n, 1)
 
     @property
     def accuracy(self) -> float:
@@ -69,20 +76,23 @@ class CachedEvaluator:
     `table` is the model's KernelTable (quant/cost.py) under the target simulated; `ranges` the
     calibrated tensor ranges (quant/calibrate.py) of every width that may be asked for. Weights are
     quantized per channel (or per tensor) after folding, with the MSE (or max-abs) clip, on the grid of
-    `weight_range` (quant/quantizer.py). The inputs of
+    `weight_range` (quant/quantizer.py); a (layer, bits) pair in `levels` takes its learned levels on that
+    grid instead of round-to-nearest (quant/adaround.py). The inputs of
     segments under the base configuration are cached for the whole split, within `cache_bytes`;
     segments that do not fit are recomputed from the nearest cached one (identical results).
     """
 
     def __init__(self, model, table: KernelTable, x_u8, labels, normalize, ranges=None, per_channel: bool = True,
                  clip: str = "mse", batch_size: int = 1000, base_config=None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True, weight_range: int = 8):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True, weight_range: int = 8,
+                 levels: dict | None = None):
         self.model = fold_bn(model)
         self.table, self.target, self.space = table, table.target, table.space
         self._groups = set(self.space.groups)
         self.x_u8, self.labels, self.normalize = x_u8, labels, normalize
         self.batch_size = batch_size
         self.per_channel, self.clip, self.weight_range = per_channel, clip, weight_range
+        self.levels = dict(levels or {})       # {(layer, bits): learned int levels} (quant/adaround.py)
         self.ranges = dict(ranges or {})
         self._tq = {k: q.to(x_u8.device).eval() for k, q in quantizers_from(self.ranges).items()}
         self._wq: dict[tuple[str, int], torch.Tensor] = {}
@@ -139,8 +149,12 @@ class CachedEvaluator:
         if bits == FLOAT_BITS:
             return self.float_w[name]
         if (name, bits) not in self._wq:
-            self._wq[name, bits] = quantize_weight(self.float_w[name], bits, self.per_channel, self.clip,
-                                                     self.weight_range)
+            if (name, bits) in self.levels:
+                self._wq[name, bits] = learned_weight(self.float_w[name], bits, self.levels[name, bits],
+                                                      self.per_channel, self.clip, self.weight_range)
+            else:
+                self._wq[name, bits] = quantize_weight(self.float_w[name], bits, self.per_channel, self.clip,
+                                                         self.weight_range)
         return self._wq[name, bits]
 
     @torch.no_grad()
@@ -165,6 +179,7 @@ class CachedEvaluator:
         while start > 0 and not self.keep[start]:
             start -= 1
         correct, loss, kl = [], torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        tied = 0
         first = self.float_logp is None
         logps = []
         for b, s in enumerate(range(0, self.n, self.batch_size)):
@@ -179,7 +194,8 @@ class CachedEvaluator:
                 h = self.segments[k].fn(h)
             y = self.labels[s:s + self.batch_size]
             logp = F.log_softmax(h.float(), dim=1)
-            correct.append((h.argmax(1) == y).cpu())
+            correct.append(top1_credit(h, y).cpu())
+            tied += int(top1_tied(h).sum())
             loss += F.nll_loss(logp, y, reduction="sum").double().cpu()
             if first:
                 logps.append(logp)
@@ -189,7 +205,7 @@ class CachedEvaluator:
         if first:
             self.float_logp = logps
         self.evaluations += 1
-        return Outcome(torch.cat(correct), float(loss) / self.n, float(kl) / self.n)
+        return Outcome(torch.cat(correct), float(loss) / self.n, float(kl) / self.n, tied)
 
     def set_base(self, config, outcome: Outcome | None = None):
         """Make `config` the base: recompute the cached activations behind its first change.
@@ -210,7 +226,7 @@ class CachedEvaluator:
             return self.base_outcome
         return self._run(config, start if any(self.keep) else 0, store=False)
 
-    def correct(self, config) -> int:
+    def correct(self, config) -> float:
         return self.evaluate(config).n_correct
 
     def accuracy(self, config) -> float:

@@ -18,7 +18,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from models.structure import Slot
 from quant.errors import UserError
-from quant.quantizer import Quantizer, tensor_quantizer, weight_grid, weight_quantizer
+from quant.quantizer import Quantizer, learned_weight, tensor_quantizer, weight_grid, weight_quantizer
 from quant.widths import FLOAT_BITS, tensors_of, weights_of
 
 
@@ -57,10 +57,11 @@ def check_ranges(config: dict, ranges: dict):
 @torch.no_grad()
 def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_channel: bool = True,
               clip: str = "mse", trainable: bool = False, learn_scales: bool = True,
-              weight_range: int = 8) -> nn.Module:
+              weight_range: int = 8, levels: dict | None = None) -> nn.Module:
     """Quantize the BN-folded `model` in place to the full configuration `config` ({group: bits}) and
     return it. Tensor scales come from `ranges` (quant/calibrate.py); weight scales are searched on the
-    model's current weights, on the grid of `weight_range` (quant/quantizer.py). ``trainable``:
+    model's current weights, on the grid of `weight_range` (quant/quantizer.py); a (layer, bits) pair in
+    `levels` takes those learned integer levels (quant/adaround.py) on that grid. ``trainable``:
     parametrized weights and trainable tensor quantizers (LSQ; scales learned unless ``learn_scales`` is
     False), else baked weights and eval-mode quantizers."""
     check_ranges(config, ranges)
@@ -79,6 +80,8 @@ def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_cha
         q = weight_quantizer(layer.weight, w, per_channel, clip, learn=trainable and learn_scales,
                              weight_range=weight_range)
         q = q.to(layer.weight.device)
+        if levels and (name, w) in levels:      # on the grid already: the quantizer maps it back to the levels
+            layer.weight.copy_(learned_weight(layer.weight, w, levels[name, w], per_channel, clip, weight_range))
         if trainable:
             with torch.enable_grad():
                 parametrize.register_parametrization(layer, "weight", q.train())

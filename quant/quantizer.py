@@ -206,6 +206,17 @@ def weight_quantizer(w: torch.Tensor, bits: int, per_channel: bool = True, clip:
     return Quantizer(scale, qmin, qmax, 0 if per_channel and x.dim() >= 1 else None, learn, per_sample=False)
 
 
+def learned_weight(w: torch.Tensor, bits: int, levels: torch.Tensor, per_channel: bool = True, clip: str = "mse",
+                   weight_range: int = 8) -> torch.Tensor:
+    """The weight `w` at `bits` with learned integer `levels` (quant/adaround.py) on the grid and scales that
+    round-to-nearest would use: levels x scale, a value the quantizer maps back to exactly `levels`."""
+    q = weight_quantizer(w, bits, per_channel, clip, weight_range=weight_range)
+    if levels.shape != w.shape or int(levels.min()) < q.qmin or int(levels.max()) > q.qmax:
+        raise ValueError(f"learned levels of shape {tuple(levels.shape)} in [{int(levels.min())}, {int(levels.max())}] "
+                         f"do not fit a weight of shape {tuple(w.shape)} on the grid [{q.qmin}, {q.qmax}]")
+    return (levels.to(w.device).float() * q._scale(w).detach()).to(w.dtype)
+
+
 def tensor_quantizer(scale: float, bits: int, signed: bool, learn: bool = False) -> Quantizer:
     if bits not in ACT_BITS or bits == FLOAT_BITS:
         raise UserError(f"tensor width {bits!r} is not supported; use 2-8 bits, or 32 to leave a tensor in float.")

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quant.adaround import AdaRoundSettings
 from quant.errors import UserError
 from quant.quantizer import CLIP_MODES, DEFAULT_WEIGHT_RANGE, check_weight_range
+from quant.widths import FLOAT_BITS, A, Space
 
 GRANULARITIES = ("channel", "tensor")
-# Files written before the weight range existed used the full int8 grid.
+LOGITS = ("float", "quantized")
+PTQ_METHODS = ("nearest", "adaround")
+# Post-training rounding by cost model: learned rounding is what benchmarks/ptq_methods.py measured best;
+# the reference convention keeps the reference work's round-to-nearest.
+DEFAULT_PTQ = {"fused": "adaround", "reference": "nearest"}
+# Files written before these settings existed: the full int8 grid, and logits quantized like every tensor.
 LEGACY_WEIGHT_RANGE = 8
+LEGACY_LOGITS = "quantized"
 
 
 @dataclass(frozen=True)
@@ -22,8 +30,23 @@ class Recipe:
     granularity: str = "channel"
     clip: str = "mse"
     weight_range: int = 8
+    # The logits (the tensor the last kernel writes): "float" keeps them float in uniform configurations and
+    # out of the search space. Quantized, they tie (4-bit logits take a dozen values) and lose accuracy for
+    # almost no AI (one tensor of 10 values per image).
+    logits: str = "float"
+    # How weights are rounded after training: "nearest" (to the nearest level of the MSE grid) or "adaround"
+    # (learned per layer and width on `ptq_images` training images, quant/adaround.py, with its settings)
+    ptq: str = "nearest"
+    ptq_images: int = 256
+    ptq_settings: AdaRoundSettings = AdaRoundSettings()
 
     def __post_init__(self):
+        if self.ptq not in PTQ_METHODS:
+            raise UserError(f"post-training method {self.ptq!r} is not supported; use one of {PTQ_METHODS}.")
+        if self.ptq_images < 1:
+            raise UserError(f"--ptq-images must be >= 1, got {self.ptq_images}.")
+        if self.logits not in LOGITS:
+            raise UserError(f"logits {self.logits!r}: use 'float' or 'quantized'.")
         if self.granularity not in GRANULARITIES:
             raise UserError(f"weight granularity {self.granularity!r} is not supported; use one of {GRANULARITIES}.")
         if self.clip not in CLIP_MODES:
@@ -32,9 +55,18 @@ class Recipe:
 
     @classmethod
     def for_target(cls, target: str, granularity: str = "channel", clip: str = "mse",
-                   weight_range: int | None = None) -> "Recipe":
+                   weight_range: int | None = None, logits: str = "float", **ptq) -> "Recipe":
         """The recipe with the target's default weight range where none is given."""
-        return cls(granularity, clip, DEFAULT_WEIGHT_RANGE[target] if weight_range is None else weight_range)
+        return cls(granularity, clip, DEFAULT_WEIGHT_RANGE[target] if weight_range is None else weight_range, logits,
+                   **ptq)
+
+    def narrows(self, space: Space, group) -> bool:
+        """May `group` take widths other than float? Every group but float logits."""
+        return not (self.logits == "float" and group == (A, space.logits))
+
+    def uniform(self, space: Space, w: int, a: int) -> dict:
+        """Every weight at `w`, every tensor at `a`, the logits float unless they are quantized."""
+        return space.uniform(w, a, FLOAT_BITS if self.logits == "float" else None)
 
     @property
     def per_channel(self) -> bool:
@@ -45,16 +77,23 @@ class Recipe:
         return {"per_channel": self.per_channel, "clip": self.clip, "weight_range": self.weight_range}
 
     def to_json(self) -> dict:
-        return {"granularity": self.granularity, "clip": self.clip, "weight_range": self.weight_range,
-                "weights": "BN-folded"}
+        out = {"granularity": self.granularity, "clip": self.clip, "weight_range": self.weight_range,
+               "weights": "BN-folded", "logits": self.logits, "ptq": self.ptq}
+        if self.ptq != "nearest":
+            out["ptq_settings"] = {"images": self.ptq_images, "set": "train", **self.ptq_settings.to_json()}
+        return out
 
     @classmethod
     def from_json(cls, obj: dict | None) -> "Recipe":
         """A recorded ``quantization`` object (absent keys: the defaults of the version that wrote it)."""
         obj = obj or {}
+        settings = dict(obj.get("ptq_settings") or {})
+        images = settings.pop("images", 256)
+        settings.pop("set", None)
         return cls(obj.get("granularity", "channel"), obj.get("clip", "mse"),
-                   obj.get("weight_range", LEGACY_WEIGHT_RANGE))
+                   obj.get("weight_range", LEGACY_WEIGHT_RANGE), obj.get("logits", LEGACY_LOGITS),
+                   obj.get("ptq", "nearest"), images, AdaRoundSettings(**settings))
 
     def describe(self) -> str:
         rng = "" if self.weight_range == 8 else f", 8-bit weights in range {self.weight_range}"
-        return f"{self.granularity}, {self.clip}{rng}"
+        return f"{self.granularity}, {self.clip}{rng}, logits {self.logits}, {self.ptq} rounding"

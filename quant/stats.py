@@ -3,6 +3,12 @@
 On n images one image is 100/n points, and two models evaluated on the same images disagree on
 only a few percent of them, so a drop is a *paired* quantity: its standard error comes from the
 images that flip (right -> wrong, wrong -> right), not from two independent accuracies.
+
+**Ties.** Quantized logits can tie (4-bit logits take a dozen values), and ``argmax`` would give every
+tie to the lowest class index, so accuracy would depend on the order of the classes. Here an image
+whose top-1 is a tie among k classes, the label among them, counts 1/k correct: the expectation of a
+random tie-break, computed deterministically (``top1_credit``). Every accuracy, paired drop and
+interval is computed from these per-image credits.
 """
 from __future__ import annotations
 
@@ -23,8 +29,33 @@ BUDGET_Z = 1.6448536269514722 * math.sqrt(2)
 FEASIBILITY_TOL = 1e-9
 
 
-def wilson_interval(k: int, n: int, z: float = Z95) -> list[float]:
-    """Wilson score interval of an accuracy k/n, in percent."""
+def top1_credit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image (float64): 1 if the label is the only top-1 class, 1/k if it is one of k tied top-1
+    classes, else 0 (also for logits holding a NaN: no class wins)."""
+    top = _top1(logits)
+    hit = top.gather(1, labels.view(-1, 1).long()).squeeze(1)
+    return hit.double() / top.sum(dim=1).clamp_min(1).double()
+
+
+def _top1(logits: torch.Tensor) -> torch.Tensor:
+    """[n, classes] bool: the classes that share the top logit (none in a row that holds a NaN)."""
+    return logits == logits.max(dim=1, keepdim=True).values
+
+
+def top1_tied(logits: torch.Tensor) -> torch.Tensor:
+    """Per image: is the top-1 a tie between two or more classes?"""
+    return _top1(logits).sum(dim=1) > 1
+
+
+def top1_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image (float64): the probability that two models' top-1 classes agree when each breaks its ties
+    at random, |T_a & T_b| / (|T_a| |T_b|) for their tied top-1 sets (1 or 0 without ties)."""
+    ta, tb = _top1(a), _top1(b)
+    return (ta & tb).sum(1).double() / (ta.sum(1) * tb.sum(1)).clamp_min(1).double()
+
+
+def wilson_interval(k: float, n: int, z: float = Z95) -> list[float]:
+    """Wilson score interval of an accuracy k/n, in percent (k may be fractional: ties count 1/k)."""
     if n <= 0:
         return [0.0, 100.0]
     p = k / n
@@ -39,32 +70,54 @@ class PairedDrop:
     """Accuracy drop of a candidate against a reference on the same n images."""
     drop: float      # points: reference accuracy - candidate accuracy
     se: float        # points: standard error of the mean per-image difference
-    lost: int        # images the reference gets right and the candidate wrong
-    gained: int      # the other way round
+    lost: float      # images the reference gets right and the candidate wrong (ties: in part)
+    gained: float    # the other way round
     n: int
+    # (difference, images) for every per-image difference ref - cand that occurs, for the bootstrap;
+    # empty: the differences are in {-1, 0, 1} and `lost` / `gained` count them
+    values: tuple = ()
 
 
 def paired_drop(ref_correct, cand_correct) -> PairedDrop:
-    ref = torch.as_tensor(ref_correct, dtype=torch.bool)
-    cand = torch.as_tensor(cand_correct, dtype=torch.bool)
+    """The paired drop of two per-image credit vectors (bool, or float in [0, 1] with ties at 1/k)."""
+    ref = torch.as_tensor(ref_correct).double()
+    cand = torch.as_tensor(cand_correct).double()
     if ref.shape != cand.shape:
         raise ValueError(f"paired_drop needs the same images: {tuple(ref.shape)} vs {tuple(cand.shape)}")
-    n = len(ref)
-    lost, gained = int((ref & ~cand).sum()), int((~ref & cand).sum())
-    d = (lost - gained) / n
-    var = max(0.0, (lost + gained) / n - d * d) * n / max(n - 1, 1)   # sample variance of d_i in {-1, 0, 1}
-    return PairedDrop(100.0 * d, 100.0 * math.sqrt(var / n), lost, gained, n)
+    return drop_of_differences(ref - cand)
+
+
+def drop_of_differences(d) -> PairedDrop:
+    """The paired drop whose per-image differences (reference - candidate, in [-1, 1]) are `d`."""
+    d = np.asarray(torch.as_tensor(d, dtype=torch.float64), dtype=np.float64)
+    n = len(d)
+    lost, gained = float(d[d > 0].sum()), float(-d[d < 0].sum())
+    mean = float(d.mean()) if n else 0.0
+    var = max(0.0, float(np.square(d).mean()) - mean * mean) * n / max(n - 1, 1) if n else 0.0
+    values = ()
+    if not np.isin(d, (-1.0, 0.0, 1.0)).all():
+        u, c = np.unique(np.round(d, 12), return_counts=True)
+        values = tuple(zip(u.tolist(), c.tolist()))
+    else:
+        lost, gained = int(lost), int(gained)
+    return PairedDrop(100.0 * mean, 100.0 * math.sqrt(var / max(n, 1)), lost, gained, n, values)
 
 
 def bootstrap_drop_interval(p: PairedDrop, level: float = 0.95, resamples: int = 20000, seed: int = 0) -> list[float]:
     """Percentile interval of a paired drop by the paired bootstrap: images resampled with replacement,
-    each keeping its (reference, candidate) pair. Only the counts of lost / gained / unchanged images
-    matter, so a resample is one multinomial draw."""
+    each keeping its (reference, candidate) pair. Only how many images have each difference matters,
+    so a resample is one multinomial draw (lost / gained / unchanged when there are no partial credits)."""
     if p.lost + p.gained == 0:
         return [0.0, 0.0]
-    probs = [p.lost / p.n, p.gained / p.n, 1.0 - (p.lost + p.gained) / p.n]
-    counts = np.random.default_rng(seed).multinomial(p.n, probs, size=resamples)
-    drops = 100.0 * (counts[:, 0] - counts[:, 1]) / p.n
+    rng = np.random.default_rng(seed)
+    if p.values:
+        values = np.array([v for v, _ in p.values])
+        counts = rng.multinomial(p.n, np.array([c for _, c in p.values]) / p.n, size=resamples)
+        drops = 100.0 * (counts @ values) / p.n
+    else:
+        probs = [p.lost / p.n, p.gained / p.n, 1.0 - (p.lost + p.gained) / p.n]
+        counts = rng.multinomial(p.n, probs, size=resamples)
+        drops = 100.0 * (counts[:, 0] - counts[:, 1]) / p.n
     a = (1.0 - level) / 2
     # Ends on the grid of attainable drops (multiples of 100/n), rounded outward: no interpolated
     # -0.15025, and never narrower than the interpolated interval.

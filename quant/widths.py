@@ -19,7 +19,7 @@ file that uses ``"a"`` is refused. Unmarked files with bare integers (weight wid
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quant.errors import UserError
 
@@ -52,9 +52,11 @@ def _width(v, allowed, what, source, name):
 
 @dataclass(frozen=True)
 class Space:
-    """The weight layers and tensors of a model (under one target), in kernel order."""
+    """The weight layers and tensors of a model (under one target), in kernel order; `logits`: the tensor the
+    last kernel writes (the classifier's output), when known."""
     layers: tuple[str, ...]
     tensors: tuple[str, ...]
+    logits: str | None = field(default=None, compare=False)
 
     @property
     def groups(self) -> list[tuple[str, str]]:
@@ -79,8 +81,12 @@ class Space:
             _width(b, WEIGHT_BITS if kind == W else ACT_BITS, "weight" if kind == W else "tensor", "configuration", name)
         return out
 
-    def uniform(self, w: int, a: int) -> dict[tuple[str, str], int]:
-        return self.full({**{(W, n): w for n in self.layers}, **{(A, t): a for t in self.tensors}})
+    def uniform(self, w: int, a: int, logits: int | None = None) -> dict[tuple[str, str], int]:
+        """Every weight layer at `w` and every tensor at `a`; the logits at `logits` where given."""
+        cfg = {**{(W, n): w for n in self.layers}, **{(A, t): a for t in self.tensors}}
+        if logits is not None and self.logits is not None:
+            cfg[A, self.logits] = logits
+        return self.full(cfg)
 
     def parse(self, obj, default_a: int = FLOAT_BITS, source: str = "bit configuration") -> dict[tuple[str, str], int]:
         """A file's configuration (see the module docstring) -> the full {group: bits}."""

@@ -2,6 +2,8 @@
 minute and writes one JSON report with device, torch version, date and each measurement."""
 import json
 
+import pytest
+
 from conftest import run_script
 
 
@@ -37,3 +39,25 @@ def test_no_vnni_emulation_smoke(quick_stage1, tmp_path):
     for e in r["ranges"]["7"].values():
         assert e["saturated_pairs"] == 0 and e["outputs_changed"] == 0 and e["max_abs_pair_sum"] <= 2 * 255 * 63
         assert all(-63 <= c["weight_levels"][0] and c["weight_levels"][1] <= 63 for c in e["per_conv"])
+
+
+def test_ptq_methods_smoke(quick_stage1, tmp_path):
+    """benchmarks/ptq_methods.py on the session's quick checkpoint with tiny fits (5 steps, so no accuracy is
+    asserted): a row per configuration and method, intervals that bracket their estimates, drops paired against
+    float, the fits cached, and the ablation scored on the search images, never on test."""
+    out = tmp_path / "ptq.json"
+    run_script("benchmarks/ptq_methods.py", "--checkpoint", quick_stage1["checkpoint"], "--device", "cpu", "--quick",
+               "--configs", "uniform_w4a4", "uniform_w3", "--ptq-iterations", 5, "--ptq-images", 16, "--ablate", "5x16",
+               "--ptq-cache", tmp_path / "cache", "--results-dir", tmp_path, "--out", out)
+    r = json.loads(out.read_text())
+    assert 0 <= r["float_test_acc"] <= 100 and r["quantization"]["logits"] == "float"
+    assert [(x["config"], x["method"]) for x in r["results"]] == [
+        ("uniform_w4a4", "nearest"), ("uniform_w3", "nearest"), ("uniform_w4a4", "adaround"), ("uniform_w3", "adaround")]
+    for x in r["results"]:
+        lo, hi = x["test_drop_ci95"]
+        assert lo <= x["test_drop"] <= hi and x["test_acc_ci95"][0] <= x["test_acc"] <= x["test_acc_ci95"][1]
+        assert x["test_drop"] == pytest.approx(r["float_test_acc"] - x["test_acc"]) and x["seconds"] >= 0
+    ab = r["ablation"]
+    assert ab["set"] != "test" and [x["setting"] for x in ab["rows"]] == ["nearest", "5x16"]
+    assert all("search_acc" in x and "test_acc" not in x for x in ab["rows"])
+    assert list((tmp_path / "cache").glob("ptq-adaround-*.pt"))

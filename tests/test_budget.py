@@ -105,6 +105,29 @@ def test_paired_drop_no_flips_and_bad_shapes():
         paired_drop(REF, CAND[:-1])
 
 
+def test_paired_drop_with_tie_credits():
+    """Credits of 1/k (ties) enter the paired drop as they are: the drop is the mean difference, the SE the
+    sample SD of the per-image differences over sqrt(n), lost / gained the summed positive / negative
+    differences; the bootstrap resamples the images' differences and brackets the estimate; with 0/1
+    credits it is exactly the boolean computation (same numbers, same interval)."""
+    rng = np.random.default_rng(1)
+    ref = (rng.random(2000) < 0.85).astype(float)
+    cand = ref.copy()
+    flip = rng.random(2000) < 0.2
+    cand[flip] = rng.choice([0.0, 1 / 3, 0.5, 1.0], flip.sum())
+    p = paired_drop(ref, cand)
+    d = ref - cand
+    assert p.drop == pytest.approx(100 * d.mean()) and p.se == pytest.approx(100 * d.std(ddof=1) / math.sqrt(2000))
+    assert p.lost == pytest.approx(d[d > 0].sum()) and p.gained == pytest.approx(-d[d < 0].sum())
+    assert sum(c for _, c in p.values) == 2000 and len(p.values) > 3
+    lo, hi = bootstrap_drop_interval(p)
+    assert lo <= p.drop <= hi and hi - lo == pytest.approx(2 * Z95 * p.se, rel=0.15)
+    b = paired_drop(REF, CAND)
+    f = paired_drop(np.asarray(REF, float), np.asarray(CAND, float))
+    assert (f.drop, f.se, f.lost, f.gained, f.values) == (b.drop, b.se, b.lost, b.gained, ())
+    assert bootstrap_drop_interval(f) == bootstrap_drop_interval(b)
+
+
 # ---------------------------------------------------------------- bootstrap_drop_interval
 
 def test_bootstrap_interval_contains_the_estimate_and_is_deterministic():

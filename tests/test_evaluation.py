@@ -152,16 +152,27 @@ class Reference:
         logits = self.cached_logits(config)
         logp = F.log_softmax(logits, 1)
         kl = (self.float_logp.exp() * (self.float_logp - logp)).sum(1).mean().item()
-        return Outcome(logits.argmax(1) == self.y, F.cross_entropy(logits, self.y).item(), kl)
+        credit, tied = credit_by_hand(logits, self.y)
+        return Outcome(credit, F.cross_entropy(logits, self.y).item(), kl, tied)
 
     def predictions(self, config):
         return self.cached_logits(config).argmax(1)
 
 
+def credit_by_hand(logits, labels):
+    """(per-image credit, images tied): 1/k for a k-way top-1 tie holding the label, row by row."""
+    credit, tied = [], 0
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        top = [c for c, v in enumerate(row) if v == max(row)]
+        credit.append((y in top) / len(top))
+        tied += len(top) > 1
+    return torch.tensor(credit, dtype=torch.float64), tied
+
+
 def assert_same(got: Outcome, ref: Outcome, what=""):
-    """Identical per-image correctness (so identical counts); loss and KL equal to float tolerance."""
+    """Identical per-image credits (so identical counts and ties); loss and KL equal to float tolerance."""
     assert got.n == ref.n, what
-    assert got.n_correct == ref.n_correct, what
+    assert got.n_correct == ref.n_correct and got.tied == ref.tied, what
     assert torch.equal(got.correct, ref.correct), what
     assert got.loss == pytest.approx(ref.loss, rel=1e-4, abs=1e-5), what
     assert got.kl == pytest.approx(ref.kl, rel=1e-3, abs=2e-5), what
@@ -280,7 +291,9 @@ def test_set_base_keeps_outcomes_exact(setup):
     ev = make_evaluator(setup, labels=y)
     ev.set_base(base)
     assert ev.base == space.full(base)
-    assert ev.base_outcome.accuracy == 100.0
+    # every image right, but ties (random_config quantizes the logits too) count 1/k
+    tied = ev.base_outcome.correct < 1
+    assert ev.base_outcome.tied == int(tied.sum()) and torch.all(ev.base_outcome.correct[~tied] == 1)
     check(ev.evaluate(base), ref, base, "base")
     walk = [((W, "layer3.1.conv1"), 2), ((A, "layer1.0.conv2"), 3), ((W, "linear"), 5), ((A, "conv1"), 3),
             ((W, "layer2.2.conv1"), 3), ((A, INPUT), 8), ((A, "pool"), 4)]
@@ -603,10 +616,43 @@ def test_file_form_configs(setup_b):
 
 
 def test_outcome_properties():
-    """Outcome's n, n_correct and accuracy follow from its correct vector."""
+    """Outcome's n, n_correct, accuracy and tie rate follow from its credits."""
     o = Outcome(torch.tensor([True, False, True, True]), 0.5, 0.1)
-    assert (o.n, o.n_correct, o.accuracy) == (4, 3, 75.0)
+    assert (o.n, o.n_correct, o.accuracy, o.tie_rate) == (4, 3, 75.0, 0.0)
+    o = Outcome(torch.tensor([1.0, 0.5, 0.0, 1 / 3], dtype=torch.float64), 0.5, 0.1, tied=2)
+    assert (o.n_correct, o.tie_rate) == (pytest.approx(1.5 + 1 / 3), 0.5)
     assert Outcome(torch.zeros(0, dtype=torch.bool), 0.0, 0.0).accuracy == 0.0
+
+
+def test_ties_count_one_over_k_not_the_lowest_class():
+    """Quantized logits tie: the evaluator gives a k-way top-1 tie holding the label 1/k, never the class of
+    lowest index; so permuting the classes (the order of the linear layer's rows) leaves every accuracy as it
+    was, which argmax does not. With 4-bit logits a random ResNet-8 ties on many images."""
+    from quant.stats import top1_credit, top1_tied
+    logits = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0], [5.0, 1.0, 0.0], [0.0, 4.0, 4.0]])
+    labels = torch.tensor([1, 0, 0, 0])
+    assert top1_credit(logits, labels).tolist() == [0.5, 1 / 3, 1.0, 0.0]
+    assert top1_tied(logits).tolist() == [True, True, False, True]
+    broken = torch.tensor([[float("nan"), 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert top1_credit(broken, torch.tensor([1, 0])).tolist() == [0.0, 1.0]
+    assert top1_tied(broken).tolist() == [False, False]
+    torch.manual_seed(0)
+    model = build_model("resnet8", "B").eval()
+    x, y = random_data(seed=5, n=64)
+    table = kernel_table(model, "generic")
+    cfg = table.space.uniform(FLOAT_BITS, FLOAT_BITS)
+    cfg[A, "linear"] = 2
+    ranges = calibrate(fold_bn(model), "generic", [NORMALIZE(x)], [2], ["linear"])
+    perm = torch.randperm(10)
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted.linear.weight.copy_(model.linear.weight[perm])
+        permuted.linear.bias.copy_(model.linear.bias[perm])
+    inverse = torch.argsort(perm)
+    a = CachedEvaluator(model, table, x, y, NORMALIZE, ranges).evaluate(cfg)
+    b = CachedEvaluator(permuted, table, x, inverse[y], NORMALIZE, ranges).evaluate(cfg)
+    assert a.tied > 10 and a.tied == b.tied and torch.allclose(a.correct, b.correct)
+    assert any(0 < c < 1 for c in a.correct.tolist())
 
 
 # ----------------------------------------------------------------------------- folding

@@ -244,18 +244,22 @@ def test_stage3_joint(joint, table, names):
 
 def test_stage2_joint_tensor_table(joint, table):
     """--a-bits: one row per tensor (24 for ResNet-20 B: the image, every kernel's output, pool, logits), each
-    quantized where it is written, with its elements, traffic and signedness, and the AI of that one change."""
+    quantized where it is written, with its elements, traffic and signedness, and the AI of that one change;
+    the logits are listed, marked, and measured only in float (no rows): they are not narrowed by default."""
     r = joint["res"]["2"]
     assert [t["name"] for t in r["tensors"]] == list(table.space.tensors) and len(r["tensors"]) == 24
     assert r["tensors"][0]["name"] == "input" and r["tensors"][0]["signed"] and not r["tensors"][1]["signed"]
     for t in r["tensors"]:
         assert t["elements"] == table.elements[t["name"]] and t["traffic"] == table.traffic(t["name"])
-        assert [x["a_bits"] for x in t["results"]] == list(A_BITS)
+        logits = t["name"] == "linear"
+        assert t.get("logits", False) == logits
+        assert [x["a_bits"] for x in t["results"]] == ([] if logits else list(A_BITS))
         for x in t["results"]:
             assert x["model_ai"] == model_ai(table, {(A, t["name"]): x["a_bits"]})
     cal = r["activation_calibration"]
     assert cal["set"] == "train" and set(cal["tensors"]) == set(table.space.tensors)
     assert all(set(v["scales"]) == {str(b) for b in A_BITS} for v in cal["tensors"].values())
+    assert r["quantization"]["logits"] == "float"
 
 
 # ---------------------------------------------------------------- stage 4
@@ -266,10 +270,11 @@ def check_baselines(r, r3, table, names, expected):
     assert by["fp32"]["ai"] == model_ai(table, {}) and by["fp32"]["test_drop"] == 0
     for c in r["configs"]:
         m = re.fullmatch(r"uniform_w(\d)(?:a(\d))?", c["name"])
-        if m:   # every tensor, the image and the logits included, at the uniform width
+        if m:   # every tensor, the image included, at the uniform width; the logits float (the default)
             w, a = int(m.group(1)), int(m.group(2) or FLOAT_BITS)
-            assert table.space.parse(c["config"]) == table.space.uniform(w, a)
-            assert c["ai"] == FUSED.ai(table, table.space.uniform(w, a))   # exactly
+            assert table.space.parse(c["config"]) == table.space.uniform(w, a, FLOAT_BITS)
+            assert c["ai"] == FUSED.ai(table, table.space.uniform(w, a, FLOAT_BITS))   # exactly
+            assert 0 <= c["tie_rate"] <= 1
         lo, hi = c["test_acc_ci95"]
         assert lo <= c["test_acc"] <= hi and 0 <= lo and hi <= 100
         dlo, dhi = c["test_drop_ci95"]
@@ -409,7 +414,7 @@ def test_reference_cost_model_reproduces_the_reference_convention(quick_stage2, 
 
 def test_comparison_relations():
     """"dominates" only where the paired interval of the accuracy difference excludes zero; more AI within
-    noise is "higher AI at a statistically equal accuracy"; significant gains against AI are trade-offs."""
+    noise is "higher AI, accuracy not significantly different"; significant gains against AI are trade-offs."""
     from utils.stages.create_baselines import relation
     ref = [True] * 900 + [False] * 100
     better = [True] * 1000                      # +10 points, interval well above zero
@@ -419,7 +424,7 @@ def test_comparison_relations():
     def rel(ai_a, ai_b, a):
         return relation({"name": "a", "ai": ai_a}, {"name": "b", "ai": ai_b}, [ref if a is None else a], [ref])
     assert rel(2, 1, better)["relation"] == rel(1, 1, better)["relation"] == "dominates"
-    assert rel(2, 1, noisy)["relation"] == "higher AI at a statistically equal accuracy"
+    assert rel(2, 1, noisy)["relation"] == "higher AI, accuracy not significantly different"
     assert rel(2, 1, worse)["relation"] == rel(1, 2, better)["relation"] == "trade-off"
     assert rel(1, 2, worse)["relation"] == rel(1, 1, noisy)["relation"] == "dominated or equal"
     r = rel(2, 1, better)
@@ -451,8 +456,21 @@ def test_ort_cpu_weight_range_runs_through_every_stage(quick_stage1, tmp_path):
     assert X.main(["--results-dir", str(results), "--w-bits", "8", "--a-bits", "8", "--check-images", "0",
                    "--onnx", str(out), "--device", "cpu"]) == 0
     import onnx
-    meta = {m.key: m.value for m in onnx.load(str(out)).metadata_props}
+    from onnx import numpy_helper
+    from quant.recipe import Recipe
+    from utils.ptq import cached_levels
+    proto = onnx.load(str(out))
+    meta = {m.key: m.value for m in proto.metadata_props}
     assert json.loads(meta["quantization"])["weight_range"] == 7 and meta["target"] == "ort-cpu"
+    # learned rounding (the default) from stage 2's cache: the file's int8 weights are those levels, on -63..63
+    r2 = res["2"]
+    assert r2["quantization"]["ptq"] == "adaround" and r2["ptq_fit"]["pairs"] == 22
+    levels = cached_levels(quick_stage1["checkpoint"], Recipe.from_json(r2["quantization"]), r2["ptq_fit"],
+                           REPO / "checkpoints" / "ptq-cache")
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for name in ("conv1", "layer2.0.conv1", "linear"):
+        assert (inits[f"{name}.weight_int8"] == levels[name, 8].numpy()).all()
+        assert inits[f"{name}.weight_int8"].max() <= 63
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(quick_stage1["results"] / FILES["1"], other / FILES["1"])
@@ -461,3 +479,27 @@ def test_ort_cpu_weight_range_runs_through_every_stage(quick_stage1, tmp_path):
     assert json.loads((other / FILES["2"]).read_text())["quantization"]["weight_range"] == 8
     p = run_script("2_per_layer_analysis.py", *COMMON, "--results-dir", other, "--weight-range", 6, check=False)
     assert p.returncode == 2 and "--weight-range" in p.stderr
+
+
+def test_quantize_logits_is_measured_searched_and_refused_without_measurements(quick_stage1, joint, tmp_path):
+    """--quantize-logits: stage 2 measures the logits like any tensor and records "logits": "quantized", and
+    stages 3-4 follow (uniform configurations then quantize them); stage 3 with --quantize-logits on a stage-2
+    file that measured them only in float is refused in one paragraph, before anything is written."""
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(quick_stage1["results"] / FILES["1"], results / FILES["1"])
+    common = (*COMMON, "--results-dir", results)
+    run_script("2_per_layer_analysis.py", *common, "--bits", 4, "--a-bits", 4, "--quantize-logits")
+    r2 = json.loads((results / FILES["2"]).read_text())
+    logits = next(t for t in r2["tensors"] if t["name"] == "linear")
+    assert r2["quantization"]["logits"] == "quantized" and [x["a_bits"] for x in logits["results"]] == [4]
+    run_script("3_greedy_search.py", *common, "--max-evaluations", 3)
+    run_script("4_create_baselines.py", *common)
+    r4 = json.loads((results / FILES["4"]).read_text())
+    w4a4 = next(c for c in r4["configs"] if c["name"] == "uniform_w4a4")
+    assert r4["quantization"]["logits"] == "quantized" and w4a4["config"]["linear"]["a"] == 4
+    before = sorted(p.name for p in joint["results"].iterdir())
+    p = run_script("3_greedy_search.py", *COMMON, "--results-dir", joint["results"], "--quantize-logits", check=False)
+    err = " ".join(p.stderr.split())
+    assert p.returncode == 2 and "measured the logits only in float" in err and "Traceback" not in err
+    assert sorted(p.name for p in joint["results"].iterdir()) == before

@@ -487,7 +487,7 @@ def test_seeds_drop_matches_quant_stats_for_one_seed():
 def test_qat_comparisons_pair_fine_tuned_searched_with_fine_tuned_uniforms():
     """After fine-tuning, each searched configuration is compared with each fine-tuned uniform one (never with
     fp32, never a uniform with another) on the per-image mean over seeds; "dominates" needs the interval above
-    zero, equal masks are a statistically equal accuracy, and less AI at significantly more accuracy a
+    zero, equal masks are an accuracy not significantly different, and less AI at significantly more accuracy a
     trade-off."""
     g = torch.Generator().manual_seed(1)
     base = [torch.rand(2000, generator=g) < 0.85 for _ in range(2)]

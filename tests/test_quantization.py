@@ -292,9 +292,10 @@ def test_recipe_defaults_json_and_placement():
     assert Recipe.for_target("ort-cpu", weight_range=8).weight_range == 8
     r = Recipe("tensor", "maxabs", 7)
     assert Recipe.from_json(r.to_json()) == r and r.to_json()["weights"] == "BN-folded"
-    assert Recipe.from_json({"granularity": "channel", "clip": "mse"}) == Recipe() == Recipe.from_json(None)
+    legacy = Recipe.from_json({"granularity": "channel", "clip": "mse"})
+    assert legacy == Recipe(logits="quantized") == Recipe.from_json(None) and Recipe().logits == "float"
     assert r.weight_kwargs() == {"per_channel": False, "clip": "maxabs", "weight_range": 7}
-    for bad in ({"granularity": "row"}, {"clip": "max"}, {"weight_range": 4}):
+    for bad in ({"granularity": "row"}, {"clip": "max"}, {"weight_range": 4}, {"logits": "int8"}):
         with pytest.raises(UserError):
             Recipe.from_json(bad)
     model = build_model("resnet8", "B").eval()
@@ -304,6 +305,23 @@ def test_recipe_defaults_json_and_placement():
     for n in space.layers:
         m = qm.get_submodule(n)
         assert (m.parametrizations.weight[0].qmin, m.parametrizations.weight[0].qmax) == (-63, 63)
+
+
+
+def test_recipe_keeps_the_logits_float_in_uniform_configurations():
+    """The logits are the tensor the last kernel writes; the default recipe leaves them float in uniform
+    configurations and out of the search (narrows), a "quantized" recipe puts them at the uniform width."""
+    from quant.cost import kernel_table
+    from quant.recipe import Recipe
+    for arch in ("resnet8", "mobilenetv2"):
+        for target in ("generic", "ort-cpu"):
+            space = kernel_table(build_model(arch, "B" if arch == "resnet8" else None), target).space
+            assert space.logits == space.tensors[-1] == "linear"
+            cfg = Recipe().uniform(space, 4, 4)
+            assert cfg[A, "linear"] == FLOAT_BITS and all(b == 4 for g, b in cfg.items() if g != (A, "linear"))
+            assert Recipe(logits="quantized").uniform(space, 4, 4) == space.uniform(4, 4)
+            assert not Recipe().narrows(space, (A, "linear")) and Recipe().narrows(space, (A, space.tensors[0]))
+            assert Recipe(logits="quantized").narrows(space, (A, "linear")) and Recipe().narrows(space, (W, "linear"))
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

@@ -73,8 +73,9 @@ from models.structure import DEFAULT_TARGET, TARGETS, Add, Slot
 from quant.fold import fold_bn
 from quant.place import quantize_, slots
 from quant.quantizer import WEIGHT_RANGES, Quantizer, tensor_grid, weight_grid
-from quant.recipe import Recipe
-from quant.widths import FLOAT_BITS, A, W, tensors_of
+from quant.recipe import DEFAULT_PTQ, PTQ_METHODS, Recipe
+from quant.stats import top1_agreement, top1_credit
+from quant.widths import FLOAT_BITS, A, W, tensors_of, weights_of
 from utils.errors import UserError, error_paragraph
 from utils.machine import describe_cpu, runtime_machine
 from utils.train import Normalizer
@@ -423,14 +424,14 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
 
 # ---------------------------------------------------------------- building what is exported
 def placed_model(float_model: nn.Module, config: dict, ranges: dict, target: str,
-                 recipe: Recipe | None = None) -> nn.Module:
+                 recipe: Recipe | None = None, levels: dict | None = None) -> nn.Module:
     """The fake-quant model of `config` (post-training: weight scales of the folded weights by `recipe`, default
     the target's; calibrated tensor ranges) in the form the exporter reads: weights as parametrizations,
     quantizers in the Slots, eval mode. It computes exactly what ``quantize_(fold_bn(model), config, ranges,
     target, **recipe.weight_kwargs())`` computes."""
     recipe = recipe or Recipe.for_target(target)
     return quantize_(fold_bn(float_model), config, ranges, target, trainable=True, learn_scales=False,
-                     **recipe.weight_kwargs()).eval()
+                     levels=levels, **recipe.weight_kwargs()).eval()
 
 
 def export_model(qmodel: nn.Module, target: str, signed_dtype: str = DEFAULT_SIGNED_DTYPE, meta: dict | None = None,
@@ -501,15 +502,17 @@ MIN_CHECK_IMAGES = 2000
 def check_agreement(model_proto, qmodel: nn.Module, x_u8: torch.Tensor, labels: torch.Tensor, normalize,
                     threads: int = 1, batch_size: int = 500) -> dict:
     """ONNX Runtime (CPU) on the exported file against the fake-quant PyTorch model, on the same images:
-    top-1 agreement (%), both accuracies (%) and their difference (points), the largest logit difference."""
+    top-1 agreement (%), both accuracies (%) and their difference (points), the largest logit difference.
+    Ties count as a random tie-break would in expectation (quant.stats.top1_credit, top1_agreement)."""
     sess = ort_session(model_proto, threads)
     a = ort_logits(sess, x_u8, normalize, batch_size)
     b = torch_logits(qmodel, x_u8, normalize, batch_size)
-    y = labels.cpu().numpy()
+    y = labels.cpu()
     n = len(y)
-    pa, pb = a.argmax(1), b.argmax(1)
-    out = {"images": n, "agreement": 100.0 * float((pa == pb).mean()), "ort_acc": 100.0 * float((pa == y).mean()),
-           "torch_acc": 100.0 * float((pb == y).mean()), "max_logit_diff": float(np.abs(a - b).max())}
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    out = {"images": n, "agreement": 100.0 * float(top1_agreement(ta, tb).mean()),
+           "ort_acc": 100.0 * float(top1_credit(ta, y).mean()), "torch_acc": 100.0 * float(top1_credit(tb, y).mean()),
+           "max_logit_diff": float(np.abs(a - b).max())}
     out["acc_diff"] = out["ort_acc"] - out["torch_acc"]
     out["passed"] = bool(out["agreement"] >= MIN_AGREEMENT and abs(out["acc_diff"]) <= MAX_ACC_DIFF)
     out["enough_images"] = n >= MIN_CHECK_IMAGES
@@ -588,7 +591,7 @@ def _stage3_answer(path, checkpoint: Path, force: bool):
     best, entry = answer
     return (entry["config"], obj.get("target", DEFAULT_TARGET),
             (obj.get("activation_calibration") or {}).get("tensors") or {}, obj.get("quantization") or {},
-            f"{path} ({best})")
+            f"{path} ({best})", obj.get("ptq_fit"))
 
 
 def seeded_subset(n: int, k: int, seed: int) -> np.ndarray:
@@ -685,7 +688,7 @@ def prepare(args) -> Prepared:
     elif args.w_bits is not None or args.a_bits is not None:
         w = FLOAT_BITS if args.w_bits is None else args.w_bits
         a = FLOAT_BITS if args.a_bits is None else args.a_bits
-        asked = space.uniform(w, a)
+        asked = space.uniform(w, a, None if args.quantize_logits else FLOAT_BITS)
     else:
         raise UserError(f"{ckpt} is a float checkpoint: say what to export with --config FILE (a tensor-widths/1 "
                         f"configuration, e.g. one stage 3 found) or --w-bits N --a-bits N (every weight and tensor "
@@ -705,12 +708,27 @@ def prepare(args) -> Prepared:
             ranges, recipe, measured_by = rec, Recipe.from_json(s2.get("quantization")), "stage 2"
             notes.append(f"tensor ranges and weight quantization ({recipe.describe()}) as stage 2 recorded them in "
                          f"{Path(args.results_dir) / '02_per_layer.json'}")
-    recipe = with_weight_range(recipe, args.weight_range, measured_by, notes)
-    need_data = args.check_images > 0 or (ranges is None and widths)
+    fit_record = {"the search": (s3 or [None] * 6)[5], "stage 2": (s2 or {}).get("ptq_fit")}.get(measured_by)
+    recipe = dataclasses.replace(with_weight_range(recipe, args.weight_range, measured_by, notes),
+                                 logits="quantized" if narrows_logits(cfg, space) else "float",
+                                 ptq=args.ptq or (recipe.ptq if measured_by else DEFAULT_PTQ["fused"]))
+    pairs = [(n, b) for n, b in weights_of(cfg).items() if b != FLOAT_BITS]
+    levels = {}
+    if recipe.ptq != "nearest" and fit_record:
+        from utils.ptq import cached_levels
+        levels = cached_levels(ckpt, recipe, fit_record, Path(args.checkpoint_dir) / "ptq-cache")
+    learn = recipe.ptq != "nearest" and any(p_ not in levels for p_ in pairs)
+    if recipe.ptq != "nearest":
+        notes.append(f"weights rounded by {recipe.ptq}: " + (f"learned levels fitted here on {recipe.ptq_images} "
+                     f"training images (cached under {Path(args.checkpoint_dir) / 'ptq-cache'})" if learn else
+                     f"the learned levels {measured_by} used, from the cache"))
+    need_data = args.check_images > 0 or (ranges is None and widths) or learn
     p = Prepared(None, fold_bn(model), target, cfg, asked, rounded, space, meta["normalization"], str(ckpt), notes,
                  recipe)
     if need_data:
         s = load_setup(args, recipe, calib_images=args.calib_images, target=target)
+        if learn:
+            levels = s.learn_levels(pairs)
         if ranges is None and widths:
             ranges = s.calibrate(widths)
             notes.append(f"tensor ranges calibrated here on {len(s.calib_x)} training images at {widths} bits "
@@ -719,8 +737,12 @@ def prepare(args) -> Prepared:
             idx = seeded_subset(len(s.report_y), args.check_images, s.seed)
             p.check_x, p.check_y = s.report_x[idx].cpu(), s.report_y[idx].cpu()
             p.check_set = f"{len(idx)} {s.split.report.name} images"
-    p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, recipe)
+    p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, recipe, levels)
     return p
+
+
+def narrows_logits(config: dict, space) -> bool:
+    return space.logits is not None and config.get((A, space.logits), FLOAT_BITS) != FLOAT_BITS
 
 
 def with_weight_range(recipe: Recipe, weight_range: int | None, measured_by: str | None, notes: list) -> Recipe:
@@ -754,8 +776,10 @@ def get_args_parser():
                    help="a tensor-widths/1 configuration file, or stage 3's results (<results-dir>/03_search.json: its "
                         "best answer, with the target, tensor ranges and weight quantization the search used)")
     g.add_argument("--w-bits", default=None, type=int, help="every weight layer at this width (default: float)")
-    g.add_argument("--a-bits", default=None, type=int, help="every tensor, the image and the logits included, at this "
-                                                            "width (default: float)")
+    g.add_argument("--a-bits", default=None, type=int, help="every tensor, the image included, at this width; the "
+                                                            "logits too with --quantize-logits (default: float)")
+    g.add_argument("--quantize-logits", action="store_true",
+                   help="with --a-bits: the logits at that width too (default: float logits)")
     g.add_argument("--target", default=None, choices=TARGETS,
                    help="the kernels simulated and exported: generic (the add fused into the conv before it) or "
                         "ort-cpu (ONNX Runtime's CPU kernels: the conv output quantized, the add its own integer "
@@ -769,6 +793,10 @@ def get_args_parser():
                    help="levels of the int8 weights: 7 (-63..63), which ONNX Runtime's x86 kernels compute exactly on "
                         "every CPU, or 8 (-127..127), which they saturate on CPUs without VNNI (default: what stage 2 "
                         "or 3 recorded; else 7 under --target ort-cpu and 8 under generic)")
+    g.add_argument("--ptq", default=None, choices=PTQ_METHODS,
+                   help="weight rounding: nearest, or adaround (learned levels, from the cache stage 2 filled, else "
+                        f"fitted here on training images) (default: what stage 2 or 3 recorded; else "
+                        f"{DEFAULT_PTQ['fused']})")
     g.add_argument("--round-up-widths", action="store_true",
                    help="export widths the runtime cannot run at the next exportable width (weights 2-3 -> 4, 5-7 -> 8; "
                         "tensors -> 8) instead of refusing them; the accuracy reported is the exported one's")
@@ -810,8 +838,8 @@ def export(args) -> dict:
                                        args.eval_batch_size)
         rep["check"]["set"] = p.check_set
         if p.float_model is not None:
-            fl = torch_logits(p.float_model, p.check_x, normalize, args.eval_batch_size).argmax(1)
-            rep["check"]["float_acc"] = 100.0 * float((fl == p.check_y.numpy()).mean())
+            fl = torch.from_numpy(torch_logits(p.float_model, p.check_x, normalize, args.eval_batch_size))
+            rep["check"]["float_acc"] = 100.0 * float(top1_credit(fl, p.check_y.cpu()).mean())
     from utils.io import atomic_write_bytes
     atomic_write_bytes(args.onnx, proto.SerializeToString())
     rep["bytes"] = Path(args.onnx).stat().st_size

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from quant.stats import top1_credit
 from utils import distributed as dist
 from utils.errors import UserError
 
@@ -284,19 +285,21 @@ def evaluate(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_s
         out = model(normalize(x_u8[s:e]))
         y = labels[s:e]
         totals[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
-        totals[1] += (out.argmax(1) == y).sum()
+        totals[1] += top1_credit(out, y).sum()
     model.train(was_training)
     dist.all_reduce_sum(totals)
-    c = int(totals[1].item())
+    c = totals[1].item()          # ties count 1/k (quant.stats.top1_credit)
+    c = int(c) if float(c).is_integer() else c
     return {"loss": totals[0].item() / max(n, 1), "acc": 100.0 * c / max(n, 1), "correct": c, "n": n}
 
 
 @torch.inference_mode()
-def correct_mask(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_size: int = 1000) -> torch.Tensor:
-    """Which images `model` classifies right (bool, on the CPU), for paired comparisons."""
+def correct_credit(model, x_u8: torch.Tensor, labels: torch.Tensor, normalize, batch_size: int = 1000) -> torch.Tensor:
+    """Each image's credit (float64, on the CPU: 1 right, 0 wrong, 1/k in a k-way top-1 tie holding the label,
+    quant.stats.top1_credit), for paired comparisons."""
     was_training = model.training
     model.eval()
-    out = [(model(normalize(x_u8[s:s + batch_size])).argmax(1) == labels[s:s + batch_size]).cpu()
+    out = [top1_credit(model(normalize(x_u8[s:s + batch_size])), labels[s:s + batch_size]).cpu()
            for s in range(0, len(labels), batch_size)]
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# stage 4's relation for more AI at an accuracy whose paired interval contains zero (and its name before 2026-12-01)
+NOT_DIFFERENT = "higher AI, accuracy not significantly different"
+NOT_DIFFERENT_NAMES = (NOT_DIFFERENT, "higher AI at a statistically equal accuracy")
+
 
 # ---------------------------------------------------------------------------------------------
 # Markdown summary
@@ -126,13 +130,13 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
         lines += ["", "Searched against uniform configurations on the report images: \"dominates\" only where the "
                       "paired 95% interval of the accuracy difference excludes zero (and AI is at least as high):", ""]
         for name, rows in comparisons.items():
-            for rel in ("dominates", "higher AI at a statistically equal accuracy"):
+            for rel, says in (("dominates", "dominates"),
+                              (NOT_DIFFERENT, "has more AI, at an accuracy not significantly different, than")):
                 vs = [f"{r['vs']} ({r['acc_diff']:+.2f} [{r['acc_diff_ci95'][0]:+.2f}, {r['acc_diff_ci95'][1]:+.2f}])"
-                      for r in rows if r.get("relation") == rel]
+                      for r in rows if r.get("relation") in ((rel,) if rel == "dominates" else NOT_DIFFERENT_NAMES)]
                 if vs:
-                    lines.append(f"- {name} {'dominates' if rel == 'dominates' else 'has ' + rel + ' to'} "
-                                 f"{', '.join(vs)}.")
-            if not any(r.get("relation") in ("dominates", "higher AI at a statistically equal accuracy") for r in rows):
+                    lines.append(f"- {name} {says} {', '.join(vs)}.")
+            if not any(r.get("relation") in ("dominates", *NOT_DIFFERENT_NAMES) for r in rows):
                 lines.append(f"- {name}: no uniform configuration is dominated or matched at lower AI.")
     else:
         basis = b04.get("dominance_basis")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,8 +13,9 @@ from quant.calibrate import METHOD as CALIBRATION_METHOD, calibrate
 from quant.cost import COST_MODELS, CostModel, KernelTable, kernel_table
 from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
 from quant.fold import fold_bn
+from quant.adaround import AdaRoundSettings
 from quant.quantizer import WEIGHT_RANGES
-from quant.recipe import Recipe
+from quant.recipe import DEFAULT_PTQ, PTQ_METHODS, Recipe
 from quant.widths import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, Space, check_widths
 from utils.checkpoint import default_checkpoint_path, load_model, parse_normalization
 from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
@@ -27,6 +28,7 @@ from utils.train import Normalizer, to_device_uint8
 QUICK_EVAL_IMAGES = 250      # --quick: search and report images for ResNet-20; fewer for heavier models
 CALIB_IMAGES = 1000          # training images the activation ranges are calibrated on
 QUICK_CALIB_IMAGES = 200
+QUICK_PTQ_IMAGES, QUICK_PTQ_ITERATIONS = 64, 40    # --quick: a learned rounding that is only a smoke test
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -69,6 +71,10 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
                    help="fused: bytes of every tensor each kernel reads and writes, at its width; reference: the "
                         "reference work's per-layer weight-only convention "
                         + ("(default: fused)" if stage == "2" else "(default: the one stage 2 recorded)"))
+    g.add_argument("--quantize-logits", action="store_true",
+                   help="quantize the logits (the tensor the last kernel writes) in uniform configurations and let "
+                        "the search narrow them; quantized logits tie, and a tie counts 1/k correct "
+                        + ("(default: float)" if stage == "2" else "(default: as stage 2 recorded)"))
     if stage == "2":
         g.add_argument("--target", default=DEFAULT_TARGET, choices=TARGETS,
                        help="the runtime's kernels, simulated and charged: generic (TensorRT-style fusion, the add "
@@ -83,6 +89,18 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
                        help="levels an 8-bit weight uses: 8 (-127..127) or 7 (-63..63, still stored and charged as "
                             "8 bits), which ONNX Runtime's x86 kernels compute exactly on CPUs without VNNI, where "
                             "8 saturates (default: 7 under --target ort-cpu, else 8)")
+        g.add_argument("--ptq", default=None, choices=PTQ_METHODS,
+                       help="how weights are rounded: nearest (the nearest level of the MSE grid) or adaround (each "
+                            "layer's rounding learned at each width to reconstruct its float output on training "
+                            "images, fitted once and cached under <checkpoint-dir>/ptq-cache; stages 3-4 and the "
+                            f"export follow) (default: {DEFAULT_PTQ['fused']}; with --cost-model reference: "
+                            f"{DEFAULT_PTQ['reference']}, the reference work's method)")
+        g.add_argument("--ptq-images", default=None, type=int,
+                       help="training images (the first calibration images) the learned rounding is fitted on "
+                            f"(default: {Recipe().ptq_images}; with --quick: {QUICK_PTQ_IMAGES})")
+        g.add_argument("--ptq-iterations", default=None, type=int,
+                       help=f"optimizer steps per layer and width (default: {AdaRoundSettings().iterations}; with "
+                            f"--quick: {QUICK_PTQ_ITERATIONS})")
         g.add_argument("--calib-images", default=None, type=int,
                        help=f"training images (never validation or test) that calibrate tensor ranges "
                             f"(default: {CALIB_IMAGES}; with --quick: {QUICK_CALIB_IMAGES})")
@@ -92,6 +110,17 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
 # Widths a target's runtime executes in integer (besides float). The generic target models hardware that
 # runs any width; ONNX Runtime's CPU build runs 8-bit convolutions and adds (QLinearConv, QLinearAdd).
 EXECUTABLE = {"generic": None, "ort-cpu": (8,)}
+
+
+def ptq_options(args, cost_model: str) -> dict:
+    """Stage 2's --ptq, --ptq-images and --ptq-iterations as Recipe fields (smaller fits with --quick)."""
+    images = args.ptq_images if args.ptq_images is not None else (QUICK_PTQ_IMAGES if args.quick else Recipe().ptq_images)
+    steps = args.ptq_iterations if args.ptq_iterations is not None else (
+        QUICK_PTQ_ITERATIONS if args.quick else AdaRoundSettings().iterations)
+    if steps < 1:
+        raise UserError(f"--ptq-iterations must be >= 1, got {steps}.")
+    return {"ptq": args.ptq or DEFAULT_PTQ[cost_model], "ptq_images": images,
+            "ptq_settings": AdaRoundSettings(iterations=steps)}
 
 
 def check_executable(bits, flag: str, target: str):
@@ -163,6 +192,9 @@ class Setup:
     calibration: dict | None = None
     confirm_x: torch.Tensor | None = None   # the confirm images (None: --confirm-size 0)
     confirm_y: torch.Tensor | None = None
+    ptq_cache: Path | None = None           # where learned levels are cached
+    levels: dict = field(default_factory=dict)   # {(layer, bits): learned levels} under recipe.ptq "adaround"
+    ptq_fit: dict | None = None             # how they were made (utils.ptq.LearnedLevels.describe)
 
     @property
     def per_channel(self) -> bool:
@@ -201,7 +233,21 @@ class Setup:
                             "widths": widths, "seconds": time.time() - t, "tensors": self.ranges}
         return self.ranges
 
+    def learn_levels(self, pairs) -> dict:
+        """Learned levels of every (layer, bits) in `pairs` under recipe.ptq "adaround" (fitted once and cached,
+        utils/ptq.py); nothing under "nearest". The evaluators and placements made afterwards use them."""
+        if self.recipe.ptq == "nearest":
+            return self.levels
+        from utils.ptq import learned_levels
+        fit = learned_levels(self.model, self.checkpoint, pairs, self.calib_x, self.normalize, self.recipe,
+                             self.ptq_cache)
+        self.levels.update(fit.levels)
+        self.ptq_fit = {**fit.describe(), "pairs": len(self.levels),
+                        "seconds": (self.ptq_fit or {}).get("seconds", 0.0) + fit.seconds}
+        return self.levels
+
     def evaluator(self, x, y, batch_size: int, **kw) -> CachedEvaluator:
+        kw.setdefault("levels", self.levels)
         return CachedEvaluator(self.model, self.table, x, y, self.normalize, self.ranges, batch_size=batch_size,
                                **self.recipe.weight_kwargs(), **kw)
 
@@ -272,7 +318,8 @@ def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = No
             "normalization": {**norm, "source": meta["normalization_source"]}}
     return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
                  eval_x, eval_y, report_x, report_y, table, to_device_uint8(data.train_x[calib_idx], device), data,
-                 cost_model, recipe or Recipe.for_target(target), confirm_x=confirm_x, confirm_y=confirm_y)
+                 cost_model, recipe or Recipe.for_target(target), confirm_x=confirm_x, confirm_y=confirm_y,
+                 ptq_cache=Path(getattr(args, "checkpoint_dir", "checkpoints")) / "ptq-cache")
 
 
 def results_header(stage: str, s: Setup) -> dict:

@@ -5,6 +5,7 @@ every compared configuration (fp32 in float, to control for the extra training) 
 for N epochs under one recipe (utils/qat.py) and reported beside its post-training numbers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,23 +15,24 @@ import torch
 from tqdm import tqdm
 
 from quant.fold import fold_bn
+from quant.place import quantize_
 from quant.recipe import Recipe
-from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval
-from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of
+from quant.stats import bootstrap_drop_interval, drop_of_differences, paired_drop, wilson_interval
+from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of, weights_of
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
-from utils.qat import BN_HANDLING, DISTILL, MOMENTUM, WEIGHT_DECAY, deployable, finetune, keep_post_training, prepare_qat
+from utils.qat import BN_HANDLING, DISTILL, MOMENTUM, WEIGHT_DECAY, finetune, keep_post_training, prepare_qat
 from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
-from utils.train import PAD, correct_mask, to_device_uint8
+from utils.train import PAD, correct_credit, to_device_uint8
 
 JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too
 SEARCHED = ("greedy", "pareto")
 
 
 DOMINATES = "dominates"
-EQUAL_ACC = "higher AI at a statistically equal accuracy"
+EQUAL_ACC = "higher AI, accuracy not significantly different"
 
 
 def relation(a: dict, b: dict, a_masks: list, b_masks: list) -> dict:
@@ -39,7 +41,7 @@ def relation(a: dict, b: dict, a_masks: list, b_masks: list) -> dict:
     or of several seeds, averaged per image):
 
     * "dominates": AI(a) >= AI(b) and the interval lies above zero;
-    * "higher AI at a statistically equal accuracy": AI(a) > AI(b) and the interval contains zero;
+    * "higher AI, accuracy not significantly different": AI(a) > AI(b) and the interval contains zero;
     * "trade-off": more AI and significantly less accurate, or less AI and significantly more accurate;
     * "dominated or equal" otherwise."""
     diff, (lo, hi) = seeds_drop(a_masks, b_masks)   # drop of b against a = acc(a) - acc(b)
@@ -64,15 +66,16 @@ def qat_comparisons(configs: list[dict], masks: dict) -> dict:
             for m in SEARCHED if m in masks}
 
 
-def compared_configs(s3: dict, space, w_widths) -> list[tuple[str, dict]]:
+def compared_configs(s3: dict, space, w_widths, recipe: Recipe = Recipe()) -> list[tuple[str, dict]]:
     """(name, full config) of fp32, the uniform widths and what stage 3 found, in that order. Uniform
-    weight widths leave every tensor float; the joint uniforms put every tensor (the image and the
-    logits included) at their width; under a target that runs only some widths, only those."""
+    weight widths leave every tensor float; the joint uniforms put every tensor (the image included) at
+    their width, the logits too where the recipe quantizes them; under a target that runs only some
+    widths, only those."""
     out = [("fp32", space.uniform(FLOAT_BITS, FLOAT_BITS))]
     out += [(f"uniform_w{b}", space.uniform(b, FLOAT_BITS)) for b in w_widths if b != FLOAT_BITS]
     runs = EXECUTABLE[s3.get("target", "generic")]
     if s3.get("joint"):
-        out += [(f"uniform_w{w}a{a}", space.uniform(w, a)) for w, a in JOINT_UNIFORMS
+        out += [(f"uniform_w{w}a{a}", recipe.uniform(space, w, a)) for w, a in JOINT_UNIFORMS
                 if runs is None or (w in runs and a in runs)]
     for m in SEARCHED:
         if s3.get(m):
@@ -89,7 +92,8 @@ def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test) -> tuple[dict, tor
     return {"name": name, "config": s.space.to_file(cfg), "ai": cost["ai"], "bytes": cost["bytes"],
             "val_acc": v.accuracy, "val_acc_ci95": wilson_interval(v.n_correct, v.n), "val_drop": pv.drop,
             "test_acc": t.accuracy, "test_acc_ci95": wilson_interval(t.n_correct, t.n),
-            "test_drop": pt.drop, "test_drop_se": pt.se, "test_drop_ci95": bootstrap_drop_interval(pt)}, t.correct
+            "test_drop": pt.drop, "test_drop_se": pt.se, "test_drop_ci95": bootstrap_drop_interval(pt),
+            "tie_rate": t.tie_rate}, t.correct
 
 
 def create_baselines(args) -> dict:
@@ -101,6 +105,8 @@ def create_baselines(args) -> dict:
     s3 = load_results_json(s3_path, "3", PRODUCERS["3"], force=args.force)
     w_widths = list(dict.fromkeys(args.bits if args.bits is not None else s3.get("bits") or []))
     recipe = Recipe.from_json(s3.get("quantization"))
+    if args.quantize_logits:
+        recipe = dataclasses.replace(recipe, logits="quantized")
     quant = recipe.to_json()
     calib = (s3.get("dataset") or {}).get("calibration", {}).get("images")
     cm = stage2_cost_model(s3, args.cost_model, s3_path)
@@ -112,10 +118,11 @@ def create_baselines(args) -> dict:
                    cost_model=cm, target=s3.get("target", "generic"))
     check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], args.force)
     check_same_data(s3, s3_path, s, PRODUCERS["3"], args.force)
-    candidates = with_ends(compared_configs(s3, s.space, w_widths), s.model, s.target, args.keep_ends)
+    candidates = with_ends(compared_configs(s3, s.space, w_widths, recipe), s.model, s.target, args.keep_ends)
     if not any(s3.get(m) for m in SEARCHED):
         print(f"note: {s3_path} holds no searched configuration; comparing uniform widths only")
     act = s.calibrate({a for _, cfg in candidates for a in tensors_of(cfg).values()})
+    s.learn_levels({(n, b) for _, cfg in candidates for n, b in weights_of(cfg).items()})
 
     # The same (BN-folded) evaluation as stages 2-3, so fp32's search accuracy matches theirs.
     val_eval = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_activations=False)
@@ -140,7 +147,8 @@ def create_baselines(args) -> dict:
                    for m in SEARCHED if m in by_name}
     dom = {m: [c["vs"] for c in rows if c["relation"] == DOMINATES] for m, rows in comparisons.items()}
     result = {**results_header("4", s), "max_drop": s3.get("max_drop"), "budget": s3.get("budget"),
-              "baseline": "fp32", "quantization": quant, "joint": joint, "configs": configs, "dominates": dom,
+              "baseline": "fp32", "quantization": quant, "ptq_fit": s.ptq_fit, "joint": joint, "configs": configs,
+              "dominates": dom,
               "comparisons": comparisons,
               "keep_ends": None if args.keep_ends is None else {
                   "bits": args.keep_ends, "groups": [list(g) for g in end_groups(s.model, s.target)],
@@ -203,21 +211,20 @@ def with_ends(candidates, model, target, bits):
 
 def seeds_drop(ref, cand) -> tuple[float, list[float]]:
     """Paired drop acc(ref) - acc(cand), in points, on the same images, and its 95% paired bootstrap interval.
-    `ref` and `cand` are lists of correct-masks (one per seed); with one of each this is exactly
-    quant.stats.paired_drop and bootstrap_drop_interval. With more, each image's difference is the mean over
-    seeds of ref minus the mean over seeds of cand, and images are resampled (20,000 times, seed 0) keeping
-    their pairs; the ends are attainable values, rounded outward."""
-    if len(ref) == 1 and len(cand) == 1:
-        pd = paired_drop(ref[0], cand[0])
-        return pd.drop, bootstrap_drop_interval(pd)
+    `ref` and `cand` are lists of per-image credits (one per seed); each image's difference is the mean over
+    seeds of ref minus the mean over seeds of cand (with one of each, exactly quant.stats.paired_drop), and
+    images are resampled keeping their pairs (quant.stats.bootstrap_drop_interval)."""
     d = (torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in ref]).mean(0)
-         - torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in cand]).mean(0)).numpy()
-    n = len(d)
-    values, counts = np.unique(np.round(d, 12), return_counts=True)
-    draws = np.random.default_rng(0).multinomial(n, counts / n, size=20000)
-    drops = 100.0 * (draws @ values) / n
-    lo, hi = np.quantile(drops, 0.025, method="lower"), np.quantile(drops, 0.975, method="higher")
-    return 100.0 * float(d.mean()), [round(float(lo), 10), round(float(hi), 10)]
+         - torch.stack([torch.as_tensor(m, dtype=torch.float64) for m in cand]).mean(0))
+    pd = drop_of_differences(d)
+    return pd.drop, bootstrap_drop_interval(pd)
+
+
+def post_training_model(s, cfg: dict, ranges: dict) -> torch.nn.Module:
+    """The post-training model of `cfg` in the folded, parametrized form a fine-tuning checkpoint holds: what the
+    stage's evaluators computed (the recipe's rounding, learned levels included)."""
+    return quantize_(fold_bn(s.model), cfg, ranges, s.target, trainable=True, learn_scales=False,
+                     levels=s.levels, **s.recipe.weight_kwargs()).eval()
 
 
 def choose_answer(runs: list[dict]) -> tuple[str, dict]:
@@ -228,8 +235,8 @@ def choose_answer(runs: list[dict]) -> tuple[str, dict]:
     return ("post-training" if best["below_post_training"] else "fine-tuned"), best
 
 
-def _acc(mask) -> float:
-    return 100.0 * int(mask.sum()) / len(mask)
+def _acc(credit) -> float:
+    return 100.0 * float(credit.sum()) / len(credit)
 
 
 def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict:
@@ -298,9 +305,9 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
                            desc=f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""), teacher=teacher,
                            warmup_steps=warmup, freeze_bn_step=freeze)
             m = run["model"]
-            v = correct_mask(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
-            sel = v if sel_eval is None else correct_mask(m, sel_x, sel_y, s.normalize, args.eval_batch_size)
-            t = correct_mask(m, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
+            v = correct_credit(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
+            sel = v if sel_eval is None else correct_credit(m, sel_x, sel_y, s.normalize, args.eval_batch_size)
+            t = correct_credit(m, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
             tests.append(t)
             runs.append({"seed": seed, "val_acc": _acc(v), "selection_acc": _acc(sel), "test_acc": _acc(t),
                          "below_post_training": _acc(sel) < ptq_sel, "checkpoint": str(path),
@@ -311,7 +318,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         n_test = len(tests[0])
         answer, best = choose_answer(runs)
         if answer == "post-training":
-            keep_post_training(Path(best["checkpoint"]), deployable(prepared(), s.target))
+            keep_post_training(Path(best["checkpoint"]), post_training_model(s, cfg, act))
         e.update(qat_epochs=args.qat_epochs, qat_seeds=seeds,
                  qat_val_acc=float(np.mean([r["val_acc"] for r in runs])),
                  qat_selection_acc=float(np.mean([r["selection_acc"] for r in runs])),

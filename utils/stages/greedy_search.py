@@ -118,7 +118,12 @@ def search_widths(args) -> dict:
         raise UserError("--cost-model reference charges tensors in float, so it cannot search tensor widths. Pass "
                         "--a-bits 32 to search weights only under it, or drop --cost-model.")
     calib = (s2.get("dataset") or {}).get("calibration", {}).get("images")
-    s = load_setup(args, Recipe.from_json(s2.get("quantization")), calib_images=calib,
+    recipe = Recipe.from_json(s2.get("quantization"))
+    if args.quantize_logits and recipe.logits == "float" and a_ladder:
+        raise UserError(f"--quantize-logits: {s2_path} measured the logits only in float, so the search has no "
+                        f"sensitivity to narrow them with. Re-run {PRODUCERS['2']} --quantize-logits (same flags), "
+                        f"or drop the flag.")
+    s = load_setup(args, recipe, calib_images=calib,
                    cost_model=cm, target=s2.get("target", "generic"))
     check_same_checkpoint(s2, s2_path, s.checkpoint, PRODUCERS["2"], args.force)
     space = s.space
@@ -128,6 +133,7 @@ def search_widths(args) -> dict:
     check_same_data(s2, s2_path, s, PRODUCERS["2"], args.force)
     s.calibrate(a_ladder)
     check_calibration(s2, s, s2_path, args.force)
+    s.learn_levels([(n, b) for n in space.layers for b in w_ladder])      # stage 2's, from the cache
     joint = bool(a_ladder)
     confirming = s.confirm_x is not None
     z = args.z if args.z is not None else (SEARCH_Z_WITH_CONFIRM if confirming else SEARCH_Z_WITHOUT_CONFIRM)
@@ -142,7 +148,8 @@ def search_widths(args) -> dict:
     sig, drops = stage2_column(s2, RANK_SIGNALS[args.rank_by]), stage2_column(s2, "drop")
     flops = s.table.flops * cm.batch_size
     const = cm.constant_bytes(s.table)
-    ladders = {**{(W, n): w_ladder for n in space.layers}, **{(A, t): a_ladder for t in space.tensors}}
+    ladders = {**{(W, n): w_ladder for n in space.layers},
+               **{(A, t): a_ladder if s.recipe.narrows(space, (A, t)) else [] for t in space.tensors}}
 
     def est(table, group, bits):
         return 0.0 if bits == FLOAT_BITS else max(0.0, table[group, bits])
@@ -216,7 +223,7 @@ def search_widths(args) -> dict:
               "search_space": {"weight_groups": len(space.layers), "weight_widths": [FLOAT_BITS] + w_ladder,
                                "tensor_groups": len(space.tensors) if joint else 0,
                                "tensor_widths": [FLOAT_BITS] + a_ladder if joint else [FLOAT_BITS]},
-              "quantization": s.recipe.to_json(), "activation_calibration": s.calibration,
+              "quantization": s.recipe.to_json(), "activation_calibration": s.calibration, "ptq_fit": s.ptq_fit,
               "confirm_images": confirm_eval.n if confirming else 0,
               "confirm_z": z_confirm if confirming else None,
               "search_margin": {"z": z, "why": "the confirm step carries the 5% guarantee; z chosen by simulation"

@@ -22,15 +22,17 @@ from quant.widths import A, W
 from utils import distributed as dist
 from utils.errors import UserError
 from utils.io import RESULTS_FILES
-from utils.stages.common import act_ladder, load_setup, results_header, segment_names, weight_ladder, write_results
+from utils.stages.common import (act_ladder, load_setup, ptq_options, results_header, segment_names, weight_ladder,
+                                 write_results)
 
 COLUMNS = ("val_acc", "drop", "drop_se", "kl", "loss_increase", "model_ai")
 
 
-def candidates(space, w_ladder, a_ladder) -> list[tuple[tuple[str, str], int]]:
-    """(group, bits) for every single-group change, weight layers first, in kernel order."""
+def candidates(space, w_ladder, a_ladder, recipe: Recipe = Recipe()) -> list[tuple[tuple[str, str], int]]:
+    """(group, bits) for every single-group change, weight layers first, in kernel order; float logits are
+    not narrowed (their entry lists no results)."""
     return ([((W, n), b) for n in space.layers for b in w_ladder]
-            + [((A, t), b) for t in space.tensors for b in a_ladder])
+            + [((A, t), b) for t in space.tensors for b in a_ladder if recipe.narrows(space, (A, t))])
 
 
 def measure(evaluator, setup, cands, progress=True) -> list[dict]:
@@ -61,7 +63,8 @@ def assemble(setup, rows, w_ladder, a_ladder) -> tuple[list[dict], list[dict]]:
               for n in setup.space.layers]
     tensors = [{"name": t, "segment": segment[t], "elements": setup.table.elements[t],
                 "traffic": setup.table.traffic(t), "signed": setup.table.signed[t],
-                "results": [entry(A, t, b, "a_bits") for b in a_ladder]}
+                "results": [entry(A, t, b, "a_bits") for b in a_ladder if (A, t, b) in by],
+                **({"logits": True} if t == setup.space.logits else {})}
                for t in setup.space.tensors] if a_ladder else []
     return layers, tensors
 
@@ -74,16 +77,18 @@ def per_layer_analysis(args) -> dict:
         raise UserError(f"--a-bits {' '.join(map(str, a_ladder))} with --cost-model reference: the reference "
                         f"convention charges activations in float, so it cannot price narrower tensors. Drop "
                         f"--a-bits for the weight-only reproduction, or use --cost-model fused.")
-    recipe = Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range)
+    recipe = Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range,
+                               "quantized" if args.quantize_logits else "float", **ptq_options(args, cm.name))
     s = load_setup(args, recipe, calib_images=args.calib_images,
                    cost_model=cm, target=args.target)
     s.calibrate(a_ladder)
+    s.learn_levels([(n, b) for n in s.space.layers for b in w_ladder])
     evaluator = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_bytes=int(args.cache_gb * 2 ** 30))
     base = evaluator.float_outcome
     fp32 = cm.cost(s.table, s.space.uniform(32, 32))
     print(f"float model: {s.eval_split} accuracy {base.accuracy:.2f}% on {evaluator.n} images; modelled AI "
           f"{fp32['ai']:.2f} FLOPs/byte ({cm.name} cost model, {s.target} kernels)")
-    cands = candidates(s.space, w_ladder, a_ladder)
+    cands = candidates(s.space, w_ladder, a_ladder, recipe)
     mine = measure(evaluator, s, cands[dist.rank()::dist.world_size()], progress=dist.is_main())
     parts = dist.gather((mine, evaluator.evaluations))
     if not dist.is_main():
@@ -93,7 +98,8 @@ def per_layer_analysis(args) -> dict:
     out = {**results_header("2", s), "eval_images": evaluator.n, "baseline_val_acc": base.accuracy,
            "baseline_loss": base.loss, "bits": w_ladder, "a_bits": a_ladder,
            "quantization": recipe.to_json(),
-           "activation_calibration": s.calibration, "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
+           "activation_calibration": s.calibration, "ptq_fit": s.ptq_fit,
+           "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
            "layers": layers, "tensors": tensors, "evaluations": sum(n for _, n in parts)}
     path = write_results(out, args, s, {"checkpoint": s.checkpoint}, t0, RESULTS_FILES["2"])
     print_sensitivity(out)
@@ -115,6 +121,9 @@ def print_sensitivity(res: dict):
         width = max(22, max(len(e["name"]) for e in entries) + 2)
         head = "".join(f"{prefix + str(b):>8}" for b in res[key])
         print(f"{title:<{width}}{head}{'max KL':>10}")
-        for e in sorted(entries, key=lambda e: -max(r["drop"] for r in e["results"])):
+        for e in sorted((e for e in entries if e["results"]), key=lambda e: -max(r["drop"] for r in e["results"])):
             print(f"{e['name']:<{width}}" + "".join(f"{r['drop']:>8.2f}" for r in e["results"])
                   + f"{max(r['kl'] for r in e['results']):>10.4f}")
+        for e in entries:
+            if not e["results"]:
+                print(f"{e['name']:<{width}}kept float (the logits; --quantize-logits measures them)")
