@@ -471,7 +471,7 @@ def test_cli_weight_range_default_recorded_and_followed(trained, tmp_path, capsy
     rep = X.export(X.get_args_parser().parse_args(
         ["--checkpoint", str(trained["ckpt"]), "--results-dir", str(tmp_path / "none"), "--w-bits", "8", "--a-bits",
          "8", "--target", ORT, "--check-images", "0", "--calib-images", "64", "--dataset", "synthetic", "--onnx",
-         str(out)]))
+         str(out), "--ptq", "nearest"]))
     assert rep["quantization"]["weight_range"] == 7 and rep["int8_weight_layers"] == 10
     assert set(rep["machine"]["cpu"]) >= {"model", "vnni", "int8_isa"} and rep["machine"]["onnxruntime"]
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
