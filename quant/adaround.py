@@ -116,12 +116,6 @@ def nearest_levels(layer: nn.Module, quantizer: Quantizer) -> torch.Tensor:
     return quantizer.integers(layer.weight.detach())
 
 
-def fraction_rounded_up_differently(levels: torch.Tensor, layer: nn.Module, quantizer: Quantizer) -> float:
-    """The share of weights whose level differs from round-to-nearest."""
-    return float((levels != nearest_levels(layer, quantizer)).double().mean())
-
-
-
 @torch.no_grad()
 def layer_inputs(model: nn.Module, names, x: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
     """{layer: its input} when the (float, folded) `model` runs on the normalized images `x`."""
