@@ -28,7 +28,6 @@ recorded: on a shared CPU the absolute numbers move, the ratios less.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
@@ -48,7 +47,7 @@ import torch  # noqa: E402
 
 from quant.stats import bootstrap_drop_interval, paired_drop, top1_credit  # noqa: E402
 from quant.widths import FLOAT_BITS, W  # noqa: E402
-from utils.cli import add_common_args, run  # noqa: E402
+from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.config import searched_answer  # noqa: E402
 from utils.export import (INT4_NOTE, config_summary, exportable_config, export_model, fusion_report,  # noqa: E402
@@ -59,7 +58,7 @@ from quant.quantizer import WEIGHT_RANGES  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
 from utils.io import (PRODUCERS, RESULTS_FILES, atomic_write_json, check_same_checkpoint,  # noqa: E402
                       load_results_json, provenance)
-from utils.stages.common import CALIB_IMAGES, QUICK_CALIB_IMAGES, add_model_args, load_setup  # noqa: E402
+from utils.stages.common import CALIB_IMAGES, QUICK_CALIB_IMAGES, benchmark_parser, load_setup  # noqa: E402
 from utils.train import Normalizer  # noqa: E402
 
 TARGET = "ort-cpu"
@@ -68,11 +67,7 @@ GOAL_SPEEDUP = 2.0
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    add_model_args(p)
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--out", required=True, type=Path, help="the JSON file to write")
+    p, g = benchmark_parser(__doc__)
     g.add_argument("--threads", default=2, type=int, help="ONNX Runtime intra-op threads, for every model (default: 2)")
     g.add_argument("--batch", default=64, type=int, help="the throughput batch (default: 64)")
     g.add_argument("--rounds", default=5, type=int, help="rounds over all models (default: 5)")

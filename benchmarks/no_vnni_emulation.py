@@ -12,7 +12,6 @@ figures. This machine's own instruction set does not matter: the emulation is ar
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,23 +20,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.quantizer import WEIGHT_RANGES  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
-from utils.cli import add_common_args, run  # noqa: E402
+from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.export import normalized_numpy, placed_model, seeded_subset, to_onnx  # noqa: E402
 from utils.io import atomic_write_json, provenance  # noqa: E402
 from utils.machine import runtime_machine  # noqa: E402
 from utils.ort_x86 import K_ORDERS, conv_saturation  # noqa: E402
-from utils.stages.common import add_model_args, load_setup  # noqa: E402
+from utils.stages.common import benchmark_parser, load_setup  # noqa: E402
 
 TARGET = "ort-cpu"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    add_model_args(p)
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--out", required=True, type=Path, help="the JSON file to write")
+    p, g = benchmark_parser(__doc__)
     g.add_argument("--images", default=100, type=int, help="report (test) images, a seeded subset (default: 100)")
     g.add_argument("--calib-images", default=None, type=int, help="training images for the tensor ranges (default: 1000)")
     return p

@@ -12,7 +12,6 @@ with its bootstrap interval, the tie rate and the seconds it took (the fits it n
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,23 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from quant.adaround import AdaRoundSettings  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
 from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
-from quant.widths import FLOAT_BITS, W, tensors_of, weights_of  # noqa: E402
-from utils.cli import add_common_args, run  # noqa: E402
+from quant.widths import FLOAT_BITS, tensors_of, weights_of  # noqa: E402
+from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_json, provenance  # noqa: E402
 from utils.ptq import DEFAULT_CACHE_DIR, DEFAULT_PTQ_IMAGES, PTQ_METHODS, learned_levels  # noqa: E402
-from utils.stages.common import add_model_args, load_setup  # noqa: E402
+from utils.stages.common import benchmark_parser, load_setup  # noqa: E402
 
 CONFIGS = {"uniform_w8a8": (8, 8), "uniform_w4": (4, FLOAT_BITS), "uniform_w4a8": (4, 8), "uniform_w3": (3, FLOAT_BITS),
            "uniform_w4a4": (4, 4), "uniform_w3a3": (3, 3)}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    add_model_args(p)
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--out", required=True, type=Path, help="the JSON file to write (after every row)")
+    p, g = benchmark_parser(__doc__, "the JSON file to write (after every row)")
     g.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     g.add_argument("--methods", nargs="+", default=list(PTQ_METHODS), choices=PTQ_METHODS)
     g.add_argument("--ptq-images", default=DEFAULT_PTQ_IMAGES, type=int,

@@ -6,7 +6,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 from onnx import numpy_helper
 
 import utils.export as X

@@ -57,6 +57,17 @@ def add_model_args(p: argparse.ArgumentParser):
     return p
 
 
+def benchmark_parser(doc: str, out_help: str = "the JSON file to write"):
+    """(parser, its "benchmark" group with --out) of a benchmark that loads a checkpoint as stages 2-4 do."""
+    from utils.cli import add_common_args
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    add_model_args(p)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--out", required=True, type=Path, help=out_help)
+    return p, g
+
+
 def add_quant_args(p: argparse.ArgumentParser, stage: str):
     g = p.add_argument_group("quantization")
     default_w = ("8 6 4 3 2; with --quick: 8 4 2; --target ort-cpu: 8" if stage == "2"
