@@ -92,7 +92,8 @@ class Recipe:
         settings.pop("set", None)
         return cls(obj.get("granularity", "channel"), obj.get("clip", "mse"),
                    obj.get("weight_range", LEGACY_WEIGHT_RANGE), obj.get("logits", LEGACY_LOGITS),
-                   obj.get("ptq", "nearest"), images, AdaRoundSettings(**settings))
+                   obj.get("ptq", "nearest"), images,
+                   AdaRoundSettings(**{k: v for k, v in settings.items() if k in AdaRoundSettings.__dataclass_fields__}))
 
     def describe(self) -> str:
         rng = "" if self.weight_range == 8 else f", 8-bit weights in range {self.weight_range}"
