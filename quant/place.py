@@ -18,7 +18,7 @@ import torch.nn.utils.parametrize as parametrize
 
 from models.structure import Slot
 from quant.errors import UserError
-from quant.quantizer import Quantizer, learned_weight, tensor_quantizer, weight_grid, weight_quantizer
+from quant.quantizer import Quantizer, levels_weight, tensor_quantizer, weight_grid, weight_quantizer
 from quant.widths import FLOAT_BITS, tensors_of, weights_of
 
 
@@ -81,7 +81,7 @@ def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_cha
                              weight_range=weight_range)
         q = q.to(layer.weight.device)
         if levels and (name, w) in levels:      # on the grid already: the quantizer maps it back to the levels
-            layer.weight.copy_(learned_weight(layer.weight, w, levels[name, w], per_channel, clip, weight_range))
+            layer.weight.copy_(levels_weight(q, layer.weight, levels[name, w]))
         if trainable:
             with torch.enable_grad():
                 parametrize.register_parametrization(layer, "weight", q.train())

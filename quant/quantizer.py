@@ -210,7 +210,11 @@ def learned_weight(w: torch.Tensor, bits: int, levels: torch.Tensor, per_channel
                    weight_range: int = 8) -> torch.Tensor:
     """The weight `w` at `bits` with learned integer `levels` (quant/adaround.py) on the grid and scales that
     round-to-nearest would use: levels x scale, a value the quantizer maps back to exactly `levels`."""
-    q = weight_quantizer(w, bits, per_channel, clip, weight_range=weight_range)
+    return levels_weight(weight_quantizer(w, bits, per_channel, clip, weight_range=weight_range), w, levels)
+
+
+def levels_weight(q: Quantizer, w: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Integer `levels` on the weight quantizer `q` (made for `w`): levels x its scales, in `w`'s dtype."""
     if levels.shape != w.shape or int(levels.min()) < q.qmin or int(levels.max()) > q.qmax:
         raise ValueError(f"learned levels of shape {tuple(levels.shape)} in [{int(levels.min())}, {int(levels.max())}] "
                          f"do not fit a weight of shape {tuple(w.shape)} on the grid [{q.qmin}, {q.qmax}]")

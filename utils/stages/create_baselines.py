@@ -15,7 +15,6 @@ import torch
 from tqdm import tqdm
 
 from quant.fold import fold_bn
-from quant.place import quantize_
 from quant.recipe import Recipe
 from quant.stats import bootstrap_drop_interval, drop_of_differences, paired_drop, wilson_interval
 from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of, weights_of
@@ -25,6 +24,7 @@ from utils.qat import BN_HANDLING, DISTILL, MOMENTUM, WEIGHT_DECAY, finetune, ke
 from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
+from utils.export import placed_model
 from utils.train import PAD, correct_credit, to_device_uint8
 
 JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too
@@ -220,13 +220,6 @@ def seeds_drop(ref, cand) -> tuple[float, list[float]]:
     return pd.drop, bootstrap_drop_interval(pd)
 
 
-def post_training_model(s, cfg: dict, ranges: dict) -> torch.nn.Module:
-    """The post-training model of `cfg` in the folded, parametrized form a fine-tuning checkpoint holds: what the
-    stage's evaluators computed (the recipe's rounding, learned levels included)."""
-    return quantize_(fold_bn(s.model), cfg, ranges, s.target, trainable=True, learn_scales=False,
-                     levels=s.levels, **s.recipe.weight_kwargs()).eval()
-
-
 def choose_answer(runs: list[dict]) -> tuple[str, dict]:
     """("fine-tuned" or "post-training", the run chosen): the fine-tune (one per seed) with the best accuracy on
     the selection images, the first seed on ties, unless it ends below the post-training accuracy of the same
@@ -294,7 +287,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
 
         def prepared():
             return prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
-                               **Recipe.from_json(quant).weight_kwargs(),
+                               **s.recipe.weight_kwargs(),
                                bn=args.qat_bn).to(s.device)
         ptq_sel = e["val_acc"] if sel_eval is None else sel_eval.evaluate(cfg).accuracy
         runs, tests = [], []
@@ -318,7 +311,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         n_test = len(tests[0])
         answer, best = choose_answer(runs)
         if answer == "post-training":
-            keep_post_training(Path(best["checkpoint"]), post_training_model(s, cfg, act))
+            # the post-training model the evaluators computed (learned levels included), in the checkpoint's form
+            keep_post_training(Path(best["checkpoint"]), placed_model(s.model, cfg, act, s.target, s.recipe, s.levels))
         e.update(qat_epochs=args.qat_epochs, qat_seeds=seeds,
                  qat_val_acc=float(np.mean([r["val_acc"] for r in runs])),
                  qat_selection_acc=float(np.mean([r["selection_acc"] for r in runs])),
