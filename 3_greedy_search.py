@@ -51,6 +51,10 @@ def get_args_parser():
                    help=f"hard cap on real evaluations (default: none; with --quick: {QUICK_MAX_EVALUATIONS})")
     g.add_argument("--pareto-verify", default=24, type=int,
                    help="pareto: at most this many frontier points evaluated for real (default: 24)")
+    g.add_argument("--min-ai", default=None, type=float, metavar="X",
+                   help="instead of a budget: the most accurate configuration with at least X times the FP32 AI "
+                        "(from the Pareto frontier, --pareto-verify evaluations), to fine-tune in stage 4 (default: "
+                        "off)")
     add_model_args(p)
     add_quant_args(p, "3")
     return add_common_args(p)

@@ -15,7 +15,7 @@ import argparse
 
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
-from utils.qat import DEFAULT_FREEZE_BN
+from utils.qat import DEFAULT_FREEZE_BN, DEFAULT_QAT_START, QAT_STARTS
 from utils.stages.create_baselines import create_baselines
 
 
@@ -45,10 +45,14 @@ def get_args_parser():
     g.add_argument("--qat-seeds", default=1, type=int, metavar="K",
                    help="fine-tune every configuration with K seeds (data order and augmentation); accuracies "
                         "are reported as the mean over seeds with its standard deviation, and the answer is the "
-                        "seed best on validation images (default: 1)")
+                        "seed best on the select images (default: 1)")
     g.add_argument("--qat-batch-size", default=128, type=int, help="images per fine-tuning step (default: 128)")
     g.add_argument("--qat-scales", default="learned", choices=("learned", "fixed"),
                    help="quantizer scales learned by LSQ or held at their post-training values (default: learned)")
+    g.add_argument("--qat-start", default=DEFAULT_QAT_START, choices=QAT_STARTS,
+                   help="post-training: start from the post-training weights stages 2-4 evaluate (learned rounding "
+                        "under --ptq adaround); nearest: from round-to-nearest, as before (default: "
+                        f"{DEFAULT_QAT_START})")
     g.add_argument("--keep-ends", default=None, type=int, metavar="BITS",
                    help="uniform configurations keep the first layer's weights, the image, the last layer's "
                         "weights and the tensor it reads (pooled features) at BITS (8, as the literature's W4A4 "

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target
+from models.structure import (DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target,
+                              strided_fraction)
 
 DEPTHS = (8, 20, 32, 44, 56, 110)
 SHORTCUTS = ("A", "B")
@@ -132,8 +133,8 @@ class CifarResNet(nn.Module):
         ks = [Kernel(f"{p}.conv1", (f"{p}.conv1",), (Read(prev),), f"{p}.conv1", (f"{p}.conv1",))]
         sc_ops = ()
         if b.projection:
-            ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev),), f"{p}.shortcut.0",
-                             (f"{p}.shortcut.0",)))
+            ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev, strided_fraction(b.shortcut[0])),),
+                             f"{p}.shortcut.0", (f"{p}.shortcut.0",)))   # 1x1 stride 2: a quarter of its input
             sc = Read(f"{p}.shortcut.0")
         elif isinstance(b.shortcut, PadShortcut):
             sc, sc_ops = Read(prev, 0.25), (f"{p}.shortcut",)

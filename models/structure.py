@@ -56,6 +56,19 @@ class Read:
     fraction: float = 1.0   # the share of the tensor's elements the kernel reads (shortcut A: 1/4)
 
 
+def strided_fraction(conv: nn.Conv2d) -> float:
+    """The share of its input's elements a convolution uses: a kernel is charged the elements it uses. Where the
+    kernel is narrower than the stride (a 1x1 stride-2 projection) each spatial axis uses k / s of its positions
+    (exact when the size divides by the stride, as in every model here); where the windows overlap or touch,
+    every element. quant/trace.py measures the same on the real tensors."""
+    f = 1.0
+    for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation):
+        span = (k - 1) * d + 1
+        if span < s:
+            f *= k / s if d == 1 else min(k, span) / s
+    return f
+
+
 @dataclass(frozen=True)
 class Kernel:
     name: str

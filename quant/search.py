@@ -410,3 +410,26 @@ def verify_frontier(frontier, evaluate, budget: Budget, ai_of, max_evaluations: 
                      f"({sum(not is_float[v['index']] for v in verified)}) held the budget")
     out.update(evaluations=cache.count - start_count, verified=verified, note="; ".join(notes) or None)
     return out
+
+
+def most_accurate_above(frontier, min_ai: float, evaluate, ai_of, max_evaluations: int = 24) -> dict:
+    """The most accurate configuration with at least `min_ai`, as far as real evaluation shows: the frontier is
+    sorted by estimate, with the AI rising along it, so its points with AI >= min_ai are a suffix, and the first
+    `max_evaluations` of them (the smallest estimates that reach the AI) are evaluated; the one with the highest
+    measured accuracy is the answer (the higher AI on ties). No budget: this is the start of a fine-tune that
+    has to win the accuracy back (stage 4), not a post-training answer."""
+    eligible = sorted((p for p in frontier if ai_of(p.config) >= min_ai), key=lambda p: (p.est, -p.bytes))
+    out = {"config": None, "ai": None, "measured": None, "est": None, "source": "min-ai", "verified": [],
+           "eligible": len(eligible), "evaluations": 0, "note": None}
+    if not eligible:
+        out["note"] = f"no configuration of the search space reaches AI {min_ai:.4g}"
+        return out
+    cache = evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
+    start_count = cache.count
+    for p in eligible[:max(1, max_evaluations)]:
+        out["verified"].append(dict(config=dict(p.config), est=p.est, ai=ai_of(p.config), measured=cache(p.config),
+                                    feasible=None))
+    best = max(out["verified"], key=lambda v: (v["measured"].acc, v["ai"]))
+    out.update(config=best["config"], ai=best["ai"], measured=best["measured"], est=best["est"],
+               evaluations=cache.count - start_count)
+    return out

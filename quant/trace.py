@@ -29,6 +29,27 @@ def _is_reader(m: nn.Module) -> bool:
     return not isinstance(m, _PASS_THROUGH) and not any(True for _ in m.children())
 
 
+def _covered(n: int, k: int, s: int, p: int, d: int) -> list[int]:
+    """Input positions (0..n-1) along one axis that some window of a convolution touches."""
+    out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return sorted({o * s - p + j * d for o in range(out) for j in range(k)} & set(range(n)))
+
+
+def conv_read_view(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The elements of `x` that `conv` uses: those under at least one of its windows (a 1x1 stride-2
+    convolution uses every other row and column)."""
+    for axis, (k, s, p, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation)):
+        idx = torch.tensor(_covered(x.shape[2 + axis], k, s, p, d), device=x.device)
+        x = x.index_select(2 + axis, idx)
+    return x
+
+
+def _read_view(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    if hasattr(module, "read_view"):
+        return module.read_view(t)
+    return conv_read_view(module, t) if isinstance(module, nn.Conv2d) else t
+
+
 def _bits(slot: Slot) -> int:
     return FLOAT_BITS if slot.quant is None else slot.quant.bits
 
@@ -63,7 +84,7 @@ def trace(model: nn.Module, target: str, weight_bits: dict[str, int], x: torch.T
                 if not isinstance(t, torch.Tensor) or id(t) not in seen:
                     continue
                 name = seen[id(t)]
-                used = module.read_view(t) if hasattr(module, "read_view") else t
+                used = _read_view(module, t)
                 entry = {"tensor": name, "elements": used[0].numel(), "bits": stats[name]["bits"],
                          "distinct": int(used.unique().numel()), "op": mod_name}
                 if mod_name in op_kernel:

@@ -83,11 +83,12 @@ def test_reference_exact_against_independent_count():
 
 
 # The issue's table (independent counts, every tensor and weight at one width): FP32, W8 with fp32
-# tensors, W8A8, W4A8, W4A4.
+# tensors, W8A8, W4A8, W4A4. Shortcut B's 1x1 stride-2 projection is charged the quarter of its input it uses
+# (issue 27: 26.99, 107.61 and 214.32 for ResNet-20 B, about 0.8% more for ResNet-56 B).
 FUSED_ANCHORS = {
-    ("resnet20", "B"): (26.34, 35.71, 105.05, 127.23, 209.25),
+    ("resnet20", "B"): (26.99, 36.90, 107.61, 131.00, 214.32),
     ("resnet20", "A"): (27.81, 38.42, 110.94, 135.88, 221.04),
-    ("resnet56", "B"): (28.36, 39.84, 113.13, 139.92, 225.39),
+    ("resnet56", "B"): (28.60, 40.31, 114.07, 141.37, 227.26),
     ("mobilenetv2", None): (7.78, 10.94, 30.83, 38.12, 60.93),
 }
 
@@ -117,7 +118,8 @@ def hand_kernels(depth, shortcut):
             if stride == 1 and cin == planes:
                 sc = (prev, cin * hw * hw)
             elif shortcut == "B":
-                ks.append((f"{p}.shortcut.0", {f"{p}.shortcut.0": cin * planes}, planes, [(prev, cin * hw * hw)],
+                # the 1x1 stride-2 projection uses every other row and column: a quarter of its input
+                ks.append((f"{p}.shortcut.0", {f"{p}.shortcut.0": cin * planes}, planes, [(prev, cin * o * o)],
                            (f"{p}.shortcut.0", planes * o * o), cin * planes * o * o))
                 sc = (f"{p}.shortcut.0", planes * o * o)
             else:   # A: the subsampled input, no padding read
@@ -156,13 +158,14 @@ def test_fused_exact_against_independent_count(depth, shortcut, batch):
 
 def test_one_tensor_one_width_shared_by_its_readers(table_b):
     """A tensor read by two kernels (a block input read by conv1 and the projection) is charged once per
-    read at its one width: narrowing it saves bytes on every reader."""
+    read at its one width, each reader for the elements it uses (the 1x1 stride-2 projection: a quarter):
+    narrowing it saves bytes on every reader."""
     t = "layer1.2.conv2"      # the input of layer2.0: read by conv1 and shortcut.0, written once
     readers = [k.name for k in table_b.kernels if any(r == t for r, _ in k.reads)]
     assert readers == ["layer2.0.conv1", "layer2.0.shortcut.0"]
-    assert table_b.traffic(t) == 3 * 16 * 32 * 32
+    assert table_b.traffic(t) == (1 + 1 + 0.25) * 16 * 32 * 32    # written, read whole, read a quarter
     base = FUSED.total_bytes(table_b, table_b.space.uniform(32, 32))
-    assert base - FUSED.total_bytes(table_b, table_b.space.full({(A, t): 8})) == 3 * 16384 * 24 / 8
+    assert base - FUSED.total_bytes(table_b, table_b.space.full({(A, t): 8})) == 2.25 * 16384 * 24 / 8
 
 
 def test_identity_shortcut_and_pooling_are_charged(table_b):
@@ -498,7 +501,7 @@ def test_cli_json(cli_runs):
     code, out, err = cli_runs("fp32")
     assert code == 0, err
     obj = json.loads(out)  # stdout holds only the JSON
-    assert round(obj["ai"], 2) == 26.34 and obj["flops"] == 81_626_368
+    assert round(obj["ai"], 2) == 26.99 and obj["flops"] == 81_626_368
     assert obj["cost_model"]["name"] == "fused" and len(obj["rows"]) == 23
     assert obj["config"]["format"] == FORMAT
 
@@ -511,7 +514,7 @@ def test_cli_trace_json_equals_cost_model(cli_runs):
     tr = json.loads(out)
     table = kernel_table(resnet20("B"))
     assert tr["total_bytes"] == tr["charged_bytes"] == FUSED.total_bytes(table, table.space.uniform(4, 8))
-    assert round(tr["ai"], 2) == 127.23 and "random" in tr["ranges"]
+    assert round(tr["ai"], 2) == 131.00 and "random" in tr["ranges"]
     k = tr["kernels"][0]
     assert k["name"] == "conv1" and k["reads"][0]["tensor"] == "input" and k["reads"][0]["bits"] == 8
     assert all(r["distinct"] <= 256 for k in tr["kernels"] for r in k["reads"] + k["writes"])
@@ -530,7 +533,7 @@ def test_cli_config_file_and_default_widths(tmp_path, capsys):
     path.write_text(json.dumps({"format": FORMAT, **{n: {"w": 4} for n in table.space.layers}}))
     assert ai_calculator.cli(["--config", str(path), "--a-bits", "8", "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
-    assert obj["ai"] == pytest.approx(127.23, abs=0.01)
+    assert obj["ai"] == pytest.approx(131.00, abs=0.01)
     assert obj["config"]["input"] == {"a": 8} and obj["config"]["conv1"] == {"w": 4, "a": 8}
 
 
@@ -550,7 +553,7 @@ def test_cli_trace_table_with_checkpoint(capsys):
     assert ai_calculator.cli(["--trace", "--checkpoint", str(ck), "--w-bits", "8", "--a-bits", "8",
                               "--ranges", "random"]) == 0
     out = capsys.readouterr().out
-    assert "layer2.0.conv2" in out and "reads layer2.0.conv1[8192x8b" in out and "AI 105.05" in out
+    assert "layer2.0.conv2" in out and "reads layer2.0.conv1[8192x8b" in out and "AI 107.61" in out
 
 
 def test_cli_bad_config_exits_2_without_traceback(cli_runs):

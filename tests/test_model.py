@@ -348,7 +348,7 @@ def expected_resnet_kernels(depth, shortcut, target):
             p, changes = f"layer{stage}.{i}", i == 0 and stage > 1
             out.append((f"{p}.conv1", (f"{p}.conv1",), ((prev, 1.0),), f"{p}.conv1"))
             if changes and shortcut == "B":
-                out.append((f"{p}.shortcut.0", (f"{p}.shortcut.0",), ((prev, 1.0),), f"{p}.shortcut.0"))
+                out.append((f"{p}.shortcut.0", (f"{p}.shortcut.0",), ((prev, 0.25),), f"{p}.shortcut.0"))
                 sc = (f"{p}.shortcut.0", 1.0)
             else:
                 sc = (prev, 0.25 if changes else 1.0)
@@ -670,3 +670,24 @@ def test_check_structure_rejects_wrong_declarations(model, message):
         return
     with pytest.raises(ValueError, match=message):
         check_structure(m)
+
+
+def test_a_strided_kernel_is_charged_the_elements_it_uses():
+    """One rule for what a convolution reads: the elements under at least one of its windows. The declaration's
+    fraction (models.structure.strided_fraction) and the trace's view of the real tensor (quant.trace.
+    conv_read_view) agree: a 1x1 stride-2 projection uses a quarter of its input (x[:, :, ::2, ::2]), a 3x3
+    stride-2 convolution with padding all of it, a 2-wide kernel at stride 3 two thirds of each axis."""
+    import torch.nn as nn
+    from models.structure import strided_fraction
+    from quant.trace import conv_read_view
+    x = torch.arange(2 * 12 * 12, dtype=torch.float32).reshape(1, 2, 12, 12)
+    cases = [(nn.Conv2d(2, 4, 1, stride=2), 0.25), (nn.Conv2d(2, 4, 3, stride=2, padding=1), 1.0),
+             (nn.Conv2d(2, 4, 1), 1.0), (nn.Conv2d(2, 4, 2, stride=3), 4 / 9), (nn.Conv2d(2, 4, 1, stride=3), 1 / 9)]
+    for conv, fraction in cases:
+        used = conv_read_view(conv, x)
+        assert strided_fraction(conv) == pytest.approx(fraction)
+        assert used.numel() == pytest.approx(fraction * x.numel())
+    assert torch.equal(conv_read_view(nn.Conv2d(2, 4, 1, stride=2), x), x[:, :, ::2, ::2])
+    b = resnet20("B")
+    (proj,) = [r for k in b.kernels() if k.name == "layer2.0.shortcut.0" for r in k.reads]
+    assert proj.fraction == 0.25 and proj.tensor == "layer1.2.conv2"

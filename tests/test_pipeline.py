@@ -27,7 +27,8 @@ PLOTS = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofli
 FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
 A_BITS = (8, 4)
 QAT_CONFIGS = ("fp32", "uniform_w4a4", "greedy", "pareto")
-SEARCH_IMAGES = QUICK_VAL_SIZE - round(0.4 * QUICK_VAL_SIZE)   # the rest is the confirm split
+CONFIRM_IMAGES, SELECT_IMAGES = round(0.4 * QUICK_VAL_SIZE), round(0.2 * QUICK_VAL_SIZE)
+SEARCH_IMAGES = QUICK_VAL_SIZE - CONFIRM_IMAGES - SELECT_IMAGES   # the rest: the confirm and select splits
 
 
 def read_results(folder):
@@ -145,10 +146,10 @@ def test_stage1_results(pipeline):
 def test_stage2_per_layer_table(pipeline, table, names):
     r = pipeline["res"]["2"]
     assert r["bits"] == list(QUICK_BITS) and r["a_bits"] == [] and r["tensors"] == []
-    # 40% of the validation images are held back as the confirm split: stage 2 never sees them
+    # 40% and 20% of the validation images are held back as the confirm and select splits: stage 2 never sees them
     assert r["eval_split"] == "val" and r["eval_images"] == SEARCH_IMAGES
-    assert r["dataset"]["confirm"]["images"] == QUICK_VAL_SIZE - SEARCH_IMAGES
-    # The search part is 60% of stage 1's validation images (and stage 2 evaluates BN-folded).
+    assert r["dataset"]["confirm"]["images"] == CONFIRM_IMAGES and r["dataset"]["select"]["images"] == SELECT_IMAGES
+    # The search part is 40% of stage 1's validation images (and stage 2 evaluates BN-folded).
     n1 = pipeline["res"]["1"]["val_acc"] * QUICK_VAL_SIZE / 100
     assert n1 - (QUICK_VAL_SIZE - SEARCH_IMAGES) - 2 <= r["baseline_val_acc"] * SEARCH_IMAGES / 100 <= n1 + 2
     assert [l["name"] for l in r["layers"]] == names
@@ -167,7 +168,7 @@ def test_stage2_per_layer_table(pipeline, table, names):
             assert x["kl"] >= 0 and x["drop_se"] >= 0
             assert x["model_ai"] == model_ai(table, {(W, layer["name"]): x["bits"]})
             assert x["model_ai"] > r["fp32_ai"]
-    assert r["fp32_ai"] == model_ai(table, {}) and round(r["fp32_ai"], 2) == 26.34
+    assert r["fp32_ai"] == model_ai(table, {}) and round(r["fp32_ai"], 2) == 26.99
     assert any(x["drop"] > 0 for l in r["layers"] for x in l["results"])  # 2 bits hurts somewhere
 
 
@@ -290,6 +291,9 @@ def check_baselines(r, r3, table, names, expected):
     search, report, confirm = r["images"]["search"], r["images"]["report"], r["images"]["confirm"]
     assert search["set"] == "train" and report["set"] == "test" and len(search["indices"]) == search["images"]
     assert confirm["set"] == "train" and not set(confirm["indices"]) & set(search["indices"])
+    select = r["images"]["select"]
+    assert select["set"] == "train" and len(select["indices"]) == select["images"] == SELECT_IMAGES
+    assert not set(select["indices"]) & (set(search["indices"]) | set(confirm["indices"]))
     for row in r["comparisons"]["greedy"]:
         lo, hi = row["acc_diff_ci95"]
         assert lo <= row["acc_diff"] <= hi
@@ -332,7 +336,32 @@ def test_stage4_fine_tuning(joint):
         model, ck = load_qat(joint["qat_dir"] / f"qat_{twin or name}.pt")
         assert ck["finished"] and ck["key"]["config"] == c["config"] and ck["recipe"]["epochs"] == 1
         assert ck["key"]["base_sha256"] == sha256_file(joint["checkpoint"])
+        assert (c["qat_budget_test"] is None) == (c["qat_answer"] == "post-training" or name == "fp32")
+    r4 = joint["res"]["4"]
+    assert r4["qat_selected_on"] == "select" and r4["qat_recipe"]["start"] == "adaround"   # --quick: adaround
     assert not list(joint["qat_dir"].glob("*.tmp"))
+
+
+def test_stage3_min_ai(joint, tmp_path):
+    """--min-ai X: the "pareto" entry is the most accurate of the evaluated frontier points with at least X times
+    the FP32 AI (source "min-ai"), with its confirm drop measured but never cut back; an AI no configuration
+    reaches is a one-paragraph error that leaves no file."""
+    results = tmp_path / "results"
+    shutil.copytree(joint["results"], results)
+    (results / FILES["3"]).unlink()
+    common = (*COMMON, "--results-dir", results, "--checkpoint-dir", joint["qat_dir"])
+    run_script("3_greedy_search.py", *common, "--min-ai", 5)
+    r = json.loads((results / FILES["3"]).read_text())
+    p = r["pareto"]
+    assert r["greedy"] is None and p["source"] == "min-ai" and r["min_ai"]["x_fp32"] == 5
+    assert p["ai"] >= 5 * r["fp32_ai"] and all(v["ai"] >= 5 * r["fp32_ai"] for v in p["verified"])
+    assert p["val_acc"] == max(v["val_acc"] for v in p["verified"])
+    assert 1 <= len(p["verified"]) == r["min_ai"]["evaluated"] <= 24 and p["confirm_images"] > 0
+    assert p["confirm_passed"] == (p["confirm_drop"] + r["confirm_z"] * p["confirm_drop_se"] <= r["max_drop"])
+    (results / FILES["3"]).unlink()
+    bad = run_script("3_greedy_search.py", *common, "--min-ai", 1000, check=False)
+    assert bad.returncode != 0 and "--min-ai 1000" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (results / FILES["3"]).exists()
 
 
 def test_stage4_joint(joint, table, names):

@@ -28,7 +28,7 @@ from quant.quantizer import Quantizer
 from quant.widths import FLOAT_BITS, A, W
 from utils.checkpoint import read_checkpoint
 from utils.data import make_synthetic
-from utils.train import PAD, Normalizer, WarmupCosine, evaluate, param_groups, train_one_epoch
+from utils.train import PAD, Normalizer, WarmupCosine, correct_credit, evaluate, param_groups, train_one_epoch
 
 TARGET = "generic"
 
@@ -135,6 +135,35 @@ def test_prepared_model(setup, bn):
         assert torch.equal(Q.deployable(qat, TARGET)(x), quantize_(fold_bn(model), cfg, act, TARGET)(x))
     with pytest.raises(UserError):
         Q.prepare_qat(model, space.full({(A, "input"): 6}), act, TARGET, bn=bn)     # 6 bits were never calibrated
+
+
+@pytest.mark.parametrize("bn", Q.BN_MODES)
+def test_prepared_model_starts_from_learned_levels(setup, bn):
+    """With `levels` (learned rounding), before any step the fine-tuned weights sit on exactly those integer
+    levels of the post-training grid, and the deployable model computes what post-training placement with the
+    same levels computes (utils.export.placed_model, what stages 2-4 evaluate)."""
+    from quant.quantizer import weight_grid, weight_quantizer
+    from utils.export import placed_model
+    model, space, act = setup["model"], setup["space"], setup["act"]
+    cfg = mixed_config(space)
+    folded = fold_bn(model)
+    gen = torch.Generator().manual_seed(1)
+    levels = {}
+    for n, b in [(n, b) for (k, n), b in cfg.items() if k == W and b != FLOAT_BITS]:
+        w = folded.get_submodule(n).weight
+        near = weight_quantizer(w, b).integers(w)
+        lo, hi = weight_grid(b)
+        levels[n, b] = (near + torch.randint(-1, 2, near.shape, generator=gen)).clamp(lo, hi).to(torch.int32)
+    qat = Q.prepare_qat(model, cfg, act, TARGET, bn=bn, levels=levels)
+    dep = Q.deployable(qat, TARGET)
+    for (n, b), lv in levels.items():
+        layer = dep.get_submodule(n)
+        q = Q.weight_quantizer_of(layer)
+        assert torch.equal(q.integers(layer.weight).to(torch.int32), lv)
+    x = NORM(setup["test_x"][:16])
+    with torch.no_grad():
+        assert torch.equal(dep(x), placed_model(model, cfg, act, TARGET, levels=levels)(x))
+        assert not torch.equal(dep(x), Q.deployable(Q.prepare_qat(model, cfg, act, TARGET, bn=bn), TARGET)(x))
 
 
 def run_finetune(setup, path, epochs=2, resume=False, key=None, interrupt_at=None, monkeypatch=None, cfg=None,
@@ -345,14 +374,15 @@ def test_distillation_gradient_is_that_of_kl_to_the_teacher(setup):
 def stage4_args(tmp_path, **kw):
     base = dict(qat_epochs=1, qat_configs=None, qat_lr=0.001, qat_batch_size=64, qat_seeds=1, qat_warmup=0.0,
                 qat_freeze_bn=Q.DEFAULT_FREEZE_BN, qat_scales="learned", qat_bn=Q.DEFAULT_BN, qat_distill=False,
-                keep_ends=None, quick=False, checkpoint_dir=tmp_path, resume=False, eval_batch_size=200)
+                keep_ends=None, quick=False, checkpoint_dir=tmp_path, resume=False, eval_batch_size=200,
+                qat_start=Q.DEFAULT_QAT_START)
     return argparse.Namespace(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def stage4(quick_model, tmp_path_factory):
     """A stage-4 Setup on the quick ResNet-8: its 1,024 training images, and of its 1,000 held-out images 200
-    to search on, 200 to confirm on and 600 to report on."""
+    to search on, 200 to confirm on, 200 to select on and 400 to report on."""
     from types import SimpleNamespace
 
     from utils.split import Part, SearchSplit
@@ -362,13 +392,15 @@ def stage4(quick_model, tmp_path_factory):
     torch.save(m["model"].state_dict(), root / "base.pt")
     data = SimpleNamespace(train_x=m["x"].numpy(), train_y=m["y"].numpy())
     table = kernel_table(m["model"], TARGET)
-    split = SearchSplit(Part("test-search", "test", np.arange(200)), Part("test-report", "test", np.arange(400, 1000)),
-                        np.arange(len(m["y"])), "test halves", Part("test-confirm", "test", np.arange(200, 400)))
+    split = SearchSplit(Part("test-search", "test", np.arange(200)), Part("test-report", "test", np.arange(600, 1000)),
+                        np.arange(len(m["y"])), "test halves", Part("test-confirm", "test", np.arange(200, 400)),
+                        Part("test-select", "test", np.arange(400, 600)))
     tx, ty = m["test_x"], m["test_y"]
     s = Setup(m["model"], {"model_args": m["model"].model_args, "normalization": {"mean": [0.5] * 3,
                                                                                   "std": [0.25] * 3}},
-              root / "base.pt", torch.device("cpu"), NORM, {"seed": 0}, split, tx[:200], ty[:200], tx[400:], ty[400:],
-              table, m["x"][:256], data, confirm_x=tx[200:400], confirm_y=ty[200:400])
+              root / "base.pt", torch.device("cpu"), NORM, {"seed": 0}, split, tx[:200], ty[:200], tx[600:], ty[600:],
+              table, m["x"][:256], data, confirm_x=tx[200:400], confirm_y=ty[200:400], select_x=tx[400:600],
+              select_y=ty[400:600])
     s.calibrate([4])
     return s
 
@@ -382,7 +414,7 @@ def ptq_entries(s, candidates):
 
 def test_stage4_seeds_selection_and_never_worse(stage4, tmp_path):
     """Two seeds at a learning rate that wrecks every fine-tune: each entry records its seeds, the mean test
-    accuracy with its standard deviation, the validation accuracy, that the selection was made on the confirm
+    accuracy with its standard deviation, the validation accuracy, that the selection was made on the select
     images (top level: qat_selected_on), and that the fine-tunes ended below post-training, so the post-training
     weights stay the answer: the checkpoint's model is the post-training one, and the fine-tuned one is kept
     beside it; the paired drop against fp32 averages the seeds per image."""
@@ -392,7 +424,8 @@ def test_stage4_seeds_selection_and_never_worse(stage4, tmp_path):
     args = stage4_args(tmp_path, qat_seeds=2, qat_lr=50.0)
     top = CB.fine_tune(args, s, cands, configs, val.float_outcome, test.float_outcome, s.ranges,
                        {"granularity": "channel", "clip": "mse"})
-    assert top["qat_selected_on"] == "confirm" and top["qat_seeds"] == [0, 1]
+    assert top["qat_selected_on"] == "select" and top["qat_seeds"] == [0, 1]
+    assert top["qat_recipe"]["start"] == "nearest"      # the recipe rounds to nearest: its post-training weights
     assert top["qat_comparisons"] == {}     # no searched configuration among the fine-tuned ones
     assert top["qat_recipe"]["bn"] == Q.DEFAULT_BN and top["qat_recipe"]["lr"] == 50.0
     for e in configs:
@@ -403,6 +436,9 @@ def test_stage4_seeds_selection_and_never_worse(stage4, tmp_path):
         assert 0 <= e["qat_val_acc"] <= 100 and len(e["qat_test_acc_ci95"]) == 2
         assert e["qat_below_post_training"] == [True, True] and e["qat_answer"] == "post-training"
         assert e["qat_answer_test_acc"] == e["test_acc"] and e["qat_answer_seed"] is None
+        assert e["qat_budget_test"] is None            # the post-training answer passed stage 3's confirm step
+        assert all(r["selection_gain"] < 0 and r["selection_gain"] == pytest.approx(
+            r["selection_acc"] - e["qat_post_training_selection_acc"]) for r in e["qat_runs"])
         ck = read_checkpoint(e["qat_checkpoint"])
         assert ck["answer"] == "post-training" and "fine_tuned_model" in ck
         model, _ = Q.load_qat(e["qat_checkpoint"])      # the answer: exactly the post-training model
@@ -418,26 +454,51 @@ def test_stage4_seeds_selection_and_never_worse(stage4, tmp_path):
     assert w["qat_test_drop_vs_float"] == pytest.approx(configs[0]["test_acc"] - w["qat_test_acc"])
 
 
-def test_stage4_one_seed_answer_is_the_fine_tune(stage4, tmp_path):
-    """One seed, the default recipe, no confirm split: selection on the search images ("val"); a fine-tune that
-    does not end below post-training is the answer, its checkpoint qat_<name>.pt; the paired comparisons are
-    quant.stats' own (one seed each)."""
-    from dataclasses import replace
-    s = replace(stage4, confirm_x=None, confirm_y=None)
+def test_stage4_one_seed_answer_is_the_fine_tune_and_passes_the_budget_test(stage4, tmp_path):
+    """One seed, the default recipe: selection on the select images; a fine-tune whose paired gain over
+    post-training there is not negative is the answer, its checkpoint qat_<name>.pt, and it is tested on the
+    confirm images against the fine-tuned fp32: drop + 1.645 x SE <= 1 point, recorded as computed."""
+    from quant.stats import paired_drop
+    s = stage4
     cands = [("fp32", s.space.uniform(FLOAT_BITS, FLOAT_BITS)), ("uniform_w8", s.space.uniform(8, FLOAT_BITS))]
     configs, val, test = ptq_entries(s, cands)
     top = CB.fine_tune(stage4_args(tmp_path), s, cands, configs, val.float_outcome, test.float_outcome, s.ranges,
                        {"granularity": "channel", "clip": "mse"})
-    assert top["qat_selected_on"] == "val"
+    assert top["qat_selected_on"] == "select" and "select images" in top["qat_selection_rule"]
+    sel = s.evaluator(s.select_x, s.select_y, 200, cache_activations=False)
+    models = {}
     for e in configs:
         assert e["qat_seeds"] == [0] and e["qat_test_acc_sd"] is None
-        assert e["qat_selection_acc"] == e["qat_val_acc"] and e["qat_post_training_selection_acc"] == e["val_acc"]
-        below = e["qat_val_acc"] < e["val_acc"]
-        assert e["qat_answer"] == ("post-training" if below else "fine-tuned")
+        assert e["qat_post_training_selection_acc"] == pytest.approx(sel.evaluate(dict(cands)[e["name"]]).accuracy)
+        (r,) = e["qat_runs"]
+        below = r["selection_acc"] < e["qat_post_training_selection_acc"]
+        assert r["below_post_training"] == below and e["qat_answer"] == ("post-training" if below else "fine-tuned")
         assert e["qat_checkpoint"].endswith(f"qat_{e['name']}.pt")
+        models[e["name"]] = Q.load_qat(e["qat_checkpoint"])[0]
         if not below:
             assert e["qat_answer_test_acc"] == e["qat_test_acc"] and read_checkpoint(e["qat_checkpoint"])["answer"] \
                 == "fine-tuned"
+    w8 = configs[1]
+    assert configs[0]["qat_budget_test"] is None          # fp32 is the reference, not tested against itself
+    if w8["qat_answer"] == "fine-tuned":
+        t = w8["qat_budget_test"]
+        if configs[0]["qat_answer"] == "fine-tuned":     # the checkpoint's model is the fine-tuned fp32
+            pd = paired_drop(correct_credit(models["fp32"], s.confirm_x, s.confirm_y, NORM),
+                             correct_credit(models["uniform_w8"], s.confirm_x, s.confirm_y, NORM))
+            assert t["drop"] == pytest.approx(pd.drop) and t["se"] == pytest.approx(pd.se)
+        assert t["reference"] == "fine-tuned fp32" and t["images"] == 200 and t["budget"] == 1.0
+        assert t["passed"] == (t["drop"] + 1.645 * t["se"] <= 1.0)
+
+
+def test_stage4_fine_tuning_needs_the_select_part(stage4, tmp_path):
+    """Without select images (--select-size 0) fine-tuning refuses to run: no decision falls back to images an
+    earlier step selected on."""
+    from dataclasses import replace
+    s = replace(stage4, select_x=None, select_y=None)
+    cands = [("fp32", s.space.uniform(FLOAT_BITS, FLOAT_BITS))]
+    configs, val, test = ptq_entries(s, cands)
+    with pytest.raises(UserError, match="select"):
+        CB.fine_tune(stage4_args(tmp_path), s, cands, configs, val.float_outcome, test.float_outcome, s.ranges, {})
 
 
 def test_choose_answer():
@@ -468,6 +529,21 @@ def test_keep_ends(stage4):
     assert {g: b for g, b in w4a4.items() if g not in ends} == {g: b for g, b in cands[2][1].items() if g not in ends}
     with pytest.raises(UserError):
         CB.check_qat_args(stage4_args(Path("."), keep_ends=9), None)
+
+
+def test_compared_configs_add_uniform_w3a3_when_three_bits_were_measured(stage4):
+    """Stage 4 compares uniform W3A3 (every weight and tensor at 3 bits, logits float) when stage 2 measured 3-bit
+    weights and 3-bit tensors, and not otherwise."""
+    from quant.recipe import Recipe
+    space = stage4.space
+    base = ["fp32", "uniform_w8", "uniform_w4", "uniform_w8a8", "uniform_w4a8", "uniform_w4a4"]
+    assert [n for n, _ in CB.compared_configs({"joint": True, "bits": [8, 4, 3], "a_bits": [8, 4]}, space, [8, 4])] \
+        == base
+    got = dict(CB.compared_configs({"joint": True, "bits": [8, 4, 3], "a_bits": [8, 4, 3]}, space, [8, 4]))
+    assert list(got) == base + ["uniform_w3a3"]
+    w3a3 = got["uniform_w3a3"]
+    assert w3a3 == Recipe().uniform(space, 3, 3) and w3a3[A, space.logits] == FLOAT_BITS
+    assert {b for g, b in w3a3.items() if g != (A, space.logits)} == {3}
 
 
 def test_seeds_drop_matches_quant_stats_for_one_seed():

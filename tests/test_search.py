@@ -941,3 +941,26 @@ def test_shared_cache_between_greedy_and_verify_frontier(seed):
     greedy_seen = set(f.calls[:n_greedy])
     verified_keys = {ckey(x["config"]) for x in v["verified"]}
     assert len(verified_keys) == v["evaluations"] + len(verified_keys & greedy_seen)
+
+
+def test_most_accurate_above_evaluates_the_cheapest_estimates_that_reach_the_ai():
+    """most_accurate_above: only frontier points with AI >= the floor are evaluated, the smallest estimates first,
+    at most max_evaluations of them, and the answer is the most accurate measured; an unreachable floor gives no
+    configuration and says why."""
+    from quant.search import FrontierPoint, Measured, most_accurate_above
+    frontier = [FrontierPoint(config={"g": b}, est=e, bytes=by) for b, e, by in
+                ((32, 0.0, 100.0), (8, 0.1, 50.0), (6, 0.2, 40.0), (4, 0.5, 25.0), (3, 0.9, 20.0), (2, 2.0, 10.0))]
+    acc = {32: 90.0, 8: 89.9, 6: 89.0, 4: 88.5, 3: 88.7, 2: 60.0}
+    seen = []
+
+    def evaluate(cfg):
+        seen.append(cfg["g"])
+        return Measured(acc[cfg["g"]], 90.0 - acc[cfg["g"]], 0.1, 0.0)
+    ai_of = lambda c: 1000.0 / next(p.bytes for p in frontier if p.config == c)   # noqa: E731
+    out = most_accurate_above(frontier, 1000.0 / 30, evaluate, ai_of, max_evaluations=2)
+    assert seen == [4, 3] and out["config"] == {"g": 3} and out["eligible"] == 3 and out["evaluations"] == 2
+    assert out["ai"] == 1000.0 / 20 and out["source"] == "min-ai"
+    seen.clear()
+    assert most_accurate_above(frontier, 1000.0 / 30, evaluate, ai_of, max_evaluations=1)["config"] == {"g": 4}
+    none = most_accurate_above(frontier, 1000.0 / 5, evaluate, ai_of)
+    assert none["config"] is None and "reaches" in none["note"] and seen == [4]

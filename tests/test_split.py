@@ -192,8 +192,9 @@ def test_load_setup_accepts_moved_and_repacked_copies(tiny, tmp_path, monkeypatc
         assert s.split.policy == "val" and s.data_info["policy"] == "val"
         assert searched_and_confirmed(s.split) == recorded["val_indices"]
         s0 = load_setup(stage_args(STAGES[0], tmp_path, "--checkpoint", tiny["ckpt"], "--data-dir", source,
-                                   "--confirm-size", 0))
+                                   "--confirm-size", 0, "--select-size", 0))
         assert s0.split.confirm is None and s0.data_info["confirm"] is None
+        assert s0.split.select is None and s0.data_info["select"] is None and s0.select_x is None
         assert s0.data_info["search"]["content_sha256"] == recorded["val_sha256"]
 
 
@@ -310,8 +311,8 @@ def test_legacy_meta_warns_through_callback():
 
 # ---------------------------------------------------------------- 5. no validation split: test halves
 def searched_and_confirmed(split) -> list[int]:
-    """The search and confirm parts together (disjoint, sorted): the images the split was carved from."""
-    both = np.concatenate([split.search.indices, split.confirm.indices])
+    """The search, confirm and select parts together (disjoint, sorted): the images the split was carved from."""
+    both = np.concatenate([p.indices for p in (split.search, split.confirm, split.select) if p is not None])
     assert len(np.unique(both)) == len(both)
     return sorted(both.tolist())
 
@@ -406,8 +407,8 @@ def test_holdout_files_load_from_train_or_test(tmp_path):
     for s_set, r_set in (("train", "test"), ("test", "test"), ("train", "train"), ("test", "train")):
         f = holdout_file(tmp_path / f"{s_set}-{r_set}.json",
                          {"search": {"set": s_set, "indices": [7, 1, 3]}, "report": {"set": r_set, "indices": [4, 0]}})
-        search, report, confirm = S.load_holdout(f, data)
-        assert confirm is None
+        search, report, confirm, select = S.load_holdout(f, data)
+        assert confirm is None and select is None
         assert (search.name, search.set, search.indices.tolist()) == ("holdout-search", s_set, [1, 3, 7])
         assert (report.name, report.set, report.indices.tolist()) == ("holdout-report", r_set, [0, 4])
         assert f.name in search.note
@@ -570,33 +571,74 @@ def test_test_halves_with_unequal_classes():
 
 
 # ---------------------------------------------------------------- 7. the confirm split
-def test_confirm_split_is_seeded_stratified_and_disjoint():
-    """40% of the search part by default (2,000 of 5,000), stratified by class, seeded, disjoint from the
-    search images; --confirm-size N takes N; 0 turns it off; a size that leaves no search image is refused."""
+def test_confirm_and_select_splits_are_seeded_stratified_and_disjoint():
+    """By default 40% of the held-out part is the confirm split and 20% the select split (2,000 and 1,000 of
+    5,000), each stratified by class, seeded by its own draw, and disjoint from each other and from the search
+    images; --confirm-size / --select-size N take N; 0 turns a part off (and leaves the other as it was); a
+    size that leaves no search image is refused."""
     data = tiny_dataset(np.arange(500) % 10)
     meta = {"data": {"seed": 3, "val_size": 100}}
     split = S.search_split(data, meta, 3, 100, warn=lambda m: None)
-    assert (len(split.search.indices), len(split.confirm.indices)) == (60, 40)
+    assert (len(split.search.indices), len(split.confirm.indices), len(split.select.indices)) == (40, 40, 20)
     assert np.bincount(data.train_y[split.confirm.indices]).tolist() == [4] * 10
+    assert np.bincount(data.train_y[split.select.indices]).tolist() == [2] * 10
     assert split.confirm.name == "val-confirm" and split.confirm.set == "train"
+    assert split.select.name == "val-select" and split.select.set == "train"
+    parts = [split.search.indices, split.confirm.indices, split.select.indices]
+    assert len(np.unique(np.concatenate(parts))) == 100
+    _, val_idx, _ = S.train_val_split(data, 3, 100)
+    assert sorted(np.concatenate(parts).tolist()) == sorted(val_idx.tolist())
+    assert not set(np.concatenate(parts).tolist()) & set(split.calibration_pool.tolist())
     again = S.search_split(data, meta, 3, 100, warn=lambda m: None)
-    assert np.array_equal(again.confirm.indices, split.confirm.indices)
+    assert all(np.array_equal(a.indices, b.indices) for a, b in
+               ((again.confirm, split.confirm), (again.select, split.select), (again.search, split.search)))
     other = S.search_split(data, {"data": {"seed": 4, "val_size": 100}}, 4, 100, warn=lambda m: None)
     assert not np.array_equal(other.confirm.indices, split.confirm.indices)
-    assert len(S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=10).confirm.indices) == 10
+    assert not np.array_equal(other.select.indices, split.select.indices)
+    sized = S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=10, select_size=30)
+    assert (len(sized.confirm.indices), len(sized.select.indices), len(sized.search.indices)) == (10, 30, 60)
+    no_select = S.search_split(data, meta, 3, 100, warn=lambda m: None, select_size=0)
+    assert no_select.select is None and np.array_equal(no_select.confirm.indices, split.confirm.indices)
     assert S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=0).confirm is None
-    for bad, match in ((100, "leaves no search images"), (-1, ">= 0")):
+    for kw, bad, match in (("confirm_size", 100, "leaves no search images"), ("confirm_size", -1, ">= 0"),
+                           ("select_size", 60, "leaves no search images"), ("select_size", -2, ">= 0")):
         with pytest.raises(UserError, match=match):
-            S.search_split(data, meta, 3, 100, warn=lambda m: None, confirm_size=bad)
+            S.search_split(data, meta, 3, 100, warn=lambda m: None, **{kw: bad})
 
 
-def test_holdout_may_name_its_own_confirm_part(tmp_path):
-    """A holdout file's optional 'confirm' part is used as it is (nothing carved from 'search'), and the
-    calibration pool excludes its training images too."""
+def test_select_part_of_test_halves_comes_from_the_search_half():
+    """A checkpoint with no validation split: confirm and select are carved from the test set's search half,
+    never from the report half."""
+    data = tiny_dataset(np.arange(60) % 10)
+    split = S.search_split(data, {"foreign": True, "data": {}}, 0, None, warn=lambda m: None)
+    half = np.concatenate([split.search.indices, split.confirm.indices, split.select.indices])
+    assert split.select.set == "test" and len(np.unique(half)) == len(half)
+    assert sorted(half.tolist()) == S.test_halves(data.test_y, 0)[0].tolist()
+    assert not set(half.tolist()) & set(split.report.indices.tolist())
+
+
+def test_holdout_may_name_its_own_confirm_and_select_parts(tmp_path):
+    """A holdout file's optional 'confirm' and 'select' parts are used as they are (nothing carved from
+    'search' for a part it names), must not overlap the others, and the calibration pool excludes their training
+    images too."""
     data = tiny_dataset(np.arange(60) % 10)
     f = holdout_file(tmp_path / "h.json", {"search": {"set": "train", "indices": [1, 2, 3]},
                                            "report": {"set": "test", "indices": [4]},
-                                           "confirm": {"set": "train", "indices": [9, 8]}})
+                                           "confirm": {"set": "train", "indices": [9, 8]},
+                                           "select": {"set": "train", "indices": [11, 10]}})
     split = S.search_split(data, {"foreign": True, "data": {}}, 0, None, holdout=f, warn=pytest.fail)
     assert split.search.indices.tolist() == [1, 2, 3] and split.confirm.indices.tolist() == [8, 9]
-    assert split.confirm.name == "holdout-confirm" and not {1, 2, 3, 8, 9} & set(split.calibration_pool.tolist())
+    assert split.select.indices.tolist() == [10, 11] and split.select.name == "holdout-select"
+    assert split.confirm.name == "holdout-confirm"
+    assert not {1, 2, 3, 8, 9, 10, 11} & set(split.calibration_pool.tolist())
+    f2 = holdout_file(tmp_path / "h2.json", {"search": {"set": "train", "indices": [1, 2, 3, 4, 5]},
+                                             "report": {"set": "test", "indices": [4]},
+                                             "confirm": {"set": "train", "indices": [9, 8]}})
+    carved = S.search_split(data, {"foreign": True, "data": {}}, 0, None, holdout=f2, warn=pytest.fail)
+    assert carved.confirm.indices.tolist() == [8, 9] and len(carved.select.indices) == 1
+    assert sorted(carved.search.indices.tolist() + carved.select.indices.tolist()) == [1, 2, 3, 4, 5]
+    f3 = holdout_file(tmp_path / "h3.json", {"search": {"set": "train", "indices": [1, 2, 3]},
+                                             "report": {"set": "test", "indices": [4]},
+                                             "select": {"set": "train", "indices": [3, 7]}})
+    with pytest.raises(UserError, match="search and select share images"):
+        S.search_split(data, {"foreign": True, "data": {}}, 0, None, holdout=f3, warn=pytest.fail)

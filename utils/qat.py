@@ -42,9 +42,9 @@ import torch.nn.utils.parametrize as parametrize
 from models import build_from_args
 from quant.fold import bn_scale, fold_bn
 from quant.place import quantize_, skeleton_, slots, tensor_grids
-from quant.quantizer import Quantizer
+from quant.quantizer import Quantizer, levels_weight
 from quant.recipe import Recipe
-from quant.widths import FLOAT_BITS, weights_of
+from quant.widths import FLOAT_BITS, W, weights_of
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
 from utils.train import WarmupCosine, train_one_epoch
@@ -55,6 +55,8 @@ MOMENTUM = 0.9
 BN_MODES = ("kept", "folded")
 DEFAULT_BN = "kept"
 DEFAULT_FREEZE_BN = 0.5    # BN kept: running statistics from half-way on (stage 4's --qat-freeze-bn)
+QAT_STARTS = ("post-training", "nearest")   # stage 4's --qat-start: the weights a fine-tune starts from
+DEFAULT_QAT_START = "post-training"
 BN_HANDLING = {
     "kept": "kept during fine-tuning (batch statistics, running statistics re-estimated on the quantized "
             "network, then frozen from bn_frozen_from_step on), each conv weight quantized in its folded form; "
@@ -78,40 +80,53 @@ class BNScale(nn.Module):
     def factor(self) -> torch.Tensor:
         return bn_scale(self._bn[0])
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def apply(self, w: torch.Tensor, divide: bool) -> torch.Tensor:
         f = self.factor()
-        if self.inverse:   # a channel with gamma exactly 0 has a zero folded weight: divide by 1 there, not 0
+        if divide:   # a channel with gamma exactly 0 has a zero folded weight: divide by 1 there, not 0
             f = torch.where(f == 0, torch.ones_like(f), f)
         f = f.view(-1, *([1] * (w.dim() - 1)))
-        return w / f if self.inverse else w * f
+        return w / f if divide else w * f
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.apply(w, self.inverse)
 
     def extra_repr(self) -> str:
         return "inverse" if self.inverse else ""
 
 
 def prepare_qat(model: nn.Module, config: dict, ranges: dict, target: str, learn_scales: bool = True,
-                per_channel: bool = True, clip: str = "mse", bn: str = DEFAULT_BN, weight_range: int = 8) -> nn.Module:
+                per_channel: bool = True, clip: str = "mse", bn: str = DEFAULT_BN, weight_range: int = 8,
+                levels: dict | None = None) -> nn.Module:
     """A copy of the float `model` with the full configuration `config` ({group: bits}) fake-quantized for
     training, in train mode. ``bn="kept"``: BN stays, each narrowed conv weight paired with a BN is quantized
     in its folded form (``deployable`` folds the result); ``bn="folded"``: a BN-folded copy. Either way, weight
     scales start at the post-training ones of the folded weights and tensor scales at the calibrated
-    `ranges`, so that ``deployable(prepare_qat(...))`` computes exactly what post-training placement does."""
+    `ranges`, so that ``deployable(prepare_qat(...))`` computes exactly what post-training placement does:
+    with `levels` ({(layer, bits): learned integer levels}, quant/adaround.py), the fine-tune starts from those
+    levels (each float original set to levels x scale, unfolded), else from round-to-nearest."""
     if bn not in BN_MODES:
         raise ValueError(f"bn must be one of {BN_MODES}, got {bn!r}")
     if bn == "folded":
         qat = quantize_(fold_bn(model), config, ranges, target, per_channel, clip, trainable=True,
-                        learn_scales=learn_scales, weight_range=weight_range)
+                        learn_scales=learn_scales, weight_range=weight_range, levels=levels)
         return qat.train()
     qat = copy.deepcopy(model)
     pairs = dict(qat.conv_bn_pairs())
     narrowed = [n for n, w in weights_of(config).items() if w != FLOAT_BITS and n in pairs]
     for n in narrowed:   # quantize_ then searches the weight scales on the folded weights
         parametrize.register_parametrization(qat.get_submodule(n), "weight", BNScale(qat.get_submodule(pairs[n])))
+    levels = levels or {}
     quantize_(qat, config, ranges, target, per_channel, clip, trainable=True, learn_scales=learn_scales,
-              weight_range=weight_range)
+              weight_range=weight_range, levels={k: v for k, v in levels.items() if k[0] not in narrowed})
     for n in narrowed:
-        parametrize.register_parametrization(qat.get_submodule(n), "weight",
-                                             BNScale(qat.get_submodule(pairs[n]), inverse=True))
+        layer = qat.get_submodule(n)
+        scale, q = layer.parametrizations.weight
+        if (n, config[W, n]) in levels:   # the original whose folded form is levels x scale
+            with torch.no_grad():
+                original = layer.parametrizations.weight.original
+                folded = levels_weight(q, scale(original), levels[n, config[W, n]])
+                original.copy_(scale.apply(folded, divide=True))
+        parametrize.register_parametrization(layer, "weight", BNScale(qat.get_submodule(pairs[n]), inverse=True))
     return qat.train()
 
 

@@ -13,6 +13,9 @@ names another split (format in ``load_holdout``).
 Either way, part of the search images (``--confirm-size``, default 40%: 2,000 of 5,000 validation
 images, or of a 5,000-image test half) is held back as the *confirm* split: no search step
 queries it; it only tests the searched answers, in an order the search fixed (quant/confirm.py).
+Another part (``--select-size``, default 20%: 1,000) is the *select* split: no search or confirm step
+sees it; it only decides between post-training and fine-tuned weights, and among fine-tuning seeds
+(stage 4), so that decision is not judged on images an earlier step selected on.
 """
 from __future__ import annotations
 
@@ -29,12 +32,14 @@ from utils.errors import UserError
 QUICK_TRAIN_IMAGES = 2000   # stage 1 --quick, for ResNet-20; fewer for heavier models (quick_images)
 QUICK_EVAL_IMAGES = 1000    # stage 1 --quick: validation and test
 QUICK_MIN_IMAGES = 50
-CONFIRM_SEED_OFFSET = 1_000_003   # the confirm split's draw is independent of the validation split's
+SEED_OFFSETS = {"confirm": 1_000_003, "select": 2_000_003}   # each part's draw is independent of the others'
 RESNET20_MACS, RESNET20_LAYERS = 40_813_184, 22
+HOLDOUT_ROLES = ("search", "report", "confirm", "select")
 HOLDOUT_FORMAT = ('{"search": {"set": "train" | "test", "indices": [...]}, '
                   '"report": {"set": "train" | "test", "indices": [...]}, '
-                  '"confirm": {"set": ..., "indices": [...]} (optional)}')
-CONFIRM_FRACTION = 0.4   # default --confirm-size: 2,000 of the 5,000 validation images; the search keeps 3,000
+                  '"confirm": {"set": ..., "indices": [...]} (optional), "select": {...} (optional)}')
+CONFIRM_FRACTION = 0.4   # default --confirm-size: 2,000 of the 5,000 validation images
+SELECT_FRACTION = 0.2    # default --select-size: 1,000 of them; the search keeps 2,000 (README, "The splits")
 
 
 def content_sha256(x_u8: np.ndarray, y: np.ndarray) -> str:
@@ -128,6 +133,10 @@ class SearchSplit:
     calibration_pool: np.ndarray = field(repr=False)   # training-set indices, never val or test
     policy: str = "val"                                # "val", "test halves" or "holdout file"
     confirm: Part | None = None                        # None: --confirm-size 0
+    select: Part | None = None                         # None: --select-size 0
+
+    def parts(self) -> dict[str, Part | None]:
+        return {"search": self.search, "confirm": self.confirm, "select": self.select, "report": self.report}
 
 
 def proportional_split(y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,21 +151,33 @@ def proportional_split(y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray,
     return np.setdiff1d(np.arange(len(y)), held, assume_unique=True), held
 
 
-def carve_confirm(part: Part, data, size: int | None, seed: int) -> tuple[Part, Part | None]:
-    """(search, confirm): a seeded, stratified `size` images of `part` (default: CONFIRM_FRACTION of it)
-    held back as the confirm split."""
-    if size is None:
-        size = int(round(CONFIRM_FRACTION * len(part.indices)))
+def carve(part: Part, data, size: int, seed: int, role: str, flag: str) -> tuple[Part, Part | None]:
+    """(rest, held): a seeded, stratified `size` images of `part` held back as the `role` split ("confirm" or
+    "select", each with its own draw); (part, None) for size 0."""
     if size == 0:
         return part, None
     _, y = part.arrays(data)
     if size >= len(part.indices):
-        raise UserError(f"--confirm-size {size} leaves no search images: the {part.name} split has "
-                        f"{len(part.indices)}. Choose a smaller --confirm-size (0 turns the confirm step off).")
-    keep, held = proportional_split(y, size, seed + CONFIRM_SEED_OFFSET)
+        raise UserError(f"{flag} {size} leaves no search images: the {part.name} split has {len(part.indices)} "
+                        f"left. Choose a smaller {flag} (0 turns the {role} part off).")
+    keep, held = proportional_split(y, size, seed + SEED_OFFSETS[role])
     note = f"stratified {size} of the {part.name} split, seed {seed}"
     return (Part(part.name, part.set, part.indices[keep], part.note),
-            Part(f"{part.name}-confirm", part.set, part.indices[held], note))
+            Part(f"{part.name}-{role}", part.set, part.indices[held], note))
+
+
+def carve_parts(part: Part, data, confirm_size: int | None, select_size: int | None, seed: int,
+                confirm: Part | None = None, select: Part | None = None) -> tuple[Part, Part | None, Part | None]:
+    """(search, confirm, select) of a held-out `part`: the confirm and select parts a holdout file does not name
+    are carved from it, confirm first, by default CONFIRM_FRACTION and SELECT_FRACTION of its size."""
+    n = len(part.indices)
+    if confirm is None:
+        size = int(round(CONFIRM_FRACTION * n)) if confirm_size is None else confirm_size
+        part, confirm = carve(part, data, size, seed, "confirm", "--confirm-size")
+    if select is None:
+        size = int(round(SELECT_FRACTION * n)) if select_size is None else select_size
+        part, select = carve(part, data, size, seed, "select", "--select-size")
+    return part, confirm, select
 
 
 def test_halves(test_y: np.ndarray, seed: int):
@@ -174,16 +195,17 @@ def test_halves(test_y: np.ndarray, seed: int):
     return np.sort(np.concatenate(search)), np.sort(np.concatenate(report))
 
 
-def load_holdout(path, data) -> tuple[Part, Part, Part | None]:
+def load_holdout(path, data) -> tuple[Part, Part, Part | None, Part | None]:
     """A user's own held-out split. The file is JSON:
 
         {"search": {"set": "train" | "test", "indices": [...]},
          "report": {"set": "train" | "test", "indices": [...]},
-         "confirm": {"set": "train" | "test", "indices": [...]}}      (optional)
+         "confirm": {"set": "train" | "test", "indices": [...]},      (optional)
+         "select": {"set": "train" | "test", "indices": [...]}}       (optional)
 
     Indices are 0-based positions in the training or test images, in the order the data source
     lists them (class folders in label order, files in name order). No two parts may share an
-    image. Use images the model was not trained on. Returns (search, report, confirm or None).
+    image. Use images the model was not trained on. Returns (search, report, confirm or None, select or None).
     """
     path = Path(path)
     try:
@@ -195,9 +217,9 @@ def load_holdout(path, data) -> tuple[Part, Part, Part | None]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--holdout file {path} is not valid JSON ({e}). Its format: {HOLDOUT_FORMAT}.") from None
     parts = []
-    for role in ("search", "report", "confirm"):
+    for role in HOLDOUT_ROLES:
         entry = obj.get(role) if isinstance(obj, dict) else None
-        if role == "confirm" and entry is None:
+        if role in ("confirm", "select") and entry is None:
             parts.append(None)
             continue
         if not isinstance(entry, dict) or entry.get("set") not in ("train", "test") \
@@ -211,35 +233,34 @@ def load_holdout(path, data) -> tuple[Part, Part, Part | None]:
                             f"0..{n - 1} (the {entry['set']} set has {n} images). The format is {HOLDOUT_FORMAT}.")
         parts.append(Part(f"holdout-{role}", entry["set"], np.asarray(sorted(idx), dtype=np.int64),
                           f"from {path.name}"))
-    search, report, confirm = parts
-    present = [(role, p) for role, p in zip(("search", "report", "confirm"), parts) if p is not None]
+    present = [(role, p) for role, p in zip(HOLDOUT_ROLES, parts) if p is not None]
     for i, (ra, a) in enumerate(present):
         for rb, b in present[i + 1:]:
             if a.set == b.set and np.intersect1d(a.indices, b.indices).size:
                 raise UserError(f"--holdout file {path}: {ra} and {rb} share images; they must be disjoint, or the "
                                 f"reported numbers are not out of sample. The format is {HOLDOUT_FORMAT}.")
-    return search, report, confirm
+    return tuple(parts)
 
 
 def search_split(data, meta: dict, seed: int, val_size, holdout=None, checkpoint="the checkpoint",
-                 warn=print, confirm_size: int | None = None) -> SearchSplit:
+                 warn=print, confirm_size: int | None = None, select_size: int | None = None) -> SearchSplit:
     """The search / confirm / report / calibration images for a checkpoint, following the policy above.
 
     ``meta["data"]`` is what the checkpoint recorded (empty for a foreign one); ``seed`` and
-    ``val_size`` are the recorded values (the caller refuses conflicting flags). ``confirm_size``
-    images of the search part (seeded, stratified; default CONFIRM_FRACTION of it) are held back
-    as the confirm split, unless a holdout file names its own.
+    ``val_size`` are the recorded values (the caller refuses conflicting flags). ``confirm_size`` and
+    ``select_size`` images of the search part (seeded, stratified; default CONFIRM_FRACTION and
+    SELECT_FRACTION of it) are held back as the confirm and select parts, unless a holdout file names its own.
     """
-    if confirm_size is not None and confirm_size < 0:
-        raise UserError(f"--confirm-size must be >= 0, got {confirm_size}.")
+    for flag, size in (("--confirm-size", confirm_size), ("--select-size", select_size)):
+        if size is not None and size < 0:
+            raise UserError(f"{flag} must be >= 0, got {size}.")
     all_train = np.arange(len(data.train_y))
     if holdout is not None:
-        search, report, confirm = load_holdout(holdout, data)
-        if confirm is None:
-            search, confirm = carve_confirm(search, data, confirm_size, seed)
-        used = [p.indices for p in (search, report, confirm) if p is not None and p.set == "train"]
+        search, report, confirm, select = load_holdout(holdout, data)
+        search, confirm, select = carve_parts(search, data, confirm_size, select_size, seed, confirm, select)
+        used = [p.indices for p in (search, report, confirm, select) if p is not None and p.set == "train"]
         pool = np.setdiff1d(all_train, np.concatenate(used)) if used else all_train
-        return SearchSplit(search, report, pool, "holdout file", confirm)
+        return SearchSplit(search, report, pool, "holdout file", confirm, select)
     if not meta.get("foreign") and val_size:
         train_idx, val_idx, val_size = train_val_split(data, seed, val_size)
         recorded = meta.get("data", {}).get("split")
@@ -248,15 +269,19 @@ def search_split(data, meta: dict, seed: int, val_size, holdout=None, checkpoint
                  f"recorded seed {seed} and size {val_size}, and recording it in the results from now on")
         else:
             check_split_identity(recorded, data, val_idx, checkpoint)
-        search, confirm = carve_confirm(Part("val", "train", val_idx), data, confirm_size, seed)
-        return SearchSplit(search, Part("test", "test", np.arange(len(data.test_y))), train_idx, "val", confirm)
+        search, confirm, select = carve_parts(Part("val", "train", val_idx), data, confirm_size, select_size, seed)
+        return SearchSplit(search, Part("test", "test", np.arange(len(data.test_y))), train_idx, "val", confirm,
+                           select)
     search, report = test_halves(data.test_y, seed)
     why = ("a foreign checkpoint, probably trained on all training images" if meta.get("foreign")
            else "trained with --val-size 0, on all training images")
     note = f"stratified half of the test set, seed {seed}"
-    search_part, confirm = carve_confirm(Part("test-search", "test", search, note), data, confirm_size, seed)
+    search_part, confirm, select = carve_parts(Part("test-search", "test", search, note), data, confirm_size,
+                                               select_size, seed)
     warn(f"note: {checkpoint} has no validation split ({why}): searching on a seeded, stratified half of the "
          f"test set ({len(search_part.indices)} images"
          + (f", {len(confirm.indices)} more held back to confirm the answer" if confirm else "")
+         + (f", {len(select.indices)} to select fine-tuned weights" if select else "")
          + f") and reporting on the other half ({len(report)}); --holdout FILE names another split")
-    return SearchSplit(search_part, Part("test-report", "test", report, note), all_train, "test halves", confirm)
+    return SearchSplit(search_part, Part("test-report", "test", report, note), all_train, "test halves", confirm,
+                       select)

@@ -48,6 +48,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="search images held back as the confirm split: no search step queries them, they test the "
                         "searched answers in an order the search fixed (0: no confirm step) (default: 40%% of the "
                         "search images, 2,000 of 5,000 validation images)")
+    g.add_argument("--select-size", default=None, type=int,
+                   help="search images held back as the select split: no search or confirm step sees them; they only "
+                        "decide between post-training and fine-tuned weights and among seeds (stage 4) (0: none) "
+                        "(default: 20%% of the held-out images, 1,000 of 5,000 validation images)")
     g.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
     g.add_argument("--cache-gb", default=DEFAULT_CACHE_BYTES / 2 ** 30, type=float,
                    help="bound on the cached activations; segments beyond it are recomputed, with identical "
@@ -203,6 +207,8 @@ class Setup:
     calibration: dict | None = None
     confirm_x: torch.Tensor | None = None   # the confirm images (None: --confirm-size 0)
     confirm_y: torch.Tensor | None = None
+    select_x: torch.Tensor | None = None    # the select images (None: --select-size 0)
+    select_y: torch.Tensor | None = None
     ptq_cache: Path | None = None           # where learned levels are cached
     levels: dict = field(default_factory=dict)   # {(layer, bits): learned levels} under recipe.ptq "adaround"
     ptq_fit: dict | None = None             # how they were made (utils.ptq.LearnedLevels.describe)
@@ -300,11 +306,12 @@ def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = No
     data = load_dataset(dataset, data_dir)
     seed_everything(seed)
     split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt,
-                         confirm_size=getattr(args, "confirm_size", None))
+                         confirm_size=getattr(args, "confirm_size", None),
+                         select_size=getattr(args, "select_size", None))
     table = kernel_table(model, target)
     if args.quick:
         k = quick_images(QUICK_EVAL_IMAGES, table.layers, per_layer=True)
-        for role in ("search", "report", "confirm"):
+        for role in ("search", "report", "confirm", "select"):
             part = getattr(split, role)
             if part is not None:
                 setattr(split, role, Part(part.name, part.set, quick_subset(part.indices, k, seed), part.note))
@@ -319,17 +326,20 @@ def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = No
     eval_x, eval_y = on_device(split.search)
     report_x, report_y = on_device(split.report)
     confirm_x, confirm_y = on_device(split.confirm) if split.confirm is not None else (None, None)
+    select_x, select_y = on_device(split.select) if split.select is not None else (None, None)
     model = model.to(device)
     norm = meta["normalization"]
     info = {**data.describe(), "data_dir": str(data_dir), "seed": seed, "val_size": recorded.get("val_size"),
             "quick": bool(args.quick), "policy": split.policy, "eval_split": split.search.name,
             "search": split.search.describe(data), "report": split.report.describe(data),
             "confirm": split.confirm.describe(data) if split.confirm is not None else None,
+            "select": split.select.describe(data) if split.select is not None else None,
             "calibration": {"set": "train", "images": len(calib_idx)},
             "normalization": {**norm, "source": meta["normalization_source"]}}
     return Setup(model, meta, ckpt, device, Normalizer(norm["mean"], norm["std"], device), info, split,
                  eval_x, eval_y, report_x, report_y, table, to_device_uint8(data.train_x[calib_idx], device), data,
                  cost_model, recipe or Recipe.for_target(target), confirm_x=confirm_x, confirm_y=confirm_y,
+                 select_x=select_x, select_y=select_y,
                  ptq_cache=Path(getattr(args, "checkpoint_dir", "checkpoints")) / "ptq-cache")
 
 
@@ -350,13 +360,13 @@ def segment_names(s: Setup) -> dict[str, str]:
 def check_same_data(obj: dict, path, s: Setup, producer: str, force: bool):
     """Refuse results measured on other search images than this run's."""
     differ = {}
-    for role in ("search", "confirm"):
+    for role in ("search", "confirm", "select"):
         rec, now = obj.get("dataset", {}).get(role) or {}, s.data_info[role] or {}
         differ.update({f"{role} {k}": (rec.get(k), now.get(k)) for k in ("name", "images", "indices_sha256",
                                                                         "content_sha256") if rec.get(k) != now.get(k)})
     if differ and not force:
         raise UserError(f"{path} was measured on other data than this run would search on ({differ}, as "
-                        f"(recorded, now)). Re-run {producer} with the same --quick / --holdout / --confirm-size / --data-dir "
+                        f"(recorded, now)). Re-run {producer} with the same --quick / --holdout / --confirm-size / --select-size / --data-dir "
                         f"flags, or pass --force.")
 
 

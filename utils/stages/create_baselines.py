@@ -27,7 +27,7 @@ from utils.stages.greedy_search import stage2_cost_model
 from utils.export import placed_model
 from utils.train import PAD, correct_credit, to_device_uint8
 
-JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too
+JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too; W3A3 when 3 bits were too
 SEARCHED = ("greedy", "pareto")
 
 
@@ -68,14 +68,15 @@ def qat_comparisons(configs: list[dict], masks: dict) -> dict:
 
 def compared_configs(s3: dict, space, w_widths, recipe: Recipe = Recipe()) -> list[tuple[str, dict]]:
     """(name, full config) of fp32, the uniform widths and what stage 3 found, in that order. Uniform
-    weight widths leave every tensor float; the joint uniforms put every tensor (the image included) at
-    their width, the logits too where the recipe quantizes them; under a target that runs only some
-    widths, only those."""
+    weight widths leave every tensor float; the joint uniforms (W8A8, W4A8, W4A4, and W3A3 when stage 2 measured
+    3-bit weights and tensors) put every tensor (the image included) at their width, the logits too where the
+    recipe quantizes them; under a target that runs only some widths, only those."""
     out = [("fp32", space.uniform(FLOAT_BITS, FLOAT_BITS))]
     out += [(f"uniform_w{b}", space.uniform(b, FLOAT_BITS)) for b in w_widths if b != FLOAT_BITS]
     runs = EXECUTABLE[s3.get("target", "generic")]
     if s3.get("joint"):
-        out += [(f"uniform_w{w}a{a}", recipe.uniform(space, w, a)) for w, a in JOINT_UNIFORMS
+        pairs = list(JOINT_UNIFORMS) + [(3, 3)] * (3 in (s3.get("a_bits") or []) and 3 in (s3.get("bits") or []))
+        out += [(f"uniform_w{w}a{a}", recipe.uniform(space, w, a)) for w, a in pairs
                 if runs is None or (w in runs and a in runs)]
     for m in SEARCHED:
         if s3.get(m):
@@ -157,9 +158,8 @@ def create_baselines(args) -> dict:
               "dominance_basis": "AI, and the paired 95% bootstrap interval of the test accuracy difference: "
                                  "dominates only when it excludes zero",
               "report_split": s.split.report.name,
-              "images": {"search": s.split.search.describe(s.data, True),
-                         "confirm": s.split.confirm.describe(s.data, True) if s.split.confirm is not None else None,
-                         "report": s.split.report.describe(s.data, True)}}
+              "images": {role: p.describe(s.data, True) if p is not None else None
+                         for role, p in s.split.parts().items()}}
     if s.split.policy == "test halves":
         print(f"note: test accuracies are on the report half of the test set ({len(s.report_y)} images), which "
               f"the search never saw; val accuracies are on the search half")
@@ -220,10 +220,54 @@ def seeds_drop(ref, cand) -> tuple[float, list[float]]:
     return pd.drop, bootstrap_drop_interval(pd)
 
 
+SELECTION_RULE = ("on the select images (no search or confirm step saw them): the seed with the best accuracy (the "
+                  "first on ties); it is the answer unless its paired gain over the post-training weights of the "
+                  "same configuration, on the same images, is below 0 (margin 0), when the post-training weights stay")
+QAT_BUDGET, QAT_BUDGET_Z = 1.0, 1.645   # a chosen fine-tune: drop vs fine-tuned fp32 + z x SE <= 1 point on confirm
+
+
+class BudgetTest:
+    """The test a chosen fine-tuned answer passes on the confirm images (which the select step never saw): its
+    paired drop from the fine-tuned fp32 (``reference``, set once fp32 is fine-tuned; the original float model
+    where fp32 is not fine-tuned in this run) plus QAT_BUDGET_Z x its SE is at most QAT_BUDGET points, whatever
+    the search's --max-drop."""
+
+    def __init__(self, s, batch_size: int):
+        self.s, self.batch_size = s, batch_size
+        self.float_reference = None if s.confirm_x is None else \
+            correct_credit(fold_bn(s.model), s.confirm_x, s.confirm_y, s.normalize, batch_size)
+        self.reference = None
+
+    def credit(self, model):
+        s = self.s
+        return None if s.confirm_x is None else correct_credit(model, s.confirm_x, s.confirm_y, s.normalize,
+                                                               self.batch_size)
+
+    def rule(self) -> str:
+        return (f"confirm drop vs the fine-tuned fp32 (else the original float) + {QAT_BUDGET_Z} x SE <= "
+                f"{QAT_BUDGET} point, on the confirm images")
+
+    def test(self, credit) -> dict | None:
+        if credit is None:
+            return {"passed": None, "why": "no confirm images (--confirm-size 0)"}
+        tuned = self.reference is not None
+        pd = paired_drop(self.reference if tuned else self.float_reference, credit)
+        return {"reference": "fine-tuned fp32" if tuned else "original float", "images": len(credit),
+                "drop": pd.drop, "se": pd.se, "z": QAT_BUDGET_Z, "budget": QAT_BUDGET,
+                "passed": pd.drop + QAT_BUDGET_Z * pd.se <= QAT_BUDGET}
+
+    @staticmethod
+    def describe(t: dict | None) -> str:
+        if not t or t.get("passed") is None:
+            return ""
+        return (f"; budget test on {t['images']} confirm images: drop {t['drop']:.2f} + {t['z']} x {t['se']:.2f} "
+                f"{'<=' if t['passed'] else '>'} {t['budget']} vs {t['reference']}: {'passed' if t['passed'] else 'FAILED'}")
+
+
 def choose_answer(runs: list[dict]) -> tuple[str, dict]:
-    """("fine-tuned" or "post-training", the run chosen): the fine-tune (one per seed) with the best accuracy on
-    the selection images, the first seed on ties, unless it ends below the post-training accuracy of the same
-    configuration on those images (``below_post_training``): then the post-training weights stay the answer."""
+    """("fine-tuned" or "post-training", the run chosen), by SELECTION_RULE: the fine-tune (one per seed) with the
+    best accuracy on the select images, the first seed on ties, unless its paired gain over the post-training
+    weights there is negative (``below_post_training``): then the post-training weights stay the answer."""
     best = max(runs, key=lambda r: r["selection_acc"])
     return ("post-training" if best["below_post_training"] else "fine-tuned"), best
 
@@ -234,11 +278,9 @@ def _acc(credit) -> float:
 
 def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict:
     """Fine-tune each selected configuration from the float checkpoint under one recipe, with each of
-    --qat-seeds seeds, and add qat_* fields to its entry. Selection is made on validation images, never on
-    test: on the confirm split when there is one, else on the search images ("qat_selected_on"). The
-    answer of a configuration is its fine-tune with the best selection accuracy, unless that ends below the
-    post-training accuracy of the same configuration on the same images: then the post-training weights stay
-    the answer, and the JSON says so. Drops are paired against the fine-tuned fp32 and the original float,
+    --qat-seeds seeds, and add qat_* fields to its entry. Every decision is made on the select images, which no
+    search or confirm step saw, never on test (SELECTION_RULE); a fine-tuned answer then passes BudgetTest on
+    the confirm images, and the JSON records both. Drops are paired against the fine-tuned fp32 and the original float,
     per image over the mean of the seeds. Returns the top-level fields."""
     names = [n for n, _ in candidates]
     check_qat_args(args, names)
@@ -261,10 +303,14 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
               "loss": DISTILL if args.qat_distill else "cross-entropy on the labels",
               "train_images": len(pool), "train_indices_sha256": indices_sha256(pool),
               "amp": "bf16 autocast (quantizers in fp32)" if s.device.type == "cuda" else "none (fp32)"}
-    selected_on = "confirm" if s.confirm_x is not None else "val"
-    sel_x, sel_y = (s.confirm_x, s.confirm_y) if selected_on == "confirm" else (s.eval_x, s.eval_y)
-    sel_eval = s.evaluator(sel_x, sel_y, args.eval_batch_size, cache_activations=False) \
-        if selected_on == "confirm" else None
+    if s.select_x is None:
+        raise UserError("fine-tuning is decided on the select images (between post-training and fine-tuned weights, "
+                        "and among seeds), and this run has none: drop --select-size 0, or name a 'select' part in "
+                        "the --holdout file.")
+    start = "adaround" if args.qat_start == "post-training" and s.recipe.ptq == "adaround" else "nearest"
+    recipe["start"] = start
+    sel_eval = s.evaluator(s.select_x, s.select_y, args.eval_batch_size, cache_activations=False)
+    budget = BudgetTest(s, args.eval_batch_size)
     teacher = fold_bn(s.model).to(s.device) if args.qat_distill else None
     base_sha = sha256_file(s.checkpoint)
     masks = {}      # name -> list of test masks of the fine-tunes, one per seed
@@ -287,10 +333,10 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
 
         def prepared():
             return prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
-                               **s.recipe.weight_kwargs(),
-                               bn=args.qat_bn).to(s.device)
-        ptq_sel = e["val_acc"] if sel_eval is None else sel_eval.evaluate(cfg).accuracy
-        runs, tests = [], []
+                               **s.recipe.weight_kwargs(), bn=args.qat_bn,
+                               levels=s.levels if start == "adaround" else None).to(s.device)
+        ptq_sel = sel_eval.evaluate(cfg).correct
+        runs, tests, confirms = [], [], []
         for k, seed in enumerate(seeds):
             path = Path(args.checkpoint_dir) / (f"qat_{name}.pt" if k == 0 else f"qat_{name}_seed{seed}.pt")
             run = finetune(prepared(), path, {**base_key, "seed": seed}, {**meta, "seed": seed}, padded, labels,
@@ -299,17 +345,22 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
                            warmup_steps=warmup, freeze_bn_step=freeze)
             m = run["model"]
             v = correct_credit(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
-            sel = v if sel_eval is None else correct_credit(m, sel_x, sel_y, s.normalize, args.eval_batch_size)
+            sel = correct_credit(m, s.select_x, s.select_y, s.normalize, args.eval_batch_size)
             t = correct_credit(m, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
             tests.append(t)
+            confirms.append(budget.credit(m))
+            gain = drop_of_differences(sel - ptq_sel.to(sel.dtype))   # fine-tuned minus post-training, per image
             runs.append({"seed": seed, "val_acc": _acc(v), "selection_acc": _acc(sel), "test_acc": _acc(t),
-                         "below_post_training": _acc(sel) < ptq_sel, "checkpoint": str(path),
+                         "selection_gain": gain.drop, "selection_gain_ci95": bootstrap_drop_interval(gain),
+                         "below_post_training": gain.drop < 0, "checkpoint": str(path),
                          "status": run["status"], "seconds": run["seconds"], "history": run["history"]})
         masks[name] = tests
         test_accs = [r["test_acc"] for r in runs]
         mean_test = float(np.mean(test_accs))
         n_test = len(tests[0])
         answer, best = choose_answer(runs)
+        if name == "fp32" and confirms[0] is not None:   # the fine-tuned fp32, per image over its seeds
+            budget.reference = torch.stack(confirms).mean(0)
         if answer == "post-training":
             # the post-training model the evaluators computed (learned levels included), in the checkpoint's form
             keep_post_training(Path(best["checkpoint"]), placed_model(s.model, cfg, act, s.target, s.recipe, s.levels))
@@ -319,7 +370,9 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
                  qat_test_acc=mean_test,
                  qat_test_acc_sd=float(np.std(test_accs, ddof=1)) if len(runs) > 1 else None,
                  qat_test_acc_ci95=wilson_interval(int(round(mean_test * n_test / 100)), n_test),
-                 qat_post_training_selection_acc=ptq_sel,
+                 qat_post_training_selection_acc=_acc(ptq_sel),
+                 qat_budget_test=budget.test(confirms[runs.index(best)]) if answer == "fine-tuned" and name != "fp32"
+                 else None,
                  qat_below_post_training=[r["below_post_training"] for r in runs],
                  qat_answer=answer, qat_answer_seed=None if answer == "post-training" else best["seed"],
                  qat_answer_test_acc=e["test_acc"] if answer == "post-training" else best["test_acc"],
@@ -330,8 +383,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         e.update(qat_test_drop_vs_float=drop, qat_test_drop_vs_float_ci95=ci)
         sd = f" (sd {e['qat_test_acc_sd']:.2f} over {len(seeds)} seeds)" if len(seeds) > 1 else ""
         print(f"{name}: fine-tuned {args.qat_epochs} epochs ({runs[0]['status']}): test {e['test_acc']:.2f}% -> "
-              f"{mean_test:.2f}%{sd}" + ("; below post-training on the " + selected_on + " images, which stays the "
-                                         "answer" if answer == "post-training" else ""))
+              f"{mean_test:.2f}%{sd}" + ("; below post-training on the select images, which stays the answer"
+                                         if answer == "post-training" else budget.describe(e["qat_budget_test"])))
     for name in masks:
         e = by_name[name]
         if "fp32" in masks:
@@ -339,7 +392,8 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
             e.update(qat_test_drop=drop, qat_test_drop_ci95=ci)
         else:
             e.update(qat_test_drop=None, qat_test_drop_ci95=None)
-    return {"qat_selected_on": selected_on, "qat_recipe": recipe, "qat_seeds": seeds,
+    return {"qat_selected_on": "select", "qat_selection_rule": SELECTION_RULE, "qat_budget_rule": budget.rule(),
+            "qat_recipe": recipe, "qat_seeds": seeds,
             "qat_comparisons": qat_comparisons(configs, masks)}
 
 

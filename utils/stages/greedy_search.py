@@ -16,7 +16,8 @@ from tqdm import tqdm
 from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence
 from quant.cost import CostModel
 from quant.recipe import Recipe
-from quant.search import EvalCache, Measured, audit_pruning, greedy_search, pareto_frontier, verify_frontier
+from quant.search import (EvalCache, Measured, audit_pruning, greedy_search, most_accurate_above, pareto_frontier,
+                          verify_frontier)
 from quant.stats import BUDGET_Z, Budget, paired_drop
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
 from utils.errors import UserError
@@ -104,6 +105,8 @@ def search_widths(args) -> dict:
         raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
     if args.audit_pruning < 0:
         raise UserError(f"--audit-pruning must be >= 0, got {args.audit_pruning}.")
+    if getattr(args, "min_ai", None) is not None and not args.min_ai >= 1:
+        raise UserError(f"--min-ai is a multiple of the FP32 AI, at least 1; got {args.min_ai}.")
     if args.max_evaluations is not None and args.max_evaluations < 1:
         raise UserError(f"--max-evaluations must be >= 1, got {args.max_evaluations}.")
     for flag, allowed in (("bits", WEIGHT_BITS), ("a_bits", ACT_BITS)):   # before any file is read
@@ -237,7 +240,11 @@ def search_widths(args) -> dict:
                            "segment": header["segments"][t]} for t in space.tensors],
               "greedy": None, "pareto": None}
     greedy_cfg = None
-    if args.method in ("greedy", "both"):
+    min_ai = getattr(args, "min_ai", None)
+    if min_ai is not None:
+        result["min_ai"] = min_ai_search(args, result, ladders, bytes_of, lambda grp, b: est(sig, grp, b), cache,
+                                         ai_of, describe, confirm_eval, budget, float_cfg)
+    if min_ai is None and args.method in ("greedy", "both"):
         bar = tqdm(desc="greedy steps", unit="step", dynamic_ncols=True)
 
         def progress(step, entry):
@@ -265,7 +272,7 @@ def search_widths(args) -> dict:
               f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else "")
               + confirmed_note(result["greedy"]))
 
-    if args.method in ("pareto", "both"):
+    if min_ai is None and args.method in ("pareto", "both"):
         options = {grp: [(b, bytes_of(grp, b), est(sig, grp, b)) for b in [FLOAT_BITS] + lad]
                    for grp, lad in ladders.items()}
         t = time.time()
@@ -303,6 +310,41 @@ def search_widths(args) -> dict:
     print_search(result)
     print(f"{cache.count} evaluations in {result['seconds']:.1f} s; wrote {path}")
     return result
+
+
+def min_ai_search(args, result, ladders, bytes_of, est, cache, ai_of, describe, confirm_eval, budget, float_cfg):
+    """--min-ai X: the most accurate configuration with at least X times the FP32 AI, from the Pareto frontier of
+    the estimate (quant.search.most_accurate_above, --pareto-verify evaluations), stored as the "pareto" entry with
+    source "min-ai". It is a starting point for fine-tuning, not a post-training answer: no budget chooses it, and
+    its confirm-split drop is measured and reported (``confirm_passed``: whether it would pass stage 3's rule)
+    but never swaps it for a wider configuration."""
+    target = args.min_ai * result["fp32_ai"]
+    options = {grp: [(b, bytes_of(grp, b), est(grp, b)) for b in [FLOAT_BITS] + lad] for grp, lad in ladders.items()}
+    frontier = pareto_frontier(options)
+    p = most_accurate_above(frontier, target, cache, ai_of, args.pareto_verify)
+    if p["config"] is None:
+        raise UserError(f"--min-ai {args.min_ai:g}: {p['note']} (the narrowest configuration reaches "
+                        f"{ai_of(frontier[-1].config) / result['fp32_ai']:.2f}x FP32). Give a smaller --min-ai, or "
+                        f"let stage 2 measure narrower widths (--bits, --a-bits).")
+    extra = {"confirm_drop": None, "confirm_drop_se": None, "confirm_acc": None, "confirm_passed": None,
+             "confirm_images": 0}
+    if confirm_eval is not None:
+        out = confirm_eval.evaluate(p["config"])
+        pd = paired_drop(confirm_eval.float_outcome.correct, out.correct)
+        extra = {"confirm_drop": pd.drop, "confirm_drop_se": pd.se, "confirm_acc": out.accuracy,
+                 "confirm_passed": pd.drop + result["confirm_z"] * pd.se <= args.max_drop,
+                 "confirm_images": confirm_eval.n}
+    result["pareto"] = describe(p["config"], p["measured"], source="min-ai", evaluations=p["evaluations"],
+                                frontier_size=len(frontier), note=None, **extra,
+                                verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc,
+                                           "drop": v["measured"].drop, "drop_se": v["measured"].se}
+                                          for v in p["verified"]])
+    print(f"--min-ai {args.min_ai:g}: {p['eligible']} frontier points reach AI {target:.2f}; of the {len(p['verified'])} "
+          f"evaluated, the most accurate: AI {p['ai']:.2f} ({p['ai'] / result['fp32_ai']:.2f}x) at "
+          f"{p['measured'].acc:.2f}% (drop {p['measured'].drop:.2f})")
+    return {"x_fp32": args.min_ai, "ai": target, "eligible": p["eligible"], "evaluated": len(p["verified"]),
+            "rule": "the most accurate (on the search images) of the frontier points with the smallest estimates "
+                    "that reach the AI; no budget, no confirm cut-back"}
 
 
 def confirmed_note(entry: dict) -> str:
