@@ -50,8 +50,8 @@ def get_args_parser():
     g.add_argument("--qat-scales", default="learned", choices=("learned", "fixed"),
                    help="quantizer scales learned by LSQ or held at their post-training values (default: learned)")
     g.add_argument("--qat-start", default=DEFAULT_QAT_START, choices=QAT_STARTS,
-                   help="post-training: start from the post-training weights stages 2-4 evaluate (learned rounding "
-                        "under --ptq adaround); nearest: from round-to-nearest, as before (default: "
+                   help="nearest: start from round-to-nearest; post-training: from the post-training weights stages 2-4 "
+                        "evaluate (learned rounding under --ptq adaround) (default: "
                         f"{DEFAULT_QAT_START})")
     g.add_argument("--keep-ends", default=None, type=int, metavar="BITS",
                    help="uniform configurations keep the first layer's weights, the image, the last layer's "

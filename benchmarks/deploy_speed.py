@@ -186,7 +186,7 @@ def deploy_speed(args) -> dict:
         notes.append(f"uniform W8A8: tensor ranges calibrated here as stage 2 does (torch.ao histogram MSE) on "
                      f"{len(s.calib_x)} training images; ONNX Runtime's quantizer on the first "
                      f"{min(args.ort_calib_images, len(calib_pool))} of them")
-    cm = CostModel("fused")
+    cm = CostModel.named("fused")
     fp32_ai = cm.ai(s.table, s.space.uniform(FLOAT_BITS, FLOAT_BITS))
 
     models = []      # (name, proto or path, fake-quant model or None, extra)

@@ -22,8 +22,9 @@ work with per-group bytes (``group_bytes``) plus a constant.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -204,73 +205,69 @@ def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=(1,
 
 @dataclass(frozen=True)
 class CostModel:
-    """Which convention charges the bytes (``fused`` or ``reference``), at which batch size; recorded
-    in every results JSON."""
-    name: str = DEFAULT_COST_MODEL
+    """A convention that charges the bytes a configuration moves, at a batch size; recorded in every results
+    JSON. The conventions are the subclasses (``FusedCost``, ``ReferenceCost``); ``CostModel.named(name,
+    batch_size)`` and ``from_json`` build one by name."""
     batch_size: int = 1
+    name: ClassVar[str]
+    prices_tensors: ClassVar[bool]     # can it charge a tensor at a width other than float?
+    row_unit: ClassVar[str]            # what one row of ``cost`` is: a "kernel" or a "layer"
 
     def __post_init__(self):
-        if self.name not in COST_MODELS or self.batch_size < 1:
-            raise UserError(f"cost model: name must be one of {', '.join(COST_MODELS)} and batch_size >= 1; got "
-                            f"{self.name!r}, {self.batch_size}.")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise UserError(f"cost model {self.name}: batch_size must be an integer >= 1, got {self.batch_size!r}.")
+
+    @staticmethod
+    def named(name: str = DEFAULT_COST_MODEL, batch_size: int = 1) -> "CostModel":
+        if name not in COST_MODEL_CLASSES:
+            raise UserError(f"cost model {name!r} is not one of {', '.join(COST_MODELS)}.")
+        return COST_MODEL_CLASSES[name](batch_size)
 
     def to_json(self, target: str = DEFAULT_TARGET) -> dict:
-        return {**asdict(self), "target": target, "convention": CONVENTIONS[self.name]}
+        return {"name": self.name, "batch_size": self.batch_size, "target": target,
+                "convention": CONVENTIONS[self.name]}
 
-    @classmethod
-    def from_json(cls, d: dict | None) -> "CostModel":
+    @staticmethod
+    def from_json(d: dict | None) -> "CostModel":
         d = d or {}
-        return cls(d.get("name", DEFAULT_COST_MODEL), int(d.get("batch_size", 1)))
+        return CostModel.named(d.get("name", DEFAULT_COST_MODEL), int(d.get("batch_size", 1)))
 
     def check(self, config: dict):
-        if self.name == "reference" and narrows_tensors(config):
-            raise UserError("the reference cost model charges activations in float (the reference work's "
-                            "weight-only convention), so it cannot price a configuration that narrows a tensor. "
-                            "Use --cost-model fused for activation widths.")
+        if not self.prices_tensors and narrows_tensors(config):
+            raise UserError(self.tensor_refusal("a configuration that narrows a tensor",
+                                                "Use --cost-model fused for activation widths."))
+
+    def check_tensor_widths(self, widths, what: str, hint: str):
+        """Refuse to search or measure tensor `widths` (narrower than float) under a cost model that cannot
+        price them; `what` names them, `hint` says what to do instead."""
+        if not self.prices_tensors and any(b != FLOAT_BITS for b in widths):
+            raise UserError(self.tensor_refusal(what, hint))
+
+    def tensor_refusal(self, what: str, hint: str) -> str:
+        return (f"the {self.name} cost model charges activations in float (the reference work's weight-only "
+                f"convention), so it cannot price {what}. {hint}")
 
     def group_bytes(self, table: KernelTable, group: tuple[str, str], bits: int) -> float:
         """Bytes one batch moves that depend on this group's width."""
-        kind, name = group
-        if kind == W:
-            return table.weights[name] * bits / 8
-        if self.name == "reference":
-            if bits != FLOAT_BITS:
-                self.check({group: bits})
-            return 0.0
-        return table.traffic(name) * bits / 8 * self.batch_size
+        raise NotImplementedError
 
     def constant_bytes(self, table: KernelTable) -> float:
-        """Bytes no width changes: the fp32 bias, and under ``reference`` the float activations."""
-        if self.name == "reference":
-            return float(sum(li.bias * BIAS_BYTES + (li.in_elems + li.out_elems) * FLOAT_BITS / 8 * self.batch_size
-                             for li in table.layers))
-        return float(sum(k.bias * BIAS_BYTES for k in table.kernels))
+        """Bytes no width changes."""
+        raise NotImplementedError
+
+    def rows(self, table: KernelTable, config: dict) -> list[dict]:
+        """One row (flops, bytes, widths) per kernel or layer of a full configuration."""
+        raise NotImplementedError
 
     def total_bytes(self, table: KernelTable, config: dict) -> float:
         self.check(config)
         return self.constant_bytes(table) + sum(self.group_bytes(table, g, b) for g, b in config.items())
 
     def cost(self, table: KernelTable, config: dict) -> dict:
-        """Totals, and per-kernel (fused) or per-layer (reference) rows, of a full configuration."""
+        """Totals, and the rows, of a full configuration."""
         self.check(config)
         flops = table.flops * self.batch_size
-        rows = []
-        if self.name == "reference":
-            for li in table.layers:
-                w = config[W, li.name]
-                b = li.weights * w / 8 + li.bias * BIAS_BYTES + (li.in_elems + li.out_elems) * 4 * self.batch_size
-                rows.append({"name": li.name, "kind": li.kind, "macs": li.macs, "weights": li.weights,
-                             "flops": li.flops * self.batch_size, "bytes": b, "w_bits": w, "a_bits": FLOAT_BITS})
-        else:
-            for k in table.kernels:
-                wb = sum(e * config[W, n] / 8 for n, e in k.weights)
-                tb = sum(e * config[A, t] / 8 for t, e in (*k.reads, k.writes)) * self.batch_size
-                b = wb + k.bias * BIAS_BYTES + tb
-                rows.append({"name": k.name, "flops": k.flops * self.batch_size, "weight_bytes": wb,
-                             "bias_bytes": k.bias * BIAS_BYTES, "tensor_bytes": tb, "bytes": b,
-                             "w_bits": [config[W, n] for n, _ in k.weights],
-                             "reads": [{"tensor": t, "elements": e, "bits": config[A, t]} for t, e in k.reads],
-                             "writes": {"tensor": k.writes[0], "elements": k.writes[1], "bits": config[A, k.writes[0]]}})
+        rows = self.rows(table, config)
         for r in rows:
             r["ai"] = r["flops"] / r["bytes"] if r["bytes"] else 0.0
         total = float(sum(r["bytes"] for r in rows))
@@ -278,6 +275,68 @@ class CostModel:
 
     def ai(self, table: KernelTable, config: dict) -> float:
         return table.flops * self.batch_size / self.total_bytes(table, config)
+
+
+@dataclass(frozen=True)
+class FusedCost(CostModel):
+    """Every tensor each kernel reads and writes, at its width, the elements it uses (CONVENTIONS["fused"])."""
+    name: ClassVar[str] = "fused"
+    prices_tensors: ClassVar[bool] = True
+    row_unit: ClassVar[str] = "kernel"
+
+    def group_bytes(self, table, group, bits):
+        kind, name = group
+        if kind == W:
+            return table.weights[name] * bits / 8
+        return table.traffic(name) * bits / 8 * self.batch_size
+
+    def constant_bytes(self, table):
+        return float(sum(k.bias * BIAS_BYTES for k in table.kernels))   # the folded fp32 biases
+
+    def rows(self, table, config):
+        rows = []
+        for k in table.kernels:
+            wb = sum(e * config[W, n] / 8 for n, e in k.weights)
+            tb = sum(e * config[A, t] / 8 for t, e in (*k.reads, k.writes)) * self.batch_size
+            rows.append({"name": k.name, "flops": k.flops * self.batch_size, "weight_bytes": wb,
+                         "bias_bytes": k.bias * BIAS_BYTES, "tensor_bytes": tb, "bytes": wb + k.bias * BIAS_BYTES + tb,
+                         "w_bits": [config[W, n] for n, _ in k.weights],
+                         "reads": [{"tensor": t, "elements": e, "bits": config[A, t]} for t, e in k.reads],
+                         "writes": {"tensor": k.writes[0], "elements": k.writes[1], "bits": config[A, k.writes[0]]}})
+        return rows
+
+
+@dataclass(frozen=True)
+class ReferenceCost(CostModel):
+    """The reference work's per-layer, weight-only convention (CONVENTIONS["reference"]): activations float."""
+    name: ClassVar[str] = "reference"
+    prices_tensors: ClassVar[bool] = False
+    row_unit: ClassVar[str] = "layer"
+
+    def group_bytes(self, table, group, bits):
+        kind, name = group
+        if kind == W:
+            return table.weights[name] * bits / 8
+        if bits != FLOAT_BITS:
+            self.check({group: bits})
+        return 0.0
+
+    def constant_bytes(self, table):   # the fp32 biases and the float activations of every layer
+        return float(sum(li.bias * BIAS_BYTES + (li.in_elems + li.out_elems) * FLOAT_BITS / 8 * self.batch_size
+                         for li in table.layers))
+
+    def rows(self, table, config):
+        rows = []
+        for li in table.layers:
+            w = config[W, li.name]
+            b = li.weights * w / 8 + li.bias * BIAS_BYTES + (li.in_elems + li.out_elems) * 4 * self.batch_size
+            rows.append({"name": li.name, "kind": li.kind, "macs": li.macs, "weights": li.weights,
+                         "flops": li.flops * self.batch_size, "bytes": b, "w_bits": w, "a_bits": FLOAT_BITS})
+        return rows
+
+
+COST_MODEL_CLASSES = {c.name: c for c in (FusedCost, ReferenceCost)}
+assert tuple(COST_MODEL_CLASSES) == COST_MODELS
 
 
 # Roofline: peak dense (no 2:4 sparsity) BF16/FP16 tensor-core throughput, and peak memory bandwidth.

@@ -24,8 +24,8 @@ from utils.config import load_config
 from utils.errors import UserError
 from utils.io import REPO_ROOT
 
-FUSED = CostModel("fused")
-REFERENCE = CostModel("reference")
+FUSED = CostModel.named("fused")
+REFERENCE = CostModel.named("reference")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_reference_exact_against_independent_count():
     table = kernel_table(CifarResNet(20, "B"))
     rng = np.random.default_rng(0)
     for batch in (1, 7):
-        cm = CostModel("reference", batch)
+        cm = CostModel.named("reference", batch)
         cfg = table.space.full({(W, li.name): int(rng.choice([2, 4, 8, 32])) for li in table.layers})
         hand = sum(li.weights * cfg[W, li.name] / 8 + li.bias * 4 + (li.in_elems + li.out_elems) * 4 * batch
                    for li in table.layers)
@@ -141,7 +141,7 @@ def test_fused_exact_against_independent_count(depth, shortcut, batch):
     hand = hand_kernels(depth, shortcut)
     assert [k.name for k in table.kernels] == [h[0] for h in hand]
     rng = np.random.default_rng(depth * 1000 + batch)
-    cm = CostModel("fused", batch)
+    cm = CostModel.named("fused", batch)
     for _ in range(5):
         cfg = table.space.full({g: int(rng.choice([2, 3, 4, 6, 8, 32])) for g in table.space.groups
                                 if rng.random() < 0.8})
@@ -186,12 +186,21 @@ def test_ort_cpu_target_has_separate_add_kernels():
 
 
 def test_cost_model_json_round_trip_and_bad_values():
-    cm = CostModel("reference", 4)
+    """The conventions are classes (no branch on a name): built by name and from their JSON, equal by batch
+    size and class; only the fused one prices tensors, and refusing a tensor width is one check."""
+    from quant.cost import FusedCost, ReferenceCost
+    cm = CostModel.named("reference", 4)
+    assert type(cm) is ReferenceCost and type(CostModel.named("fused")) is FusedCost and cm != FusedCost(4)
     assert CostModel.from_json(cm.to_json("generic")) == cm and CostModel.from_json(None) == FUSED
+    assert FUSED.prices_tensors and not cm.prices_tensors
+    cm.check_tensor_widths([32], "x", "y")     # float only: nothing to refuse
+    FUSED.check_tensor_widths([8, 4], "x", "y")
+    with pytest.raises(UserError, match="cannot price tensor widths 8. Hint."):
+        cm.check_tensor_widths([32, 8], "tensor widths 8", "Hint.")
     assert cm.to_json("ort-cpu")["target"] == "ort-cpu" and "per-layer" in cm.to_json()["convention"]
     for bad in (("cheap", 1), ("fused", 0)):
         with pytest.raises(UserError):
-            CostModel(*bad)
+            CostModel.named(*bad)
 
 
 def test_kernel_table_needs_the_unfolded_model():

@@ -61,3 +61,36 @@ def test_ptq_methods_smoke(quick_stage1, tmp_path):
     assert ab["set"] != "test" and [x["setting"] for x in ab["rows"]] == ["nearest", "5x16"]
     assert all("search_acc" in x and "test_acc" not in x for x in ab["rows"])
     assert list((tmp_path / "cache").glob("ptq-adaround-*.pt"))
+
+
+def test_qat_ablation_smoke(quick_stage1, tmp_path):
+    """benchmarks/qat_ablation.py on the session's quick checkpoint, one epoch: variants judged on the confirm
+    images (never test) with paired differences from default that bracket their estimates; default and the seed
+    variants under stage 4's checkpoint names; --evaluate-only rescoring the finished files gives the same
+    numbers, and refuses a variant never trained."""
+    out, ck = tmp_path / "abl.json", tmp_path / "ck"
+    common = ("--checkpoint", quick_stage1["checkpoint"], "--device", "cpu", "--quick", "--epochs", 1,
+              "--checkpoint-dir", ck, "--results-dir", tmp_path)
+    run_script("benchmarks/qat_ablation.py", *common, "--variants", "default", "seed1", "start_post_training",
+               "--out", out)
+    r = json.loads(out.read_text())
+    assert r["chosen_on"].endswith("confirm") and r["configuration"] == "uniform_w4a4"
+    assert sorted(p.name for p in ck.glob("qat_*.pt")) == [
+        "qat_uniform_w4a4.pt", "qat_uniform_w4a4__start_post_training.pt", "qat_uniform_w4a4_seed1.pt"]
+    v = r["variants"]
+    assert v["start_post_training"]["recipe"]["start"] == "adaround" and v["default"]["recipe"]["start"] == "nearest"
+    for name in ("seed1", "start_post_training"):
+        c = v[name]["confirm"]
+        lo, hi = c["diff_vs_default_ci95"]
+        assert lo <= c["diff_vs_default"] <= hi
+        assert c["diff_vs_default"] == pytest.approx(c["acc"] - v["default"]["confirm"]["acc"])
+    assert "test" not in json.dumps({n: {k: x for k, x in row.items() if k in ("confirm", "search")}
+                                     for n, row in v.items()})
+    again = tmp_path / "again.json"
+    run_script("benchmarks/qat_ablation.py", *common, "--variants", "default", "seed1", "start_post_training",
+               "--evaluate-only", "--out", again)
+    r2 = json.loads(again.read_text())
+    assert {n: x["confirm"] for n, x in r2["variants"].items()} == {n: x["confirm"] for n, x in v.items()}
+    bad = run_script("benchmarks/qat_ablation.py", *common, "--variants", "distill", "--evaluate-only",
+                     "--out", tmp_path / "bad.json", check=False)
+    assert bad.returncode != 0 and "train the variant distill first" in bad.stderr and "Traceback" not in bad.stderr

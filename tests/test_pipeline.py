@@ -22,7 +22,7 @@ from quant.widths import FLOAT_BITS, FORMAT, A, W
 from utils.io import SCHEMA_VERSIONS, sha256_file
 
 TOL = 1e-9  # the searches' own feasibility tolerance (quant.stats.FEASIBILITY_TOL)
-FUSED = CostModel("fused")
+FUSED = CostModel.named("fused")
 PLOTS = ("pareto", "sensitivity", "bit_allocation", "search_trajectory", "roofline", "training_curve")
 FILES = {"1": "01_baseline.json", "2": "02_per_layer.json", "3": "03_search.json", "4": "04_baselines.json"}
 A_BITS = (8, 4)
@@ -56,7 +56,7 @@ def joint(quick_stage1, tmp_path_factory):
     ckpts = results.parent / "qat"
     procs = {"3": run_script("3_greedy_search.py", *common, "--audit-pruning", 3),
              "4": run_script("4_create_baselines.py", *common, "--checkpoint-dir", ckpts, "--qat-epochs", 1,
-                             "--qat-configs", *QAT_CONFIGS),
+                             "--qat-configs", *QAT_CONFIGS, "--qat-start", "post-training"),
              "5": run_script("5_generate_plots.py", "--no-progress", "--results-dir", results)}
     return {"results": results, "procs": procs, "res": read_results(results), "checkpoint": quick_stage1["checkpoint"],
             "qat_dir": ckpts}
@@ -338,7 +338,7 @@ def test_stage4_fine_tuning(joint):
         assert ck["key"]["base_sha256"] == sha256_file(joint["checkpoint"])
         assert (c["qat_budget_test"] is None) == (c["qat_answer"] == "post-training" or name == "fp32")
     r4 = joint["res"]["4"]
-    assert r4["qat_selected_on"] == "select" and r4["qat_recipe"]["start"] == "adaround"   # --quick: adaround
+    assert r4["qat_selected_on"] == "select" and r4["qat_recipe"]["start"] == "adaround"   # --qat-start post-training, --ptq adaround
     assert not list(joint["qat_dir"].glob("*.tmp"))
 
 
@@ -437,7 +437,7 @@ def test_reference_cost_model_reproduces_the_reference_convention(quick_stage2, 
     assert r["cost_model"]["name"] == "reference" and round(r["fp32_ai"], 2) == 29.85
     p = run_script("2_per_layer_analysis.py", *quick_stage2["stage2_args"], "--cost-model", "reference",
                    "--a-bits", "8", "--results-dir", tmp_path / "other", check=False)
-    assert p.returncode == 2 and "reference convention charges activations in float" in " ".join(p.stderr.split())
+    assert p.returncode == 2 and "reference cost model charges activations in float" in " ".join(p.stderr.split())
     assert not (tmp_path / "other" / FILES["2"]).exists()
 
 

@@ -52,7 +52,7 @@ def write_fixture_results(folder, synthetic=False, seed=0):
     table = ktable.layers
     names = [l.name for l in table]
     params = {l.name: l.weights for l in table}
-    reference = CostModel("reference")
+    reference = CostModel.named("reference")
 
     def full(cfg):
         return ktable.space.full({("w", n): b for n, b in cfg.items()})

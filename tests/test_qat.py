@@ -490,6 +490,31 @@ def test_stage4_one_seed_answer_is_the_fine_tune_and_passes_the_budget_test(stag
         assert t["passed"] == (t["drop"] + 1.645 * t["se"] <= 1.0)
 
 
+def test_stage4_reuses_a_fine_tune_made_outside_it(stage4, tmp_path):
+    """A fine-tune made with utils.qat.fine_tune_config and the FineTuneRecipe of stage 4's flags (what
+    benchmarks/qat_ablation.py does) has stage 4's checkpoint name and key: stage 4 with --resume reuses it
+    instead of training again, and reports its weights."""
+    from utils.io import sha256_file
+    s = stage4
+    cands = [("fp32", s.space.uniform(FLOAT_BITS, FLOAT_BITS)), ("uniform_w4a4", s.space.uniform(4, 4))]
+    args = stage4_args(tmp_path, resume=True, qat_configs=["uniform_w4a4"])
+    ft = Q.FineTuneRecipe(args.qat_epochs, args.qat_lr, args.qat_batch_size, args.qat_warmup, args.qat_freeze_bn,
+                          args.qat_scales, args.qat_bn, args.qat_distill, args.qat_start)
+    pool = s.split.calibration_pool
+    padded = F.pad(torch.from_numpy(s.data.train_x[pool]), (0, 0, PAD, PAD, PAD, PAD))   # as stage 4 pads
+    labels = torch.from_numpy(s.data.train_y[pool])
+    quant = {"granularity": "channel", "clip": "mse"}
+    path = tmp_path / Q.checkpoint_name("uniform_w4a4", 0, s.seed)
+    outside = Q.fine_tune_config(s, "uniform_w4a4", cands[1][1], ft, ft.to_json(pool, s.device, s.recipe.ptq), quant,
+                                 sha256_file(s.checkpoint), s.seed, path, padded, labels)
+    assert outside["status"] == "trained" and path.name == "qat_uniform_w4a4.pt"
+    configs, val, test = ptq_entries(s, cands)
+    CB.fine_tune(args, s, cands, configs, val.float_outcome, test.float_outcome, s.ranges, quant)
+    e = configs[1]
+    assert e["qat_status"] == "reused" and e["qat_runs"][0]["test_acc"] == pytest.approx(
+        100 * float(correct_credit(outside["model"], s.report_x, s.report_y, NORM).mean()))
+
+
 def test_stage4_fine_tuning_needs_the_select_part(stage4, tmp_path):
     """Without select images (--select-size 0) fine-tuning refuses to run: no decision falls back to images an
     earlier step selected on."""

@@ -122,7 +122,7 @@ def main(args):
     table: KernelTable = kernel_table(model, args.target)
     folded = fold_bn(model)
     space = table.space
-    cm = CostModel(args.cost_model, args.batch_size)
+    cm = CostModel.named(args.cost_model, args.batch_size)
     if args.config is not None:
         config = load_config(args.config, space, args.a_bits)
         if args.w_bits is not None:
@@ -138,7 +138,7 @@ def main(args):
         x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(TRACE_SEED))
         tr = trace(folded, args.target, {n: b for (k, n), b in config.items() if k == W}, x)
         tr.update(cost_model=cm.name, model_args=model_args, ranges=source,
-                  charged_bytes=cost["bytes"] / cm.batch_size if cm.name == "fused" else None)
+                  charged_bytes=cost["bytes"] / cm.batch_size if cm.prices_tensors else None)
         if args.json:
             print(json.dumps(tr, indent=2))
             return
@@ -159,7 +159,7 @@ def main(args):
           f"modelled, not measured")
     names = [r["name"] for r in cost["rows"]]
     width = max(22, max(len(n) for n in names) + 2)
-    print(f"{'kernel' if cm.name == 'fused' else 'layer':<{width}}{'FLOPs':>12}{'w':>4}{'bytes':>14}{'AI':>9}")
+    print(f"{cm.row_unit:<{width}}{'FLOPs':>12}{'w':>4}{'bytes':>14}{'AI':>9}")
     for r in cost["rows"]:
         w = r["w_bits"] if isinstance(r["w_bits"], int) else ("/".join(map(str, r["w_bits"])) or "-")
         print(f"{r['name']:<{width}}{r['flops']:>12,}{w:>4}{r['bytes']:>14,.0f}{r['ai']:>9.2f}")

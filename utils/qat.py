@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -44,9 +45,10 @@ from quant.fold import bn_scale, fold_bn
 from quant.place import quantize_, skeleton_, slots, tensor_grids
 from quant.quantizer import Quantizer, levels_weight
 from quant.recipe import Recipe
-from quant.widths import FLOAT_BITS, W, weights_of
+from quant.widths import FLOAT_BITS, W, tensors_of, weights_of
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
+from utils.split import indices_sha256
 from utils.train import WarmupCosine, train_one_epoch
 
 QAT_FORMAT = 2           # "model" is the folded, deployable state (as in format 2 before BN was kept)
@@ -56,7 +58,7 @@ BN_MODES = ("kept", "folded")
 DEFAULT_BN = "kept"
 DEFAULT_FREEZE_BN = 0.5    # BN kept: running statistics from half-way on (stage 4's --qat-freeze-bn)
 QAT_STARTS = ("post-training", "nearest")   # stage 4's --qat-start: the weights a fine-tune starts from
-DEFAULT_QAT_START = "post-training"
+DEFAULT_QAT_START = "nearest"   # benchmarks/qat_ablation.py: the learned start measured no gain (README)
 BN_HANDLING = {
     "kept": "kept during fine-tuning (batch statistics, running statistics re-estimated on the quantized "
             "network, then frozen from bn_frozen_from_step on), each conv weight quantized in its folded form; "
@@ -253,6 +255,77 @@ def keep_post_training(path, post_training: nn.Module):
     ck["model"] = post_training.state_dict()
     ck["answer"] = "post-training"
     save_checkpoint(path, ck)
+
+
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    """One fine-tuning recipe (stage 4's --qat-* options), the same for every configuration it fine-tunes. Its
+    JSON (``to_json``) is what results files record as ``qat_recipe`` and what a fine-tune's checkpoint key
+    holds, so stage 4 and benchmarks/qat_ablation.py, built from the same recipe, write checkpoints the other
+    reuses."""
+    epochs: int
+    lr: float = 0.001                       # peak, per 128 images
+    batch_size: int = 128
+    warmup: float = 0.0                     # fraction of the steps
+    freeze_bn: float | None = DEFAULT_FREEZE_BN   # fraction of the steps (BN kept), None: never frozen
+    scales: str = "learned"
+    bn: str = DEFAULT_BN
+    distill: bool = False
+    start: str = DEFAULT_QAT_START
+
+    def steps(self, n_images: int) -> int:
+        return max(1, n_images // self.batch_size) * self.epochs
+
+    def warmup_steps(self, n_images: int) -> int:
+        steps = self.steps(n_images)
+        return min(steps, int(round(self.warmup * steps)))
+
+    def freeze_step(self, n_images: int) -> int | None:
+        return None if self.freeze_bn is None or self.bn != "kept" else int(round(self.freeze_bn * self.steps(n_images)))
+
+    def start_from(self, ptq: str) -> str:
+        """The rounding the fine-tune starts from: the learned one where the post-training weights have it."""
+        return "adaround" if self.start == "post-training" and ptq == "adaround" else "nearest"
+
+    def to_json(self, pool, device: torch.device, ptq: str) -> dict:
+        steps, warmup = self.steps(len(pool)), self.warmup_steps(len(pool))
+        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "momentum": MOMENTUM,
+                "nesterov": True, "weight_decay": WEIGHT_DECAY,
+                "schedule": f"linear warm-up over {warmup} of {steps} steps, then cosine to zero" if warmup else
+                            "cosine to zero, no warm-up",
+                "warmup_steps": warmup, "scales": self.scales, "bn": self.bn, "bn_handling": BN_HANDLING[self.bn],
+                "bn_frozen_from_step": self.freeze_step(len(pool)),
+                "loss": DISTILL if self.distill else "cross-entropy on the labels",
+                "train_images": len(pool), "train_indices_sha256": indices_sha256(pool),
+                "amp": "bf16 autocast (quantizers in fp32)" if device.type == "cuda" else "none (fp32)",
+                "start": self.start_from(ptq)}
+
+
+def checkpoint_name(config_name: str, seed_index: int, seed: int) -> str:
+    """`qat_<name>.pt` for the first seed, `qat_<name>_seed<s>.pt` for the others (stage 4's names)."""
+    return f"qat_{config_name}.pt" if seed_index == 0 else f"qat_{config_name}_seed{seed}.pt"
+
+
+def fine_tune_config(s, name: str, cfg: dict, ft: FineTuneRecipe, recipe_json: dict, quant: dict, base_sha: str,
+                     seed: int, path, padded, labels, teacher=None, resume: bool = False, desc: str | None = None) -> dict:
+    """Fine-tune configuration `cfg` of the post-training set-up `s` (utils.stages.common.Setup: model, ranges,
+    target, recipe, learned levels) under `ft` with one seed, checkpointed at `path` (``finetune``). The key holds
+    the base checkpoint's hash, the configuration, the recipe, the weight quantization, the target, the tensor
+    scales and the seed. Returns ``finetune``'s result."""
+    key = {"base_sha256": base_sha, "config": s.space.to_file(cfg), "recipe": recipe_json, "quantization": quant,
+           "target": s.target, "tensor_scales": {n: s.ranges[n]["scales"][str(a)]
+                                                 for n, a in tensors_of(cfg).items() if a != FLOAT_BITS},
+           "seed": seed}
+    meta = {"name": name, "config": [[list(g), b] for g, b in cfg.items()], "model_args": s.meta["model_args"],
+            "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe_json,
+            "target": s.target, "seed": seed}
+    qat = prepare_qat(s.model, cfg, s.ranges, s.target, learn_scales=ft.scales == "learned",
+                      **s.recipe.weight_kwargs(), bn=ft.bn,
+                      levels=s.levels if recipe_json["start"] == "adaround" else None).to(s.device)
+    n = len(labels)
+    return finetune(qat, path, key, meta, padded, labels, s.normalize, ft.epochs, ft.lr, ft.batch_size, seed,
+                    resume=resume, desc=desc or f"qat {name}", teacher=teacher if ft.distill else None,
+                    warmup_steps=ft.warmup_steps(n), freeze_bn_step=ft.freeze_step(n))
 
 
 def finetune(qat: nn.Module, path, key: dict, meta: dict, padded, labels, normalize, epochs: int, lr: float,

@@ -10,7 +10,7 @@ import torch
 
 from models.structure import DEFAULT_TARGET, TARGETS
 from quant.calibrate import METHOD as CALIBRATION_METHOD, calibrate
-from quant.cost import COST_MODELS, CostModel, KernelTable, kernel_table
+from quant.cost import COST_MODELS, CostModel, FusedCost, KernelTable, kernel_table
 from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
 from quant.fold import fold_bn
 from quant.adaround import AdaRoundSettings
@@ -201,7 +201,7 @@ class Setup:
     table: KernelTable        # kernels and tensors under the simulated target
     calib_x: torch.Tensor     # uint8 training images for tensor-range calibration
     data: object = None       # the utils.data.Dataset
-    cost_model: CostModel = CostModel()
+    cost_model: CostModel = FusedCost()
     recipe: Recipe = Recipe()
     ranges: dict | None = None
     calibration: dict | None = None
@@ -277,7 +277,7 @@ def _check_recorded(flag, given, recorded, ckpt):
 
 
 def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = None,
-               cost_model: CostModel = CostModel(), target: str = DEFAULT_TARGET) -> Setup:
+               cost_model: CostModel = FusedCost(), target: str = DEFAULT_TARGET) -> Setup:
     """Checkpoint -> model, preprocessing, and the search / report / calibration images. `recipe`: how weights
     are quantized (default: the target's, quant/recipe.py)."""
     if getattr(args, "eval_batch_size", 1) <= 0:

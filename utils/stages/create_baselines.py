@@ -20,8 +20,8 @@ from quant.stats import bootstrap_drop_interval, drop_of_differences, paired_dro
 from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of, weights_of
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
-from utils.qat import BN_HANDLING, DISTILL, MOMENTUM, WEIGHT_DECAY, finetune, keep_post_training, prepare_qat
-from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
+from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, keep_post_training
+from utils.split import QUICK_TRAIN_IMAGES, quick_images, quick_subset
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
 from utils.export import placed_model
@@ -112,9 +112,8 @@ def create_baselines(args) -> dict:
     calib = (s3.get("dataset") or {}).get("calibration", {}).get("images")
     cm = stage2_cost_model(s3, args.cost_model, s3_path)
     joint = bool(s3.get("joint"))
-    if joint and cm.name == "reference":
-        raise UserError(f"{s3_path} searched tensor widths, which --cost-model reference cannot price (it charges "
-                        f"tensors in float). Drop --cost-model.")
+    cm.check_tensor_widths(s3.get("a_bits") or [] if joint else [], f"the tensor widths {s3_path} searched",
+                           "Drop --cost-model.")
     s = load_setup(args, recipe, calib_images=calib,
                    cost_model=cm, target=s3.get("target", "generic"))
     check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], args.force)
@@ -290,25 +289,14 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table.layers), s.seed)
     padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
     labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
-    steps = max(1, len(pool) // args.qat_batch_size) * args.qat_epochs
-    warmup = min(steps, int(round(args.qat_warmup * steps)))
-    freeze = None if args.qat_freeze_bn is None or args.qat_bn != "kept" else int(round(args.qat_freeze_bn * steps))
     seeds = [s.seed + k for k in range(args.qat_seeds)]
-    recipe = {"epochs": args.qat_epochs, "lr": args.qat_lr, "batch_size": args.qat_batch_size, "momentum": MOMENTUM,
-              "nesterov": True, "weight_decay": WEIGHT_DECAY,
-              "schedule": f"linear warm-up over {warmup} of {steps} steps, then cosine to zero" if warmup else
-                          "cosine to zero, no warm-up",
-              "warmup_steps": warmup, "scales": args.qat_scales, "bn": args.qat_bn, "bn_handling": BN_HANDLING[args.qat_bn],
-              "bn_frozen_from_step": freeze,
-              "loss": DISTILL if args.qat_distill else "cross-entropy on the labels",
-              "train_images": len(pool), "train_indices_sha256": indices_sha256(pool),
-              "amp": "bf16 autocast (quantizers in fp32)" if s.device.type == "cuda" else "none (fp32)"}
+    ft = FineTuneRecipe(args.qat_epochs, args.qat_lr, args.qat_batch_size, args.qat_warmup, args.qat_freeze_bn,
+                        args.qat_scales, args.qat_bn, args.qat_distill, args.qat_start)
+    recipe = ft.to_json(pool, s.device, s.recipe.ptq)
     if s.select_x is None:
         raise UserError("fine-tuning is decided on the select images (between post-training and fine-tuned weights, "
                         "and among seeds), and this run has none: drop --select-size 0, or name a 'select' part in "
                         "the --holdout file.")
-    start = "adaround" if args.qat_start == "post-training" and s.recipe.ptq == "adaround" else "nearest"
-    recipe["start"] = start
     sel_eval = s.evaluator(s.select_x, s.select_y, args.eval_batch_size, cache_activations=False)
     budget = BudgetTest(s, args.eval_batch_size)
     teacher = fold_bn(s.model).to(s.device) if args.qat_distill else None
@@ -318,31 +306,19 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
     tuned = {}      # key -> name: a configuration equal to one already fine-tuned (pareto = greedy) reuses it
     for name, cfg in chosen:
         e = by_name[name]
-        base_key = {"base_sha256": base_sha, "config": s.space.to_file(cfg), "recipe": recipe, "quantization": quant,
-                    "target": s.target, "tensor_scales": {n: act[n]["scales"][str(a)]
-                                                          for n, a in tensors_of(cfg).items() if a != FLOAT_BITS}}
-        twin = tuned.setdefault(json.dumps({**base_key, "seeds": seeds}, sort_keys=True), name)
+        twin = tuned.setdefault(json.dumps({"config": s.space.to_file(cfg), "seeds": seeds}, sort_keys=True), name)
         if twin != name:
             e.update({k: v for k, v in by_name[twin].items() if k.startswith("qat_")},
                      qat_status=f"reused: same configuration and recipe as {twin}")
             masks[name] = masks[twin]
             print(f"{name}: the same configuration as {twin}; its fine-tune is reused")
             continue
-        meta = {"name": name, "config": [[list(g), b] for g, b in cfg.items()], "model_args": s.meta["model_args"],
-                "normalization": s.meta["normalization"], "quantization": quant, "recipe": recipe, "target": s.target}
-
-        def prepared():
-            return prepare_qat(s.model, cfg, act, s.target, learn_scales=args.qat_scales == "learned",
-                               **s.recipe.weight_kwargs(), bn=args.qat_bn,
-                               levels=s.levels if start == "adaround" else None).to(s.device)
         ptq_sel = sel_eval.evaluate(cfg).correct
         runs, tests, confirms = [], [], []
         for k, seed in enumerate(seeds):
-            path = Path(args.checkpoint_dir) / (f"qat_{name}.pt" if k == 0 else f"qat_{name}_seed{seed}.pt")
-            run = finetune(prepared(), path, {**base_key, "seed": seed}, {**meta, "seed": seed}, padded, labels,
-                           s.normalize, args.qat_epochs, args.qat_lr, args.qat_batch_size, seed, resume=args.resume,
-                           desc=f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""), teacher=teacher,
-                           warmup_steps=warmup, freeze_bn_step=freeze)
+            path = Path(args.checkpoint_dir) / checkpoint_name(name, k, seed)
+            run = fine_tune_config(s, name, cfg, ft, recipe, quant, base_sha, seed, path, padded, labels, teacher,
+                                   args.resume, f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""))
             m = run["model"]
             v = correct_credit(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
             sel = correct_credit(m, s.select_x, s.select_y, s.normalize, args.eval_batch_size)

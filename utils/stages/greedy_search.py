@@ -85,7 +85,7 @@ def stage2_cost_model(s2: dict, given: str | None, path) -> CostModel:
         return recorded
     print(f"note: {path} was costed with the {recorded.name} model; this stage charges bytes with the {given} model, "
           f"as --cost-model asks")
-    return CostModel(given, recorded.batch_size)
+    return CostModel.named(given, recorded.batch_size)
 
 
 def thin(points, k):
@@ -117,9 +117,8 @@ def search_widths(args) -> dict:
     if not w_ladder and not a_ladder:
         raise UserError(f"{s2_path} measured no widths to search.")
     cm = stage2_cost_model(s2, args.cost_model, s2_path)
-    if a_ladder and cm.name == "reference":
-        raise UserError("--cost-model reference charges tensors in float, so it cannot search tensor widths. Pass "
-                        "--a-bits 32 to search weights only under it, or drop --cost-model.")
+    cm.check_tensor_widths(a_ladder, "a search of tensor widths",
+                           "Pass --a-bits 32 to search weights only under it, or drop --cost-model.")
     calib = (s2.get("dataset") or {}).get("calibration", {}).get("images")
     recipe = Recipe.from_json(s2.get("quantization"))
     if args.quantize_logits and recipe.logits == "float" and a_ladder:

@@ -20,7 +20,6 @@ from quant.recipe import Recipe
 from quant.stats import paired_drop
 from quant.widths import A, W
 from utils import distributed as dist
-from utils.errors import UserError
 from utils.io import RESULTS_FILES
 from utils.stages.common import (act_ladder, load_setup, ptq_options, results_header, segment_names, weight_ladder,
                                  write_results)
@@ -72,11 +71,9 @@ def assemble(setup, rows, w_ladder, a_ladder) -> tuple[list[dict], list[dict]]:
 def per_layer_analysis(args) -> dict:
     t0 = time.time()
     w_ladder, a_ladder = weight_ladder(args), act_ladder(args)
-    cm = CostModel(args.cost_model or "fused")
-    if a_ladder and cm.name == "reference":
-        raise UserError(f"--a-bits {' '.join(map(str, a_ladder))} with --cost-model reference: the reference "
-                        f"convention charges activations in float, so it cannot price narrower tensors. Drop "
-                        f"--a-bits for the weight-only reproduction, or use --cost-model fused.")
+    cm = CostModel.named(args.cost_model or "fused")
+    cm.check_tensor_widths(a_ladder, f"--a-bits {' '.join(map(str, a_ladder))}",
+                           "Drop --a-bits for the weight-only reproduction, or use --cost-model fused.")
     recipe = Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range,
                                "quantized" if args.quantize_logits else "float", **ptq_options(args, cm.name))
     s = load_setup(args, recipe, calib_images=args.calib_images,
