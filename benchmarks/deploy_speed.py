@@ -50,9 +50,10 @@ from quant.widths import FLOAT_BITS, W  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.config import searched_answer  # noqa: E402
-from utils.export import (INT4_NOTE, config_summary, exportable_config, export_model, fusion_report,  # noqa: E402
-                          normalized_numpy, ort_logits, ort_session, placed_model, recorded_stage2, runtime_name,
-                          seeded_subset, to_onnx, check_agreement, with_weight_range)
+from utils.export import recorded_stage2, seeded_subset, with_weight_range  # noqa: E402
+from utils.onnx_export import INT4_NOTE, exportable_config, export_model, placed_model, to_onnx  # noqa: E402
+from utils.ort_run import (check_agreement, config_summary, fusion_report, normalized_numpy, ort_logits,  # noqa: E402
+                           ort_session, runtime_name)
 from utils.machine import describe_cpu, runtime_machine  # noqa: E402
 from quant.quantizer import WEIGHT_RANGES  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402

@@ -22,7 +22,9 @@ from quant.quantizer import WEIGHT_RANGES  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.export import normalized_numpy, placed_model, seeded_subset, to_onnx  # noqa: E402
+from utils.export import seeded_subset  # noqa: E402
+from utils.onnx_export import placed_model, to_onnx  # noqa: E402
+from utils.ort_run import normalized_numpy  # noqa: E402
 from utils.io import atomic_write_json, provenance  # noqa: E402
 from utils.machine import runtime_machine  # noqa: E402
 from utils.ort_x86 import K_ORDERS, conv_saturation  # noqa: E402

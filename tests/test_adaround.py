@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import utils.export as X
+import utils.onnx_export as G
 from models import build_model
 from quant.adaround import (AdaRoundSettings, fit_levels, initial_v, layer_inputs, learn_rounding, nearest_levels,
                             reconstruction_error, rectified_sigmoid)
@@ -78,7 +78,7 @@ def test_learned_levels_are_placed_evaluated_and_exported_exactly(net, tmp_path)
         layer = placed.get_submodule(name)
         q = layer.parametrizations.weight[0]
         assert torch.equal(q.integers(layer.parametrizations.weight.original), lv.to(torch.int32))
-    proto = X.to_onnx(placed)
+    proto = G.to_onnx(placed)
     inits = {i.name: i for i in proto.graph.initializer}
     for (name, _), lv in levels.items():
         assert np.array_equal(numpy_helper.to_array(inits[f"{name}.weight_int8"]), lv.numpy())

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 
 import utils.export as X
+import utils.ort_run as R
+import utils.onnx_export as G
 import utils.qat as Q
 from models import build_model
 from quant.calibrate import calibrate
@@ -81,8 +83,8 @@ def space(model, target=ORT):
 
 
 def exported(trained, cfg, target=ORT, signed_dtype=X.DEFAULT_SIGNED_DTYPE):
-    qm = X.placed_model(trained["model"], cfg, trained["ranges"][target], target)
-    return qm, X.to_onnx(qm, signed_dtype)
+    qm = G.placed_model(trained["model"], cfg, trained["ranges"][target], target)
+    return qm, G.to_onnx(qm, signed_dtype)
 
 
 def inits(proto):
@@ -99,11 +101,11 @@ def test_ort_cpu_w8a8_runs_in_integer_and_agrees(trained):
     QLinearAdd, the linear layer QGemm, the pool QLinearGlobalAveragePool; one QuantizeLinear for the image, one
     DequantizeLinear for the logits), and ONNX Runtime classifies like the fake-quant PyTorch model."""
     qm, proto = exported(trained, space(trained["model"]).uniform(8, 8))
-    f = X.fusion_report(proto)
+    f = R.fusion_report(proto)
     assert (f["convs"], f["adds"]) == (9, 3)
     assert f["integer_convs"] == 9 and f["integer_adds"] == 3 and f["integer_linears"] == 1 and f["integer_pools"] == 1
     assert f["quantize_nodes"] == 1 and f["dequantize_nodes"] == 1
-    c = X.check_agreement(proto, qm, trained["x"], trained["y"], NORM)
+    c = R.check_agreement(proto, qm, trained["x"], trained["y"], NORM)
     assert c["images"] == 600 and c["passed"], c
     assert c["agreement"] >= X.MIN_AGREEMENT and abs(c["acc_diff"]) <= X.MAX_ACC_DIFF
     assert c["torch_acc"] > 30     # a classifier, not chance: agreement means something
@@ -113,21 +115,21 @@ def test_generic_target_leaves_the_add_and_its_conv_float(trained):
     """Under the generic target the add is fused into conv2 and nothing quantized sits between them: ONNX Runtime
     runs conv2 (one per block) and the add in float; the export still computes what the simulation computes."""
     qm, proto = exported(trained, space(trained["model"], "generic").uniform(8, 8), "generic")
-    f = X.fusion_report(proto)
+    f = R.fusion_report(proto)
     assert f["integer_convs"] == 9 - 3 and f["integer_adds"] == 0
-    c = X.check_agreement(proto, qm, trained["x"], trained["y"], NORM)
+    c = R.check_agreement(proto, qm, trained["x"], trained["y"], NORM)
     assert c["passed"], c
 
 
 def test_fp32_export_computes_the_folded_float_model(trained):
     """Everything float: no Q/DQ at all, float initializers, and the same logits as the BN-folded model."""
     folded = fold_bn(trained["model"])
-    proto = X.to_onnx(folded)
+    proto = G.to_onnx(folded)
     ops = {n.op_type for n in proto.graph.node}
     assert not ops & {"QuantizeLinear", "DequantizeLinear"}
     assert all(i.data_type == TensorProto.FLOAT for i in proto.graph.initializer if i.name.endswith(("weight", "bias")))
-    a = X.ort_logits(X.ort_session(proto), trained["x"][:64], NORM)
-    b = X.torch_logits(folded, trained["x"][:64], NORM)
+    a = R.ort_logits(R.ort_session(proto), trained["x"][:64], NORM)
+    b = R.torch_logits(folded, trained["x"][:64], NORM)
     assert np.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -159,7 +161,7 @@ def test_qdq_structure(trained):
         assert b.dtype == np.int32 and np.allclose(bs, numpy_helper.to_array(init[xdq.input[1]]) * s)
     signed = kernel_table(trained["model"], ORT).signed
     for signed_dtype in ("uint8", "int8"):
-        proto = X.to_onnx(qm, signed_dtype)
+        proto = G.to_onnx(qm, signed_dtype)
         init = inits(proto)
         qs = {n.output[0]: n for n in proto.graph.node if n.op_type == "QuantizeLinear"}
         assert len(qs) == len(sp.tensors)
@@ -169,7 +171,7 @@ def test_qdq_structure(trained):
                 assert (z.dtype, int(z)) == (np.uint8, 0), tensor
             else:
                 assert (z.dtype, int(z)) == ((np.uint8, 128) if signed_dtype == "uint8" else (np.int8, 0)), tensor
-    sess = X.ort_session(proto)
+    sess = R.ort_session(proto)
     for batch in (1, 3):
         assert sess.run(None, {"input": np.zeros((batch, 3, 32, 32), np.float32)})[0].shape == (batch, 10)
 
@@ -188,10 +190,10 @@ def test_mixed_configuration_keeps_float_groups_float(trained):
     assert init["layer1.0.conv2.bias"].data_type == TensorProto.FLOAT and "layer1.0.conv2.weight_int8" in init
     assert "layer1.0.q1.scale" not in init
     assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) == len(sp.tensors) - 1
-    f = X.fusion_report(proto)
+    f = R.fusion_report(proto)
     assert f["integer_convs"] == 9 - 3      # layer2.0.conv1 (float weights), layer1.0.conv1 and conv2 (float tensor)
     assert init["layer1.0.conv1.bias"].data_type == TensorProto.FLOAT
-    assert X.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
+    assert R.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
 
 
 def test_int4_weights_export_at_opset_21(trained):
@@ -200,11 +202,11 @@ def test_int4_weights_export_at_opset_21(trained):
     cfg = space(trained["model"]).uniform(8, 8)
     cfg[W, "layer3.0.conv2"] = 4
     qm, proto = exported(trained, cfg)
-    assert proto.opset_import[0].version == X.OPSET_INT4
+    assert proto.opset_import[0].version == G.OPSET_INT4
     assert inits(proto)["layer3.0.conv2.weight_int4"].data_type == TensorProto.INT4
     assert "layer3.0.conv2.bias" in inits(proto)      # float bias: not fused
-    assert X.fusion_report(proto)["integer_convs"] == 9 - 1
-    assert X.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
+    assert R.fusion_report(proto)["integer_convs"] == 9 - 1
+    assert R.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
 
 
 def test_exportable_widths_and_rounding():
@@ -212,11 +214,11 @@ def test_exportable_widths_and_rounding():
     cfg = {(W, "a"): 8, (W, "b"): 3, (W, "c"): 6, (W, "d"): 4, (W, "e"): 32,
            (A, "x"): 8, (A, "y"): 4, (A, "z"): 32}
     with pytest.raises(X.UserError, match="--round-up-widths"):
-        X.exportable_config(cfg, round_up=False)
-    out, changed = X.exportable_config(cfg, round_up=True)
+        G.exportable_config(cfg, round_up=False)
+    out, changed = G.exportable_config(cfg, round_up=True)
     assert changed == {(W, "b"): (3, 4), (W, "c"): (6, 8), (A, "y"): (4, 8)}
     assert out == {**cfg, (W, "b"): 4, (W, "c"): 8, (A, "y"): 8}
-    assert X.exportable_config({(W, "a"): 8, (A, "x"): 32}, False) == ({(W, "a"): 8, (A, "x"): 32}, {})
+    assert G.exportable_config({(W, "a"): 8, (A, "x"): 32}, False) == ({(W, "a"): 8, (A, "x"): 32}, {})
 
 
 def test_mobilenetv2_exports_fully_integer_under_ort_cpu():
@@ -230,9 +232,9 @@ def test_mobilenetv2_exports_fully_integer_under_ort_cpu():
         model(x)
     model.eval()
     sp = space(model)
-    qm = X.placed_model(model, sp.uniform(8, 8), calibrate(fold_bn(model), ORT, [x], [8]), ORT,
+    qm = G.placed_model(model, sp.uniform(8, 8), calibrate(fold_bn(model), ORT, [x], [8]), ORT,
                         Recipe.for_target(ORT, clip="maxabs"))
-    f = X.fusion_report(X.to_onnx(qm))
+    f = R.fusion_report(G.to_onnx(qm))
     assert f["integer_convs"] == f["convs"] == 57 and f["integer_adds"] == f["adds"] == 14
 
 
@@ -340,7 +342,7 @@ def test_cli_bad_input(trained, tmp_path, capsys):
 
 def test_cli_exit_code_1_when_the_check_fails(trained, tmp_path, monkeypatch, capsys, data_once):
     """The file is written, the check's verdict is FAIL, and the exit code says so."""
-    monkeypatch.setattr(X, "MIN_AGREEMENT", 100.1)
+    monkeypatch.setattr(R, "MIN_AGREEMENT", 100.1)   # the check (utils.ort_run) reads its own threshold
     out = tmp_path / "m.onnx"
     assert cli(trained, "--w-bits", 8, "--a-bits", 8, "--onnx", out, "--check-images", 100) == 1
     assert "FAIL" in capsys.readouterr().out and out.exists()
@@ -387,7 +389,7 @@ def test_finetuned_checkpoint_round_trip(trained, finetuned, tmp_path, capsys):
                           q.integers(layer.parametrizations.weight.original).numpy().astype(np.int8))
     assert np.allclose(numpy_helper.to_array(init["layer2.0.conv2.weight_scale"]), q.scale.detach().numpy())
     assert init["layer3.0.conv1.weight"].data_type == TensorProto.FLOAT and "layer2.0.q1.scale" not in init
-    c = X.check_agreement(proto, qat, trained["x"], trained["y"], NORM)
+    c = R.check_agreement(proto, qat, trained["x"], trained["y"], NORM)
     assert c["passed"] and c["max_logit_diff"] < 0.5, c
 
 
@@ -458,9 +460,9 @@ def test_ort_cpu_default_range_7_levels_are_exported_exactly(trained):
         simulated = ev.weight(name, 8).numpy()
         assert np.allclose(levels.reshape(len(scale), -1) * scale[:, None], simulated.reshape(len(scale), -1),
                            rtol=1e-6, atol=0)
-    f = X.fusion_report(proto)
+    f = R.fusion_report(proto)
     assert f["integer_convs"] == 9 and f["integer_adds"] == 3
-    assert X.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
+    assert R.check_agreement(proto, qm, trained["x"], trained["y"], NORM)["passed"]
 
 
 def test_cli_weight_range_default_recorded_and_followed(trained, tmp_path, capsys):
@@ -500,7 +502,7 @@ def test_failed_check_names_the_saturation_on_cpus_without_vnni(trained, tmp_pat
     no_vnni = {"cpu": {"model": "AVX2 test CPU", "machine": "x86_64", "logical_cpus": 2, "int8_isa": ["avx2"],
                        "vnni": False}, "onnxruntime": "test", "providers": ["CPUExecutionProvider"]}
     monkeypatch.setattr(X, "runtime_machine", lambda: no_vnni)
-    monkeypatch.setattr(X, "MIN_AGREEMENT", 100.1)
+    monkeypatch.setattr(R, "MIN_AGREEMENT", 100.1)   # the check (utils.ort_run) reads its own threshold
     out = tmp_path / "m.onnx"
     assert cli(trained, "--w-bits", 8, "--a-bits", 8, "--onnx", out, "--check-images", 100, "--weight-range", 8) == 1
     text = flat(capsys.readouterr().out)
@@ -547,7 +549,7 @@ def test_shipped_model_saturates_without_vnni_on_the_full_range_only():
     ranges = calibrate(fold_bn(model), ORT, [calib], [8])
     cfg = space(model).uniform(8, 8)
     for r in (8, 7):
-        proto = X.to_onnx(X.placed_model(model, cfg, ranges, ORT, Recipe.for_target(ORT, weight_range=r)))
+        proto = G.to_onnx(G.placed_model(model, cfg, ranges, ORT, Recipe.for_target(ORT, weight_range=r)))
         for order in ("hwc", "chw"):
             rep = conv_saturation(proto, x, order)
             assert len(rep) == 21

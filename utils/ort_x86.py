@@ -80,7 +80,7 @@ def conv_inputs(proto, x: np.ndarray, names) -> dict[str, np.ndarray]:
     """The values of the tensors `names` when ONNX Runtime runs `proto` (unoptimized) on the input batch `x`."""
     import onnx
     from onnx import TensorProto, helper
-    from utils.export import ort_session
+    from utils.ort_run import ort_session
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     for n in names:

@@ -24,7 +24,7 @@ from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, keep_po
 from utils.split import QUICK_TRAIN_IMAGES, quick_images, quick_subset
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
-from utils.export import placed_model
+from utils.onnx_export import placed_model
 from utils.train import PAD, correct_credit, to_device_uint8
 
 JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too; W3A3 when 3 bits were too
