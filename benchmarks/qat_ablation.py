@@ -47,7 +47,7 @@ from utils.train import PAD, correct_credit, to_device_uint8  # noqa: E402
 
 DEFAULT = FineTuneRecipe(epochs=0)   # stage 4's defaults; each variant changes one field (epochs set by --epochs)
 VARIANTS = {"default": {}, "distill": {"distill": True}, "keep_ends8": {"keep_ends": 8},
-            "lr0.003": {"lr": 0.003}, "lr0.0003": {"lr": 0.0003}, "warmup0.1": {"warmup": 0.1},
+            "lr0.003": {"lr": 0.003}, "lr0.01": {"lr": 0.01}, "lr0.0003": {"lr": 0.0003}, "warmup0.1": {"warmup": 0.1},
             "freeze_bn0.25": {"freeze_bn": 0.25}, "freeze_bn0.8": {"freeze_bn": 0.8},
             "scales_fixed": {"scales": "fixed"}, "start_post_training": {"start": "post-training"}, "seed1": {"seed_offset": 1}, "seed2": {"seed_offset": 2}}
 
