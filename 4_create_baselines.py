@@ -15,7 +15,7 @@ import argparse
 
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
-from utils.qat import DEFAULT_FREEZE_BN, DEFAULT_QAT_START, QAT_STARTS
+from utils.qat import DEFAULT_FREEZE_BN, DEFAULT_QAT_LR, DEFAULT_QAT_START, QAT_STARTS
 from utils.stages.create_baselines import create_baselines
 
 
@@ -27,8 +27,9 @@ def get_args_parser():
                         "float (default: 0, post-training only)")
     g.add_argument("--qat-configs", default=None, nargs="+", metavar="NAME",
                    help="fine-tune only these (fp32, uniform_w4, uniform_w4a4, greedy, ...) (default: all)")
-    g.add_argument("--qat-lr", default=0.001, type=float,
-                   help="peak learning rate per 128 images, cosine to zero (default: 0.001)")
+    g.add_argument("--qat-lr", default=DEFAULT_QAT_LR, type=float,
+                   help=f"peak learning rate per 128 images, cosine to zero (default: {DEFAULT_QAT_LR}, chosen by "
+                        f"benchmarks/qat_ablation.py on the confirm images)")
     g.add_argument("--qat-bn", default="kept", choices=("kept", "folded"),
                    help="kept: BN stays during fine-tuning (batch statistics) with each conv weight quantized in "
                         "its folded form, and is folded at the end, so the folded model is what is evaluated and "

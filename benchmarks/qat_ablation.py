@@ -47,7 +47,7 @@ from utils.train import PAD, correct_credit, to_device_uint8  # noqa: E402
 
 DEFAULT = FineTuneRecipe(epochs=0)   # stage 4's defaults; each variant changes one field (epochs set by --epochs)
 VARIANTS = {"default": {}, "distill": {"distill": True}, "keep_ends8": {"keep_ends": 8},
-            "lr0.003": {"lr": 0.003}, "lr0.01": {"lr": 0.01}, "lr0.0003": {"lr": 0.0003}, "warmup0.1": {"warmup": 0.1},
+            "lr0.001": {"lr": 0.001}, "lr0.003": {"lr": 0.003}, "lr0.01": {"lr": 0.01}, "lr0.0003": {"lr": 0.0003}, "warmup0.1": {"warmup": 0.1},
             "freeze_bn0.25": {"freeze_bn": 0.25}, "freeze_bn0.8": {"freeze_bn": 0.8},
             "scales_fixed": {"scales": "fixed"}, "start_post_training": {"start": "post-training"}, "seed1": {"seed_offset": 1}, "seed2": {"seed_offset": 2}}
 
@@ -59,6 +59,9 @@ def get_args_parser():
     g.add_argument("--w", default=4, type=int, help="weight width of every layer, 32 = float (default: 4)")
     g.add_argument("--a", default=4, type=int, help="width of every tensor, logits float, 32 = float (default: 4)")
     g.add_argument("--resume", action="store_true", help="continue or reuse the variants' checkpoints")
+    g.add_argument("--base", default="default", choices=list(VARIANTS),
+                   help="the recipe every variant changes one thing of (default: stage 4's); with another base, "
+                        "checkpoints are named qat_<config>__<base>+<variant>.pt and stage 4 does not reuse them")
     g.add_argument("--evaluate-only", action="store_true",
                    help="train nothing: evaluate the variants' finished checkpoints (from the file alone)")
     return p
@@ -68,9 +71,9 @@ def config_name(w: int, a: int) -> str:
     return "fp32" if w == a == FLOAT_BITS else (f"uniform_w{w}" if a == FLOAT_BITS else f"uniform_w{w}a{a}")
 
 
-def variant_of(name: str, epochs: int) -> tuple[FineTuneRecipe, int | None, int]:
-    """(recipe, keep_ends, seed offset) of a variant."""
-    v = dict(VARIANTS[name])
+def variant_of(name: str, epochs: int, base: str = "default") -> tuple[FineTuneRecipe, int | None, int]:
+    """(recipe, keep_ends, seed offset) of a variant: the base's changes, then the variant's."""
+    v = {**VARIANTS[base], **VARIANTS[name]}
     keep_ends, offset = v.pop("keep_ends", None), v.pop("seed_offset", 0)
     return dataclasses.replace(DEFAULT, epochs=epochs, **v), keep_ends, offset
 
@@ -79,11 +82,12 @@ def ckpt_path(args, name: str, seed: int) -> Path:
     """Stage 4's checkpoint names: `default` and the seed variants are stage 4's own fine-tunes of the
     configuration (qat_<config>.pt, qat_<config>_seed<s>.pt), which its --resume reuses; the others carry the
     variant's name."""
-    base = config_name(args.w, args.a)
-    _, keep_ends, offset = variant_of(name, args.epochs)
-    if name == "default" or name.startswith("seed"):
-        return Path(args.checkpoint_dir) / checkpoint_name(base, offset, seed)
-    return Path(args.checkpoint_dir) / f"qat_{base}__{name}.pt"
+    cfg = config_name(args.w, args.a)
+    _, keep_ends, offset = variant_of(name, args.epochs, args.base)
+    if args.base == "default" and (name == "default" or name.startswith("seed")):
+        return Path(args.checkpoint_dir) / checkpoint_name(cfg, offset, seed)
+    label = name if args.base == "default" else (args.base if name == "default" else f"{args.base}+{name}")
+    return Path(args.checkpoint_dir) / f"qat_{cfg}__{label}.pt"
 
 
 def scored(credit, ref) -> dict:
@@ -98,7 +102,7 @@ def scored(credit, ref) -> dict:
 
 def trained(args, s, name, pool, padded, labels, teacher, base_sha):
     """(model, row) of one variant: fine-tuned (or resumed, reused) as stage 4 does, or loaded (--evaluate-only)."""
-    ft, keep_ends, offset = variant_of(name, args.epochs)
+    ft, keep_ends, offset = variant_of(name, args.epochs, args.base)
     path = ckpt_path(args, name, s.seed + offset)
     if args.evaluate_only:
         if not path.is_file():
@@ -135,17 +139,18 @@ def qat_ablation(args) -> dict:
         padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
         labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
         teacher = fold_bn(s.model).to(s.device)
-        if any(variant_of(n, args.epochs)[0].start_from(s.recipe.ptq) == "adaround" for n in args.variants):
+        if any(variant_of(n, args.epochs, args.base)[0].start_from(s.recipe.ptq) == "adaround" for n in args.variants):
             s.learn_levels({(n, args.w) for n in s.space.layers} if args.w != FLOAT_BITS else set())
     prev = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
     out = {"benchmark": "qat_ablation", "checkpoint": str(s.checkpoint), "configuration": config_name(args.w, args.a),
-           "epochs": args.epochs, "chosen_on": s.split.confirm.name, "dataset": s.data_info,
+           "epochs": args.epochs, "base": {"name": args.base, "changes": VARIANTS[args.base]},
+           "chosen_on": s.split.confirm.name, "dataset": s.data_info,
            "quantization": s.recipe.to_json(), "variants": (prev or {}).get("variants", {})}
     base_sha = sha256_file(s.checkpoint)
     ref = {}
     for name in sorted(args.variants, key=lambda n: n != "default"):   # default first: the reference
         model, row = trained(args, s, name, pool, padded, labels, teacher, base_sha)
-        row.update(variant=VARIANTS[name], seconds_per_epoch=row["seconds"] / max(1, len(row["history"])))
+        row.update(variant={**VARIANTS[args.base], **VARIANTS[name]}, seconds_per_epoch=row["seconds"] / max(1, len(row["history"])))
         for part, x, y in (("confirm", s.confirm_x, s.confirm_y), ("search", s.eval_x, s.eval_y)):
             credit = correct_credit(model, x, y, s.normalize, args.eval_batch_size)
             if name == "default":

@@ -7,6 +7,7 @@ import pytest
 from conftest import run_script
 
 
+@pytest.mark.slow
 def test_gpu_suite_tiny(tmp_path):
     """Every section is there with positive timings and sane ratios; the training run reached some accuracy."""
     out = tmp_path / "suite.json"
@@ -91,6 +92,13 @@ def test_qat_ablation_smoke(quick_stage1, tmp_path):
                "--evaluate-only", "--out", again)
     r2 = json.loads(again.read_text())
     assert {n: x["confirm"] for n, x in r2["variants"].items()} == {n: x["confirm"] for n, x in v.items()}
+    based = tmp_path / "based.json"     # another base recipe: its own names, which stage 4 never reuses
+    run_script("benchmarks/qat_ablation.py", *common, "--base", "lr0.0003", "--variants", "default", "scales_fixed",
+               "--out", based)
+    rb = json.loads(based.read_text())["variants"]
+    assert (ck / "qat_uniform_w4a4__lr0.0003.pt").exists() and (ck / "qat_uniform_w4a4__lr0.0003+scales_fixed.pt").exists()
+    assert rb["default"]["recipe"]["lr"] == rb["scales_fixed"]["recipe"]["lr"] == 0.0003
+    assert rb["scales_fixed"]["recipe"]["scales"] == "fixed" and rb["default"]["recipe"]["scales"] == "learned"
     bad = run_script("benchmarks/qat_ablation.py", *common, "--variants", "distill", "--evaluate-only",
                      "--out", tmp_path / "bad.json", check=False)
     assert bad.returncode != 0 and "train the variant distill first" in bad.stderr and "Traceback" not in bad.stderr

@@ -395,6 +395,7 @@ def test_no_temp_files_left(pipeline):
 
 # ---------------------------------------------------------------- other architectures
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet56", "mobilenetv2"])
 def test_run_pipeline_on_other_architectures(tmp_path, arch):
     """run_pipeline.sh --quick --dataset synthetic --arch X: every stage runs on the architecture, the

