@@ -248,7 +248,12 @@ class CostModel:
                 f"convention), so it cannot price {what}. {hint}")
 
     def group_bytes(self, table: KernelTable, group: tuple[str, str], bits: int) -> float:
-        """Bytes one batch moves that depend on this group's width."""
+        """Bytes one batch moves that depend on this group's width: a layer's weights, once per batch, under
+        every convention; a tensor's as the convention charges it (``tensor_bytes``)."""
+        kind, name = group
+        return table.weights[name] * bits / 8 if kind == W else self.tensor_bytes(table, name, bits)
+
+    def tensor_bytes(self, table: KernelTable, tensor: str, bits: int) -> float:
         raise NotImplementedError
 
     def constant_bytes(self, table: KernelTable) -> float:
@@ -284,11 +289,8 @@ class FusedCost(CostModel):
     prices_tensors: ClassVar[bool] = True
     row_unit: ClassVar[str] = "kernel"
 
-    def group_bytes(self, table, group, bits):
-        kind, name = group
-        if kind == W:
-            return table.weights[name] * bits / 8
-        return table.traffic(name) * bits / 8 * self.batch_size
+    def tensor_bytes(self, table, tensor, bits):   # every read and the write, per image
+        return table.traffic(tensor) * bits / 8 * self.batch_size
 
     def constant_bytes(self, table):
         return float(sum(k.bias * BIAS_BYTES for k in table.kernels))   # the folded fp32 biases
@@ -313,12 +315,9 @@ class ReferenceCost(CostModel):
     prices_tensors: ClassVar[bool] = False
     row_unit: ClassVar[str] = "layer"
 
-    def group_bytes(self, table, group, bits):
-        kind, name = group
-        if kind == W:
-            return table.weights[name] * bits / 8
+    def tensor_bytes(self, table, tensor, bits):   # float, and in constant_bytes
         if bits != FLOAT_BITS:
-            self.check({group: bits})
+            self.check({(A, tensor): bits})
         return 0.0
 
     def constant_bytes(self, table):   # the fp32 biases and the float activations of every layer

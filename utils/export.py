@@ -5,48 +5,15 @@
     python -m utils.export --checkpoint C --config results/03_search.json --onnx searched.onnx
     python -m utils.export --checkpoint checkpoints/qat_greedy.pt --onnx greedy_qat.onnx
 
-The file is standard ONNX, built node by node from the BN-folded model (``to_onnx``):
-
-* one input, ``input``: the normalized float image, NCHW, exactly what the PyTorch model takes, with a
-  dynamic batch dimension; one output, ``logits`` (float);
-* quantized weights as per-output-channel integer initializers (int8, levels -127..127, zero point 0;
-  int4 levels -7..7 at opset 21) with a DequantizeLinear; float weights stay float initializers;
-* every quantized tensor as one QuantizeLinear where its Slot writes it and a DequantizeLinear in front
-  of each reader, per tensor: uint8 (zero point 0) after a ReLU; a signed tensor's grid -128..127 as
-  uint8 with zero point 128 (``--signed-dtype uint8``, the default: the same levels, stored offset) or as
-  int8 with zero point 0 (``--signed-dtype int8``, what TensorRT and ARM builds read). ONNX Runtime's x86
-  CPU build computes QLinearConv / QLinearAdd on uint8 activations only, with a conv's input and output of
-  one type; it rewrites int8 QDQ pairs to uint8 itself, but not everywhere (all of ResNet-20's, but in
-  MobileNetV2 most convs next to a signed tensor then stay float), so uint8 is what runs in integer
-  everywhere;
-* a conv's (or the linear layer's) bias as int32 (scale = input scale x weight scale) where ONNX
-  Runtime fuses the node into QLinearConv / QGemm (quantized input, 8-bit weights, quantized output of
-  the input's type), else float;
-* ReLU as Relu (ONNX Runtime drops a Relu in front of a uint8 QuantizeLinear with zero point 0); the
-  residual add as Add, which ONNX Runtime runs as QLinearAdd where both inputs and its output are
-  quantized tensors of one type, i.e. under ``--target ort-cpu``.
-
-What ONNX Runtime runs in integer is read back from its optimized graph (``fusion_report``): ResNet-20
-W8A8 under ``--target ort-cpu`` runs all 21 convolutions as QLinearConv, all 9 adds as QLinearAdd, the
-pool and the linear layer in integer; under ``generic`` the 9 conv2 + add pairs stay float. A float
-layer that reads a quantized tensor would be quantized by ONNX Runtime itself (per-tensor int8 weights,
-its default WeightBiasQuantization optimizer); the sessions here disable that optimizer (``KEEP_FLOAT``)
-so that what stays float runs in float, and the export says when a deployment must do the same.
-
-Only widths the runtime executes are exported: 8-bit weights and tensors, and float; 4-bit weights too
-(int4, opset 21), although ONNX Runtime's CPU build dequantizes them to float in front of the convolution
-(they save size, not time). Any other width is refused, or with ``--round-up-widths`` exported at the next
-exportable width (weights 2-3 -> 4, 5-7 -> 8; tensors 2-7 -> 8), and the accuracy reported is that of
-what was exported.
+The file is standard ONNX with integer QDQ, built node by node from the BN-folded model: its format, what
+ONNX Runtime runs in integer and which widths are exported are described in utils/onnx_export.py; the
+runtime check (agreement with the fake-quant PyTorch model on the report images, and what runs in integer)
+in utils/ort_run.py. Only widths the runtime executes are exported (8-bit weights and tensors, float, and
+int4 weights); any other is refused, or with ``--round-up-widths`` exported at the next exportable width.
 
 Tensor ranges come from <results-dir>/02_per_layer.json when stage 2 recorded them for this checkpoint and
 target at the widths needed, else they are calibrated here on training images (as stage 2 does). A
 fine-tuned checkpoint (utils.qat) exports its own learned weights and scales.
-
-With data at hand, the export runs the file on ONNX Runtime's CPU build and compares it with the
-fake-quant PyTorch model (the same configuration, same target) on the report (test) images:
-top-1 agreement and the accuracy difference (``check_agreement``), and counts which convolutions and
-adds ONNX Runtime runs in integer (``fusion_report``).
 
 (This replaces the private "ai-qs-int-v2" torch file of earlier versions, which only this code read.)
 """
