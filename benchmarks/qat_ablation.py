@@ -28,7 +28,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from quant.adaround import AdaRoundSettings  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
@@ -38,11 +37,10 @@ from quant.widths import FLOAT_BITS  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_json, provenance, sha256_file  # noqa: E402
-from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, load_qat  # noqa: E402
-from utils.split import QUICK_TRAIN_IMAGES, quick_subset  # noqa: E402
+from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, fine_tune_images, load_qat  # noqa: E402
 from utils.stages.common import QUICK_PTQ_IMAGES, QUICK_PTQ_ITERATIONS, benchmark_parser, load_setup  # noqa: E402
 from utils.stages.create_baselines import with_ends  # noqa: E402
-from utils.train import PAD, correct_credit, to_device_uint8  # noqa: E402
+from utils.train import correct_credit  # noqa: E402
 
 
 DEFAULT = FineTuneRecipe(epochs=0)   # stage 4's defaults; each variant changes one field (epochs set by --epochs)
@@ -131,13 +129,9 @@ def qat_ablation(args) -> dict:
     if s.confirm_x is None:
         raise UserError("the ablation is judged on the confirm images; drop --confirm-size 0.")
     s.calibrate({args.a, 8})   # 8: the ends of keep_ends8
-    pool = s.split.calibration_pool
-    if args.quick:
-        pool = quick_subset(pool, QUICK_TRAIN_IMAGES, s.seed)
-    padded = labels = teacher = None
+    pool = padded = labels = teacher = None
     if not args.evaluate_only:
-        padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
-        labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
+        pool, padded, labels = fine_tune_images(s, args.quick)
         teacher = fold_bn(s.model).to(s.device)
         if any(variant_of(n, args.epochs, args.base)[0].start_from(s.recipe.ptq) == "adaround" for n in args.variants):
             s.learn_levels({(n, args.w) for n in s.space.layers} if args.w != FLOAT_BITS else set())

@@ -48,8 +48,8 @@ from quant.recipe import Recipe
 from quant.widths import FLOAT_BITS, W, tensors_of, weights_of
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
-from utils.split import indices_sha256
-from utils.train import WarmupCosine, train_one_epoch
+from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
+from utils.train import PAD, WarmupCosine, to_device_uint8, train_one_epoch
 
 QAT_FORMAT = 2           # "model" is the folded, deployable state (as in format 2 before BN was kept)
 WEIGHT_DECAY = 5e-4      # on the conv/linear weights (their float originals); none on biases, BN and scales
@@ -300,6 +300,17 @@ class FineTuneRecipe:
                 "train_images": len(pool), "train_indices_sha256": indices_sha256(pool),
                 "amp": "bf16 autocast (quantizers in fp32)" if device.type == "cuda" else "none (fp32)",
                 "start": self.start_from(ptq)}
+
+
+def fine_tune_images(s, quick: bool) -> tuple:
+    """(pool, padded uint8 images, labels) a fine-tune of the set-up `s` trains on: its calibration pool (training
+    images, never validation or test), under --quick a seeded subset sized for the model, padded for the random
+    crops, on the device. The pool's identity is part of every checkpoint key (FineTuneRecipe.to_json)."""
+    pool = s.split.calibration_pool
+    if quick:
+        pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table.layers), s.seed)
+    padded = F.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
+    return pool, padded, torch.from_numpy(s.data.train_y[pool]).to(s.device)
 
 
 def checkpoint_name(config_name: str, seed_index: int, seed: int) -> str:

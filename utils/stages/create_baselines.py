@@ -20,12 +20,11 @@ from quant.stats import bootstrap_drop_interval, drop_of_differences, paired_dro
 from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of, weights_of
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
-from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, keep_post_training
-from utils.split import QUICK_TRAIN_IMAGES, quick_images, quick_subset
+from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, fine_tune_images, keep_post_training
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
 from utils.onnx_export import placed_model
-from utils.train import PAD, correct_credit, to_device_uint8
+from utils.train import correct_credit
 
 JOINT_UNIFORMS = ((8, 8), (4, 8), (4, 4))   # added when stage 3 searched activations too; W3A3 when 3 bits were too
 SEARCHED = ("greedy", "pareto")
@@ -233,8 +232,6 @@ class BudgetTest:
 
     def __init__(self, s, batch_size: int):
         self.s, self.batch_size = s, batch_size
-        self.float_reference = None if s.confirm_x is None else \
-            correct_credit(fold_bn(s.model), s.confirm_x, s.confirm_y, s.normalize, batch_size)
         self.reference = None
 
     def credit(self, model):
@@ -249,8 +246,8 @@ class BudgetTest:
     def test(self, credit) -> dict | None:
         if credit is None:
             return {"passed": None, "why": "no confirm images (--confirm-size 0)"}
-        tuned = self.reference is not None
-        pd = paired_drop(self.reference if tuned else self.float_reference, credit)
+        tuned = self.reference is not None   # else the original float, measured only when it is needed
+        pd = paired_drop(self.reference if tuned else self.credit(fold_bn(self.s.model)), credit)
         return {"reference": "fine-tuned fp32" if tuned else "original float", "images": len(credit),
                 "drop": pd.drop, "se": pd.se, "z": QAT_BUDGET_Z, "budget": QAT_BUDGET,
                 "passed": pd.drop + QAT_BUDGET_Z * pd.se <= QAT_BUDGET}
@@ -284,11 +281,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
     names = [n for n, _ in candidates]
     check_qat_args(args, names)
     chosen = [(n, cfg) for n, cfg in candidates if not args.qat_configs or n in args.qat_configs]
-    pool = s.split.calibration_pool
-    if args.quick:
-        pool = quick_subset(pool, quick_images(QUICK_TRAIN_IMAGES, s.table.layers), s.seed)
-    padded = torch.nn.functional.pad(to_device_uint8(s.data.train_x[pool], s.device), (0, 0, PAD, PAD, PAD, PAD))
-    labels = torch.from_numpy(s.data.train_y[pool]).to(s.device)
+    pool, padded, labels = fine_tune_images(s, args.quick)
     seeds = [s.seed + k for k in range(args.qat_seeds)]
     ft = FineTuneRecipe(args.qat_epochs, args.qat_lr, args.qat_batch_size, args.qat_warmup, args.qat_freeze_bn,
                         args.qat_scales, args.qat_bn, args.qat_distill, args.qat_start)

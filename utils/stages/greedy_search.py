@@ -241,8 +241,8 @@ def search_widths(args) -> dict:
     greedy_cfg = None
     min_ai = getattr(args, "min_ai", None)
     if min_ai is not None:
-        result["min_ai"] = min_ai_search(args, result, ladders, bytes_of, lambda grp, b: est(sig, grp, b), cache,
-                                         ai_of, describe, confirm_eval, budget, float_cfg)
+        result["min_ai"] = min_ai_search(args, result, frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)),
+                                         cache, ai_of, describe, confirm_eval)
     if min_ai is None and args.method in ("greedy", "both"):
         bar = tqdm(desc="greedy steps", unit="step", dynamic_ncols=True)
 
@@ -272,10 +272,8 @@ def search_widths(args) -> dict:
               + confirmed_note(result["greedy"]))
 
     if min_ai is None and args.method in ("pareto", "both"):
-        options = {grp: [(b, bytes_of(grp, b), est(sig, grp, b)) for b in [FLOAT_BITS] + lad]
-                   for grp, lad in ladders.items()}
         t = time.time()
-        frontier = pareto_frontier(options)
+        frontier = pareto_frontier(frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)))
         dp_seconds = time.time() - t
         left = None if cap is None else max(1, cap - cache.count)
         p = verify_frontier(frontier, cache, budget, ai_of, min(args.pareto_verify, left or args.pareto_verify),
@@ -311,14 +309,18 @@ def search_widths(args) -> dict:
     return result
 
 
-def min_ai_search(args, result, ladders, bytes_of, est, cache, ai_of, describe, confirm_eval, budget, float_cfg):
+def frontier_options(ladders, bytes_of, est) -> dict:
+    """pareto_frontier's options: each group's widths (float first) with their bytes and stage-2 estimate."""
+    return {grp: [(b, bytes_of(grp, b), est(grp, b)) for b in [FLOAT_BITS] + lad] for grp, lad in ladders.items()}
+
+
+def min_ai_search(args, result, options, cache, ai_of, describe, confirm_eval):
     """--min-ai X: the most accurate configuration with at least X times the FP32 AI, from the Pareto frontier of
     the estimate (quant.search.most_accurate_above, --pareto-verify evaluations), stored as the "pareto" entry with
     source "min-ai". It is a starting point for fine-tuning, not a post-training answer: no budget chooses it, and
     its confirm-split drop is measured and reported (``confirm_passed``: whether it would pass stage 3's rule)
     but never swaps it for a wider configuration."""
     target = args.min_ai * result["fp32_ai"]
-    options = {grp: [(b, bytes_of(grp, b), est(grp, b)) for b in [FLOAT_BITS] + lad] for grp, lad in ladders.items()}
     frontier = pareto_frontier(options)
     p = most_accurate_above(frontier, target, cache, ai_of, args.pareto_verify)
     if p["config"] is None:
