@@ -12,8 +12,9 @@ Writes checkpoints/<arch>_baseline.pt and results/01_baseline.json.
 """
 import argparse
 
+from utils import api
+from utils.options import TrainOptions
 from utils.cli import add_arch_args, add_common_args, run
-from utils.stages.train_baseline import train_baseline
 from utils.train import GRAPH_MODES
 
 
@@ -60,7 +61,7 @@ def get_args_parser():
 
 
 def main(args):
-    return train_baseline(args)
+    return api.train(TrainOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ results/02_per_layer.json.
 """
 import argparse
 
+from utils import api
+from utils.options import SensitivityOptions
 from utils.cli import add_common_args, run
-from utils.stages.per_layer_analysis import per_layer_analysis
 from utils.stages.common import add_model_args, add_quant_args
 
 
@@ -26,7 +27,7 @@ def get_args_parser():
 
 
 def main(args):
-    return per_layer_analysis(args)
+    return api.sensitivity(SensitivityOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ Reads the checkpoint and results/02_per_layer.json; writes results/03_search.jso
 """
 import argparse
 
+from utils import api
+from utils.options import SearchOptions
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
-from utils.stages.greedy_search import QUICK_MAX_EVALUATIONS, RANK_SIGNALS, SEARCH_Z_WITH_CONFIRM, search_widths
+from utils.stages.greedy_search import QUICK_MAX_EVALUATIONS, RANK_SIGNALS, SEARCH_Z_WITH_CONFIRM
 from quant.stats import BUDGET_Z
 
 
@@ -61,7 +63,7 @@ def get_args_parser():
 
 
 def main(args):
-    return search_widths(args)
+    return api.search(SearchOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ Reads the checkpoint and results/03_search.json; writes results/04_baselines.jso
 """
 import argparse
 
+from utils import api
+from utils.options import BaselineOptions
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
 from utils.qat import DEFAULT_FREEZE_BN, DEFAULT_QAT_LR, DEFAULT_QAT_START, QAT_STARTS
-from utils.stages.create_baselines import create_baselines
 
 
 def get_args_parser():
@@ -68,7 +69,7 @@ def get_args_parser():
 
 
 def main(args):
-    return create_baselines(args)
+    return api.compare(BaselineOptions.from_args(args))
 
 
 if __name__ == "__main__":

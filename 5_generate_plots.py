@@ -13,7 +13,8 @@ no GPU, data set or checkpoint is needed.
 import argparse
 
 from utils.cli import add_common_args, run
-from utils.stages.generate_plots import generate_plots
+from utils import api
+from utils.options import PlotOptions
 
 
 def get_args_parser():
@@ -23,7 +24,7 @@ def get_args_parser():
 
 
 def main(args):
-    out = generate_plots(args.results_dir, progress=not args.no_progress)
+    out = api.plots(PlotOptions.from_args(args))
     print(f"{len(out['made'])} plots (PNG + PDF) in {out['plots_dir']}: {', '.join(out['made']) or 'none'}")
     if out["skipped"]:
         print(f"skipped (inputs missing, see the notes above): {', '.join(out['skipped'])}")

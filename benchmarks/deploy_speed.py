@@ -59,6 +59,7 @@ from quant.quantizer import WEIGHT_RANGES  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
 from utils.io import (PRODUCERS, RESULTS_FILES, atomic_write_json, check_same_checkpoint,  # noqa: E402
                       load_results_json, provenance)
+from utils.options import ModelOptions  # noqa: E402
 from utils.stages.common import CALIB_IMAGES, QUICK_CALIB_IMAGES, benchmark_parser, load_setup  # noqa: E402
 from utils.train import Normalizer  # noqa: E402
 
@@ -160,7 +161,7 @@ def deploy_speed(args) -> dict:
                         "--ort-calib-images must be >= 1.")
     load_before = os.getloadavg()
     machine = runtime_machine()
-    s = load_setup(args, calib_images=max(ours_calib, args.ort_calib_images), target=TARGET)
+    s = load_setup(ModelOptions.from_args(args, strict=False), calib_images=max(ours_calib, args.ort_calib_images), target=TARGET)
     calib_pool = s.calib_x
     model = s.model.cpu()
     norm = Normalizer(s.meta["normalization"]["mean"], s.meta["normalization"]["std"], "cpu")
@@ -171,7 +172,7 @@ def deploy_speed(args) -> dict:
     notes = []
     quant = Recipe.for_target(TARGET, weight_range=args.weight_range)
     ranges = None
-    s2, why = recorded_stage2(args, s.checkpoint)     # made from this checkpoint, or None
+    s2, why = recorded_stage2(args.results_dir, s.checkpoint)     # made from this checkpoint, or None
     if why:
         notes.append(why)
     if s2 is not None:
@@ -299,7 +300,7 @@ def deploy_speed(args) -> dict:
                        "shared": bool(max(load_before[0], load_after[0]) > 0.5),
                        "note": "1-minute load averages; above ~0.5 other processes ran on the CPU during the run"},
            "results": results, "goal": goal, "notes": notes,
-           "provenance": provenance(args, "cpu", {"checkpoint": s.checkpoint}, time.time() - t0)}
+           "provenance": provenance(vars(args), "cpu", {"checkpoint": s.checkpoint}, time.time() - t0)}
     atomic_write_json(args.out, out)
     print_table(out)
     print(f"wrote {args.out}")

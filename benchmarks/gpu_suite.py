@@ -121,7 +121,7 @@ def run_stage(script, argv):
     mod = script_module(script)
     args = mod.get_args_parser().parse_args([str(a) for a in argv])
     t = time.perf_counter()
-    out = mod.main(args)
+    out = mod.main(args).json
     return out, time.perf_counter() - t
 
 

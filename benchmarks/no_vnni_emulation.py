@@ -28,6 +28,7 @@ from utils.ort_run import normalized_numpy  # noqa: E402
 from utils.io import atomic_write_json, provenance  # noqa: E402
 from utils.machine import runtime_machine  # noqa: E402
 from utils.ort_x86 import K_ORDERS, conv_saturation  # noqa: E402
+from utils.options import ModelOptions  # noqa: E402
 from utils.stages.common import benchmark_parser, load_setup  # noqa: E402
 
 TARGET = "ort-cpu"
@@ -44,7 +45,7 @@ def emulate(args) -> dict:
     t0 = time.time()
     if args.images < 1:
         raise UserError(f"--images must be >= 1, got {args.images}.")
-    s = load_setup(args, calib_images=args.calib_images, target=TARGET)
+    s = load_setup(ModelOptions.from_args(args, strict=False), calib_images=args.calib_images, target=TARGET)
     ranges = s.calibrate([8])
     idx = seeded_subset(len(s.report_y), args.images, s.seed)
     x = normalized_numpy(s.report_x[idx].cpu(), s.normalize)
@@ -66,7 +67,7 @@ def emulate(args) -> dict:
             print(f"weight range {r}, K order {order}: {e['convs_saturated']} of {e['convs']} convs saturate, "
                   f"{e['saturated_pairs']:,} of {e['pairs']:,} pairs; {e['outputs_changed_pct']:.3f}% of conv "
                   f"outputs change; largest |pair sum| {e['max_abs_pair_sum']:,} (int16 holds 32,767)")
-    out["provenance"] = provenance(args, "cpu", {"checkpoint": s.checkpoint}, time.time() - t0)
+    out["provenance"] = provenance(vars(args), "cpu", {"checkpoint": s.checkpoint}, time.time() - t0)
     atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
     return out

@@ -21,9 +21,9 @@ import torch  # noqa: E402
 
 from utils.cli import add_common_args  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
-from quant.recipe import Recipe  # noqa: E402
 from quant.place import quantize_  # noqa: E402
-from utils.stages.common import (act_ladder, add_model_args, add_quant_args, load_setup, ptq_options,  # noqa: E402
+from utils.options import SensitivityOptions  # noqa: E402
+from utils.stages.common import (act_ladder, add_model_args, add_quant_args, load_setup, stage2_recipe,  # noqa: E402
                                  weight_ladder)
 from utils.stages.per_layer_analysis import candidates  # noqa: E402
 from utils.train import evaluate  # noqa: E402
@@ -48,10 +48,9 @@ def main():
                    help="time on the first N images of the search split (default: all of it)")
     args = add_common_args(p).parse_args()
     print(args)
-    w_ladder, a_ladder = weight_ladder(args), act_ladder(args)
-    s = load_setup(args, Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range,
-                                           "quantized" if args.quantize_logits else "float",
-                                           **ptq_options(args, args.cost_model or "fused")), target=args.target)
+    opts = SensitivityOptions.from_args(args, strict=False)
+    w_ladder, a_ladder = weight_ladder(opts), act_ladder(opts)
+    s = load_setup(opts, stage2_recipe(opts, opts.cost_model or "fused"), target=opts.target)
     if args.images:
         s.eval_x, s.eval_y = s.eval_x[:args.images], s.eval_y[:args.images]
     s.calibrate(a_ladder)

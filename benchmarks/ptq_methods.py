@@ -26,6 +26,7 @@ from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_json, provenance  # noqa: E402
 from utils.ptq import DEFAULT_CACHE_DIR, DEFAULT_PTQ_IMAGES, PTQ_METHODS, learned_levels  # noqa: E402
+from utils.options import ModelOptions  # noqa: E402
 from utils.stages.common import benchmark_parser, load_setup  # noqa: E402
 
 CONFIGS = {"uniform_w8a8": (8, 8), "uniform_w4": (4, FLOAT_BITS), "uniform_w4a8": (4, 8), "uniform_w3": (3, FLOAT_BITS),
@@ -88,7 +89,7 @@ def ptq_methods(args) -> dict:
         raise UserError("--ptq-images and --ptq-iterations must be >= 1.")
     recipe = Recipe()
     ada = Recipe(ptq="adaround", ptq_images=args.ptq_images, ptq_settings=AdaRoundSettings(iterations=args.ptq_iterations))
-    s = load_setup(args, recipe, target="generic")
+    s = load_setup(ModelOptions.from_args(args, strict=False), recipe, target="generic")
     configs = {n: recipe.uniform(s.space, *CONFIGS[n]) for n in args.configs}
     s.calibrate({a for c in configs.values() for a in tensors_of(c).values()})
     out = {"benchmark": "ptq_methods", "checkpoint": str(s.checkpoint), "set": s.split.report.name,
@@ -115,7 +116,7 @@ def ptq_methods(args) -> dict:
             print(f"{name:<14}{method:<10}{r['test_acc']:7.2f}%  drop {r['test_drop']:5.2f} "
                   f"[{r['test_drop_ci95'][0]:.2f}, {r['test_drop_ci95'][1]:.2f}]  ties {100 * r['tie_rate']:.1f}%  "
                   f"{r['seconds']:.0f} s", flush=True)
-            out["provenance"] = provenance(args, s.device, {"checkpoint": s.checkpoint}, time.time() - t0)
+            out["provenance"] = provenance(vars(args), s.device, {"checkpoint": s.checkpoint}, time.time() - t0)
             atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
     return out

@@ -38,6 +38,7 @@ from utils.cli import run  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.io import atomic_write_json, provenance, sha256_file  # noqa: E402
 from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, fine_tune_images, load_qat  # noqa: E402
+from utils.options import ModelOptions  # noqa: E402
 from utils.stages.common import QUICK_PTQ_IMAGES, QUICK_PTQ_ITERATIONS, benchmark_parser, load_setup  # noqa: E402
 from utils.stages.create_baselines import with_ends  # noqa: E402
 from utils.train import correct_credit  # noqa: E402
@@ -125,7 +126,7 @@ def qat_ablation(args) -> dict:
         raise UserError("--epochs must be >= 1.")
     quick = {"ptq_images": QUICK_PTQ_IMAGES, "ptq_settings": AdaRoundSettings(iterations=QUICK_PTQ_ITERATIONS)} \
         if args.quick else {}
-    s = load_setup(args, Recipe.for_target("generic", ptq="adaround", **quick), target="generic")
+    s = load_setup(ModelOptions.from_args(args, strict=False), Recipe.for_target("generic", ptq="adaround", **quick), target="generic")
     if s.confirm_x is None:
         raise UserError("the ablation is judged on the confirm images; drop --confirm-size 0.")
     s.calibrate({args.a, 8})   # 8: the ends of keep_ends8
@@ -156,7 +157,7 @@ def qat_ablation(args) -> dict:
                                                        f"{c['diff_vs_default_ci95'][1]:+.2f}] vs default")
         print(f"{name:<20}confirm {c['acc']:.2f}%{extra} ({row['status']}, {row['seconds_per_epoch']:.0f} s/epoch)",
               flush=True)
-        out["provenance"] = provenance(args, s.device, {"checkpoint": s.checkpoint}, time.time() - t0)
+        out["provenance"] = provenance(vars(args), s.device, {"checkpoint": s.checkpoint}, time.time() - t0)
         atomic_write_json(args.out, out)
     done = {n: r for n, r in out["variants"].items() if "confirm" in r}
     out["best_on_confirm"] = max(done, key=lambda n: done[n]["confirm"]["acc"])

@@ -37,7 +37,7 @@ VARIANTS = {"kl": ["--rank-by", "kl"], "loss": ["--rank-by", "loss"], "drop": ["
 def run_stage(script, argv):
     mod = script_module(script)
     t = time.perf_counter()
-    out = mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
+    out = mod.main(mod.get_args_parser().parse_args([str(a) for a in argv])).json
     return out, time.perf_counter() - t
 
 

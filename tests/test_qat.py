@@ -6,7 +6,6 @@ distillation's gradient, resume equivalence, stale checkpoints, and stage 4's se
 images, never-worse fallback and --keep-ends. Small models (ResNet-8) on a few hundred synthetic images.
 
 (The integer export tests that lived here moved to tests/test_export.py with the ONNX export.)"""
-import argparse
 import inspect
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from quant.fold import fold_bn
 from quant.place import quantize_, slots
 from quant.quantizer import Quantizer
 from quant.widths import FLOAT_BITS, A, W
+from utils.options import BaselineOptions
 from utils.checkpoint import read_checkpoint
 from utils.data import make_synthetic
 from utils.train import PAD, Normalizer, WarmupCosine, correct_credit, evaluate, param_groups, train_one_epoch
@@ -376,7 +376,7 @@ def stage4_args(tmp_path, **kw):
                 qat_freeze_bn=Q.DEFAULT_FREEZE_BN, qat_scales="learned", qat_bn=Q.DEFAULT_BN, qat_distill=False,
                 keep_ends=None, quick=False, checkpoint_dir=tmp_path, resume=False, eval_batch_size=200,
                 qat_start=Q.DEFAULT_QAT_START)
-    return argparse.Namespace(**{**base, **kw})
+    return BaselineOptions(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch
 
 import utils.split as S
 import utils.stages.common as common
+from utils.options import BaselineOptions, SearchOptions, SensitivityOptions, TrainOptions
 from utils.data import Dataset, load_dataset
 from utils.errors import UserError
 from utils.cli import script_module
@@ -29,6 +30,7 @@ CLASSES = tuple(f"c{i}" for i in range(10))
 N_TRAIN, N_TEST = 6, 4          # per class
 SEED, VAL_SIZE = 3, 20          # stage 1's flags for the main checkpoint (seed 3: not the default 0)
 STAGES = ("2_per_layer_analysis.py", "3_greedy_search.py", "4_create_baselines.py")
+OPTIONS = dict(zip(STAGES, (SensitivityOptions, SearchOptions, BaselineOptions)))
 
 
 
@@ -84,8 +86,9 @@ def tiny_dataset(train_y, test_y=None):
 
 def stage_args(script, tmp_path, *argv):
     """argv parsed by a stage script's own parser, on CPU, results under tmp_path."""
-    return script_module(script).get_args_parser().parse_args(
+    ns = script_module(script).get_args_parser().parse_args(
         ["--device", "cpu", "--results-dir", str(tmp_path / "results"), *map(str, argv)])
+    return OPTIONS[script].from_args(ns)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def tiny(tmp_path_factory):
         args = parser.parse_args(["--dataset", "cifar10", "--data-dir", str(tree), "--seed", str(SEED),
                                   "--val-size", str(val_size), "--epochs", "0", "--device", "cpu",
                                   "--checkpoint-dir", str(d / "checkpoints"), "--results-dir", str(d / "results")])
-        out[key + "_results"] = train_baseline(args)
+        out[key + "_results"] = train_baseline(TrainOptions.from_args(args))
         out[key] = d / "checkpoints" / "resnet20_baseline.pt"
     return out
 

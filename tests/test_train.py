@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import utils.stages.train_baseline as B
+from utils.options import TrainOptions
 from utils.checkpoint import load_model, read_checkpoint
 from utils.data import make_synthetic
 from utils.errors import UserError
@@ -192,10 +193,10 @@ def test_evaluate_batch_independent():
 # ---------------------------------------------------------------- stage 1 in process
 
 def stage1_args(stage1, root, *extra):
-    return stage1.get_args_parser().parse_args([
+    return TrainOptions.from_args(stage1.get_args_parser().parse_args([
         "--dataset", "synthetic", "--depth", "8", "--shortcut", "B", "--epochs", "2", "--val-size", "50",
         "--batch-size", "50", "--results-dir", str(root / "results"),
-        "--checkpoint-dir", str(root / "ckpt"), "--device", "cpu", "--seed", "1", *extra])
+        "--checkpoint-dir", str(root / "ckpt"), "--device", "cpu", "--seed", "1", *extra]))
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from quant.trace import trace
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W
 from utils.config import load_config
 from utils.errors import UserError, error_paragraph
+from utils.options import CalculatorOptions
 
 TRACE_SEED = 0
 TRACE_CALIB_IMAGES = 64
@@ -82,23 +83,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model(args):
+def _model(opts):
     from models import build_model
     from utils.checkpoint import load_model
-    if args.checkpoint:
-        model, meta = load_model(args.checkpoint, args.arch, args.shortcut, require_finished=False)
+    if opts.checkpoint:
+        model, meta = load_model(opts.checkpoint, opts.arch, opts.shortcut, require_finished=False)
         return model, meta["model_args"]
     try:
-        model = build_model(args.arch or "resnet20", args.shortcut)
+        model = build_model(opts.arch or "resnet20", opts.shortcut)
     except ValueError as e:
         raise UserError(f"{e}.") from None
     return model.eval(), model.model_args
 
 
-def _ranges(args, folded, target, widths) -> tuple[dict, str]:
+def _ranges(opts, folded, target, widths) -> tuple[dict, str]:
     """Tensor ranges for the trace: from a results JSON, or calibrated on seeded random images."""
-    path = None if args.ranges == "random" else Path(args.ranges or DEFAULT_RANGES)
-    if path is not None and args.ranges and not path.is_file():
+    path = None if opts.ranges == "random" else Path(opts.ranges or DEFAULT_RANGES)
+    if path is not None and opts.ranges and not path.is_file():
         raise UserError(f"--ranges {path} does not exist. Name a stage 2-4 results JSON, or pass --ranges random.")
     if path is not None and path.is_file():
         try:
@@ -107,7 +108,7 @@ def _ranges(args, folded, target, widths) -> tuple[dict, str]:
             raise UserError(f"--ranges {path} could not be read as a results JSON ({e}).") from None
         if rec and all(str(b) in rec.get(t, {}).get("scales", {}) for t, b in widths):
             return rec, f"ranges from {path}"
-        if args.ranges:
+        if opts.ranges:
             missing = next(((t, b) for t, b in sorted(widths) if str(b) not in rec.get(t, {}).get("scales", {})), None)
             raise UserError(f"--ranges {path} holds no calibrated range for tensor {missing[0]!r} at {missing[1]} bits; "
                             f"calibrate it with stage 2's --a-bits, or pass --ranges random.")
@@ -116,33 +117,34 @@ def _ranges(args, folded, target, widths) -> tuple[dict, str]:
     return calibrate(folded, target, batches, {b for _, b in widths}), "ranges calibrated on seeded random images"
 
 
-def main(args):
-    model, model_args = _model(args)
+def calculate(opts: CalculatorOptions):
+    """Print the cost (or, with `trace`, the trace) of one configuration."""
+    model, model_args = _model(opts)
     from models import describe
-    table: KernelTable = kernel_table(model, args.target)
+    table: KernelTable = kernel_table(model, opts.target)
     folded = fold_bn(model)
     space = table.space
-    cm = CostModel.named(args.cost_model, args.batch_size)
-    if args.config is not None:
-        config = load_config(args.config, space, args.a_bits)
-        if args.w_bits is not None:
-            config = {g: (args.w_bits if g[0] == W and b == FLOAT_BITS else b) for g, b in config.items()}
+    cm = CostModel.named(opts.cost_model, opts.batch_size)
+    if opts.config is not None:
+        config = load_config(opts.config, space, opts.a_bits)
+        if opts.w_bits is not None:
+            config = {g: (opts.w_bits if g[0] == W and b == FLOAT_BITS else b) for g, b in config.items()}
     else:
-        config = space.uniform(args.w_bits or FLOAT_BITS, args.a_bits)
+        config = space.uniform(opts.w_bits or FLOAT_BITS, opts.a_bits)
     cm.check(config)
     cost = cm.cost(table, config)
-    if args.trace:
+    if opts.trace:
         widths = {(n, b) for (k, n), b in config.items() if k == A and b != FLOAT_BITS}
-        ranges, source = _ranges(args, folded, args.target, widths)
-        quantize_(folded, config, ranges, args.target, **Recipe.for_target(args.target).weight_kwargs())
+        ranges, source = _ranges(opts, folded, opts.target, widths)
+        quantize_(folded, config, ranges, opts.target, **Recipe.for_target(opts.target).weight_kwargs())
         x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(TRACE_SEED))
-        tr = trace(folded, args.target, {n: b for (k, n), b in config.items() if k == W}, x)
+        tr = trace(folded, opts.target, {n: b for (k, n), b in config.items() if k == W}, x)
         tr.update(cost_model=cm.name, model_args=model_args, ranges=source,
                   charged_bytes=cost["bytes"] / cm.batch_size if cm.prices_tensors else None)
-        if args.json:
+        if opts.json:
             print(json.dumps(tr, indent=2))
             return
-        print(f"trace of one image through {describe(model_args)} ({args.target} kernels; {source})")
+        print(f"trace of one image through {describe(model_args)} ({opts.target} kernels; {source})")
         for k in tr["kernels"]:
             rd = ", ".join(f"{r['tensor']}[{r['elements']}x{r['bits']}b, {r['distinct']} values]" for r in k["reads"])
             wr = k["writes"][0]
@@ -151,11 +153,11 @@ def main(args):
         print(f"total: {tr['total_flops']:,} FLOPs, {tr['total_bytes']:,.1f} bytes, AI {tr['ai']:.2f} (the fused cost "
               f"model charges {cost['bytes']:,.1f} bytes at batch {cm.batch_size})")
         return
-    if args.json:
-        cost.update(model_args=model_args, cost_model=cm.to_json(args.target), config=space.to_file(config))
+    if opts.json:
+        cost.update(model_args=model_args, cost_model=cm.to_json(opts.target), config=space.to_file(config))
         print(json.dumps(cost, indent=2))
         return
-    print(f"{describe(model_args)}, {cm.name} cost model ({args.target} kernels), batch {cm.batch_size}; AI is "
+    print(f"{describe(model_args)}, {cm.name} cost model ({opts.target} kernels), batch {cm.batch_size}; AI is "
           f"modelled, not measured")
     names = [r["name"] for r in cost["rows"]]
     width = max(22, max(len(n) for n in names) + 2)
@@ -169,11 +171,11 @@ def main(args):
 def cli(argv=None) -> int:
     """Entry point; returns the exit code. Bad input -> a one-paragraph message on stderr and 2.
 
-    Not utils.cli.run: it prints args to stdout, which would break --json output.
+    Not utils.cli.run: it prints opts to stdout, which would break --json output.
     """
     args = get_args_parser().parse_args(argv)
     try:
-        main(args)
+        calculate(CalculatorOptions.from_args(args))
     except UserError as e:
         print(error_paragraph(e), file=sys.stderr)
         return 2

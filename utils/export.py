@@ -39,6 +39,7 @@ from quant.stats import top1_credit
 from quant.widths import FLOAT_BITS, A, W, tensors_of, weights_of
 from utils.errors import UserError, error_paragraph
 from utils.machine import describe_cpu, runtime_machine
+from utils.options import ExportOptions
 from utils.train import Normalizer
 from utils.onnx_export import (DEFAULT_SIGNED_DTYPE, INT4_NOTE, INTEGER_W_BITS, SIGNED_DTYPES, export_model,
                                exportable_config, placed_model, round_up_quantized_)
@@ -47,11 +48,11 @@ from utils.ort_run import (KEEP_FLOAT, MAX_ACC_DIFF, MIN_AGREEMENT, MIN_CHECK_IM
 
 
 # ---------------------------------------------------------------- the command line
-def recorded_stage2(args, checkpoint: Path):
-    """(stage 2's results in --results-dir when they were made from this checkpoint, else None; why they are not
+def recorded_stage2(results_dir, checkpoint: Path):
+    """(stage 2's results in `results_dir` when they were made from this checkpoint, else None; why they are not
     used, or None)."""
     from utils.io import PRODUCERS, RESULTS_FILES, load_results_json, sha256_file
-    path = Path(args.results_dir) / RESULTS_FILES["2"]
+    path = Path(results_dir) / RESULTS_FILES["2"]
     if not path.is_file():
         return None, None
     try:
@@ -113,7 +114,7 @@ class Prepared:
     check_set: str = ""
 
 
-def prepare(args) -> Prepared:
+def prepare(opts: ExportOptions) -> Prepared:
     """Resolve the checkpoint, configuration, target, tensor ranges and check images of an export (see main)."""
     from quant.cost import kernel_table
     from utils.checkpoint import load_model, parse_normalization, read_checkpoint
@@ -123,10 +124,10 @@ def prepare(args) -> Prepared:
     from utils.qat import load_qat
     from utils.stages.common import load_setup, resolve_checkpoint
 
-    if args.check_images < 0 or args.threads < 1:
-        raise UserError(f"--check-images must be >= 0 and --threads >= 1; got {args.check_images}, {args.threads}.")
-    given = [f for f, v in (("--config", args.config), ("--w-bits", args.w_bits), ("--a-bits", args.a_bits)) if v is not None]
-    ckpt = resolve_checkpoint(args)
+    if opts.check_images < 0 or opts.threads < 1:
+        raise UserError(f"--check-images must be >= 0 and --threads >= 1; got {opts.check_images}, {opts.threads}.")
+    given = [f for f, v in (("--config", opts.config), ("--w-bits", opts.w_bits), ("--a-bits", opts.a_bits)) if v is not None]
+    ckpt = resolve_checkpoint(opts)
     obj = read_checkpoint(ckpt)
     notes = []
     if isinstance(obj, dict) and "qat_format" in obj:     # a fine-tuned checkpoint carries everything
@@ -136,57 +137,57 @@ def prepare(args) -> Prepared:
                             f"the float checkpoint it was fine-tuned from.")
         qm, ck = load_qat(ckpt)          # refuses other versions of the format
         target, recipe = ck["target"], Recipe.from_json(ck["quantization"])
-        if args.weight_range is not None and args.weight_range != recipe.weight_range:
+        if opts.weight_range is not None and opts.weight_range != recipe.weight_range:
             raise UserError(f"{ckpt} was fine-tuned with 8-bit weights in range {recipe.weight_range}; its learned "
-                            f"weights cannot be exported in range {args.weight_range}. Drop --weight-range, or "
-                            f"fine-tune with stage 2's --weight-range {args.weight_range}.")
-        if args.target is not None and args.target != target:
-            raise UserError(f"{ckpt} was fine-tuned under --target {target}; it cannot be exported as {args.target}. "
-                            f"Drop --target, or fine-tune under --target {args.target}.")
+                            f"weights cannot be exported in range {opts.weight_range}. Drop --weight-range, or "
+                            f"fine-tune with stage 2's --weight-range {opts.weight_range}.")
+        if opts.target is not None and opts.target != target:
+            raise UserError(f"{ckpt} was fine-tuned under --target {target}; it cannot be exported as {opts.target}. "
+                            f"Drop --target, or fine-tune under --target {opts.target}.")
         from models import build_from_args
         space = kernel_table(build_from_args(ck["model_args"]), target).space
         asked = {(g[0], g[1]): int(b) for g, b in ck["config"]}
-        cfg, rounded = exportable_config(asked, args.round_up_widths)
+        cfg, rounded = exportable_config(asked, opts.round_up_widths)
         if rounded:
             round_up_quantized_(qm, target, rounded, recipe.weight_range)
             notes.append("fine-tuned quantizers rounded up keep their learned clip range")
         p = Prepared(qm, None, target, cfg, asked, rounded, space, ck["normalization"], str(ckpt), notes, recipe)
-        if args.check_images:
-            data = load_dataset(args.dataset or "cifar10", args.data_dir or Path("data"))
-            idx = seeded_subset(len(data.test_y), args.check_images, 0)
+        if opts.check_images:
+            data = load_dataset(opts.dataset or "cifar10", opts.data_dir or Path("data"))
+            idx = seeded_subset(len(data.test_y), opts.check_images, 0)
             p.check_x, p.check_y = torch.from_numpy(data.test_x[idx]), torch.from_numpy(data.test_y[idx])
             p.check_set = f"{len(idx)} test images of {data.name}"
         return p
 
     # a float checkpoint: quantize it here
-    arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
-    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(args.normalization),
-                             require_finished=not args.force)
-    s2, why = recorded_stage2(args, ckpt)
+    arch, shortcut = resolve_arch(opts.arch, opts.depth, opts.shortcut)
+    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(opts.normalization),
+                             require_finished=not opts.force)
+    s2, why = recorded_stage2(opts.results_dir, ckpt)
     if why:
         notes.append(why)
-    if args.config is not None and (args.w_bits is not None or args.a_bits is not None):
+    if opts.config is not None and (opts.w_bits is not None or opts.a_bits is not None):
         raise UserError("give either --config FILE or --w-bits/--a-bits (a uniform configuration), not both.")
-    s3 = _stage3_answer(args.config, ckpt, args.force) if args.config is not None else None
-    if s3 is not None and args.target is not None and args.target != s3[1]:
+    s3 = _stage3_answer(opts.config, ckpt, opts.force) if opts.config is not None else None
+    if s3 is not None and opts.target is not None and opts.target != s3[1]:
         raise UserError(f"{s3[4]} was searched under --target {s3[1]}; its configuration cannot be exported as "
-                        f"--target {args.target}. Drop --target, or search under --target {args.target}.")
-    target = args.target or (s3[1] if s3 else None) or (s2 or {}).get("target") or DEFAULT_TARGET
+                        f"--target {opts.target}. Drop --target, or search under --target {opts.target}.")
+    target = opts.target or (s3[1] if s3 else None) or (s2 or {}).get("target") or DEFAULT_TARGET
     space = kernel_table(model, target).space
     if s3 is not None:
         asked = space.parse(s3[0], source=s3[4])
         notes.append(f"configuration: the answer of {s3[4]}")
-    elif args.config is not None:
-        asked = load_config(args.config, space)
-    elif args.w_bits is not None or args.a_bits is not None:
-        w = FLOAT_BITS if args.w_bits is None else args.w_bits
-        a = FLOAT_BITS if args.a_bits is None else args.a_bits
-        asked = space.uniform(w, a, None if args.quantize_logits else FLOAT_BITS)
+    elif opts.config is not None:
+        asked = load_config(opts.config, space)
+    elif opts.w_bits is not None or opts.a_bits is not None:
+        w = FLOAT_BITS if opts.w_bits is None else opts.w_bits
+        a = FLOAT_BITS if opts.a_bits is None else opts.a_bits
+        asked = space.uniform(w, a, None if opts.quantize_logits else FLOAT_BITS)
     else:
         raise UserError(f"{ckpt} is a float checkpoint: say what to export with --config FILE (a tensor-widths/1 "
                         f"configuration, e.g. one stage 3 found) or --w-bits N --a-bits N (every weight and tensor "
                         f"at one width, e.g. --w-bits 8 --a-bits 8), or pass a fine-tuned checkpoint.")
-    cfg, rounded = exportable_config(asked, args.round_up_widths)
+    cfg, rounded = exportable_config(asked, opts.round_up_widths)
     widths = sorted({a for a in tensors_of(cfg).values() if a != FLOAT_BITS}, reverse=True)
     ranges, recipe, measured_by = None, Recipe.for_target(target), None
 
@@ -200,34 +201,34 @@ def prepare(args) -> Prepared:
         if covers(rec):
             ranges, recipe, measured_by = rec, Recipe.from_json(s2.get("quantization")), "stage 2"
             notes.append(f"tensor ranges and weight quantization ({recipe.describe()}) as stage 2 recorded them in "
-                         f"{Path(args.results_dir) / '02_per_layer.json'}")
+                         f"{Path(opts.results_dir) / '02_per_layer.json'}")
     fit_record = {"the search": (s3 or [None] * 6)[5], "stage 2": (s2 or {}).get("ptq_fit")}.get(measured_by)
-    recipe = dataclasses.replace(with_weight_range(recipe, args.weight_range, measured_by, notes),
+    recipe = dataclasses.replace(with_weight_range(recipe, opts.weight_range, measured_by, notes),
                                  logits="quantized" if narrows_logits(cfg, space) else "float",
-                                 ptq=args.ptq or (recipe.ptq if measured_by else DEFAULT_PTQ["fused"]))
+                                 ptq=opts.ptq or (recipe.ptq if measured_by else DEFAULT_PTQ["fused"]))
     pairs = [(n, b) for n, b in weights_of(cfg).items() if b != FLOAT_BITS]
     levels = {}
     if recipe.ptq != "nearest" and fit_record:
         from utils.ptq import cached_levels
-        levels = cached_levels(ckpt, recipe, fit_record, Path(args.checkpoint_dir) / "ptq-cache")
+        levels = cached_levels(ckpt, recipe, fit_record, Path(opts.checkpoint_dir) / "ptq-cache")
     learn = recipe.ptq != "nearest" and any(p_ not in levels for p_ in pairs)
     if recipe.ptq != "nearest":
         notes.append(f"weights rounded by {recipe.ptq}: " + (f"learned levels fitted here on {recipe.ptq_images} "
-                     f"training images (cached under {Path(args.checkpoint_dir) / 'ptq-cache'})" if learn else
+                     f"training images (cached under {Path(opts.checkpoint_dir) / 'ptq-cache'})" if learn else
                      f"the learned levels {measured_by} used, from the cache"))
-    need_data = args.check_images > 0 or (ranges is None and widths) or learn
+    need_data = opts.check_images > 0 or (ranges is None and widths) or learn
     p = Prepared(None, fold_bn(model), target, cfg, asked, rounded, space, meta["normalization"], str(ckpt), notes,
                  recipe)
     if need_data:
-        s = load_setup(args, recipe, calib_images=args.calib_images, target=target)
+        s = load_setup(opts, recipe, calib_images=opts.calib_images, target=target)
         if learn:
             levels = s.learn_levels(pairs)
         if ranges is None and widths:
             ranges = s.calibrate(widths)
             notes.append(f"tensor ranges calibrated here on {len(s.calib_x)} training images at {widths} bits "
                          f"(no stage-2 record for this checkpoint, target and widths)")
-        if args.check_images:
-            idx = seeded_subset(len(s.report_y), args.check_images, s.seed)
+        if opts.check_images:
+            idx = seeded_subset(len(s.report_y), opts.check_images, s.seed)
             p.check_x, p.check_y = s.report_x[idx].cpu(), s.report_y[idx].cpu()
             p.check_set = f"{len(idx)} {s.split.report.name} images"
     p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, recipe, levels)
@@ -304,14 +305,14 @@ def get_args_parser():
     return p
 
 
-def export(args) -> dict:
+def export(opts: ExportOptions) -> dict:
     """Prepare, export, look at what ONNX Runtime fuses, check agreement, write. Returns the report."""
     t0 = time.time()
-    p = prepare(args)
-    proto = export_model(p.qmodel, p.target, args.signed_dtype,
+    p = prepare(opts)
+    proto = export_model(p.qmodel, p.target, opts.signed_dtype,
                          meta={"config": p.space.to_file(p.config), "normalization": p.normalization, "source": p.source,
                                "quantization": p.recipe.to_json()})
-    fusion = fusion_report(proto, args.threads)
+    fusion = fusion_report(proto, opts.threads)
     behind = [v for p_ in proto.metadata_props if p_.key == "float_layers_reading_quantized_tensors"
               for v in p_.value.split(",") if v]
     if behind:
@@ -320,22 +321,22 @@ def export(args) -> dict:
                        f"{KEEP_FLOAT[0]} would quantize their weights to per-tensor int8 by itself; run the file "
                        f"with InferenceSession(..., disabled_optimizers={list(KEEP_FLOAT)}) to keep them float, as "
                        f"this check and benchmarks/deploy_speed.py do")
-    rep = {"onnx": str(args.onnx), "target": p.target, "signed_dtype": args.signed_dtype, "source": p.source,
+    rep = {"onnx": str(opts.onnx), "target": p.target, "signed_dtype": opts.signed_dtype, "source": p.source,
            "quantization": p.recipe.to_json(), "machine": runtime_machine(), "config": config_summary(p.config), "rounded_up": {f"{k}:{n}": v for (k, n), v in p.rounded.items()},
            "int4_weights": any(b == 4 for (k, _), b in p.config.items() if k == W), "fusion": fusion,
            "int8_weight_layers": sum(b == INTEGER_W_BITS for (k, _), b in p.config.items() if k == W),
            "notes": p.notes, "check": None}
     if p.check_x is not None:
         normalize = Normalizer(p.normalization["mean"], p.normalization["std"], "cpu")
-        rep["check"] = check_agreement(proto, p.qmodel, p.check_x, p.check_y, normalize, args.threads,
-                                       args.eval_batch_size)
+        rep["check"] = check_agreement(proto, p.qmodel, p.check_x, p.check_y, normalize, opts.threads,
+                                       opts.eval_batch_size)
         rep["check"]["set"] = p.check_set
         if p.float_model is not None:
-            fl = torch.from_numpy(torch_logits(p.float_model, p.check_x, normalize, args.eval_batch_size))
+            fl = torch.from_numpy(torch_logits(p.float_model, p.check_x, normalize, opts.eval_batch_size))
             rep["check"]["float_acc"] = 100.0 * float(top1_credit(fl, p.check_y.cpu()).mean())
     from utils.io import atomic_write_bytes
-    atomic_write_bytes(args.onnx, proto.SerializeToString())
-    rep["bytes"] = Path(args.onnx).stat().st_size
+    atomic_write_bytes(opts.onnx, proto.SerializeToString())
+    rep["bytes"] = Path(opts.onnx).stat().st_size
     rep["seconds"] = time.time() - t0
     print_report(rep)
     return rep
@@ -393,7 +394,7 @@ def main(argv=None) -> int:
     """Exit codes: 0 written (and the check passed), 1 written but the check failed, 2 bad input, 130 Ctrl-C."""
     args = get_args_parser().parse_args(argv)
     try:
-        rep = export(args)
+        rep = export(ExportOptions.from_args(args))
     except UserError as e:
         print(error_paragraph(e), file=sys.stderr)
         return 2

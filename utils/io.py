@@ -94,15 +94,18 @@ def git_commit() -> str | None:
         return None
 
 
-def jsonable_args(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+def jsonable_options(options) -> dict:
+    """The JSON form of a stage's options (utils/options.py) or of a mapping of settings."""
+    if hasattr(options, "to_json"):
+        return options.to_json()
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dict(options).items()}
 
 
-def provenance(args, device, inputs: dict | None = None, seconds: float | None = None) -> dict:
-    """What a reader needs to trust or reproduce a result: args, input hashes, code, versions."""
+def provenance(options, device, inputs: dict | None = None, seconds: float | None = None) -> dict:
+    """What a reader needs to trust or reproduce a result: the options (as "args"), input hashes, code, versions."""
     dev = torch.device(device)
     return {
-        "args": jsonable_args(args),
+        "args": jsonable_options(options),
         "inputs": {name: {"path": str(p), "sha256": sha256_file(p)} for name, p in (inputs or {}).items()},
         "git_commit": git_commit(),
         "torch_version": torch.__version__,

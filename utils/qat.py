@@ -48,6 +48,7 @@ from quant.recipe import Recipe
 from quant.widths import FLOAT_BITS, W, tensors_of, weights_of
 from utils.checkpoint import read_checkpoint, save_checkpoint
 from utils.errors import UserError
+from utils.options import DEFAULT_FREEZE_BN, DEFAULT_QAT_LR, DEFAULT_QAT_START
 from utils.split import QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset
 from utils.train import PAD, WarmupCosine, to_device_uint8, train_one_epoch
 
@@ -56,10 +57,7 @@ WEIGHT_DECAY = 5e-4      # on the conv/linear weights (their float originals); n
 MOMENTUM = 0.9
 BN_MODES = ("kept", "folded")
 DEFAULT_BN = "kept"
-DEFAULT_FREEZE_BN = 0.5    # BN kept: running statistics from half-way on (stage 4's --qat-freeze-bn)
 QAT_STARTS = ("post-training", "nearest")   # stage 4's --qat-start: the weights a fine-tune starts from
-DEFAULT_QAT_LR = 0.003   # benchmarks/qat_ablation.py: +1.30 [+0.20, +2.40] points over 0.001 on the confirm images
-DEFAULT_QAT_START = "nearest"   # benchmarks/qat_ablation.py: the learned start measured no gain (README)
 BN_HANDLING = {
     "kept": "kept during fine-tuning (batch statistics, running statistics re-estimated on the quantized "
             "network, then frozen from bn_frozen_from_step on), each conv weight quantized in its folded form; "

@@ -21,6 +21,7 @@ from utils.checkpoint import default_checkpoint_path, load_model, parse_normaliz
 from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
 from utils.data import load_dataset
 from utils.errors import UserError
+from utils.options import ModelOptions, Options, SensitivityOptions
 from utils.io import PRODUCERS, RESULTS_FILES, SCHEMA_VERSIONS, atomic_write_json, load_results_json, provenance
 from utils.split import Part, SearchSplit, quick_images, quick_subset, search_split
 from utils.train import Normalizer, to_device_uint8
@@ -127,14 +128,20 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
 EXECUTABLE = {"generic": None, "ort-cpu": (8,)}
 
 
-def ptq_options(args, cost_model: str) -> dict:
+def stage2_recipe(opts: SensitivityOptions, cost_model: str) -> Recipe:
+    """The quantization recipe stage 2's options ask for (the target's weight range, smaller fits with --quick)."""
+    return Recipe.for_target(opts.target, opts.granularity, opts.clip, opts.weight_range,
+                             "quantized" if opts.quantize_logits else "float", **ptq_options(opts, cost_model))
+
+
+def ptq_options(opts: SensitivityOptions, cost_model: str) -> dict:
     """Stage 2's --ptq, --ptq-images and --ptq-iterations as Recipe fields (smaller fits with --quick)."""
-    images = args.ptq_images if args.ptq_images is not None else (QUICK_PTQ_IMAGES if args.quick else Recipe().ptq_images)
-    steps = args.ptq_iterations if args.ptq_iterations is not None else (
-        QUICK_PTQ_ITERATIONS if args.quick else AdaRoundSettings().iterations)
+    images = opts.ptq_images if opts.ptq_images is not None else (QUICK_PTQ_IMAGES if opts.quick else Recipe().ptq_images)
+    steps = opts.ptq_iterations if opts.ptq_iterations is not None else (
+        QUICK_PTQ_ITERATIONS if opts.quick else AdaRoundSettings().iterations)
     if steps < 1:
         raise UserError(f"--ptq-iterations must be >= 1, got {steps}.")
-    return {"ptq": args.ptq or DEFAULT_PTQ[cost_model], "ptq_images": images,
+    return {"ptq": opts.ptq or DEFAULT_PTQ[cost_model], "ptq_images": images,
             "ptq_settings": AdaRoundSettings(iterations=steps)}
 
 
@@ -148,22 +155,22 @@ def check_executable(bits, flag: str, target: str):
                         f"{' '.join(map(str, allowed))}) or use --target generic to study hardware that runs any width.")
 
 
-def weight_ladder(args) -> list[int]:
+def weight_ladder(opts: SensitivityOptions) -> list[int]:
     """Stage 2's --bits: as given, else the default ladder (a shorter one with --quick; the runtime's widths
     under an executing target); validated."""
-    target = getattr(args, "target", "generic")
-    default = EXECUTABLE[target] or (QUICK_W_LADDER if args.quick else DEFAULT_W_LADDER)
-    bits = args.bits if args.bits is not None else list(default)
+    target = getattr(opts, "target", "generic")
+    default = EXECUTABLE[target] or (QUICK_W_LADDER if opts.quick else DEFAULT_W_LADDER)
+    bits = opts.bits if opts.bits is not None else list(default)
     check_widths(bits, "--bits")
     check_executable(bits, "--bits", target)
     return list(dict.fromkeys(bits))
 
 
-def act_ladder(args) -> list[int]:
+def act_ladder(opts: SensitivityOptions) -> list[int]:
     """Stage 2's --a-bits without 32 (float is always a choice); [] means weights only. An executing target
     searches its runtime's tensor widths by default."""
-    target = getattr(args, "target", "generic")
-    bits = args.a_bits if args.a_bits is not None else list(EXECUTABLE[target] or [])
+    target = getattr(opts, "target", "generic")
+    bits = opts.a_bits if opts.a_bits is not None else list(EXECUTABLE[target] or [])
     if not bits:
         return []
     check_widths(bits, "--a-bits", ACT_BITS)
@@ -171,17 +178,17 @@ def act_ladder(args) -> list[int]:
     return [b for b in dict.fromkeys(bits) if b != FLOAT_BITS]
 
 
-def resolve_checkpoint(args) -> Path:
+def resolve_checkpoint(opts: ModelOptions) -> Path:
     """--checkpoint; else what stage 1 recorded in <results-dir>/01_baseline.json; else the default name."""
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    rec = Path(args.results_dir) / RESULTS_FILES["1"]
+    if opts.checkpoint:
+        return Path(opts.checkpoint)
+    rec = Path(opts.results_dir) / RESULTS_FILES["1"]
     if rec.is_file():
         recorded = load_results_json(rec, "1", PRODUCERS["1"], force=True).get("checkpoint")
         if recorded:
             return Path(recorded)
-    arch, _ = resolve_arch(args.arch, args.depth, args.shortcut)
-    return default_checkpoint_path(args.checkpoint_dir, arch or "resnet20")
+    arch, _ = resolve_arch(opts.arch, opts.depth, opts.shortcut)
+    return default_checkpoint_path(opts.checkpoint_dir, arch or "resnet20")
 
 
 @dataclass
@@ -276,46 +283,47 @@ def _check_recorded(flag, given, recorded, ckpt):
                         f"{flag.replace('_', '-')} (or pass {recorded}).")
 
 
-def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = None,
+def load_setup(opts: ModelOptions, recipe: Recipe | None = None, calib_images: int | None = None,
                cost_model: CostModel = FusedCost(), target: str = DEFAULT_TARGET) -> Setup:
     """Checkpoint -> model, preprocessing, and the search / report / calibration images. `recipe`: how weights
     are quantized (default: the target's, quant/recipe.py)."""
-    if getattr(args, "eval_batch_size", 1) <= 0:
-        raise UserError(f"--eval-batch-size must be > 0, got {args.eval_batch_size}.")
-    device = resolve_device(args.device)
-    arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
-    ckpt = resolve_checkpoint(args)
-    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(args.normalization),
-                             require_finished=not args.force)
+    if not isinstance(opts, ModelOptions):
+        raise TypeError(f"load_setup takes ModelOptions (utils/options.py), not {type(opts).__name__}")
+    if opts.eval_batch_size <= 0:
+        raise UserError(f"--eval-batch-size must be > 0, got {opts.eval_batch_size}.")
+    device = resolve_device(opts.device)
+    arch, shortcut = resolve_arch(opts.arch, opts.depth, opts.shortcut)
+    ckpt = resolve_checkpoint(opts)
+    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(opts.normalization),
+                             require_finished=not opts.force)
     if meta["foreign"]:
         print(f"note: {ckpt} is a foreign checkpoint (no model_args): loaded as {meta['model_args']['arch']}, "
               f"input normalization {meta['normalization']} ({meta['normalization_source']})")
     recorded = meta["data"]
-    _check_recorded("seed", args.seed, recorded.get("seed"), ckpt)
-    _check_recorded("val_size", args.val_size, recorded.get("val_size"), ckpt)
-    if meta["foreign"] and args.val_size:
+    _check_recorded("seed", opts.seed, recorded.get("seed"), ckpt)
+    _check_recorded("val_size", opts.val_size, recorded.get("val_size"), ckpt)
+    if meta["foreign"] and opts.val_size:
         raise UserError(f"--val-size means nothing for the foreign checkpoint {ckpt}: it was probably trained on "
                         f"all training images. Without flags the search runs on half of the test set; --holdout "
                         f"FILE names another split.")
-    seed = recorded.get("seed", args.seed if args.seed is not None else 0)
-    dataset = args.dataset or recorded.get("name", "cifar10")
-    if recorded.get("name") and dataset != recorded["name"] and not args.force:
+    seed = recorded.get("seed", opts.seed if opts.seed is not None else 0)
+    dataset = opts.dataset or recorded.get("name", "cifar10")
+    if recorded.get("name") and dataset != recorded["name"] and not opts.force:
         raise UserError(f"checkpoint {ckpt} was trained on {recorded['name']} data, but --dataset {dataset} "
                         f"was given. Quantization results would mix data sets: drop --dataset, or pass --force.")
-    data_dir = args.data_dir or Path(recorded.get("data_dir") or "data")
+    data_dir = opts.data_dir or Path(recorded.get("data_dir") or "data")
     data = load_dataset(dataset, data_dir)
     seed_everything(seed)
-    split = search_split(data, meta, seed, recorded.get("val_size"), args.holdout, ckpt,
-                         confirm_size=getattr(args, "confirm_size", None),
-                         select_size=getattr(args, "select_size", None))
+    split = search_split(data, meta, seed, recorded.get("val_size"), opts.holdout, ckpt,
+                         confirm_size=opts.confirm_size, select_size=opts.select_size)
     table = kernel_table(model, target)
-    if args.quick:
+    if opts.quick:
         k = quick_images(QUICK_EVAL_IMAGES, table.layers, per_layer=True)
         for role in ("search", "report", "confirm", "select"):
             part = getattr(split, role)
             if part is not None:
                 setattr(split, role, Part(part.name, part.set, quick_subset(part.indices, k, seed), part.note))
-    n_calib = calib_images if calib_images is not None else (QUICK_CALIB_IMAGES if args.quick else CALIB_IMAGES)
+    n_calib = calib_images if calib_images is not None else (QUICK_CALIB_IMAGES if opts.quick else CALIB_IMAGES)
     if n_calib <= 0:
         raise UserError(f"--calib-images must be > 0, got {n_calib}.")
     calib_idx = quick_subset(split.calibration_pool, n_calib, seed)
@@ -330,7 +338,7 @@ def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = No
     model = model.to(device)
     norm = meta["normalization"]
     info = {**data.describe(), "data_dir": str(data_dir), "seed": seed, "val_size": recorded.get("val_size"),
-            "quick": bool(args.quick), "policy": split.policy, "eval_split": split.search.name,
+            "quick": bool(opts.quick), "policy": split.policy, "eval_split": split.search.name,
             "search": split.search.describe(data), "report": split.report.describe(data),
             "confirm": split.confirm.describe(data) if split.confirm is not None else None,
             "select": split.select.describe(data) if split.select is not None else None,
@@ -340,7 +348,7 @@ def load_setup(args, recipe: Recipe | None = None, calib_images: int | None = No
                  eval_x, eval_y, report_x, report_y, table, to_device_uint8(data.train_x[calib_idx], device), data,
                  cost_model, recipe or Recipe.for_target(target), confirm_x=confirm_x, confirm_y=confirm_y,
                  select_x=select_x, select_y=select_y,
-                 ptq_cache=Path(getattr(args, "checkpoint_dir", "checkpoints")) / "ptq-cache")
+                 ptq_cache=Path(opts.checkpoint_dir) / "ptq-cache")
 
 
 def results_header(stage: str, s: Setup) -> dict:
@@ -370,10 +378,10 @@ def check_same_data(obj: dict, path, s: Setup, producer: str, force: bool):
                         f"flags, or pass --force.")
 
 
-def write_results(result: dict, args, s: Setup, inputs: dict, t0: float, name: str) -> Path:
+def write_results(result: dict, opts: Options, s: Setup, inputs: dict, t0: float, name: str) -> Path:
     """Stamp seconds and provenance, then write atomically to --results-dir/name."""
     result["seconds"] = time.time() - t0
-    result["provenance"] = provenance(args, s.device, inputs=inputs, seconds=result["seconds"])
-    path = Path(args.results_dir) / name
+    result["provenance"] = provenance(opts, s.device, inputs=inputs, seconds=result["seconds"])
+    path = Path(opts.results_dir) / name
     atomic_write_json(path, result)
     return path

@@ -20,6 +20,7 @@ from quant.stats import bootstrap_drop_interval, drop_of_differences, paired_dro
 from quant.widths import FLOAT_BITS, A, W, check_widths, tensors_of, weights_of
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json, sha256_file
+from utils.options import BaselineOptions
 from utils.qat import FineTuneRecipe, checkpoint_name, fine_tune_config, fine_tune_images, keep_post_training
 from utils.stages.common import EXECUTABLE, check_same_data, load_setup, results_header, write_results
 from utils.stages.greedy_search import stage2_cost_model
@@ -96,36 +97,36 @@ def score(name, cfg, s, val_eval, test_eval, fp_val, fp_test) -> tuple[dict, tor
             "tie_rate": t.tie_rate}, t.correct
 
 
-def create_baselines(args) -> dict:
+def create_baselines(opts: BaselineOptions) -> dict:
     t0 = time.time()
-    if args.bits is not None:   # before any file is read
-        check_widths(args.bits, "--bits")
-    check_qat_args(args, None)
-    s3_path = Path(args.results_dir) / RESULTS_FILES["3"]
-    s3 = load_results_json(s3_path, "3", PRODUCERS["3"], force=args.force)
-    w_widths = list(dict.fromkeys(args.bits if args.bits is not None else s3.get("bits") or []))
+    if opts.bits is not None:   # before any file is read
+        check_widths(opts.bits, "--bits")
+    check_qat_args(opts, None)
+    s3_path = Path(opts.results_dir) / RESULTS_FILES["3"]
+    s3 = load_results_json(s3_path, "3", PRODUCERS["3"], force=opts.force)
+    w_widths = list(dict.fromkeys(opts.bits if opts.bits is not None else s3.get("bits") or []))
     recipe = Recipe.from_json(s3.get("quantization"))
-    if args.quantize_logits:
+    if opts.quantize_logits:
         recipe = dataclasses.replace(recipe, logits="quantized")
     quant = recipe.to_json()
     calib = (s3.get("dataset") or {}).get("calibration", {}).get("images")
-    cm = stage2_cost_model(s3, args.cost_model, s3_path)
+    cm = stage2_cost_model(s3, opts.cost_model, s3_path)
     joint = bool(s3.get("joint"))
     cm.check_tensor_widths(s3.get("a_bits") or [] if joint else [], f"the tensor widths {s3_path} searched",
                            "Drop --cost-model.")
-    s = load_setup(args, recipe, calib_images=calib,
+    s = load_setup(opts, recipe, calib_images=calib,
                    cost_model=cm, target=s3.get("target", "generic"))
-    check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], args.force)
-    check_same_data(s3, s3_path, s, PRODUCERS["3"], args.force)
-    candidates = with_ends(compared_configs(s3, s.space, w_widths, recipe), s.model, s.target, args.keep_ends)
+    check_same_checkpoint(s3, s3_path, s.checkpoint, PRODUCERS["3"], opts.force)
+    check_same_data(s3, s3_path, s, PRODUCERS["3"], opts.force)
+    candidates = with_ends(compared_configs(s3, s.space, w_widths, recipe), s.model, s.target, opts.keep_ends)
     if not any(s3.get(m) for m in SEARCHED):
         print(f"note: {s3_path} holds no searched configuration; comparing uniform widths only")
     act = s.calibrate({a for _, cfg in candidates for a in tensors_of(cfg).values()})
     s.learn_levels({(n, b) for _, cfg in candidates for n, b in weights_of(cfg).items()})
 
     # The same (BN-folded) evaluation as stages 2-3, so fp32's search accuracy matches theirs.
-    val_eval = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_activations=False)
-    test_eval = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, cache_activations=False)
+    val_eval = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_activations=False)
+    test_eval = s.evaluator(s.report_x, s.report_y, opts.eval_batch_size, cache_activations=False)
     fp_val, fp_test = val_eval.float_outcome, test_eval.float_outcome
     configs, correct = [], {}
     for name, cfg in tqdm(candidates, desc="configurations", dynamic_ncols=True):
@@ -138,7 +139,7 @@ def create_baselines(args) -> dict:
                          budget_holds_on_test=entry["test_drop"] <= s3["max_drop"])
         configs.append(entry)
 
-    qat_top = fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) if args.qat_epochs else {}
+    qat_top = fine_tune(opts, s, candidates, configs, fp_val, fp_test, act, quant) if opts.qat_epochs else {}
 
     by_name = {c["name"]: c for c in configs}
     uniforms = [c for c in configs if c["name"].startswith("uniform_")]
@@ -149,8 +150,8 @@ def create_baselines(args) -> dict:
               "baseline": "fp32", "quantization": quant, "ptq_fit": s.ptq_fit, "joint": joint, "configs": configs,
               "dominates": dom,
               "comparisons": comparisons,
-              "keep_ends": None if args.keep_ends is None else {
-                  "bits": args.keep_ends, "groups": [list(g) for g in end_groups(s.model, s.target)],
+              "keep_ends": None if opts.keep_ends is None else {
+                  "bits": opts.keep_ends, "groups": [list(g) for g in end_groups(s.model, s.target)],
                   "applies_to": "uniform configurations (--keep-ends), where narrower"},
               **qat_top,
               "dominance_basis": "AI, and the paired 95% bootstrap interval of the test accuracy difference: "
@@ -161,24 +162,24 @@ def create_baselines(args) -> dict:
     if s.split.policy == "test halves":
         print(f"note: test accuracies are on the report half of the test set ({len(s.report_y)} images), which "
               f"the search never saw; val accuracies are on the search half")
-    path = write_results(result, args, s, {"checkpoint": s.checkpoint, "search": s3_path}, t0, RESULTS_FILES["4"])
+    path = write_results(result, opts, s, {"checkpoint": s.checkpoint, "search": s3_path}, t0, RESULTS_FILES["4"])
     print_comparison(result)
     print(f"\n{len(configs)} configurations in {result['seconds']:.1f} s; wrote {path}")
     return result
 
 
-def check_qat_args(args, names):
-    fractions = [f for f in (args.qat_warmup, args.qat_freeze_bn) if f is not None]
-    if args.qat_epochs < 0 or args.qat_lr <= 0 or args.qat_batch_size < 1 or args.qat_seeds < 1 \
+def check_qat_args(opts: BaselineOptions, names):
+    fractions = [f for f in (opts.qat_warmup, opts.qat_freeze_bn) if f is not None]
+    if opts.qat_epochs < 0 or opts.qat_lr <= 0 or opts.qat_batch_size < 1 or opts.qat_seeds < 1 \
             or not all(0 <= f <= 1 for f in fractions):
         raise UserError(f"--qat-epochs must be >= 0, --qat-lr > 0, --qat-batch-size >= 1, --qat-seeds >= 1, and "
                         f"--qat-warmup and --qat-freeze-bn fractions of the steps between 0 and 1; got "
-                        f"{args.qat_epochs}, {args.qat_lr}, {args.qat_batch_size}, {args.qat_seeds}, "
-                        f"{args.qat_warmup}, {args.qat_freeze_bn}.")
-    if args.keep_ends is not None and args.keep_ends not in KEEP_ENDS_BITS:
-        raise UserError(f"--keep-ends {args.keep_ends}: give the width the ends keep, one of {list(KEEP_ENDS_BITS)} "
+                        f"{opts.qat_epochs}, {opts.qat_lr}, {opts.qat_batch_size}, {opts.qat_seeds}, "
+                        f"{opts.qat_warmup}, {opts.qat_freeze_bn}.")
+    if opts.keep_ends is not None and opts.keep_ends not in KEEP_ENDS_BITS:
+        raise UserError(f"--keep-ends {opts.keep_ends}: give the width the ends keep, one of {list(KEEP_ENDS_BITS)} "
                         f"(8, as the literature's W4A4 and W3A3 results do).")
-    unknown = [n for n in args.qat_configs or [] if names is not None and n not in names]
+    unknown = [n for n in opts.qat_configs or [] if names is not None and n not in names]
     if unknown:
         raise UserError(f"--qat-configs {unknown}: stage 4 compares {names}; name some of those.")
 
@@ -272,27 +273,27 @@ def _acc(credit) -> float:
     return 100.0 * float(credit.sum()) / len(credit)
 
 
-def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict:
+def fine_tune(opts: BaselineOptions, s, candidates, configs, fp_val, fp_test, act, quant) -> dict:
     """Fine-tune each selected configuration from the float checkpoint under one recipe, with each of
     --qat-seeds seeds, and add qat_* fields to its entry. Every decision is made on the select images, which no
     search or confirm step saw, never on test (SELECTION_RULE); a fine-tuned answer then passes BudgetTest on
     the confirm images, and the JSON records both. Drops are paired against the fine-tuned fp32 and the original float,
     per image over the mean of the seeds. Returns the top-level fields."""
     names = [n for n, _ in candidates]
-    check_qat_args(args, names)
-    chosen = [(n, cfg) for n, cfg in candidates if not args.qat_configs or n in args.qat_configs]
-    pool, padded, labels = fine_tune_images(s, args.quick)
-    seeds = [s.seed + k for k in range(args.qat_seeds)]
-    ft = FineTuneRecipe(args.qat_epochs, args.qat_lr, args.qat_batch_size, args.qat_warmup, args.qat_freeze_bn,
-                        args.qat_scales, args.qat_bn, args.qat_distill, args.qat_start)
+    check_qat_args(opts, names)
+    chosen = [(n, cfg) for n, cfg in candidates if not opts.qat_configs or n in opts.qat_configs]
+    pool, padded, labels = fine_tune_images(s, opts.quick)
+    seeds = [s.seed + k for k in range(opts.qat_seeds)]
+    ft = FineTuneRecipe(opts.qat_epochs, opts.qat_lr, opts.qat_batch_size, opts.qat_warmup, opts.qat_freeze_bn,
+                        opts.qat_scales, opts.qat_bn, opts.qat_distill, opts.qat_start)
     recipe = ft.to_json(pool, s.device, s.recipe.ptq)
     if s.select_x is None:
         raise UserError("fine-tuning is decided on the select images (between post-training and fine-tuned weights, "
                         "and among seeds), and this run has none: drop --select-size 0, or name a 'select' part in "
                         "the --holdout file.")
-    sel_eval = s.evaluator(s.select_x, s.select_y, args.eval_batch_size, cache_activations=False)
-    budget = BudgetTest(s, args.eval_batch_size)
-    teacher = fold_bn(s.model).to(s.device) if args.qat_distill else None
+    sel_eval = s.evaluator(s.select_x, s.select_y, opts.eval_batch_size, cache_activations=False)
+    budget = BudgetTest(s, opts.eval_batch_size)
+    teacher = fold_bn(s.model).to(s.device) if opts.qat_distill else None
     base_sha = sha256_file(s.checkpoint)
     masks = {}      # name -> list of test masks of the fine-tunes, one per seed
     by_name = {c["name"]: c for c in configs}
@@ -309,13 +310,13 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         ptq_sel = sel_eval.evaluate(cfg).correct
         runs, tests, confirms = [], [], []
         for k, seed in enumerate(seeds):
-            path = Path(args.checkpoint_dir) / checkpoint_name(name, k, seed)
+            path = Path(opts.checkpoint_dir) / checkpoint_name(name, k, seed)
             run = fine_tune_config(s, name, cfg, ft, recipe, quant, base_sha, seed, path, padded, labels, teacher,
-                                   args.resume, f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""))
+                                   opts.resume, f"qat {name}" + (f" seed {seed}" if len(seeds) > 1 else ""))
             m = run["model"]
-            v = correct_credit(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)
-            sel = correct_credit(m, s.select_x, s.select_y, s.normalize, args.eval_batch_size)
-            t = correct_credit(m, s.report_x, s.report_y, s.normalize, args.eval_batch_size)
+            v = correct_credit(m, s.eval_x, s.eval_y, s.normalize, opts.eval_batch_size)
+            sel = correct_credit(m, s.select_x, s.select_y, s.normalize, opts.eval_batch_size)
+            t = correct_credit(m, s.report_x, s.report_y, s.normalize, opts.eval_batch_size)
             tests.append(t)
             confirms.append(budget.credit(m))
             gain = drop_of_differences(sel - ptq_sel.to(sel.dtype))   # fine-tuned minus post-training, per image
@@ -333,7 +334,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         if answer == "post-training":
             # the post-training model the evaluators computed (learned levels included), in the checkpoint's form
             keep_post_training(Path(best["checkpoint"]), placed_model(s.model, cfg, act, s.target, s.recipe, s.levels))
-        e.update(qat_epochs=args.qat_epochs, qat_seeds=seeds,
+        e.update(qat_epochs=opts.qat_epochs, qat_seeds=seeds,
                  qat_val_acc=float(np.mean([r["val_acc"] for r in runs])),
                  qat_selection_acc=float(np.mean([r["selection_acc"] for r in runs])),
                  qat_test_acc=mean_test,
@@ -351,7 +352,7 @@ def fine_tune(args, s, candidates, configs, fp_val, fp_test, act, quant) -> dict
         drop, ci = seeds_drop([fp_test.correct], tests)
         e.update(qat_test_drop_vs_float=drop, qat_test_drop_vs_float_ci95=ci)
         sd = f" (sd {e['qat_test_acc_sd']:.2f} over {len(seeds)} seeds)" if len(seeds) > 1 else ""
-        print(f"{name}: fine-tuned {args.qat_epochs} epochs ({runs[0]['status']}): test {e['test_acc']:.2f}% -> "
+        print(f"{name}: fine-tuned {opts.qat_epochs} epochs ({runs[0]['status']}): test {e['test_acc']:.2f}% -> "
               f"{mean_test:.2f}%{sd}" + ("; below post-training on the select images, which stays the answer"
                                          if answer == "post-training" else budget.describe(e["qat_budget_test"])))
     for name in masks:

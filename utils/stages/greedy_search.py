@@ -22,6 +22,7 @@ from quant.stats import BUDGET_Z, Budget, paired_drop
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
+from utils.options import SearchOptions
 from utils.stages.common import check_same_data, load_setup, results_header, write_results
 
 RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop"}
@@ -38,14 +39,14 @@ SEARCH_Z_WITHOUT_CONFIRM = BUDGET_Z
 FRONTIER_POINTS_SAVED = 300   # the frontier can have thousands of points: a thinned copy goes into the JSON
 
 
-def load_stage2(args):
+def load_stage2(opts: SearchOptions):
     """The stage-2 table, and the weight / activation ladders to search (default: all it measured)."""
-    path = Path(args.results_dir) / RESULTS_FILES["2"]
-    res = load_results_json(path, "2", PRODUCERS["2"], force=args.force)
+    path = Path(opts.results_dir) / RESULTS_FILES["2"]
+    res = load_results_json(path, "2", PRODUCERS["2"], force=opts.force)
     ladders = []
     for flag, key in (("bits", "bits"), ("a_bits", "a_bits")):
         measured = [b for b in res.get(key) or [] if b != FLOAT_BITS]
-        given = getattr(args, flag)
+        given = getattr(opts, flag)
         if given is None:
             ladders.append(measured)
             continue
@@ -95,59 +96,59 @@ def thin(points, k):
     return [points[i] for i in idx]
 
 
-def search_widths(args) -> dict:
+def search_widths(opts: SearchOptions) -> dict:
     t0 = time.time()
-    if args.max_drop < 0:
-        raise UserError(f"--max-drop must be >= 0 points, got {args.max_drop}.")
-    if args.z is not None and args.z < 0:
-        raise UserError(f"--z must be >= 0, got {args.z}.")
-    if args.verify_top_k < 1 or args.pareto_verify < 1:
+    if opts.max_drop < 0:
+        raise UserError(f"--max-drop must be >= 0 points, got {opts.max_drop}.")
+    if opts.z is not None and opts.z < 0:
+        raise UserError(f"--z must be >= 0, got {opts.z}.")
+    if opts.verify_top_k < 1 or opts.pareto_verify < 1:
         raise UserError("--verify-top-k and --pareto-verify must be >= 1.")
-    if args.audit_pruning < 0:
-        raise UserError(f"--audit-pruning must be >= 0, got {args.audit_pruning}.")
-    if getattr(args, "min_ai", None) is not None and not args.min_ai >= 1:
-        raise UserError(f"--min-ai is a multiple of the FP32 AI, at least 1; got {args.min_ai}.")
-    if args.max_evaluations is not None and args.max_evaluations < 1:
-        raise UserError(f"--max-evaluations must be >= 1, got {args.max_evaluations}.")
+    if opts.audit_pruning < 0:
+        raise UserError(f"--audit-pruning must be >= 0, got {opts.audit_pruning}.")
+    if getattr(opts, "min_ai", None) is not None and not opts.min_ai >= 1:
+        raise UserError(f"--min-ai is a multiple of the FP32 AI, at least 1; got {opts.min_ai}.")
+    if opts.max_evaluations is not None and opts.max_evaluations < 1:
+        raise UserError(f"--max-evaluations must be >= 1, got {opts.max_evaluations}.")
     for flag, allowed in (("bits", WEIGHT_BITS), ("a_bits", ACT_BITS)):   # before any file is read
-        if getattr(args, flag) is not None:
-            check_widths(getattr(args, flag), f"--{flag.replace('_', '-')}", allowed)
-    cap = args.max_evaluations or (QUICK_MAX_EVALUATIONS if args.quick else None)
-    s2_path, s2, w_ladder, a_ladder = load_stage2(args)
+        if getattr(opts, flag) is not None:
+            check_widths(getattr(opts, flag), f"--{flag.replace('_', '-')}", allowed)
+    cap = opts.max_evaluations or (QUICK_MAX_EVALUATIONS if opts.quick else None)
+    s2_path, s2, w_ladder, a_ladder = load_stage2(opts)
     if not w_ladder and not a_ladder:
         raise UserError(f"{s2_path} measured no widths to search.")
-    cm = stage2_cost_model(s2, args.cost_model, s2_path)
+    cm = stage2_cost_model(s2, opts.cost_model, s2_path)
     cm.check_tensor_widths(a_ladder, "a search of tensor widths",
                            "Pass --a-bits 32 to search weights only under it, or drop --cost-model.")
     calib = (s2.get("dataset") or {}).get("calibration", {}).get("images")
     recipe = Recipe.from_json(s2.get("quantization"))
-    if args.quantize_logits and recipe.logits == "float" and a_ladder:
+    if opts.quantize_logits and recipe.logits == "float" and a_ladder:
         raise UserError(f"--quantize-logits: {s2_path} measured the logits only in float, so the search has no "
                         f"sensitivity to narrow them with. Re-run {PRODUCERS['2']} --quantize-logits (same flags), "
                         f"or drop the flag.")
-    s = load_setup(args, recipe, calib_images=calib,
+    s = load_setup(opts, recipe, calib_images=calib,
                    cost_model=cm, target=s2.get("target", "generic"))
-    check_same_checkpoint(s2, s2_path, s.checkpoint, PRODUCERS["2"], args.force)
+    check_same_checkpoint(s2, s2_path, s.checkpoint, PRODUCERS["2"], opts.force)
     space = s.space
     if [l["name"] for l in s2["layers"]] != list(space.layers) or \
             (a_ladder and [t["name"] for t in s2.get("tensors") or []] != list(space.tensors)):
         raise UserError(f"{s2_path} describes other layers or tensors than {s.checkpoint} has. Re-run {PRODUCERS['2']}.")
-    check_same_data(s2, s2_path, s, PRODUCERS["2"], args.force)
+    check_same_data(s2, s2_path, s, PRODUCERS["2"], opts.force)
     s.calibrate(a_ladder)
-    check_calibration(s2, s, s2_path, args.force)
+    check_calibration(s2, s, s2_path, opts.force)
     s.learn_levels([(n, b) for n in space.layers for b in w_ladder])      # stage 2's, from the cache
     joint = bool(a_ladder)
     confirming = s.confirm_x is not None
-    z = args.z if args.z is not None else (SEARCH_Z_WITH_CONFIRM if confirming else SEARCH_Z_WITHOUT_CONFIRM)
+    z = opts.z if opts.z is not None else (SEARCH_Z_WITH_CONFIRM if confirming else SEARCH_Z_WITHOUT_CONFIRM)
     # both searches confirmed, the better answer shipped: each sequence at 5% / 2 keeps the shipped one at 5%
-    z_confirm = confirm_z(2 if args.method == "both" else 1)
+    z_confirm = confirm_z(2 if opts.method == "both" else 1)
 
-    evaluator = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_bytes=int(args.cache_gb * 2 ** 30))
+    evaluator = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_bytes=int(opts.cache_gb * 2 ** 30))
     base = evaluator.float_outcome
     if abs(base.accuracy - s2["baseline_val_acc"]) > 1e-9:
         print(f"note: the float model scores {base.accuracy:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
               f"(non-deterministic kernels?); the search uses {base.accuracy:.2f}%")
-    sig, drops = stage2_column(s2, RANK_SIGNALS[args.rank_by]), stage2_column(s2, "drop")
+    sig, drops = stage2_column(s2, RANK_SIGNALS[opts.rank_by]), stage2_column(s2, "drop")
     flops = s.table.flops * cm.batch_size
     const = cm.constant_bytes(s.table)
     ladders = {**{(W, n): w_ladder for n in space.layers},
@@ -165,20 +166,20 @@ def search_widths(args) -> dict:
     def measure(config) -> Measured:
         out = evaluator.evaluate(config)
         pd = paired_drop(base.correct, out.correct)
-        signal = {"kl": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[args.rank_by]
+        signal = {"kl": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[opts.rank_by]
         return Measured(out.accuracy, pd.drop, pd.se, signal)
 
     float_cfg = space.uniform(FLOAT_BITS, FLOAT_BITS)
     cache = EvalCache(measure)
     cache.remember(float_cfg, Measured(base.accuracy, 0.0, 0.0, 0.0))
-    budget = Budget(args.max_drop, z)
+    budget = Budget(opts.max_drop, z)
 
     def describe(config, m: Measured, **extra):
         return {"config": space.to_file(config), "ai": ai_of(config), "val_acc": m.acc, "drop": m.drop,
                 "drop_se": m.se, "margin": m.drop + budget.z * m.se, **extra}
 
-    confirm_eval = s.evaluator(s.confirm_x, s.confirm_y, args.eval_batch_size,
-                               cache_bytes=int(args.cache_gb * 2 ** 30)) if confirming else None
+    confirm_eval = s.evaluator(s.confirm_x, s.confirm_y, opts.eval_batch_size,
+                               cache_bytes=int(opts.cache_gb * 2 ** 30)) if confirming else None
 
     def confirm(sequence, chain: bool) -> dict | None:
         """Fixed-sequence test of `sequence` (fixed by the search) on the confirm images."""
@@ -194,7 +195,7 @@ def search_widths(args) -> dict:
                 out = confirm_eval.evaluate(config)
             pd = paired_drop(base.correct, out.correct)
             return Measured(out.accuracy, pd.drop, pd.se, pd.drop)
-        c = confirm_sequence(sequence, measure_confirm, args.max_drop, z_confirm)
+        c = confirm_sequence(sequence, measure_confirm, opts.max_drop, z_confirm)
         c["images"] = confirm_eval.n
         return c
 
@@ -210,7 +211,7 @@ def search_widths(args) -> dict:
         entry = describe(accepted, cache(accepted), confirm_drop=cm_.drop if cm_ else 0.0,
                          confirm_drop_se=cm_.se if cm_ else 0.0, confirm_acc=cm_.acc if cm_ else None,
                          confirm_passed=cm_ is not None, confirm_images=c["images"], **extra)
-        entry["confirm"] = {"z": c["z"], "rule": f"confirm drop + {c['z']:.3f} x SE <= {args.max_drop}, tested in "
+        entry["confirm"] = {"z": c["z"], "rule": f"confirm drop + {c['z']:.3f} x SE <= {opts.max_drop}, tested in "
                                                  f"the order the search fixed; the last pass before the first failure",
                             "sequence": len(sequence), "accepted": c["accepted"], "first_failure": c["first_failure"],
                             "evaluations": c["evaluations"], "tested": c["tested"],
@@ -219,8 +220,8 @@ def search_widths(args) -> dict:
         return entry
 
     header = results_header("3", s)
-    result = {**header, "eval_images": evaluator.n, "max_drop": args.max_drop,
-              "budget": budget.to_json(), "rank_by": args.rank_by, "baseline_val_acc": base.accuracy,
+    result = {**header, "eval_images": evaluator.n, "max_drop": opts.max_drop,
+              "budget": budget.to_json(), "rank_by": opts.rank_by, "baseline_val_acc": base.accuracy,
               "fp32_ai": ai_of(float_cfg), "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
               "search_space": {"weight_groups": len(space.layers), "weight_widths": [FLOAT_BITS] + w_ladder,
                                "tensor_groups": len(space.tensors) if joint else 0,
@@ -231,19 +232,19 @@ def search_widths(args) -> dict:
               "search_margin": {"z": z, "why": "the confirm step carries the 5% guarantee; z chosen by simulation"
                                 if confirming else "no confirm split: the margin alone keeps the budget on fresh "
                                                    "data of the search's size"},
-              "max_evaluations": cap, "prune_infeasible": not args.no_prune_infeasible,
-              "fast_forward": not args.no_fast_forward,
+              "max_evaluations": cap, "prune_infeasible": not opts.no_prune_infeasible,
+              "fast_forward": not opts.no_fast_forward,
               "layers": [{"name": li.name, "params": li.weights, "macs": li.macs, "segment": header["segments"][li.name]}
                          for li in s.table.layers],
               "tensors": [{"name": t, "elements": s.table.elements[t], "traffic": s.table.traffic(t),
                            "segment": header["segments"][t]} for t in space.tensors],
               "greedy": None, "pareto": None}
     greedy_cfg = None
-    min_ai = getattr(args, "min_ai", None)
+    min_ai = getattr(opts, "min_ai", None)
     if min_ai is not None:
-        result["min_ai"] = min_ai_search(args, result, frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)),
+        result["min_ai"] = min_ai_search(opts, result, frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)),
                                          cache, ai_of, describe, confirm_eval)
-    if min_ai is None and args.method in ("greedy", "both"):
+    if min_ai is None and opts.method in ("greedy", "both"):
         bar = tqdm(desc="greedy steps", unit="step", dynamic_ncols=True)
 
         def progress(step, entry):
@@ -252,17 +253,17 @@ def search_widths(args) -> dict:
                             drop="-" if entry["drop"] is None else f"{entry['drop']:.2f}",
                             evals=entry.get("evaluations"))
 
-        reserve = min(args.pareto_verify, cap // 4) if cap and args.method == "both" else 0   # left for pareto
+        reserve = min(opts.pareto_verify, cap // 4) if cap and opts.method == "both" else 0   # left for pareto
         g = greedy_search(ladders, bytes_of, lambda grp, b: est(sig, grp, b), cache, budget,
-                          verify_top_k=args.verify_top_k, ai_of=ai_of,
+                          verify_top_k=opts.verify_top_k, ai_of=ai_of,
                           on_accept=lambda cfg, m: evaluator.set_base(cfg), progress=progress,
-                          prune_infeasible=not args.no_prune_infeasible,
+                          prune_infeasible=not opts.no_prune_infeasible,
                           max_evaluations=cap - reserve if cap else None,
-                          score_eps=SCORE_EPS[args.rank_by], fast_forward=not args.no_fast_forward)
+                          score_eps=SCORE_EPS[opts.rank_by], fast_forward=not opts.no_fast_forward)
         bar.close()
         greedy_cfg = g["config"]
-        if args.audit_pruning:
-            result["pruning_audit"] = audit_pruning(g["skipped_moves"], cache, budget, args.audit_pruning, s.seed)
+        if opts.audit_pruning:
+            result["pruning_audit"] = audit_pruning(g["skipped_moves"], cache, budget, opts.audit_pruning, s.seed)
         result["greedy"] = answer(greedy_cfg, g["measured"], greedy_sequence(g, float_cfg), True,
                                   evaluations=g["evaluations"], steps=g["steps"], stopped_by=g["stopped_by"],
                                   pruned_moves=g["pruned_moves"], infeasible_evaluations=g["infeasible_evaluations"],
@@ -271,12 +272,12 @@ def search_widths(args) -> dict:
               f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else "")
               + confirmed_note(result["greedy"]))
 
-    if min_ai is None and args.method in ("pareto", "both"):
+    if min_ai is None and opts.method in ("pareto", "both"):
         t = time.time()
         frontier = pareto_frontier(frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)))
         dp_seconds = time.time() - t
         left = None if cap is None else max(1, cap - cache.count)
-        p = verify_frontier(frontier, cache, budget, ai_of, min(args.pareto_verify, left or args.pareto_verify),
+        p = verify_frontier(frontier, cache, budget, ai_of, min(opts.pareto_verify, left or opts.pareto_verify),
                             seed_config=greedy_cfg)
         if p["config"] is None:
             p.update(config=float_cfg, ai=ai_of(float_cfg), measured=cache(float_cfg), source="float")
@@ -303,7 +304,7 @@ def search_widths(args) -> dict:
             result[m]["why_float"] = (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE "
                                       f"<= {budget.max_drop}) on {evaluator.n} search images")
     result["evaluations"] = cache.count
-    path = write_results(result, args, s, {"checkpoint": s.checkpoint, "per_layer": s2_path}, t0, RESULTS_FILES["3"])
+    path = write_results(result, opts, s, {"checkpoint": s.checkpoint, "per_layer": s2_path}, t0, RESULTS_FILES["3"])
     print_search(result)
     print(f"{cache.count} evaluations in {result['seconds']:.1f} s; wrote {path}")
     return result
@@ -314,17 +315,17 @@ def frontier_options(ladders, bytes_of, est) -> dict:
     return {grp: [(b, bytes_of(grp, b), est(grp, b)) for b in [FLOAT_BITS] + lad] for grp, lad in ladders.items()}
 
 
-def min_ai_search(args, result, options, cache, ai_of, describe, confirm_eval):
+def min_ai_search(opts: SearchOptions, result, options, cache, ai_of, describe, confirm_eval):
     """--min-ai X: the most accurate configuration with at least X times the FP32 AI, from the Pareto frontier of
     the estimate (quant.search.most_accurate_above, --pareto-verify evaluations), stored as the "pareto" entry with
     source "min-ai". It is a starting point for fine-tuning, not a post-training answer: no budget chooses it, and
     its confirm-split drop is measured and reported (``confirm_passed``: whether it would pass stage 3's rule)
     but never swaps it for a wider configuration."""
-    target = args.min_ai * result["fp32_ai"]
+    target = opts.min_ai * result["fp32_ai"]
     frontier = pareto_frontier(options)
-    p = most_accurate_above(frontier, target, cache, ai_of, args.pareto_verify)
+    p = most_accurate_above(frontier, target, cache, ai_of, opts.pareto_verify)
     if p["config"] is None:
-        raise UserError(f"--min-ai {args.min_ai:g}: {p['note']} (the narrowest configuration reaches "
+        raise UserError(f"--min-ai {opts.min_ai:g}: {p['note']} (the narrowest configuration reaches "
                         f"{ai_of(frontier[-1].config) / result['fp32_ai']:.2f}x FP32). Give a smaller --min-ai, or "
                         f"let stage 2 measure narrower widths (--bits, --a-bits).")
     extra = {"confirm_drop": None, "confirm_drop_se": None, "confirm_acc": None, "confirm_passed": None,
@@ -333,17 +334,17 @@ def min_ai_search(args, result, options, cache, ai_of, describe, confirm_eval):
         out = confirm_eval.evaluate(p["config"])
         pd = paired_drop(confirm_eval.float_outcome.correct, out.correct)
         extra = {"confirm_drop": pd.drop, "confirm_drop_se": pd.se, "confirm_acc": out.accuracy,
-                 "confirm_passed": pd.drop + result["confirm_z"] * pd.se <= args.max_drop,
+                 "confirm_passed": pd.drop + result["confirm_z"] * pd.se <= opts.max_drop,
                  "confirm_images": confirm_eval.n}
     result["pareto"] = describe(p["config"], p["measured"], source="min-ai", evaluations=p["evaluations"],
                                 frontier_size=len(frontier), note=None, **extra,
                                 verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc,
                                            "drop": v["measured"].drop, "drop_se": v["measured"].se}
                                           for v in p["verified"]])
-    print(f"--min-ai {args.min_ai:g}: {p['eligible']} frontier points reach AI {target:.2f}; of the {len(p['verified'])} "
+    print(f"--min-ai {opts.min_ai:g}: {p['eligible']} frontier points reach AI {target:.2f}; of the {len(p['verified'])} "
           f"evaluated, the most accurate: AI {p['ai']:.2f} ({p['ai'] / result['fp32_ai']:.2f}x) at "
           f"{p['measured'].acc:.2f}% (drop {p['measured'].drop:.2f})")
-    return {"x_fp32": args.min_ai, "ai": target, "eligible": p["eligible"], "evaluated": len(p["verified"]),
+    return {"x_fp32": opts.min_ai, "ai": target, "eligible": p["eligible"], "evaluated": len(p["verified"]),
             "rule": "the most accurate (on the search images) of the frontier points with the smallest estimates "
                     "that reach the AI; no budget, no confirm cut-back"}
 

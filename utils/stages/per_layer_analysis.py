@@ -21,7 +21,8 @@ from quant.stats import paired_drop
 from quant.widths import A, W
 from utils import distributed as dist
 from utils.io import RESULTS_FILES
-from utils.stages.common import (act_ladder, load_setup, ptq_options, results_header, segment_names, weight_ladder,
+from utils.options import SensitivityOptions
+from utils.stages.common import (act_ladder, load_setup, results_header, segment_names, stage2_recipe, weight_ladder,
                                  write_results)
 
 COLUMNS = ("val_acc", "drop", "drop_se", "kl", "loss_increase", "model_ai")
@@ -68,19 +69,18 @@ def assemble(setup, rows, w_ladder, a_ladder) -> tuple[list[dict], list[dict]]:
     return layers, tensors
 
 
-def per_layer_analysis(args) -> dict:
+def per_layer_analysis(opts: SensitivityOptions) -> dict:
     t0 = time.time()
-    w_ladder, a_ladder = weight_ladder(args), act_ladder(args)
-    cm = CostModel.named(args.cost_model or "fused")
+    w_ladder, a_ladder = weight_ladder(opts), act_ladder(opts)
+    cm = CostModel.named(opts.cost_model or "fused")
     cm.check_tensor_widths(a_ladder, f"--a-bits {' '.join(map(str, a_ladder))}",
                            "Drop --a-bits for the weight-only reproduction, or use --cost-model fused.")
-    recipe = Recipe.for_target(args.target, args.granularity, args.clip, args.weight_range,
-                               "quantized" if args.quantize_logits else "float", **ptq_options(args, cm.name))
-    s = load_setup(args, recipe, calib_images=args.calib_images,
-                   cost_model=cm, target=args.target)
+    recipe = stage2_recipe(opts, cm.name)
+    s = load_setup(opts, recipe, calib_images=opts.calib_images,
+                   cost_model=cm, target=opts.target)
     s.calibrate(a_ladder)
     s.learn_levels([(n, b) for n in s.space.layers for b in w_ladder])
-    evaluator = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_bytes=int(args.cache_gb * 2 ** 30))
+    evaluator = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_bytes=int(opts.cache_gb * 2 ** 30))
     base = evaluator.float_outcome
     fp32 = cm.cost(s.table, s.space.uniform(32, 32))
     print(f"float model: {s.eval_split} accuracy {base.accuracy:.2f}% on {evaluator.n} images; modelled AI "
@@ -98,7 +98,7 @@ def per_layer_analysis(args) -> dict:
            "activation_calibration": s.calibration, "ptq_fit": s.ptq_fit,
            "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
            "layers": layers, "tensors": tensors, "evaluations": sum(n for _, n in parts)}
-    path = write_results(out, args, s, {"checkpoint": s.checkpoint}, t0, RESULTS_FILES["2"])
+    path = write_results(out, opts, s, {"checkpoint": s.checkpoint}, t0, RESULTS_FILES["2"])
     print_sensitivity(out)
     print(f"\n{len(layers)} weight layers x {len(w_ladder)} widths + {len(tensors)} tensors x {len(a_ladder)} widths "
           f"in {out['seconds']:.1f} s ({out['evaluations']} evaluations on {dist.world_size()} process(es)); "

@@ -2,7 +2,6 @@
 and results. 1_train_baseline.py is a thin command-line shell over train_baseline()."""
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ from utils import distributed as dist
 from utils.cli import resolve_arch, resolve_device, seed_everything
 from utils.data import channel_stats, load_dataset, subset_indices
 from utils.errors import UserError
-from utils.io import RESULTS_FILES, SCHEMA_VERSIONS, atomic_write_json, jsonable_args, provenance
+from utils.options import TrainOptions
+from utils.io import RESULTS_FILES, SCHEMA_VERSIONS, atomic_write_json, provenance
 from quant.cost import layer_table
 from utils.split import (QUICK_EVAL_IMAGES, QUICK_TRAIN_IMAGES, indices_sha256, quick_images, quick_subset,
                          split_identity, train_val_split)
@@ -29,38 +29,33 @@ TRAINING_FLAGS = ("arch", "shortcut", "epochs", "batch_size", "lr", "momentum", 
                   "decay_norm_and_bias", "warmup_epochs", "nesterov", "seed", "val_size", "dataset", "quick", "sync_bn")
 
 
-def check_args(args):
+def check_args(opts: TrainOptions):
     for flag in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "eval_batch_size"):
-        v = getattr(args, flag)
+        v = getattr(opts, flag)
         if v is not None and (v < 0 or (flag in ("batch_size", "eval_batch_size") and v == 0)):
             raise UserError(f"--{flag.replace('_', '-')} must be {'> 0' if 'batch' in flag else '>= 0'}, got {v}.")
-    if args.eval_every < 0:
-        raise UserError(f"--eval-every must be >= 0, got {args.eval_every}.")
-    if not 0 <= args.momentum < 1:
-        raise UserError(f"--momentum must be in [0, 1), got {args.momentum}.")
-    if args.val_size is not None and args.val_size < 0:
-        raise UserError(f"--val-size must be >= 0, got {args.val_size}.")
-    if args.graph != "off" and args.compile:
-        raise UserError(f"--graph {args.graph} and --compile both compile the training: --graph {args.graph} the "
+    if opts.eval_every < 0:
+        raise UserError(f"--eval-every must be >= 0, got {opts.eval_every}.")
+    if not 0 <= opts.momentum < 1:
+        raise UserError(f"--momentum must be in [0, 1), got {opts.momentum}.")
+    if opts.val_size is not None and opts.val_size < 0:
+        raise UserError(f"--val-size must be >= 0, got {opts.val_size}.")
+    if opts.graph != "off" and opts.compile:
+        raise UserError(f"--graph {opts.graph} and --compile both compile the training: --graph {opts.graph} the "
                         f"whole step, --compile the model alone. Give one of them.")
-    if args.graph != "off" and dist.world_size() > 1:
-        raise UserError(f"--graph {args.graph} is not supported under torchrun yet (DistributedDataParallel's "
+    if opts.graph != "off" and dist.world_size() > 1:
+        raise UserError(f"--graph {opts.graph} is not supported under torchrun yet (DistributedDataParallel's "
                         f"gradient all-reduce is not part of the graph). Run with --graph off, or in one process.")
 
 
-def _with(args, **changes) -> argparse.Namespace:
-    """A copy of `args` with `changes`: the library never mutates the caller's Namespace."""
-    return argparse.Namespace(**{**vars(args), **changes})
-
-
-def _resolve_arch(args) -> argparse.Namespace:
-    arch, shortcut = resolve_arch(args.arch, args.depth, args.shortcut)
+def _resolve_arch(opts) -> TrainOptions:
+    arch, shortcut = resolve_arch(opts.arch, opts.depth, opts.shortcut)
     arch = arch or "resnet20"
-    return _with(args, arch=arch, shortcut=(shortcut or "B") if takes_shortcut(arch) else shortcut)
+    return opts.replace(arch=arch, shortcut=(shortcut or "B") if takes_shortcut(arch) else shortcut)
 
 
-def _resume_args(args, path: Path) -> tuple[argparse.Namespace, dict]:
-    """(a copy of `args` with the checkpoint's training flags, the checkpoint)."""
+def _resume_args(opts, path: Path) -> tuple[TrainOptions, dict]:
+    """(a copy of `opts` with the checkpoint's training flags, the checkpoint)."""
     ckpt = read_checkpoint(path)
     if "model_args" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a stage-1 training checkpoint (it has no optimizer state), so it "
@@ -81,49 +76,49 @@ def _resume_args(args, path: Path) -> tuple[argparse.Namespace, dict]:
                         f"statistics), so the run would not continue exactly: resume with torchrun "
                         f"--nproc_per_node {saved_world} (or 1 process for 1). Runs trained with --sync-bn "
                         f"resume under any number of processes.")
-    changed = {f: (saved.get(f), getattr(args, f)) for f in TRAINING_FLAGS
-               if f in saved and getattr(args, f, None) != saved.get(f) and getattr(args, f, None) is not None}
+    changed = {f: (saved.get(f), getattr(opts, f)) for f in TRAINING_FLAGS
+               if f in saved and getattr(opts, f, None) != saved.get(f) and getattr(opts, f, None) is not None}
     if changed:
         print(f"note: resuming with the checkpoint's settings; ignoring command-line values {changed}")
     restored = {f: saved[f] for f in TRAINING_FLAGS if f in saved}
-    if args.data_dir is None and saved.get("data_dir"):
+    if opts.data_dir is None and saved.get("data_dir"):
         restored["data_dir"] = Path(saved["data_dir"])
-    return _with(args, **restored, depth=None), ckpt
+    return opts.replace(**restored, depth=None), ckpt
 
 
-def _run_args(args) -> argparse.Namespace:
-    """A copy of `args` with this run's defaults filled in (after any resume)."""
-    out = _with(args, seed=0 if args.seed is None else args.seed, decay_norm_and_bias=bool(args.decay_norm_and_bias),
-                sync_bn=bool(args.sync_bn), world_size=dist.world_size(), dataset=args.dataset or "cifar10",
-                data_dir=args.data_dir or Path("data"))
+def _run_args(opts) -> TrainOptions:
+    """A copy of `opts` with this run's defaults filled in (after any resume)."""
+    out = opts.replace(seed=0 if opts.seed is None else opts.seed, decay_norm_and_bias=bool(opts.decay_norm_and_bias),
+                sync_bn=bool(opts.sync_bn), world_size=dist.world_size(), dataset=opts.dataset or "cifar10",
+                data_dir=opts.data_dir or Path("data"))
     if out.quick:
-        out = _with(out, epochs=min(out.epochs, 1), batch_size=min(out.batch_size, QUICK_BATCH_SIZE))
+        out = out.replace(epochs=min(out.epochs, 1), batch_size=min(out.batch_size, QUICK_BATCH_SIZE))
     return out
 
 
-def train_baseline(args) -> dict:
+def train_baseline(opts: TrainOptions) -> dict:
     """Train ResNet on CIFAR-10 (or synthetic data); returns the results dict it writes."""
     t_start = time.time()
-    check_args(args)
-    args = _resolve_arch(args)
-    device = resolve_device(args.device)
-    check_graph_mode(args.graph, device)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.checkpoint_dir, args.arch)
+    check_args(opts)
+    opts = _resolve_arch(opts)
+    device = resolve_device(opts.device)
+    check_graph_mode(opts.graph, device)
+    ckpt_path = Path(opts.checkpoint) if opts.checkpoint else default_checkpoint_path(opts.checkpoint_dir, opts.arch)
     resume_state = None
-    if args.resume:
-        args, resume_state = _resume_args(args, ckpt_path)
-    args = _run_args(args)
-    dist.local_batch(args.batch_size)   # the global batch must split evenly over the processes
-    seed_everything(args.seed)
+    if opts.resume:
+        opts, resume_state = _resume_args(opts, ckpt_path)
+    opts = _run_args(opts)
+    dist.local_batch(opts.batch_size)   # the global batch must split evenly over the processes
+    seed_everything(opts.seed)
 
-    data = load_dataset(args.dataset, args.data_dir)
-    train_idx, val_idx, val_size = train_val_split(data, args.seed, args.val_size)
-    split = split_identity(data, args.seed, val_size, val_idx)
-    test_idx = subset_indices(len(data.test_y), QUICK_EVAL_IMAGES, args.seed) if args.quick else None
-    model = build_model(args.arch, args.shortcut, len(data.classes))
-    if args.quick:
-        train_idx = quick_subset(train_idx, quick_images(QUICK_TRAIN_IMAGES, layer_table(model)), args.seed)
-        val_idx = quick_subset(val_idx, QUICK_EVAL_IMAGES, args.seed)
+    data = load_dataset(opts.dataset, opts.data_dir)
+    train_idx, val_idx, val_size = train_val_split(data, opts.seed, opts.val_size)
+    split = split_identity(data, opts.seed, val_size, val_idx)
+    test_idx = subset_indices(len(data.test_y), QUICK_EVAL_IMAGES, opts.seed) if opts.quick else None
+    model = build_model(opts.arch, opts.shortcut, len(data.classes))
+    if opts.quick:
+        train_idx = quick_subset(train_idx, quick_images(QUICK_TRAIN_IMAGES, layer_table(model)), opts.seed)
+        val_idx = quick_subset(val_idx, QUICK_EVAL_IMAGES, opts.seed)
     mean, std = channel_stats(data.train_x[train_idx])
     normalize = Normalizer(mean, std, device)
 
@@ -139,14 +134,14 @@ def train_baseline(args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    lr = args.lr * args.batch_size / 128  # linear scaling: --lr is per 128 images
+    lr = opts.lr * opts.batch_size / 128  # linear scaling: --lr is per 128 images
     # --graph cuda: the fused SGD kernel reads the LR from a tensor inside the graph (the update is the same)
-    optimizer = torch.optim.SGD(param_groups(model, args.weight_decay, args.decay_norm_and_bias), lr=lr,
-                                momentum=args.momentum, nesterov=args.nesterov,
-                                **({"fused": True} if args.graph == "cuda" else {}))
-    steps_per_epoch = max(1, len(train_idx) // args.batch_size)
+    optimizer = torch.optim.SGD(param_groups(model, opts.weight_decay, opts.decay_norm_and_bias), lr=lr,
+                                momentum=opts.momentum, nesterov=opts.nesterov,
+                                **({"fused": True} if opts.graph == "cuda" else {}))
+    steps_per_epoch = max(1, len(train_idx) // opts.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch))
+        optimizer, WarmupCosine(opts.epochs * steps_per_epoch, opts.warmup_epochs * steps_per_epoch))
     start_epoch, history = 0, []
     if resume_state is not None:
         try:
@@ -158,20 +153,20 @@ def train_baseline(args) -> dict:
                             f"scheduler state does not fit the run it describes ({str(e).splitlines()[0][:160]}). "
                             f"Start a new run without --resume (or with another --checkpoint).") from None
         start_epoch, history = int(resume_state["epoch"]), list(resume_state.get("history", []))
-        print(f"resuming {ckpt_path} after epoch {start_epoch} of {args.epochs}")
+        print(f"resuming {ckpt_path} after epoch {start_epoch} of {opts.epochs}")
     step_fn = model
     if dist.world_size() > 1:
-        if args.sync_bn:
+        if opts.sync_bn:
             step_fn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         step_fn = torch.nn.parallel.DistributedDataParallel(
             step_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = torch.compile(step_fn) if args.compile else step_fn
-    use_amp = device.type == "cuda" and not args.no_amp
-    graph = (GraphStep(model, optimizer, padded, train_y, normalize, use_amp, args.graph)
-             if args.graph != "off" else None)
+    step_fn = torch.compile(step_fn) if opts.compile else step_fn
+    use_amp = device.type == "cuda" and not opts.no_amp
+    graph = (GraphStep(model, optimizer, padded, train_y, normalize, use_amp, opts.graph)
+             if opts.graph != "off" else None)
 
-    data_info = {**data.describe(), "data_dir": str(args.data_dir), "seed": args.seed, "val_size": val_size,
-                 "quick": bool(args.quick),
+    data_info = {**data.describe(), "data_dir": str(opts.data_dir), "seed": opts.seed, "val_size": val_size,
+                 "quick": bool(opts.quick),
                  "train_split_images": len(train_idx), "val_split_images": len(val_idx),
                  "test_images_used": len(test_y), "search_split": "val" if len(val_idx) else "test halves"}
     split_summary = {k: v for k, v in split.items() if k != "val_indices"}
@@ -180,51 +175,51 @@ def train_baseline(args) -> dict:
 
     def checkpoint_state(epoch, finished, final=None):
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "epochs": args.epochs,
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "epochs": opts.epochs,
                 "finished": finished,   # no RNG state: epoch_plan draws everything from (seed, epoch)
-                "args": jsonable_args(args), "model_args": model_args,
+                "args": opts.to_json(), "model_args": model_args,
                 "normalization": {"mean": mean, "std": std}, "data": {**data_info, "split": split},
                 "history": history,
                 "final": final}
 
     print(f"training {len(train_idx)} images ({data.source}), validating on {len(val_idx)}, "
-          f"{args.epochs} epochs at batch {args.batch_size}, lr {lr:g}, on {device}"
-          + (f", training step as a graph (--graph {args.graph})" if graph else ""))
+          f"{opts.epochs} epochs at batch {opts.batch_size}, lr {lr:g}, on {device}"
+          + (f", training step as a graph (--graph {opts.graph})" if graph else ""))
     epoch, saved = start_epoch, start_epoch
     try:
-        for epoch in range(start_epoch, args.epochs):
+        for epoch in range(start_epoch, opts.epochs):
             t0 = time.perf_counter()
-            stats = train_one_epoch(step_fn, optimizer, scheduler, padded, train_y, normalize, args.batch_size,
-                                    args.seed, epoch, use_amp, desc=f"epoch {epoch + 1}/{args.epochs}", graph=graph)
+            stats = train_one_epoch(step_fn, optimizer, scheduler, padded, train_y, normalize, opts.batch_size,
+                                    opts.seed, epoch, use_amp, desc=f"epoch {epoch + 1}/{opts.epochs}", graph=graph)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             dist.broadcast_buffers(model)   # rank 0's BN running statistics everywhere before evaluating
-            val = (evaluate(model, val_x, val_y, normalize, args.eval_batch_size)
-                   if len(val_y) and args.eval_every and ((epoch + 1) % args.eval_every == 0) else None)
+            val = (evaluate(model, val_x, val_y, normalize, opts.eval_batch_size)
+                   if len(val_y) and opts.eval_every and ((epoch + 1) % opts.eval_every == 0) else None)
             history.append({"epoch": epoch + 1, **stats, "lr": scheduler.get_last_lr()[0],
                             "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
                             "seconds": seconds})
-            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {stats['train_loss']:.4f}  "
+            print(f"epoch {epoch + 1:3d}/{opts.epochs}  loss {stats['train_loss']:.4f}  "
                   f"train {stats['train_acc']:.2f}%  " + (f"val {val['acc']:.2f}%  " if val else "") +
                   f"lr {history[-1]['lr']:.4f}  {seconds:.1f}s")
             if dist.is_main():
                 save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, finished=False))
             saved = epoch + 1
         # The final evaluation is inside too: a Ctrl-C there must also say how to resume.
-        val = evaluate(model, val_x, val_y, normalize, args.eval_batch_size) if len(val_y) else None
-        test = evaluate(model, test_x, test_y, normalize, args.eval_batch_size)
+        val = evaluate(model, val_x, val_y, normalize, opts.eval_batch_size) if len(val_y) else None
+        test = evaluate(model, test_x, test_y, normalize, opts.eval_batch_size)
         final = {"val_acc": val["acc"] if val else None, "test_acc": test["acc"]}
         if dist.is_main():
-            save_checkpoint(ckpt_path, checkpoint_state(args.epochs, finished=True, final=final))
+            save_checkpoint(ckpt_path, checkpoint_state(opts.epochs, finished=True, final=final))
     except KeyboardInterrupt:
-        when = f"during epoch {epoch + 1}" if saved < args.epochs else "during the final evaluation"
+        when = f"during epoch {epoch + 1}" if saved < opts.epochs else "during the final evaluation"
         print(f"\ninterrupted {when}; {ckpt_path} holds the {saved} complete epoch(s). "
               f"Resume with: python 1_train_baseline.py --resume "
-              f"--checkpoint-dir {args.checkpoint_dir}" + (f" --checkpoint {args.checkpoint}" if args.checkpoint else "")
+              f"--checkpoint-dir {opts.checkpoint_dir}" + (f" --checkpoint {opts.checkpoint}" if opts.checkpoint else "")
               # not a training flag, so not restored from the checkpoint: the results must land where asked
-              + (f" --results-dir {args.results_dir}" if str(args.results_dir) != "results" else "")
-              + (f" --graph {args.graph}" if graph else ""),
+              + (f" --results-dir {opts.results_dir}" if str(opts.results_dir) != "results" else "")
+              + (f" --graph {opts.graph}" if graph else ""),
               file=sys.stderr)
         raise SystemExit(130)
 
@@ -236,14 +231,14 @@ def train_baseline(args) -> dict:
         "checkpoint": str(ckpt_path),
         "test_acc": test["acc"], "val_acc": final["val_acc"], "test_loss": test["loss"],
         "val_loss": val["loss"] if val else None,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": lr,
+        "epochs": opts.epochs, "batch_size": opts.batch_size, "lr": lr,
         "seconds_per_epoch": train_seconds / max(1, len(history)), "train_seconds": train_seconds,
         "normalization": {"mean": mean, "std": std},
         "history": history,
     }
-    results["provenance"] = provenance(args, device, inputs={"checkpoint": ckpt_path},
+    results["provenance"] = provenance(opts, device, inputs={"checkpoint": ckpt_path},
                                        seconds=time.time() - t_start)
-    out = Path(args.results_dir) / RESULTS_FILES["1"]
+    out = Path(opts.results_dir) / RESULTS_FILES["1"]
     if dist.is_main():
         atomic_write_json(out, results)
     dist.barrier()
