@@ -24,6 +24,7 @@ from quant.cost import kernel_table
 from quant.fold import fold_bn
 from quant.recipe import Recipe
 from quant.widths import FLOAT_BITS, A, W
+from utils.options import ExportOptions
 from utils.checkpoint import save_checkpoint
 from utils.data import make_synthetic
 from utils.io import SCHEMA_VERSION, atomic_write_json, sha256_file
@@ -470,10 +471,10 @@ def test_cli_weight_range_default_recorded_and_followed(trained, tmp_path, capsy
     the machine that ran it; a stage-2 file that records no range is followed as range 8 (what it simulated);
     --weight-range overrides it, with a note; a fine-tuned checkpoint refuses another range."""
     out = tmp_path / "w8a8.onnx"
-    rep = X.export(X.get_args_parser().parse_args(
+    rep = X.export(ExportOptions.from_args(X.get_args_parser().parse_args(
         ["--checkpoint", str(trained["ckpt"]), "--results-dir", str(tmp_path / "none"), "--w-bits", "8", "--a-bits",
          "8", "--target", ORT, "--check-images", "0", "--calib-images", "64", "--dataset", "synthetic", "--onnx",
-         str(out), "--ptq", "nearest"]))
+         str(out), "--ptq", "nearest"])))
     assert rep["quantization"]["weight_range"] == 7 and rep["int8_weight_layers"] == 10
     assert set(rep["machine"]["cpu"]) >= {"model", "vnni", "int8_isa"} and rep["machine"]["onnxruntime"]
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
