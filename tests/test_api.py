@@ -80,6 +80,10 @@ def test_no_library_code_reads_an_argparse_namespace(quick_stage2, tmp_path, mon
                         lambda self, args=None, namespace=None: parse(self, args, namespace or Spy()))
     Spy.reads.clear()
     common = [*COMMON, "--results-dir", str(results), "--checkpoint-dir", str(ckpts)]
+    stage1 = script_module("1_train_baseline.py")
+    run(stage1.main, stage1.get_args_parser(), [*COMMON, "--dataset", "synthetic", "--val-size", "50", "--epochs", "1",
+                                                "--results-dir", str(tmp_path / "s1"), "--checkpoint-dir",
+                                                str(tmp_path / "s1")])
     for script, extra in (("2_per_layer_analysis.py", ["--bits", *map(str, QUICK_BITS), "--a-bits", "4"]),
                           ("3_greedy_search.py", []),
                           ("4_create_baselines.py", ["--qat-epochs", "1", "--qat-configs", "uniform_w4a4"])):
@@ -124,6 +128,8 @@ def test_study_runs_the_stages_and_returns_typed_results(quick_stage2, tmp_path)
     assert scores["fp32"].test_drop == 0 and scores.report_images == len(scores.json["images"]["report"]["indices"])
     with pytest.raises(UserError, match="no configuration 'w9'"):
         scores["w9"]
+    with pytest.raises(UserError, match="max_dorp"):
+        api.Study(quick_stage2["checkpoint"], max_dorp=0.5)
     again = study.results()
     assert again["comparison"].json == json.loads((results / "04_baselines.json").read_text())
     assert again["search"].best == found.best

@@ -66,8 +66,9 @@ class Study:
     """
 
     def __init__(self, checkpoint=None, *, results_dir="results", checkpoint_dir="checkpoints", **options):
-        self.options = ModelOptions(checkpoint=Path(checkpoint) if checkpoint is not None else None,
-                                    results_dir=Path(results_dir), checkpoint_dir=Path(checkpoint_dir), **options)
+        self.options = ModelOptions().replace(checkpoint=Path(checkpoint) if checkpoint is not None else None,
+                                              results_dir=Path(results_dir), checkpoint_dir=Path(checkpoint_dir),
+                                              **options)
 
     def _options(self, cls, changes: dict):
         return cls.of(self.options).replace(**changes)
