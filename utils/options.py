@@ -50,7 +50,7 @@ class Options:
         """The options of a parsed command line. `strict`: every flag it holds must be a field (a parser and
         its options cannot drift apart); benchmarks, whose parsers add their own flags, pass False."""
         names = {f.name for f in fields(cls)}
-        given = {k: v for k, v in vars(ns).items()}
+        given = vars(ns)
         extra = sorted(set(given) - names)
         if strict and extra:
             raise TypeError(f"{cls.__name__} has no field for the flags {extra}; add them to utils/options.py")

@@ -158,7 +158,7 @@ def check_executable(bits, flag: str, target: str):
 def weight_ladder(opts: SensitivityOptions) -> list[int]:
     """Stage 2's --bits: as given, else the default ladder (a shorter one with --quick; the runtime's widths
     under an executing target); validated."""
-    target = getattr(opts, "target", "generic")
+    target = opts.target
     default = EXECUTABLE[target] or (QUICK_W_LADDER if opts.quick else DEFAULT_W_LADDER)
     bits = opts.bits if opts.bits is not None else list(default)
     check_widths(bits, "--bits")
@@ -169,7 +169,7 @@ def weight_ladder(opts: SensitivityOptions) -> list[int]:
 def act_ladder(opts: SensitivityOptions) -> list[int]:
     """Stage 2's --a-bits without 32 (float is always a choice); [] means weights only. An executing target
     searches its runtime's tensor widths by default."""
-    target = getattr(opts, "target", "generic")
+    target = opts.target
     bits = opts.a_bits if opts.a_bits is not None else list(EXECUTABLE[target] or [])
     if not bits:
         return []
