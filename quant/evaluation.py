@@ -11,10 +11,13 @@ differs from the current base only in groups of segment k (a weight layer or a t
 there) computes exactly what the base computes in front of k, so the base's segment inputs are
 kept and a candidate runs from segment k on. Stage 2 (one group at a time against the float base)
 and the greedy search (one move at a time against the current configuration) both evaluate mostly
-suffixes this way.
+suffixes this way. A candidate's segment inputs, computed on its way, are kept too (within the same
+bound), so the candidate the search accepts becomes the base without running again.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +62,24 @@ class Outcome:
         return 100.0 * self.n_correct / max(self.n, 1)
 
 
+def _key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+@contextmanager
+def starting_path():
+    """Evaluation as it was before the speed work of issue 28, for benchmarks/search_speed.py: torch's
+    fake-quantize op in the quantizer, and each accepted configuration recomputed by ``set_base``. Same
+    answers, slower."""
+    from quant.quantizer import Quantizer
+    kernel, promote = Quantizer.kernel, CachedEvaluator.promote
+    Quantizer.kernel, CachedEvaluator.promote = "torch", False
+    try:
+        yield
+    finally:
+        Quantizer.kernel, CachedEvaluator.promote = kernel, promote
+
+
 def cached_segments(sizes: list[int], limit: int) -> list[bool]:
     """Which segment inputs to keep: all of them (but the first, the image itself, rebuilt from
     uint8 for free) if they fit into `limit` bytes, else every m-th, the smallest m that fits."""
@@ -80,12 +101,18 @@ class CachedEvaluator:
     grid instead of round-to-nearest (quant/adaround.py). The inputs of
     segments under the base configuration are cached for the whole split, within `cache_bytes`;
     segments that do not fit are recomputed from the nearest cached one (identical results).
+    With `pending_bytes` > 0 the segment inputs of the candidates evaluated since the base last changed are
+    kept as well, the newest within that bound (``promote``): `set_base` of one of them moves its inputs into
+    the cache instead of computing them again, the same tensors. For a caller that moves the base to a
+    candidate (the greedy search); stage 2 never does, and keeps none.
     """
+
+    promote = True   # class default; ``starting_path()`` turns it off to measure what it saves
 
     def __init__(self, model, table: KernelTable, x_u8, labels, normalize, ranges=None, per_channel: bool = True,
                  clip: str = "mse", batch_size: int = 1000, base_config=None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True, weight_range: int = 8,
-                 levels: dict | None = None):
+                 levels: dict | None = None, pending_bytes: int = 0):
         self.model = fold_bn(model)
         self.table, self.target, self.space = table, table.target, table.space
         self._groups = set(self.space.groups)
@@ -102,9 +129,13 @@ class CachedEvaluator:
         self.segments = self.model.segments(self.target)
         self.segment_of = table.segment_of
         sizes = self._segment_input_bytes() if cache_activations else [0] * len(self.segments)
+        self._sizes = sizes
         self.keep = cached_segments(sizes, cache_bytes) if cache_activations else [False] * len(self.segments)
         self.cached_bytes = sum(s for s, k in zip(sizes, self.keep) if k)
         self.cache: list[list[torch.Tensor] | None] = [None] * len(self.segments)
+        self.pending_bytes = pending_bytes
+        self._pending: OrderedDict[tuple, tuple[dict, Outcome, int]] = OrderedDict()   # candidates' inputs
+        self.promoted = 0
         self.applied = None
         self.float_logp = None
         self.evaluations = 0
@@ -174,7 +205,8 @@ class CachedEvaluator:
     def _run(self, config: dict, start: int, store: bool) -> Outcome:
         """Evaluate `config`, running segments from `start` (or the nearest cached one before it).
 
-        With store=True the kept segment inputs computed on the way replace the cache."""
+        With store=True the kept segment inputs computed on the way replace the cache; otherwise they are
+        kept for `set_base` (``promote``) while they fit."""
         self._apply(config)
         while start > 0 and not self.keep[start]:
             start -= 1
@@ -182,15 +214,13 @@ class CachedEvaluator:
         tied = 0
         first = self.float_logp is None
         logps = []
+        inputs = {k: [] for k in range(start + 1, len(self.segments)) if self.keep[k]}
+        keep_inputs = store or (self.promote and self.pending_bytes > 0 and self._fits(inputs))
         for b, s in enumerate(range(0, self.n, self.batch_size)):
             h = self.normalize(self.x_u8[s:s + self.batch_size]) if start == 0 else self.cache[start][b]
             for k in range(start, len(self.segments)):
-                if store and k > start and self.keep[k]:
-                    self.cache[k] = self.cache[k] or []
-                    if len(self.cache[k]) > b:
-                        self.cache[k][b] = h
-                    else:
-                        self.cache[k].append(h)
+                if keep_inputs and k in inputs:
+                    inputs[k].append(h)
                 h = self.segments[k].fn(h)
             y = self.labels[s:s + self.batch_size]
             logp = F.log_softmax(h.float(), dim=1)
@@ -205,18 +235,44 @@ class CachedEvaluator:
         if first:
             self.float_logp = logps
         self.evaluations += 1
-        return Outcome(torch.cat(correct), float(loss) / self.n, float(kl) / self.n, tied)
+        out = Outcome(torch.cat(correct), float(loss) / self.n, float(kl) / self.n, tied)
+        if store:
+            for k, hs in inputs.items():
+                self.cache[k] = hs
+        elif keep_inputs and inputs:
+            self._keep_pending(config, inputs, out)
+        return out
+
+    def _bytes(self, inputs: dict) -> int:
+        return sum(h.numel() * h.element_size() for hs in inputs.values() for h in hs)
+
+    def _fits(self, inputs: dict) -> bool:
+        """Whether a candidate's inputs for these segments fit the bound at all (sizes as in ``keep``)."""
+        return sum(self._sizes[k] for k in inputs) <= self.pending_bytes
+
+    def _keep_pending(self, config: dict, inputs: dict, out: Outcome):
+        self._pending[_key(config)] = (inputs, out, self._bytes(inputs))
+        while sum(b for _, _, b in self._pending.values()) > self.pending_bytes:
+            self._pending.popitem(last=False)    # the oldest candidate goes first
 
     def set_base(self, config, outcome: Outcome | None = None):
-        """Make `config` the base: recompute the cached activations behind its first change.
-        `outcome`, if known, saves that pass when nothing is cached."""
+        """Make `config` the base: recompute the cached activations behind its first change, or take them
+        from its evaluation as a candidate (``promote``). `outcome`, if known, saves that pass when nothing
+        is cached."""
         config = self.full(config)
         start = self._first_changed_segment(self.base, config)
+        pending = self._pending.pop(_key(config), None)
         if start < len(self.segments):
-            if any(self.keep):
+            if pending is not None:
+                inputs, self.base_outcome, _ = pending
+                for k, hs in inputs.items():
+                    self.cache[k] = hs
+                self.promoted += 1
+            elif any(self.keep):
                 self.base_outcome = self._run(config, start, store=True)
             else:
                 self.base_outcome = outcome if outcome is not None else self._run(config, 0, store=False)
+        self._pending.clear()     # computed behind the old base: not valid for another base's candidates
         self.base = config
 
     def evaluate(self, config) -> Outcome:

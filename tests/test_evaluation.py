@@ -387,6 +387,64 @@ def test_bounded_cache_gives_identical_results(setup_b):
     check(full.evaluate(bases[0]), setup_b["ref"], bases[0])
 
 
+def _same_cache(a: CachedEvaluator, b: CachedEvaluator) -> bool:
+    return all((x is None) == (y is None) and (x is None or all(torch.equal(u, v) for u, v in zip(x, y)))
+               for x, y in zip(a.cache, b.cache))
+
+
+@pytest.mark.parametrize("bound", ("full", "tight"))
+def test_promoted_candidate_is_what_recomputing_gives(setup_b, bound):
+    """A greedy-like walk: three candidates from each base, then the base moves to one of them. Taking its
+    segment inputs from its evaluation (promote) leaves the cache, the base outcome and every later
+    evaluation bit-identical to recomputing them; with a bound that the candidates' inputs do not fit, they are
+    recomputed and still identical. A base that was never a candidate is recomputed."""
+    space = setup_b["space"]
+    limit = 4 << 30 if bound == "full" else 0   # full: what the greedy asks for, another --cache-gb
+    fast, slow = make_evaluator(setup_b, pending_bytes=limit), make_evaluator(setup_b, pending_bytes=limit)
+    slow.promote = False
+    assert 0 < sum(fast.keep)
+    current = random_config(space, 30, act=False)
+    for ev in (fast, slow):
+        ev.set_base(current)
+    layers = list(space.layers)
+    for step in range(5):
+        cands = [{**space.full(current), (W, layers[(7 * step + 5 * j) % len(layers)]): 2,
+                  (A, layers[(3 * step + 2 * j) % len(layers)]): 4} for j in range(3)]
+        for cand in cands:
+            assert identical(fast.evaluate(cand), slow.evaluate(cand))
+        current = cands[step % 3]
+        for ev in (fast, slow):
+            ev.set_base(current)
+        assert identical(fast.base_outcome, slow.base_outcome) and _same_cache(fast, slow)
+        probe = {**space.full(current), (A, layers[-3]): 3}
+        assert identical(fast.evaluate(probe), slow.evaluate(probe))
+    assert fast.promoted == (5 if bound == "full" else 0) and slow.promoted == 0
+    assert fast.evaluations < slow.evaluations if bound == "full" else fast.evaluations == slow.evaluations
+    never = {**space.full(current), (W, layers[1]): 3}
+    for ev in (fast, slow):
+        ev.set_base(never)
+    assert identical(fast.base_outcome, slow.base_outcome) and _same_cache(fast, slow)
+    assert fast.promoted == (5 if bound == "full" else 0)
+    check(fast.evaluate(never), setup_b["ref"], never)
+
+
+def test_starting_path_gives_the_same_outcomes(setup_b):
+    """The pre-issue-28 path (torch's fake-quantize op, no promotion), kept for the speed benchmark, computes
+    the same outcomes; the switch is restored on exit, also after an error."""
+    from quant.evaluation import starting_path
+    from quant.quantizer import Quantizer
+    configs = configs_for(setup_b["space"])[1:4]
+    new = [make_evaluator(setup_b).evaluate(c) for c in configs]
+    with starting_path():
+        assert Quantizer.kernel == "torch" and CachedEvaluator.promote is False
+        old = [make_evaluator(setup_b).evaluate(c) for c in configs]
+    assert Quantizer.kernel == "arithmetic" and CachedEvaluator.promote is True
+    assert all(identical(a, b) for a, b in zip(new, old))
+    with pytest.raises(RuntimeError), starting_path():
+        raise RuntimeError
+    assert Quantizer.kernel == "arithmetic" and CachedEvaluator.promote is True
+
+
 def test_cached_segments():
     """All segment inputs but the image are kept when they fit; otherwise every m-th, the smallest m
     that fits; nothing when nothing fits."""

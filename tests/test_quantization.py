@@ -18,7 +18,7 @@ from quant.errors import UserError
 from quant.fold import fold_bn
 from quant.place import (check_ranges, quantize_, skeleton_, slots, tensor_grids, tensor_quantizers,
                          weight_quantizers)
-from quant.quantizer import (Quantizer, quantize_weight, tensor_grid, tensor_quantizer, weight_grid,
+from quant.quantizer import (Quantizer, fake_quantize, quantize_weight, tensor_grid, tensor_quantizer, weight_grid,
                              weight_quantizer)
 from quant.widths import ACT_BITS, FLOAT_BITS, A, Space, W
 
@@ -159,6 +159,39 @@ def test_straight_through_gradient(clip):
     assert w.grad.mean() > 0.5
     if clip == "maxabs":
         assert torch.equal(w.grad, torch.ones_like(w))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_arithmetic_fake_quantize_is_torchs_op_bit_for_bit(seed):
+    """The evaluation form (mul, round half to even, clamp, mul) gives torch's fake_quantize values exactly, per
+    tensor and per channel, signed and unsigned, also on the half-way points x = (k + 1/2) s where rounding ties."""
+    g = torch.Generator().manual_seed(seed)
+    for bits in (2, 4, 8):
+        for signed in (False, True):
+            qmin, qmax = tensor_grid(bits, signed)
+            s = float(torch.rand(1, generator=g)) * 0.3 + 1e-4
+            x = torch.randn(4, 8, 16, 16, generator=g) * s * (qmax - qmin) / 3
+            ties = (torch.arange(qmin - 3, qmax + 3, dtype=torch.float32) + 0.5) * s
+            for t in (x, ties):
+                want = torch.fake_quantize_per_tensor_affine(t, s, 0, qmin, qmax)
+                assert torch.equal(fake_quantize(t, torch.tensor([s]), qmin, qmax), want)
+                assert torch.equal(Quantizer(s, qmin, qmax).eval()(t), want)
+        w = torch.randn(16, 8, 3, 3, generator=g) * torch.logspace(-3, 0, 16).view(-1, 1, 1, 1)
+        q = weight_quantizer(w, bits).eval()
+        want = torch.fake_quantize_per_channel_affine(w, q.scale.detach(), torch.zeros(16, dtype=torch.int32), 0,
+                                                      q.qmin, q.qmax)
+        assert torch.equal(q(w), want)
+
+
+def test_quantizer_output_stays_float32_for_half_inputs():
+    """Levels x scale are not exact in bf16: a bf16 input (autocast) comes back on the float32 grid."""
+    q = tensor_quantizer(0.037, 8, signed=False).eval()
+    x = torch.rand(1000) * 9
+    y = q(x.bfloat16())
+    assert y.dtype == torch.float32
+    assert torch.equal(y, q(x.bfloat16().float()))
+    assert torch.equal(y, q.integers(x.bfloat16()).float() * q.scale.detach())   # levels x scale, not re-rounded
+    assert q(x.double()).dtype == torch.float64
 
 
 @pytest.mark.parametrize("per_channel", (True, False))

@@ -13,6 +13,7 @@ import torch
 from models import ARCHS, arch_names, takes_shortcut
 from utils import distributed
 from utils.errors import UserError, error_paragraph
+from utils.machine import keep_freed_memory
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -117,6 +118,7 @@ def run(main, parser: argparse.ArgumentParser, argv=None):
     """
     args = parser.parse_args(argv)
     stdout = sys.stdout
+    keep_freed_memory()   # evaluation's large blocks are reused, not faulted in afresh (utils/machine.py)
     try:
         if distributed.launched():   # torchrun: join the group; only rank 0 prints progress and writes files
             if distributed.init(getattr(args, "device", "auto"))[0] > 0:

@@ -15,6 +15,7 @@ import torch
 
 from utils.distributed import world_size
 from utils.errors import UserError
+from utils.machine import allocator
 
 # Per results file: bump a stage's version when the layout of its JSON changes; stages refuse other
 # versions. Version 3 of stages 2-4: tensor widths, the kernel cost models, the confirm split.
@@ -114,6 +115,7 @@ def provenance(options, device, inputs: dict | None = None, seconds: float | Non
                               f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "world_size": world_size(),   # 1 without torchrun
+        "allocator": allocator(),     # whether freed memory was kept for reuse (utils/machine.py)
         "seconds": seconds,
     }
 

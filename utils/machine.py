@@ -6,6 +6,7 @@ saturate (`vpmaddubsw`). Results of an integer export record which one ran them.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from pathlib import Path
@@ -52,3 +53,48 @@ def runtime_machine() -> dict:
 def describe_cpu(info: dict) -> str:
     vnni = {True: "with VNNI", False: "without VNNI", None: "VNNI unknown"}[info["vnni"]]
     return f"{info['model'] or info['machine']} ({vnni}; int8 instruction sets: {', '.join(info['int8_isa']) or 'none'})"
+
+
+# glibc's mallopt parameters (malloc.h) and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_allocator = {"keeps_freed_memory": False}
+
+
+def _glibc():
+    if platform.system() != "Linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """Keep the memory of freed tensors in the process for the next ones, instead of returning it to the system.
+
+    glibc maps each large block (a batch of activations: 64 MiB for ResNet-20's first stage at 1,000 images) on
+    its own and unmaps it when it is freed, so every new batch faults in fresh, zeroed pages. Evaluation frees and
+    allocates such blocks all the time; on the 2-core virtual machine of the README's benchmarks, that took about
+    as long as the convolutions (benchmarks/search_speed.py). With mmap off and the heap never trimmed, freed
+    blocks are reused; the price is that the process keeps its peak memory until it exits.
+
+    Applies to glibc on Linux only (returns False elsewhere, and when AIQS_KEEP_FREED_MEMORY=0). `enabled=False`
+    restores glibc's defaults and returns the free heap to the system."""
+    libc = _glibc()
+    if libc is None or (enabled and os.environ.get("AIQS_KEEP_FREED_MEMORY", "1") == "0"):
+        return False
+    if enabled:
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    else:
+        ok = libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX) == 1 and \
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD) == 1
+        libc.malloc_trim(0)
+    _allocator["keeps_freed_memory"] = bool(enabled and ok)
+    return ok
+
+
+def allocator() -> dict:
+    """How this process allocates memory, for provenance."""
+    return dict(_allocator)

@@ -56,7 +56,8 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
     g.add_argument("--cache-gb", default=DEFAULT_CACHE_BYTES / 2 ** 30, type=float,
                    help="bound on the cached activations; segments beyond it are recomputed, with identical "
-                        f"results (default: {DEFAULT_CACHE_BYTES / 2 ** 30:g})")
+                        "results; stage 3 keeps its candidates' activations within another such bound, so the one "
+                        f"it accepts is not computed again (default: {DEFAULT_CACHE_BYTES / 2 ** 30:g})")
     g.add_argument("--force", action="store_true",
                    help="use inputs made from another checkpoint or schema, or an unfinished checkpoint (default: off)")
     return p

@@ -143,7 +143,9 @@ def search_widths(opts: SearchOptions) -> dict:
     # both searches confirmed, the better answer shipped: each sequence at 5% / 2 keeps the shipped one at 5%
     z_confirm = confirm_z(2 if opts.method == "both" else 1)
 
-    evaluator = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_bytes=int(opts.cache_gb * 2 ** 30))
+    # the greedy moves its base to the candidate it accepts: keep its candidates' activations (another --cache-gb)
+    evaluator = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_bytes=int(opts.cache_gb * 2 ** 30),
+                            pending_bytes=int(opts.cache_gb * 2 ** 30))
     base = evaluator.float_outcome
     if abs(base.accuracy - s2["baseline_val_acc"]) > 1e-9:
         print(f"note: the float model scores {base.accuracy:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
