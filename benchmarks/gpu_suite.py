@@ -58,7 +58,7 @@ import torch  # noqa: E402
 
 from train_speed import sgd_model, time_plain_loop, time_trainer  # noqa: E402
 from utils.checkpoint import read_checkpoint  # noqa: E402
-from utils.cli import resolve_device, script_module  # noqa: E402
+from utils.cli import resolve_device, run_stage  # noqa: E402
 from utils.data import channel_stats, load_dataset, subset_indices  # noqa: E402
 from utils.io import atomic_write_json, git_commit  # noqa: E402
 from utils.train import GRAPH_MODES  # noqa: E402
@@ -115,14 +115,6 @@ def measure(report, section, fn, key=None, strict=False):
         value = {"error": f"{type(e).__name__}: {e}"[:1000]}
     report.put(section, value, key)
     return value
-
-
-def run_stage(script, argv):
-    mod = script_module(script)
-    args = mod.get_args_parser().parse_args([str(a) for a in argv])
-    t = time.perf_counter()
-    out = mod.main(args).json
-    return out, time.perf_counter() - t
 
 
 def median(xs):

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.cli import script_module  # noqa: E402
+from utils.cli import run_stage, script_module  # noqa: E402
 from quant.evaluation import starting_path  # noqa: E402
 from quant.search import pareto_frontier  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
@@ -50,13 +50,6 @@ from utils.machine import allocator, cpu_info, keep_freed_memory  # noqa: E402
 
 VARIANTS = {"kl": ["--rank-by", "kl"], "loss": ["--rank-by", "loss"], "drop": ["--rank-by", "drop"],
             "classic": ["--rank-by", "drop", "--no-fast-forward", "--no-prune-infeasible"]}
-
-
-def run_stage(script, argv):
-    mod = script_module(script)
-    t = time.perf_counter()
-    out = mod.main(mod.get_args_parser().parse_args([str(a) for a in argv])).json
-    return out, time.perf_counter() - t
 
 
 def time_dp(layers=22, w=(32, 8, 6, 4, 3), a=(32, 8, 6, 4), seed=0):

@@ -102,3 +102,57 @@ def test_qat_ablation_smoke(quick_stage1, tmp_path):
     bad = run_script("benchmarks/qat_ablation.py", *common, "--variants", "distill", "--evaluate-only",
                      "--out", tmp_path / "bad.json", check=False)
     assert bad.returncode != 0 and "train the variant distill first" in bad.stderr and "Traceback" not in bad.stderr
+
+
+FAKE_PEER = '''#!{python}
+"""Stands in for AIMET's Python: answers uniform 8-bit (every weight and every tensor it was handed) in 1 s."""
+import json, sys
+from pathlib import Path
+job = Path(sys.argv[2])
+spec = json.loads((job / "job.json").read_text())
+tensors = ["input"] + spec["kernels"][:-1]           # every tensor but the logits, named after its kernel
+layers = [k for k in spec["kernels"] if k != "pool"]
+(job / "aimet.json").write_text(json.dumps({{
+    "search_seconds": 1.0, "setup_seconds": 0.5, "float_acc": {{}}, "switched_off": ["x"],
+    "answer": {{"w": {{n: 8 for n in layers}}, "a": {{t: 8 for t in tensors}}}},
+    "scores": {{"aimet": {{"search_acc": 50.0, "test_acc": 50.0}}, "aiqs": {{"search_acc": 40.0, "test_acc": 40.0}}}}}}))
+'''
+
+
+def test_peer_aimet_without_aimet_writes_nothing(tmp_path):
+    """No AIMET environment: a clear message, exit 0, no JSON."""
+    out = tmp_path / "peer.json"
+    p = run_script("benchmarks/peer_aimet.py", "--peer-python", tmp_path / "missing" / "python", "--out", out)
+    assert "AIMET is not installed here" in p.stdout and not out.exists()
+
+
+def test_peer_aimet_harness_with_a_stand_in_peer(quick_stage1, tmp_path):
+    """The whole harness, AIMET's side replaced by a stand-in that answers uniform W8A8: AI-QS's quick search
+    runs, both answers are scored in AI-QS's simulator and priced, the stand-in's answer costs exactly what the
+    cost model says W8A8 (logits float) costs, and BitOps are MACs x 8 x 8."""
+    import stat
+    import sys
+
+    from models import build_model
+    from quant.cost import CostModel, kernel_table
+    fake = tmp_path / "peer-python"
+    fake.write_text(FAKE_PEER.format(python=sys.executable))
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "peer.json"
+    run_script("benchmarks/peer_aimet.py", "--peer-python", fake, "--checkpoint", quick_stage1["checkpoint"], "--quick",
+               "--work", tmp_path / "work", "--out", out, timeout=900)
+    r = json.loads(out.read_text())
+    keys = {"fused_ai", "fp32_fused_ai", "bitops", "test_acc", "test_drop", "confirm_passed", "search_seconds"}
+    assert keys <= set(r["aiqs"]) and keys <= set(r["aimet"])
+    table = kernel_table(build_model("resnet20", shortcut="B"), "generic")
+    w8a8 = {**table.space.uniform(8, 8), ("a", "linear"): 32}
+    assert r["aimet"]["fused_ai"] == pytest.approx(CostModel.named("fused").cost(table, w8a8)["ai"], rel=1e-12)
+    assert r["aimet"]["bitops"] == 64 * sum(li.macs for li in table.layers)
+    assert r["aimet"]["fp32_bitops"] == 32 * 32 * sum(li.macs for li in table.layers)
+    assert r["aimet"]["search_seconds"] == 1.0 and r["aimet"]["aimet_simulator"]["test_acc"] == 50.0
+    assert r["aiqs"]["search_seconds"] > 0 and r["aiqs"]["answer_from"] in ("greedy", "pareto")
+    for side in ("aiqs", "aimet"):
+        x = r[side]
+        assert isinstance(x["confirm_passed"], bool) and x["test_images"] == r["images"]["test"]
+        assert x["test_drop_ci95"][0] <= x["test_drop"] <= x["test_drop_ci95"][1]
+        assert x["confirm_passed"] == (x["confirm_drop"] + r["confirm_z"] * x["confirm_drop_se"] <= r["max_drop"] + 1e-9)

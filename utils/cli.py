@@ -89,6 +89,16 @@ def script_module(script: str):
     return _SCRIPTS[script]
 
 
+def run_stage(script: str, argv) -> tuple[dict, float]:
+    """Run a numbered stage in-process with these arguments (any type; made strings): (its results JSON, seconds)."""
+    import time
+    mod = script_module(script)
+    args = mod.get_args_parser().parse_args([str(a) for a in argv])
+    t = time.perf_counter()
+    out = mod.main(args).json
+    return out, time.perf_counter() - t
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here "
