@@ -59,7 +59,8 @@ def to_groups(space, answer: dict) -> dict:
 
 
 def to_answer(config: dict) -> dict:
-    return {"w": {n: b for (k, n), b in config.items() if k == W}, "a": {n: b for (k, n), b in config.items() if k == A}}
+    return {"w": {n: b for (k, n), b in config.items() if k == W},
+            "a": {n: b for (k, n), b in config.items() if k == A}}
 
 
 def score(s, config: dict, evaluators: dict, max_drop: float, z: float) -> dict:
@@ -94,13 +95,15 @@ def job_files(s, args, aiqs_answer: dict, job: Path):
                 "calib_x": s.calib_x.cpu(), "search_x": s.eval_x.cpu(), "search_y": s.eval_y.cpu(),
                 "test_x": s.report_x.cpu(), "test_y": s.report_y.cpu()}, job / "data.pt")
     kernels = [k.name for k in s.table.kernels]
-    (job / "job.json").write_text(json.dumps({"model_args": s.meta["model_args"], "kernels": kernels, "candidates": CANDIDATES,
-                                              "max_drop": args.max_drop, "aiqs_answer": aiqs_answer}))
+    (job / "job.json").write_text(json.dumps({"model_args": s.meta["model_args"], "kernels": kernels,
+                                              "candidates": CANDIDATES, "max_drop": args.max_drop,
+                                              "aiqs_answer": aiqs_answer}))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peer-python", type=Path, default=None, help="the Python of AIMET's environment (default: none: skip)")
+    p.add_argument("--peer-python", type=Path, default=None,
+                   help="the Python of AIMET's environment (default: none: skip)")
     p.add_argument("--checkpoint", type=Path, default=REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt",
                    help="(default: the shipped model)")
     p.add_argument("--shortcut", choices=("A", "B"), default=None, help="for a foreign checkpoint (default: its own)")
@@ -128,7 +131,8 @@ def main(argv=None):
     mod = script_module("2_per_layer_analysis.py")
     opts = SensitivityOptions.from_args(mod.get_args_parser().parse_args(
         [str(a) for a in ["--checkpoint", args.checkpoint, "--checkpoint-dir", args.checkpoint_dir,
-                          "--results-dir", args.work / "aiqs", "--bits", *WIDTHS, "--a-bits", *WIDTHS, *args.stage_flags]]))
+                          "--results-dir", args.work / "aiqs", "--bits", *WIDTHS, "--a-bits", *WIDTHS,
+                          *args.stage_flags]]))
     s = load_setup(opts, stage2_recipe(opts, "fused"), calib_images=opts.calib_images)
     s.learn_levels([(n, b) for n in s.space.layers for b in weight_ladder(opts)])   # the one-time fits, untimed
     s.calibrate(list(WIDTHS))

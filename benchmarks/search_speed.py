@@ -85,7 +85,8 @@ def prefit(args) -> float:
     from utils.options import SensitivityOptions
     from utils.stages.common import load_setup, stage2_recipe, weight_ladder
     mod = script_module("2_per_layer_analysis.py")
-    opts = SensitivityOptions.from_args(mod.get_args_parser().parse_args([str(a) for a in stage_argv(args.work, args)[0]]))
+    argv = [str(a) for a in stage_argv(args.work, args)[0]]
+    opts = SensitivityOptions.from_args(mod.get_args_parser().parse_args(argv))
     t = time.perf_counter()
     s = load_setup(opts, stage2_recipe(opts, "fused"), calib_images=opts.calib_images)
     s.learn_levels([(n, b) for n in s.space.layers for b in weight_ladder(opts)])
@@ -131,21 +132,21 @@ def speed(args):
         paths[path] = speed_stages(path, args.work / path, args)
     same = all(paths["new"][k] == paths["start"][k] for k in ("answers", "sensitivity"))
     ratio = paths["start"]["seconds"] / paths["new"]["seconds"]
+    levers = {"keep answers": ["freed memory kept for reuse (glibc)", "arithmetic fake-quantize form",
+                               "promoted candidate activations"], "change answers": []}
     out = {"images": {"search": paths["new"]["search_images"], "confirm": paths["new"]["confirm_images"]},
-           "a_bits": [8, 6, 4], "ptq": paths["new"]["ptq"], "prefit_seconds": fit_seconds, "paths": {k: {x: y for x, y in v.items() if x != "sensitivity"}
-                                                                      for k, v in paths.items()},
+           "a_bits": [8, 6, 4], "ptq": paths["new"]["ptq"], "prefit_seconds": fit_seconds,
+           "paths": {k: {x: y for x, y in v.items() if x != "sensitivity"} for k, v in paths.items()},
            "identical_answers": bool(same), "speedup_identical": ratio,
            "stage2_speedup": paths["start"]["stage2_seconds"] / paths["new"]["stage2_seconds"],
            "stage3_speedup": paths["start"]["stage3_seconds"] / paths["new"]["stage3_seconds"],
-           "speedup": ratio, "levers": {"keep answers": ["freed memory kept for reuse (glibc)", "arithmetic fake-quantize form",
-                                                         "promoted candidate activations"],
-                                        "change answers": []},
-           "machine": cpu_info(), "torch_threads": torch.get_num_threads(),
+           "speedup": ratio, "levers": levers, "machine": cpu_info(), "torch_threads": torch.get_num_threads(),
            "provenance": provenance(vars(args), "cpu", seconds=time.perf_counter() - t0)}
     print(f"\nstages 2+3 of the joint search on {out['images']['search']} search images, fits excluded:")
     for k, v in paths.items():
         print(f"  {k:<6} stage 2 {v['stage2_seconds']:7.1f} s ({v['stage2_evaluations']} evaluations)   stage 3 "
-              f"{v['stage3_seconds']:7.1f} s ({v['stage3_evaluations']})   greedy {v['answers']['greedy']['x_fp32']:.2f}x")
+              f"{v['stage3_seconds']:7.1f} s ({v['stage3_evaluations']})   "
+              f"greedy {v['answers']['greedy']['x_fp32']:.2f}x")
     print(f"  speedup {ratio:.2f}x (stage 2 {out['stage2_speedup']:.2f}x, stage 3 {out['stage3_speedup']:.2f}x); "
           f"identical answers: {same}")
     if args.out:

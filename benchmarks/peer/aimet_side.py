@@ -8,7 +8,8 @@ model's state, the uint8 images, labels and the normalization). This script writ
 
 * ``search_seconds``: ``choose_mixed_precision`` alone (after ``prepare_model``, ``fold_all_batch_norms``, the
   ``QuantizationSimModel`` and its encodings);
-* ``answer``: the widths AIMET chose (read after it set them on the simulation), in AI-QS's groups (``{"w": {layer: bits}, "a": {tensor: bits}}``);
+* ``answer``: the widths AIMET chose (read after it set them on the simulation), in AI-QS's groups
+  (``{"w": {layer: bits}, "a": {tensor: bits}}``);
 * ``scores``: AIMET's own simulator's accuracy of its answer and of AI-QS's on the search and test images.
 
 Same tensors: AI-QS's ``generic`` target fuses the residual add into the convolution before it, so the
@@ -121,7 +122,8 @@ def read_answer(sim, tensors: dict, params: dict) -> dict:
     def bits(q):
         return 32 if q is None else int(q.bitwidth)
     return {"w": {n: bits(m.param_quantizers["weight"]) for n, m in params.items()},
-            "a": {t: bits(quantizers_of(sim.model.get_submodule(name), kind)[i]) for t, (name, kind, i) in tensors.items()}}
+            "a": {t: bits(quantizers_of(sim.model.get_submodule(name), kind)[i])
+                  for t, (name, kind, i) in tensors.items()}}
 
 
 def apply_answer(sim, tensors: dict, params: dict, answer: dict, forward):
