@@ -11,8 +11,8 @@ differs from the current base only in groups of segment k (a weight layer or a t
 there) computes exactly what the base computes in front of k, so the base's segment inputs are
 kept and a candidate runs from segment k on. Stage 2 (one group at a time against the float base)
 and the greedy search (one move at a time against the current configuration) both evaluate mostly
-suffixes this way. A candidate's segment inputs, computed on its way, are kept too (within the same
-bound), so the candidate the search accepts becomes the base without running again.
+suffixes this way. The greedy also keeps its candidates' segment inputs, computed on their way (within
+a second bound), so the candidate it accepts becomes the base without running again.
 """
 from __future__ import annotations
 
