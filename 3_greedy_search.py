@@ -28,6 +28,10 @@ def get_args_parser():
     g = p.add_argument_group("search")
     g.add_argument("--method", default="both", choices=("greedy", "pareto", "both"),
                    help="which search to run; with both, the greedy's answer seeds the Pareto one (default: both)")
+    g.add_argument("--objective", default="ai", choices=("ai", "bitops"),
+                   help="what the greedy maximizes: ai (the cost model's arithmetic intensity) or bitops (fewest "
+                        "MACs x weight bits x input bits, AIMET's price; greedy only, the Pareto search adds bytes). "
+                        "Answers report both (default: ai)")
     g.add_argument("--max-drop", default=1.0, type=float,
                    help="accuracy budget: points below the float model (default: 1.0)")
     g.add_argument("--z", default=None, type=float,

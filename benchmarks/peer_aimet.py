@@ -17,10 +17,13 @@ that is not there, the benchmark says so and exits without writing anything.
 * Tensors: the ``generic`` target's (benchmarks/peer/aimet_side.py switches off the quantizers it fuses away).
 * Time: each search on one thread, one after the other (AI-QS's stages 2 and 3 without the one-time fits of
   learned rounding; AIMET's ``choose_mixed_precision`` after its encodings).
+* Objective: AI-QS's stage 3 also runs with ``--objective bitops`` on the same stage-2 table (``aiqs_bitops``),
+  to tell the search from the price it optimizes.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from quant.confirm import confirm_z  # noqa: E402
-from quant.cost import CostModel  # noqa: E402
+from quant.cost import CostModel, bitops  # noqa: E402
 from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
 from quant.widths import FLOAT_BITS, A, W  # noqa: E402
 from utils.cli import run_stage, script_module  # noqa: E402
@@ -43,13 +46,6 @@ from utils.stages.common import load_setup, stage2_recipe, weight_ladder  # noqa
 
 WIDTHS = (8, 4)
 CANDIDATES = [(a, w) for a in WIDTHS for w in WIDTHS]   # AIMET's (activation, weight) pairs
-
-
-def bitops(table, config: dict) -> int:
-    """Sum over weight layers of MACs x weight bits x the bits of the tensor the layer reads (32 for float)."""
-    macs = {li.name: li.macs for li in table.layers}
-    return sum(macs[layer] * config[W, layer] * config[A, k.reads[0][0]]
-               for k in table.kernels for layer, _ in k.weights)
 
 
 def to_groups(space, answer: dict) -> dict:
@@ -78,14 +74,20 @@ def score(s, config: dict, evaluators: dict, max_drop: float, z: float) -> dict:
     return out
 
 
-def aiqs_search(args, folder: Path) -> tuple[dict, float]:
-    """AI-QS's stages 2 and 3 at the benchmark's widths; (stage 3's JSON, seconds without the one-time fits)."""
+def aiqs_search(args, folder: Path, objective: str = "ai", stage2: tuple | None = None) -> tuple[dict, float, tuple]:
+    """AI-QS's stages 2 and 3 at the benchmark's widths, stage 3 maximizing `objective`: (stage 3's JSON, seconds
+    of both without the one-time fits, stage 2's (file, seconds)). Given `stage2`, its table is reused and its
+    seconds counted."""
     common = ["--results-dir", folder, "--checkpoint", args.checkpoint, "--checkpoint-dir", args.checkpoint_dir,
               *args.stage_flags]
-    s2, t2 = run_stage("2_per_layer_analysis.py", [*common, "--bits", *WIDTHS, "--a-bits", *WIDTHS])
-    s3, t3 = run_stage("3_greedy_search.py", [*common, "--max-drop", args.max_drop])
-    fits = sum((x.get("ptq_fit") or {}).get("seconds", 0.0) for x in (s2, s3))
-    return s3, t2 + t3 - fits
+    if stage2 is None:
+        s2, t2 = run_stage("2_per_layer_analysis.py", [*common, "--bits", *WIDTHS, "--a-bits", *WIDTHS])
+        stage2 = (folder / "02_per_layer.json", t2 - (s2.get("ptq_fit") or {}).get("seconds", 0.0))
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(stage2[0], folder / "02_per_layer.json")
+    s3, t3 = run_stage("3_greedy_search.py", [*common, "--max-drop", args.max_drop, "--objective", objective])
+    return s3, stage2[1] + t3 - (s3.get("ptq_fit") or {}).get("seconds", 0.0), stage2
 
 
 def job_files(s, args, aiqs_answer: dict, job: Path):
@@ -138,9 +140,12 @@ def main(argv=None):
     s.calibrate(list(WIDTHS))
 
     print("=== AI-QS: stages 2 and 3 ===")
-    s3, aiqs_seconds = aiqs_search(args, args.work / "aiqs")
+    s3, aiqs_seconds, stage2 = aiqs_search(args, args.work / "aiqs")
     best = s3["best"]   # the confirmed answer stage 3 ships: "greedy" or "pareto"
     aiqs_config = s.space.parse(s3[best]["config"], FLOAT_BITS, source="stage 3's answer")
+    print("=== AI-QS: stage 3 with --objective bitops (AIMET's price), on the same stage-2 table ===")
+    s3b, bitops_seconds, _ = aiqs_search(args, args.work / "aiqs_bitops", "bitops", stage2)
+    bitops_config = s.space.parse(s3b["greedy"]["config"], FLOAT_BITS, source="stage 3's answer")
 
     print("=== AIMET: choose_mixed_precision ===")
     job = args.work / "aimet_job"
@@ -157,10 +162,12 @@ def main(argv=None):
                   "confirm": s.evaluator(s.confirm_x, s.confirm_y, 1000, cache_activations=False)}
     z = confirm_z(1)
     out = {}
-    for name, config, secs in (("aiqs", aiqs_config, aiqs_seconds), ("aimet", aimet_config, aimet["search_seconds"])):
+    for name, config, secs in (("aiqs", aiqs_config, aiqs_seconds), ("aimet", aimet_config, aimet["search_seconds"]),
+                               ("aiqs_bitops", bitops_config, bitops_seconds)):
         out[name] = {**score(s, config, evaluators, args.max_drop, z), "search_seconds": secs,
                      "aimet_simulator": aimet["scores"].get(name), "config": s.space.to_file(config)}
-    out["aiqs"]["answer_from"] = best
+    out["aiqs"]["answer_from"], out["aiqs_bitops"]["answer_from"] = best, "greedy"
+    out["aiqs_bitops"]["objective"] = "bitops"
     out.update(images={"search": len(s.eval_y), "confirm": len(s.confirm_y), "test": len(s.report_y),
                        "calibration": len(s.calib_x)},
                widths=list(WIDTHS), max_drop=args.max_drop, confirm_z=z, target="generic", logits="float",
@@ -169,10 +176,10 @@ def main(argv=None):
                provenance=provenance(vars(args), "cpu", inputs={"checkpoint": args.checkpoint},
                                      seconds=time.perf_counter() - t0))
     atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
-    print(f"\n{'':<7}{'fused AI':>9}{'x fp32':>8}{'GBitOps':>9}{'test drop [95%]':>22}{'confirm':>9}{'search s':>10}")
-    for name in ("aiqs", "aimet"):
+    print(f"\n{'':<12}{'fused AI':>9}{'x fp32':>8}{'GBitOps':>9}{'test drop [95%]':>22}{'confirm':>9}{'search s':>10}")
+    for name in ("aiqs", "aimet", "aiqs_bitops"):
         r = out[name]
-        print(f"{name:<7}{r['fused_ai']:>9.2f}{r['fused_ai'] / r['fp32_fused_ai']:>8.2f}{r['bitops'] / 1e9:>9.2f}"
+        print(f"{name:<12}{r['fused_ai']:>9.2f}{r['fused_ai'] / r['fp32_fused_ai']:>8.2f}{r['bitops'] / 1e9:>9.2f}"
               f"{r['test_drop']:>8.2f} [{r['test_drop_ci95'][0]:.2f}, {r['test_drop_ci95'][1]:.2f}]"
               f"{'passed' if r['confirm_passed'] else 'failed':>9}{r['search_seconds']:>10.0f}")
     print(f"wrote {args.out}")

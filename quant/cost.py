@@ -152,6 +152,14 @@ class KernelTable:
         return self._traffic[tensor]
 
 
+def bitops(table: KernelTable, config: dict) -> int:
+    """BitOps per image, AIMET's price of a configuration: the sum over weight layers of MACs x the weight's bits x
+    the bits of the tensor the layer multiplies (the kernel's first read; 32 for float). It prices compute, not
+    bytes: the fused AI's objective it is not."""
+    macs = {li.name: li.macs for li in table.layers}
+    return sum(macs[layer] * config[W, layer] * config[A, k.reads[0][0]] for k in table.kernels for layer, _ in k.weights)
+
+
 def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=(1, 3, 32, 32)) -> KernelTable:
     """The declared kernels of `model` with element counts from a real forward pass (hooks on the
     tensors' Slots and on every Conv2d/Linear). `model` is the float model, before BN folding: the

@@ -177,9 +177,10 @@ class _Pruned:
             self.bound[group] = max(value, self.bound.get(group, -1))
 
 
-def _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned=None):
-    """Every single narrowing of `config`, best estimated score (AI gained per estimated loss) first."""
+def _ranked_moves(config, ladders, objective, group_est, score_eps, pruned=None):
+    """Every single narrowing of `config`, best estimated score (objective gained per estimated loss) first."""
     moves = []
+    ai = objective(config)
     for i, (group, ladder) in enumerate(ladders.items()):
         cur = config[group]
         for v in ladder:
@@ -187,7 +188,7 @@ def _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned=None)
                 continue
             new = dict(config)
             new[group] = v
-            d_ai = ai_of(new) - ai
+            d_ai = objective(new) - ai
             if d_ai <= 0:
                 continue
             est_loss = group_est(group, v) - group_est(group, cur)
@@ -198,7 +199,7 @@ def _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned=None)
 
 def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify_top_k: int = 3, ai_of=None,
                   on_accept=None, progress=None, prune_infeasible: bool = True, max_evaluations: int | None = None,
-                  score_eps: float = 1e-6, fast_forward: bool = True) -> dict:
+                  score_eps: float = 1e-6, fast_forward: bool = True, objective=None) -> dict:
     """The reference greedy: from all-float, repeatedly narrow the one group that buys the most AI per
     unit of estimated loss, until no single narrowing keeps the budget.
 
@@ -216,7 +217,9 @@ def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify
     ``evaluate``: config -> Measured (or a shared EvalCache); ``ai_of(config)``: the AI (default
     1 / total bytes, which ranks the same). ``on_accept(config, measured)`` runs after each
     accepted configuration, ``progress(step, entry)`` gets each trajectory entry. ``max_evaluations``
-    caps the real evaluations of this call; the result says whether the cap stopped it.
+    caps the real evaluations of this call; the result says whether the cap stopped it. ``objective(config)``,
+    if given, is what the moves are ranked by instead of the AI (higher is better, e.g. 1 / BitOps); the
+    trajectory and the result still report ``ai_of``.
     """
     ladders = {g: sorted({int(v) for v in lad if int(v) != FLOAT_BITS}, reverse=True) for g, lad in ladders.items()}
     if verify_top_k < 1:
@@ -224,6 +227,7 @@ def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify
     cache = evaluate if isinstance(evaluate, EvalCache) else EvalCache(evaluate)
     start_count = cache.count
     ai_of = ai_of or (lambda c: 1.0 / sum(float(bytes_of(g, c[g])) for g in c))
+    objective = objective or ai_of
     pruned = _Pruned(prune_infeasible)
 
     def group_est(group, bits):
@@ -250,14 +254,14 @@ def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify
             progress(entry["step"], dict(entry, evaluations=cache.count - start_count))
 
     if fast_forward:
-        path, c, a = [], config, ai
+        path, c = [], config
         while True:
-            moves = _ranked_moves(c, ladders, a, ai_of, group_est, score_eps)
+            moves = _ranked_moves(c, ladders, objective, group_est, score_eps)
             if not moves:
                 break
             _, _, _, _, group, new, est_loss = moves[0]
             path.append((group, c[group], new, est_loss))
-            c, a = new, ai_of(new)
+            c = new
         lo, hi = -1, len(path)     # path[lo] holds the budget (-1: the float start), path[hi] does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -283,7 +287,7 @@ def greedy_search(ladders: dict, bytes_of, est, evaluate, budget: Budget, verify
 
     skipped = []   # (configuration, group, width): moves the pruning rule kept from being measured
     while stopped_by is None:
-        moves = _ranked_moves(config, ladders, ai, ai_of, group_est, score_eps, pruned)
+        moves = _ranked_moves(config, ladders, objective, group_est, score_eps, pruned)
         skipped += [(dict(config), g, v) for g, lad in ladders.items() for v in lad
                     if v < config[g] and pruned.blocks(g, v)]
         chosen = None

@@ -364,6 +364,28 @@ def test_stage3_min_ai(joint, tmp_path):
     assert not (results / FILES["3"]).exists()
 
 
+def test_stage3_objective_bitops(joint, table, tmp_path):
+    """--objective bitops: the greedy alone (the Pareto search needs additive costs), its answer priced in both
+    BitOps (exactly quant.cost.bitops) and AI, recorded with the objective; with --method pareto it is a
+    one-paragraph error that leaves no file."""
+    from quant.cost import bitops
+    results = tmp_path / "results"
+    shutil.copytree(joint["results"], results)
+    (results / FILES["3"]).unlink()
+    common = (*COMMON, "--results-dir", results, "--checkpoint-dir", joint["qat_dir"])
+    run_script("3_greedy_search.py", *common, "--objective", "bitops")
+    r = json.loads((results / FILES["3"]).read_text())
+    g = r["greedy"]
+    assert r["objective"] == "bitops" and r["pareto"] is None and r["best"] == "greedy"
+    cfg = table.space.parse(g["config"], FLOAT_BITS, source="test")
+    assert g["bitops"] == bitops(table, cfg) <= r["fp32_bitops"] == bitops(table, table.space.uniform(32, 32))
+    assert r["provenance"]["args"]["objective"] == "bitops"
+    (results / FILES["3"]).unlink()
+    bad = run_script("3_greedy_search.py", *common, "--objective", "bitops", "--method", "pareto", check=False)
+    assert bad.returncode == 2 and "--objective bitops" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (results / FILES["3"]).exists()
+
+
 def test_stage4_joint(joint, table, names):
     """Joint mode adds exactly uniform W8A8, W4A8 and W4A4 to the weight-only uniforms."""
     check_baselines(joint["res"]["4"], joint["res"]["3"], table, names,

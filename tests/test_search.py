@@ -561,6 +561,30 @@ def test_greedy_picks_the_best_measured_score_in_a_batch():
     assert [(e["kind"], e["name"]) for e in search(1)["trajectory"][1:]] == [gx, gy]
 
 
+@pytest.mark.parametrize("fast_forward", [True, False])
+def test_greedy_objective_ranks_moves_and_ai_is_still_reported(fast_forward):
+    """With an objective (e.g. 1 / BitOps) the moves are ranked by what it gains, not by AI: two groups of
+    equal estimated loss, x moving more bytes and y more "compute", are taken in opposite orders; the budget
+    then stops each search after one move, and the trajectory's and the result's `ai` stay ai_of's."""
+    gx, gy = (W, "x"), (W, "y")
+    size, compute = {gx: 1000, gy: 100}, {gx: 10, gy: 1000}
+    ai_of = lambda c: 1.0 / sum(size[g] * b / 8 for g, b in c.items())   # noqa: E731
+    inverse_bitops = lambda c: 1.0 / sum(compute[g] * b for g, b in c.items())   # noqa: E731
+
+    def evaluate(config):
+        d = 0.6 * sum(b != FLOAT_BITS for b in config.values())   # any two narrowings break the 1-point budget
+        return Measured(BASELINE - d, d, 0.0, d)
+
+    def search(objective):
+        return greedy_search({gx: [4], gy: [4]}, lambda g, b: size[g] * b / 8, lambda g, b: 0.5, evaluate,
+                             Budget(1.0, 0.0), fast_forward=fast_forward, ai_of=ai_of, objective=objective)
+    by_ai, by_bitops = search(None), search(inverse_bitops)
+    assert by_ai["config"] == {gx: 4, gy: FLOAT_BITS} and by_bitops["config"] == {gx: FLOAT_BITS, gy: 4}
+    for r in (by_ai, by_bitops):
+        assert r["ai"] == ai_of(r["config"]) and [e["ai"] for e in r["trajectory"]] == \
+            [ai_of(c) for c in replay([gx, gy], r["trajectory"])]
+
+
 @pytest.mark.parametrize("joint", [False, True])
 @pytest.mark.parametrize("fast_forward", [True, False])
 def test_greedy_zero_budget_stays_float(fast_forward, joint):

@@ -139,6 +139,7 @@ class SensitivityOptions(ModelOptions, WidthOptions):
 class SearchOptions(ModelOptions, WidthOptions):
     """Stage 3."""
     method: str = "both"
+    objective: str = "ai"
     max_drop: float = 1.0
     z: float | None = None
     rank_by: str = "kl"

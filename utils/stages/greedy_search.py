@@ -14,7 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence
-from quant.cost import CostModel
+from quant.cost import CostModel, bitops
 from quant.recipe import Recipe
 from quant.search import (EvalCache, Measured, audit_pruning, greedy_search, most_accurate_above, pareto_frontier,
                           verify_frontier)
@@ -26,6 +26,7 @@ from utils.options import SearchOptions
 from utils.stages.common import check_same_data, load_setup, results_header, write_results
 
 RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop"}
+OBJECTIVES = ("ai", "bitops")   # --objective: what the greedy maximizes (answers report both)
 # Scores divide by the estimated loss; a move estimated free must not divide by zero. In the units
 # of each signal: nats of KL or cross-entropy per image, or points of accuracy (half an image of 10,000).
 SCORE_EPS = {"kl": 1e-6, "loss": 1e-6, "drop": 0.005}
@@ -114,6 +115,13 @@ def search_widths(opts: SearchOptions) -> dict:
         if getattr(opts, flag) is not None:
             check_widths(getattr(opts, flag), f"--{flag.replace('_', '-')}", allowed)
     cap = opts.max_evaluations or (QUICK_MAX_EVALUATIONS if opts.quick else None)
+    if opts.objective not in OBJECTIVES:
+        raise UserError(f"--objective {opts.objective!r}: use one of {', '.join(OBJECTIVES)}.")
+    if opts.objective == "bitops" and (opts.method == "pareto" or getattr(opts, "min_ai", None) is not None):
+        raise UserError("--objective bitops runs the greedy only: BitOps multiply a layer's weight width by its "
+                        "input's, so they do not add up per group as the Pareto search needs. Drop --method pareto "
+                        "/ --min-ai, or use --objective ai.")
+    method = "greedy" if opts.objective == "bitops" else opts.method
     s2_path, s2, w_ladder, a_ladder = load_stage2(opts)
     if not w_ladder and not a_ladder:
         raise UserError(f"{s2_path} measured no widths to search.")
@@ -141,7 +149,7 @@ def search_widths(opts: SearchOptions) -> dict:
     confirming = s.confirm_x is not None
     z = opts.z if opts.z is not None else (SEARCH_Z_WITH_CONFIRM if confirming else SEARCH_Z_WITHOUT_CONFIRM)
     # both searches confirmed, the better answer shipped: each sequence at 5% / 2 keeps the shipped one at 5%
-    z_confirm = confirm_z(2 if opts.method == "both" else 1)
+    z_confirm = confirm_z(2 if method == "both" else 1)
 
     # the greedy moves its base to the candidate it accepts: keep its candidates' activations (another --cache-gb)
     evaluator = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_bytes=int(opts.cache_gb * 2 ** 30),
@@ -165,6 +173,9 @@ def search_widths(opts: SearchOptions) -> dict:
     def ai_of(config):
         return flops / (const + sum(bytes_of(g, b) for g, b in config.items()))
 
+    def objective(config):   # what the greedy maximizes (higher is better)
+        return ai_of(config) if opts.objective == "ai" else 1.0 / bitops(s.table, config)
+
     def measure(config) -> Measured:
         out = evaluator.evaluate(config)
         pd = paired_drop(base.correct, out.correct)
@@ -177,7 +188,8 @@ def search_widths(opts: SearchOptions) -> dict:
     budget = Budget(opts.max_drop, z)
 
     def describe(config, m: Measured, **extra):
-        return {"config": space.to_file(config), "ai": ai_of(config), "val_acc": m.acc, "drop": m.drop,
+        return {"config": space.to_file(config), "ai": ai_of(config), "bitops": bitops(s.table, config),
+                "val_acc": m.acc, "drop": m.drop,
                 "drop_se": m.se, "margin": m.drop + budget.z * m.se, **extra}
 
     confirm_eval = s.evaluator(s.confirm_x, s.confirm_y, opts.eval_batch_size,
@@ -224,7 +236,7 @@ def search_widths(opts: SearchOptions) -> dict:
     header = results_header("3", s)
     result = {**header, "eval_images": evaluator.n, "max_drop": opts.max_drop,
               "budget": budget.to_json(), "rank_by": opts.rank_by, "baseline_val_acc": base.accuracy,
-              "fp32_ai": ai_of(float_cfg), "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
+              "objective": opts.objective, "fp32_bitops": bitops(s.table, float_cfg), "fp32_ai": ai_of(float_cfg), "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
               "search_space": {"weight_groups": len(space.layers), "weight_widths": [FLOAT_BITS] + w_ladder,
                                "tensor_groups": len(space.tensors) if joint else 0,
                                "tensor_widths": [FLOAT_BITS] + a_ladder if joint else [FLOAT_BITS]},
@@ -246,7 +258,7 @@ def search_widths(opts: SearchOptions) -> dict:
     if min_ai is not None:
         result["min_ai"] = min_ai_search(opts, result, frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)),
                                          cache, ai_of, describe, confirm_eval)
-    if min_ai is None and opts.method in ("greedy", "both"):
+    if min_ai is None and method in ("greedy", "both"):
         bar = tqdm(desc="greedy steps", unit="step", dynamic_ncols=True)
 
         def progress(step, entry):
@@ -255,13 +267,14 @@ def search_widths(opts: SearchOptions) -> dict:
                             drop="-" if entry["drop"] is None else f"{entry['drop']:.2f}",
                             evals=entry.get("evaluations"))
 
-        reserve = min(opts.pareto_verify, cap // 4) if cap and opts.method == "both" else 0   # left for pareto
+        reserve = min(opts.pareto_verify, cap // 4) if cap and method == "both" else 0   # left for pareto
         g = greedy_search(ladders, bytes_of, lambda grp, b: est(sig, grp, b), cache, budget,
                           verify_top_k=opts.verify_top_k, ai_of=ai_of,
                           on_accept=lambda cfg, m: evaluator.set_base(cfg), progress=progress,
                           prune_infeasible=not opts.no_prune_infeasible,
                           max_evaluations=cap - reserve if cap else None,
-                          score_eps=SCORE_EPS[opts.rank_by], fast_forward=not opts.no_fast_forward)
+                          score_eps=SCORE_EPS[opts.rank_by], fast_forward=not opts.no_fast_forward,
+                          objective=objective)
         bar.close()
         greedy_cfg = g["config"]
         if opts.audit_pruning:
@@ -274,7 +287,7 @@ def search_widths(opts: SearchOptions) -> dict:
               f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else "")
               + confirmed_note(result["greedy"]))
 
-    if min_ai is None and opts.method in ("pareto", "both"):
+    if min_ai is None and method in ("pareto", "both"):
         t = time.time()
         frontier = pareto_frontier(frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)))
         dp_seconds = time.time() - t
