@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from quant.confirm import confirm_z  # noqa: E402
 from quant.cost import CostModel, bitops  # noqa: E402
-from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
+from quant.stats import Budget, bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
 from quant.widths import FLOAT_BITS, A, W  # noqa: E402
 from utils.cli import run_stage, script_module  # noqa: E402
 from utils.io import atomic_write_text, provenance  # noqa: E402
@@ -65,12 +65,13 @@ def score(s, config: dict, evaluators: dict, max_drop: float, z: float) -> dict:
     out = {"fused_ai": cm.cost(s.table, config)["ai"], "fp32_fused_ai": cm.cost(s.table, s.space.uniform(32, 32))["ai"],
            "bitops": bitops(s.table, config), "fp32_bitops": bitops(s.table, s.space.uniform(32, 32))}
     for part, ev in evaluators.items():
-        m, pd = ev.evaluate(config), paired_drop(ev.float_outcome.correct, ev.evaluate(config).correct)
+        m = ev.evaluate(config)
+        pd = paired_drop(ev.float_outcome.correct, m.correct)
         out[f"{part}_acc"], out[f"{part}_drop"], out[f"{part}_drop_se"] = m.accuracy, pd.drop, pd.se
         if part == "test":
             out.update(test_acc_ci95=wilson_interval(m.n_correct, m.n), test_drop_ci95=bootstrap_drop_interval(pd),
                        test_images=m.n)
-    out["confirm_passed"] = bool(out["confirm_drop"] + z * out["confirm_drop_se"] <= max_drop + 1e-9)
+    out["confirm_passed"] = bool(Budget(max_drop, z).holds(out["confirm_drop"], out["confirm_drop_se"]))
     return out
 
 

@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ def speed_stages(path: str, folder: Path, args) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     argv2, argv3 = stage_argv(folder, args)
     keep_freed_memory(path != "start")
-    with (starting_path() if path == "start" else _nothing()):
+    with (starting_path() if path == "start" else nullcontext()):
         s2, t2 = run_stage("2_per_layer_analysis.py", argv2)
         s3, t3 = run_stage("3_greedy_search.py", argv3)
     fits = [(s.get("ptq_fit") or {}).get("seconds", 0.0) for s in (s2, s3)]
@@ -109,14 +110,6 @@ def speed_stages(path: str, folder: Path, args) -> dict:
             "sensitivity": [(r["name"], r["results"]) for r in s2["layers"] + s2["tensors"]],
             "answers": {m: {"config": s3[m]["config"], "ai": s3[m]["ai"], "x_fp32": s3[m]["ai"] / s3["fp32_ai"],
                             "confirm_passed": s3[m]["confirm_passed"]} for m in ("greedy", "pareto")}}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def speed(args):

@@ -43,7 +43,7 @@ import statistics
 from typing import Callable
 
 from quant.stats import Budget
-from quant.widths import FLOAT_BITS
+from quant.widths import FLOAT_BITS, config_key
 
 CONFIRM_Z = 1.6448536269514722    # one-sided 5%: P(N(0, 1) > z) = 0.05
 CONFIRM_ALPHA = 0.05
@@ -86,7 +86,7 @@ def confirm_sequence(sequence, evaluate: Callable, max_drop: float, z: float = C
     tested, evaluations = [], 0
     accepted, first_failure, stopped_by, measured = -1, None, None, None
     for i, config in enumerate(sequence):
-        key = tuple(sorted(config.items()))
+        key = config_key(config)
         m = seen.get(key)
         if m is None:
             if max_evaluations is not None and evaluations >= max_evaluations:
@@ -142,7 +142,7 @@ def frontier_sequence(points, ai_of) -> list[dict]:
     configs.sort(key=ai_of)
     out, seen = [], set()
     for c in configs:
-        k = tuple(sorted(c.items()))
+        k = config_key(c)
         if k not in seen:
             seen.add(k)
             out.append(c)

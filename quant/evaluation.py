@@ -29,7 +29,7 @@ from quant.fold import fold_bn
 from quant.place import check_ranges, set_tensor_quantizer, slots
 from quant.quantizer import learned_weight, quantize_weight
 from quant.stats import top1_credit, top1_tied
-from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, W
+from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, W, config_key
 
 # Default bound on the cached activations (bytes). ResNet-20 on 5,000 images needs about 2 GB;
 # ResNet-110 about 10 GB, so it caches every few segments and recomputes in between.
@@ -60,10 +60,6 @@ class Outcome:
     @property
     def accuracy(self) -> float:
         return 100.0 * self.n_correct / max(self.n, 1)
-
-
-def _key(config: dict) -> tuple:
-    return tuple(sorted(config.items()))
 
 
 @contextmanager
@@ -244,14 +240,14 @@ class CachedEvaluator:
         return out
 
     def _bytes(self, inputs: dict) -> int:
-        return sum(h.numel() * h.element_size() for hs in inputs.values() for h in hs)
+        """Bytes of a candidate's inputs to these segments (the sizes ``keep`` was chosen by)."""
+        return sum(self._sizes[k] for k in inputs)
 
     def _fits(self, inputs: dict) -> bool:
-        """Whether a candidate's inputs for these segments fit the bound at all (sizes as in ``keep``)."""
-        return sum(self._sizes[k] for k in inputs) <= self.pending_bytes
+        return self._bytes(inputs) <= self.pending_bytes
 
     def _keep_pending(self, config: dict, inputs: dict, out: Outcome):
-        self._pending[_key(config)] = (inputs, out, self._bytes(inputs))
+        self._pending[config_key(config)] = (inputs, out, self._bytes(inputs))
         while sum(b for _, _, b in self._pending.values()) > self.pending_bytes:
             self._pending.popitem(last=False)    # the oldest candidate goes first
 
@@ -261,7 +257,7 @@ class CachedEvaluator:
         is cached."""
         config = self.full(config)
         start = self._first_changed_segment(self.base, config)
-        pending = self._pending.pop(_key(config), None)
+        pending = self._pending.pop(config_key(config), None)
         if start < len(self.segments):
             if pending is not None:
                 inputs, self.base_outcome, _ = pending

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from quant.stats import Budget
-from quant.widths import FLOAT_BITS
+from quant.widths import FLOAT_BITS, config_key
 
 EST_RESOLUTION = 1e-9   # estimates are compared as integers of this unit (sums in any order agree)
 
@@ -70,7 +70,7 @@ class EvalCache:
 
     @staticmethod
     def key(config: dict) -> tuple:
-        return tuple(sorted(config.items()))
+        return config_key(config)
 
     def __contains__(self, config: dict) -> bool:
         return self.key(config) in self._seen

@@ -142,6 +142,11 @@ class Space:
         return out
 
 
+def config_key(config: dict) -> tuple:
+    """A configuration ({group: bits}) as a hashable key, the same whatever order its groups come in."""
+    return tuple(sorted(config.items()))
+
+
 def weights_of(config: dict) -> dict[str, int]:
     return {n: b for (k, n), b in config.items() if k == W}
 

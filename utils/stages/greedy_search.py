@@ -236,7 +236,8 @@ def search_widths(opts: SearchOptions) -> dict:
     header = results_header("3", s)
     result = {**header, "eval_images": evaluator.n, "max_drop": opts.max_drop,
               "budget": budget.to_json(), "rank_by": opts.rank_by, "baseline_val_acc": base.accuracy,
-              "objective": opts.objective, "fp32_bitops": bitops(s.table, float_cfg), "fp32_ai": ai_of(float_cfg), "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
+              "objective": opts.objective, "fp32_bitops": bitops(s.table, float_cfg), "fp32_ai": ai_of(float_cfg),
+              "bits": w_ladder, "a_bits": a_ladder, "joint": joint,
               "search_space": {"weight_groups": len(space.layers), "weight_widths": [FLOAT_BITS] + w_ladder,
                                "tensor_groups": len(space.tensors) if joint else 0,
                                "tensor_widths": [FLOAT_BITS] + a_ladder if joint else [FLOAT_BITS]},
