@@ -20,7 +20,7 @@ from utils.options import SearchOptions
 from utils.cli import add_common_args, run
 from utils.stages.common import add_model_args, add_quant_args
 from utils.stages.greedy_search import QUICK_MAX_EVALUATIONS, RANK_SIGNALS, SEARCH_Z_WITH_CONFIRM
-from quant.stats import BUDGET_Z
+from quant.stats import BUDGET_Z, EARLY_STOP_MIN_IMAGES, EARLY_STOP_Z
 
 
 def get_args_parser():
@@ -41,7 +41,17 @@ def get_args_parser():
                         f"{BUDGET_Z:.3f} = 1.645 * sqrt(2) with --confirm-size 0)")
     g.add_argument("--rank-by", default="kl", choices=tuple(RANK_SIGNALS),
                    help="stage-2 signal that ranks moves and builds the frontier: kl (divergence from the float "
-                        "outputs), loss (cross-entropy increase) or drop (accuracy) (default: kl)")
+                        "outputs), loss (cross-entropy increase), drop (accuracy), or fisher (the Fisher estimate of "
+                        "the KL, from stage 2 --signal fisher or both) (default: kl)")
+    g.add_argument("--early-stop", action="store_true",
+                   help=f"stop evaluating a configuration once its drop on the search images so far exceeds "
+                        f"--max-drop by {EARLY_STOP_Z:g} standard errors (looked at after each --eval-batch-size "
+                        f"batch, from {EARLY_STOP_MIN_IMAGES} images on); it counts as infeasible (default: off, "
+                        f"every configuration sees every search image)")
+    g.add_argument("--confirm-step", default=0.0, type=float, metavar="F",
+                   help="the confirm test's AI granularity: of the sequence the search fixed, test only configurations "
+                        "with at least (1 + F) times the AI of the last one kept (the answer always), e.g. 0.01; the "
+                        "guarantee stands, at most a factor 1 + F of AI is given up (default: 0, every step)")
     g.add_argument("--verify-top-k", default=3, type=int,
                    help="greedy: moves checked by real evaluation per batch, best estimate first (default: 3)")
     g.add_argument("--no-prune-infeasible", action="store_true",

@@ -17,16 +17,18 @@ the Pareto search's AI, search drop, test drop, evaluations and stage-3 seconds:
 
 ``--dp-only`` times the Pareto DP for 22 layers x 5 weight x 4 activation options (random estimates).
 
-``--speed`` times stages 2 and 3 of the joint search (``--a-bits 8 6 4``) on two paths, each in its own
-folder, with the same ``--ptq``, in one process: ``start``, the evaluation as it was before issue 28
+``--speed`` times stages 2 and 3 of the joint search (``--a-bits 8 6 4``) on three paths, each in its own
+folder, with the same ``--ptq``, in one process (PATH_FLAGS): ``start``, the evaluation as it was before issue 28
 (quant.evaluation.starting_path: torch's fake-quantize op, every accepted configuration recomputed; glibc's
-default allocation), and ``new`` (freed memory kept for reuse, utils.machine.keep_freed_memory; the arithmetic
-fake-quantize form; the accepted candidate's activations promoted). The
-one-time fits (learned rounding, cached on disk and shared by both paths) are excluded: each stage's
-``ptq_fit.seconds`` is subtracted. ``--images N`` gives stages 2-3 N search images (the held-out images'
-confirm part stays 2,000, or what is left). It writes ``speedup_identical`` (these levers keep the answers;
-``identical_answers`` says whether they did) and ``speedup`` (all levers: the same two, as no lever that
-changes answers is built yet).
+default allocation; batches of 1,000); ``new``, the levers that keep the answers (freed memory kept for reuse,
+utils.machine.keep_freed_memory; the arithmetic fake-quantize form; the accepted candidate's activations
+promoted; batches of 250); and ``levers``, ``new`` with the levers that may change them (stage 2 ``--signal
+fisher``, stage 3 ``--rank-by fisher --early-stop --confirm-step 0.01``). The one-time fits (learned rounding, cached on disk and
+shared by the paths) are excluded: each stage's ``ptq_fit.seconds`` is subtracted. ``--images N`` gives stages
+2-3 N search images (the held-out images' confirm part stays 2,000, or what is left). It writes
+``speedup_identical`` (start / new; ``identical_answers`` says whether the answers and stage-2 tables were the
+same), ``speedup`` (start / levers) and ``x_fp32_lost``, and scores every path's shipped answer on the test
+images, which no path saw.
 """
 import argparse
 import json
@@ -45,6 +47,8 @@ import torch  # noqa: E402
 from utils.cli import run_stage, script_module  # noqa: E402
 from quant.evaluation import starting_path  # noqa: E402
 from quant.search import pareto_frontier  # noqa: E402
+from quant.stats import bootstrap_drop_interval, paired_drop  # noqa: E402
+from quant.widths import FLOAT_BITS  # noqa: E402
 from utils.data import load_dataset  # noqa: E402
 from utils.io import provenance  # noqa: E402
 from utils.machine import allocator, cpu_info, keep_freed_memory  # noqa: E402
@@ -70,6 +74,18 @@ HELD_OUT = 5000       # the validation split of a stage-1 checkpoint, or a test 
 CONFIRM = 2000        # the stages' default confirm part of it
 
 
+# Each path's own flags for stages 2 and 3. start: the evaluation batch before issue 28 (its other differences are
+# the starting_path() context and glibc's default allocation); levers: the ones that may change the answers.
+PATH_FLAGS = {"start": (["--eval-batch-size", 1000], ["--eval-batch-size", 1000]),
+              "new": ([], []),
+              "levers": (["--signal", "fisher"], ["--rank-by", "fisher", "--early-stop", "--confirm-step", 0.01])}
+LEVERS = {"keep answers": ["freed memory kept for reuse (glibc)", "arithmetic fake-quantize form",
+                           "promoted candidate activations", "evaluation batches of 250 (was 1,000)"],
+          "change answers": ["stage 2 --signal fisher: one backward pass instead of a forward pass per candidate",
+                             "stage 3 --rank-by fisher", "stage 3 --early-stop: sequential test of each candidate",
+                             "stage 3 --confirm-step 0.01: the confirm test at 1% AI granularity"]}
+
+
 def stage_argv(folder: Path, args) -> tuple[list, list]:
     """(stage 2's, stage 3's) arguments of the joint search in `folder`."""
     common = ["--results-dir", folder, "--checkpoint", args.checkpoint, "--checkpoint-dir", args.work / "checkpoints",
@@ -80,9 +96,9 @@ def stage_argv(folder: Path, args) -> tuple[list, list]:
     return [*common, "--a-bits", 8, 6, 4, *(["--ptq", args.ptq] if args.ptq else [])], common
 
 
-def prefit(args) -> float:
+def prefit(args):
     """Fit (or find cached) the learned rounding of every (layer, width) stage 2 will ask for, as stage 2 does,
-    so that neither timed path fits anything; returns the seconds it took."""
+    so that no timed path fits anything; returns the seconds it took and the set-up (to score the answers)."""
     from utils.options import SensitivityOptions
     from utils.stages.common import load_setup, stage2_recipe, weight_ladder
     mod = script_module("2_per_layer_analysis.py")
@@ -91,13 +107,14 @@ def prefit(args) -> float:
     t = time.perf_counter()
     s = load_setup(opts, stage2_recipe(opts, "fused"), calib_images=opts.calib_images)
     s.learn_levels([(n, b) for n in s.space.layers for b in weight_ladder(opts)])
-    return time.perf_counter() - t
+    return time.perf_counter() - t, s
 
 
 def speed_stages(path: str, folder: Path, args) -> dict:
     """Stages 2 and 3 of the joint search on one path; seconds without the one-time fits."""
     folder.mkdir(parents=True, exist_ok=True)
     argv2, argv3 = stage_argv(folder, args)
+    argv2, argv3 = argv2 + PATH_FLAGS[path][0], argv3 + PATH_FLAGS[path][1]
     keep_freed_memory(path != "start")
     with (starting_path() if path == "start" else nullcontext()):
         s2, t2 = run_stage("2_per_layer_analysis.py", argv2)
@@ -108,8 +125,22 @@ def speed_stages(path: str, folder: Path, args) -> dict:
             "stage3_evaluations": s3["evaluations"], "search_images": s2["eval_images"],
             "confirm_images": s3["confirm_images"], "ptq": s2["quantization"].get("ptq"), "allocator": allocator(),
             "sensitivity": [(r["name"], r["results"]) for r in s2["layers"] + s2["tensors"]],
+            "early_stop": s3.get("early_stop"), "best": s3["best"],
             "answers": {m: {"config": s3[m]["config"], "ai": s3[m]["ai"], "x_fp32": s3[m]["ai"] / s3["fp32_ai"],
                             "confirm_passed": s3[m]["confirm_passed"]} for m in ("greedy", "pareto")}}
+
+
+def score_on_test(s, paths: dict, max_drop: float):
+    """Each path's shipped answer (stage 3's best) on the test images, which no path saw: accuracy, paired drop
+    with its bootstrap interval, and whether the drop is within the budget."""
+    s.calibrate([8, 6, 4])
+    ev = s.evaluator(s.report_x, s.report_y, 250, cache_activations=False)
+    for p in paths.values():
+        a = p["answers"][p["best"]]
+        out = ev.evaluate(s.space.parse(a["config"], FLOAT_BITS, source="stage 3's answer"))
+        pd = paired_drop(ev.float_outcome.correct, out.correct)
+        a.update(test_images=out.n, test_acc=out.accuracy, test_drop=pd.drop, test_drop_se=pd.se,
+                 test_drop_ci95=bootstrap_drop_interval(pd), within_budget_on_test=pd.drop <= max_drop)
 
 
 def speed(args):
@@ -117,31 +148,36 @@ def speed(args):
     t0 = time.perf_counter()
     load_dataset("cifar10", args.data_dir)   # decoded and cached once, before either path is timed
     keep_freed_memory()
-    fit_seconds = prefit(args)               # the one-time fits, shared by both paths through the disk cache
+    fit_seconds, setup = prefit(args)        # the one-time fits, shared by the paths through the disk cache
     print(f"learned rounding fitted or found cached in {fit_seconds:.0f} s (not timed below)")
     paths = {}
-    for path in ("start", "new"):
+    for path in PATH_FLAGS:
         print(f"\n=== {path} path ===")
         paths[path] = speed_stages(path, args.work / path, args)
+    score_on_test(setup, paths, 1.0)
     same = all(paths["new"][k] == paths["start"][k] for k in ("answers", "sensitivity"))
-    ratio = paths["start"]["seconds"] / paths["new"]["seconds"]
-    levers = {"keep answers": ["freed memory kept for reuse (glibc)", "arithmetic fake-quantize form",
-                               "promoted candidate activations"], "change answers": []}
-    out = {"images": {"search": paths["new"]["search_images"], "confirm": paths["new"]["confirm_images"]},
+    start = paths["start"]
+    out = {"images": {"search": paths["new"]["search_images"], "confirm": paths["new"]["confirm_images"],
+                      "test": len(setup.report_y)},
            "a_bits": [8, 6, 4], "ptq": paths["new"]["ptq"], "prefit_seconds": fit_seconds,
            "paths": {k: {x: y for x, y in v.items() if x != "sensitivity"} for k, v in paths.items()},
-           "identical_answers": bool(same), "speedup_identical": ratio,
-           "stage2_speedup": paths["start"]["stage2_seconds"] / paths["new"]["stage2_seconds"],
-           "stage3_speedup": paths["start"]["stage3_seconds"] / paths["new"]["stage3_seconds"],
-           "speedup": ratio, "levers": levers, "machine": cpu_info(), "torch_threads": torch.get_num_threads(),
+           "identical_answers": bool(same), "speedup_identical": start["seconds"] / paths["new"]["seconds"],
+           "speedup": start["seconds"] / paths["levers"]["seconds"],
+           "stage_speedups": {p: {f"stage{k}": start[f"stage{k}_seconds"] / paths[p][f"stage{k}_seconds"]
+                                  for k in (2, 3)} for p in ("new", "levers")},
+           "x_fp32_lost": start["answers"][start["best"]]["x_fp32"]
+           - paths["levers"]["answers"][paths["levers"]["best"]]["x_fp32"],
+           "levers": LEVERS, "machine": cpu_info(), "torch_threads": torch.get_num_threads(),
            "provenance": provenance(vars(args), "cpu", seconds=time.perf_counter() - t0)}
-    print(f"\nstages 2+3 of the joint search on {out['images']['search']} search images, fits excluded:")
+    print(f"\nstages 2+3 of the joint search on {out['images']['search']} search images, fits excluded; the shipped "
+          f"answer on {out['images']['test']} test images:")
     for k, v in paths.items():
-        print(f"  {k:<6} stage 2 {v['stage2_seconds']:7.1f} s ({v['stage2_evaluations']} evaluations)   stage 3 "
-              f"{v['stage3_seconds']:7.1f} s ({v['stage3_evaluations']})   "
-              f"greedy {v['answers']['greedy']['x_fp32']:.2f}x")
-    print(f"  speedup {ratio:.2f}x (stage 2 {out['stage2_speedup']:.2f}x, stage 3 {out['stage3_speedup']:.2f}x); "
-          f"identical answers: {same}")
+        a = v["answers"][v["best"]]
+        print(f"  {k:<7} stage 2 {v['stage2_seconds']:7.1f} s ({v['stage2_evaluations']} evaluations)   stage 3 "
+              f"{v['stage3_seconds']:7.1f} s ({v['stage3_evaluations']})   {v['best']} {a['x_fp32']:.2f}x, test drop "
+              f"{a['test_drop']:.2f} [{a['test_drop_ci95'][0]:.2f}, {a['test_drop_ci95'][1]:.2f}]")
+    print(f"  answer-keeping levers {out['speedup_identical']:.2f}x (identical answers: {same}); all levers "
+          f"{out['speedup']:.2f}x, {out['x_fp32_lost']:.2f}x of FP32 AI lost")
     if args.out:
         args.out.write_text(json.dumps(out, indent=2, default=str))
     return out

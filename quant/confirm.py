@@ -56,6 +56,27 @@ def confirm_z(sequences: int, alpha: float = CONFIRM_ALPHA) -> float:
     return statistics.NormalDist().inv_cdf(1.0 - alpha / max(1, sequences))
 
 
+def thin_sequence(sequence, ai_of: Callable, step: float) -> list[dict]:
+    """The configurations of `sequence` (rising AI) kept for the confirm test at AI granularity `step`: each
+    one whose AI is at least (1 + step) times the last kept one's, and always the last. Thinning is fixed by
+    the search alone, so the thinned list is a fixed sequence too and the guarantee stands. Along a sequence of
+    rising AI, every kept configuration up to the one the full test accepts passes as it did there, so the
+    thinned test accepts at least 1 / (1 + step) of that AI (more, if it skips the full test's first failure),
+    and saves the evaluations in between. ``step`` 0 keeps every configuration."""
+    if not (isinstance(step, (int, float)) and math.isfinite(step) and step >= 0):
+        raise ValueError(f"step must be a finite number >= 0, got {step!r}")
+    sequence = list(sequence)
+    if step == 0 or len(sequence) < 2:
+        return sequence
+    out, last = [], None
+    for i, config in enumerate(sequence):
+        ai = ai_of(config)
+        if last is None or ai >= last * (1.0 + step) or i == len(sequence) - 1:
+            out.append(config)
+            last = ai
+    return out
+
+
 def confirm_sequence(sequence, evaluate: Callable, max_drop: float, z: float = CONFIRM_Z,
                      max_evaluations: int | None = None) -> dict:
     """Test ``sequence`` (configurations fixed before the confirm images were seen) in order on the

@@ -184,6 +184,21 @@ class CachedEvaluator:
                                                          self.weight_range)
         return self._wq[name, bits]
 
+    def tensor_quantizer(self, name: str, bits: int):
+        """The quantizer tensor `name` takes at `bits` (its calibrated range)."""
+        return self._tq[name, bits]
+
+    @contextmanager
+    def float_network(self):
+        """The folded network with every group float, for a caller that runs it itself (quant/fisher.py). What
+        the caller attaches to it is the caller's to remove; the next evaluation applies its configuration
+        afresh."""
+        self._apply(self.full({}))
+        try:
+            yield self.model
+        finally:
+            self.applied = None
+
     @torch.no_grad()
     def _apply(self, config: dict):
         check_ranges(config, self.ranges)   # before anything changes: a refused configuration leaves no trace
@@ -198,15 +213,17 @@ class CachedEvaluator:
         self.applied = config
 
     @torch.inference_mode()
-    def _run(self, config: dict, start: int, store: bool) -> Outcome:
+    def _run(self, config: dict, start: int, store: bool, stop=None) -> Outcome:
         """Evaluate `config`, running segments from `start` (or the nearest cached one before it).
 
         With store=True the kept segment inputs computed on the way replace the cache; otherwise they are
-        kept for `set_base` (``promote``) while they fit."""
+        kept for `set_base` (``promote``) while they fit. `stop(credits so far)`, asked after each batch but
+        the last, ends the evaluation early: the outcome then covers the first images only (and is kept for
+        nothing)."""
         self._apply(config)
         while start > 0 and not self.keep[start]:
             start -= 1
-        correct, loss, kl = [], torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        correct, losses, kls = [], [], []   # per image, summed at the end: no result depends on the batch size
         tied = 0
         first = self.float_logp is None
         logps = []
@@ -222,16 +239,21 @@ class CachedEvaluator:
             logp = F.log_softmax(h.float(), dim=1)
             correct.append(top1_credit(h, y).cpu())
             tied += int(top1_tied(h).sum())
-            loss += F.nll_loss(logp, y, reduction="sum").double().cpu()
+            losses.append(F.nll_loss(logp, y, reduction="none").double().cpu())
             if first:
                 logps.append(logp)
             else:
                 ref = self.float_logp[b]
-                kl += (ref.exp() * (ref - logp)).sum().double().cpu()
+                kls.append((ref.exp() * (ref - logp)).sum(1).double().cpu())
+            if stop is not None and s + self.batch_size < self.n and stop(torch.cat(correct)):
+                keep_inputs = False
+                break
         if first:
             self.float_logp = logps
         self.evaluations += 1
-        out = Outcome(torch.cat(correct), float(loss) / self.n, float(kl) / self.n, tied)
+        seen = sum(len(c) for c in correct)
+        out = Outcome(torch.cat(correct), float(torch.cat(losses).sum()) / seen,
+                      float(torch.cat(kls).sum()) / seen if kls else 0.0, tied)
         if store:
             for k, hs in inputs.items():
                 self.cache[k] = hs
@@ -271,12 +293,14 @@ class CachedEvaluator:
         self._pending.clear()     # computed behind the old base: not valid for another base's candidates
         self.base = config
 
-    def evaluate(self, config) -> Outcome:
+    def evaluate(self, config, stop=None) -> Outcome:
+        """`config` on the images; `stop(credits of the images so far)`, if given, may end it after a batch (the
+        outcome then covers fewer than ``n`` images: a sequential test, as the search's early stop uses)."""
         config = self.full(config)
         start = self._first_changed_segment(self.base, config)
         if start == len(self.segments):
             return self.base_outcome
-        return self._run(config, start if any(self.keep) else 0, store=False)
+        return self._run(config, start if any(self.keep) else 0, store=False, stop=stop)
 
     def correct(self, config) -> float:
         return self.evaluate(config).n_correct

@@ -48,6 +48,7 @@ class Measured:
     drop: float       # points below the float model, paired
     se: float         # standard error of `drop`, points
     signal: float     # the same sensitivity signal as the estimate (e.g. KL to the float model)
+    stopped_at: int | None = None   # images seen when a sequential test stopped it early (None: all of them)
 
 
 @dataclass

@@ -27,6 +27,10 @@ Z95 = 1.959963984540054          # two-sided 95%
 # (quant/confirm.py) and searches with margin 0. README "A budget that holds out of sample".
 BUDGET_Z = 1.6448536269514722 * math.sqrt(2)
 FEASIBILITY_TOL = 1e-9
+# The search's early stop (EarlyStop): a configuration is dropped once its paired drop on the images seen so
+# far exceeds the budget by this many standard errors, at the earliest after this many images.
+EARLY_STOP_Z = 3.0
+EARLY_STOP_MIN_IMAGES = 500
 
 
 def top1_credit(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -137,3 +141,31 @@ class Budget:
     def to_json(self) -> dict:
         return {"max_drop": self.max_drop, "z": self.z,
                 "rule": "search drop + z * paired standard error <= max_drop"}
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """A sequential test for the search (stage 3 --early-stop): after each batch, a configuration whose paired
+    drop on the first m images exceeds the budget by z standard errors stops being evaluated, and counts as
+    infeasible. It only ever rejects: a configuration it stops has drop > max_drop on the images seen, so
+    ``Budget.holds`` is false for it at any margin z >= 0. One that would have held on all the images is
+    stopped with probability about Phi(-z) per look at the boundary (0.13% at z = 3), so the answers can
+    differ from the full evaluation's; benchmarks/search_speed.py measures by how much."""
+    max_drop: float
+    z: float = EARLY_STOP_Z
+    min_images: int = EARLY_STOP_MIN_IMAGES
+
+    def stopper(self, ref_correct):
+        """``stop(credits so far)`` for quant.evaluation.CachedEvaluator.evaluate, against the reference's
+        per-image credits `ref_correct` on the same images, in the same order."""
+        def stop(correct) -> bool:
+            m = len(correct)
+            if m < self.min_images:
+                return False
+            pd = paired_drop(ref_correct[:m], correct)
+            return pd.drop - self.z * pd.se > self.max_drop + FEASIBILITY_TOL
+        return stop
+
+    def to_json(self) -> dict:
+        return {"z": self.z, "min_images": self.min_images,
+                "rule": "after each batch: stop once drop - z * SE > max_drop on the images so far (infeasible)"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import simulated_network as sim
-from quant.confirm import CONFIRM_Z, confirm_sequence, frontier_sequence, greedy_sequence
+from quant.confirm import CONFIRM_Z, confirm_sequence, frontier_sequence, greedy_sequence, thin_sequence
 from quant.search import FrontierPoint, Measured, greedy_search
 from quant.stats import (BUDGET_Z, FEASIBILITY_TOL, Z95, Budget, PairedDrop, bootstrap_drop_interval,
                          paired_drop, wilson_interval)
@@ -235,6 +235,28 @@ def test_confirm_middle_failure_stops_there():
     assert r["accepted"] == 1 and r["config"] == {(W, "a"): 1} and r["measured"].drop == 0.2
     assert r["first_failure"] == 2 and ev.calls == [0, 1, 2] and r["evaluations"] == 3
     assert [t["passed"] for t in r["tested"]] == [True, True, False]
+
+
+def test_thin_sequence_keeps_one_configuration_per_ai_step():
+    """At step 1%: each kept configuration has at least 1.01 times the AI of the one kept before it, the last
+    is always kept, the order is kept; step 0 keeps everything; a negative step is refused. With drops rising
+    along the sequence, the thinned test accepts within a factor 1.01 of the AI the full one accepts, with
+    fewer evaluations."""
+    ais = [100.0, 100.5, 101.0, 102.0, 102.2, 110.0, 110.1]
+    seq = [{(W, "a"): i} for i in range(len(ais))]
+    ai_of = lambda c: ais[c[(W, "a")]]   # noqa: E731
+    assert [ai_of(c) for c in thin_sequence(seq, ai_of, 0.01)] == [100.0, 101.0, 102.2, 110.0, 110.1]
+    assert thin_sequence(seq, ai_of, 0.0) == seq and thin_sequence(seq[:1], ai_of, 0.5) == seq[:1]
+    with pytest.raises(ValueError, match="step"):
+        thin_sequence(seq, ai_of, -0.1)
+    ais = [100.0 * 1.002 ** i for i in range(200)]
+    seq = [{(W, "a"): i} for i in range(len(ais))]
+    drops = [(0.006 * i, 0.1) for i in range(len(ais))]   # the full test's first failure: 1.2 + 0.16 > 1 at i ~ 140
+    full = confirm_sequence(seq, _Scripted(drops), 1.0)
+    ev = _Scripted(drops)
+    thin = confirm_sequence(thin_sequence(seq, ai_of, 0.01), ev, 1.0)
+    assert ai_of(full["config"]) / 1.01 <= ai_of(thin["config"]) <= ai_of(full["config"])
+    assert thin["evaluations"] < full["evaluations"] / 4 and thin["config"] in seq
 
 
 def test_confirm_max_evaluations():

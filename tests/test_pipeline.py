@@ -386,6 +386,43 @@ def test_stage3_objective_bitops(joint, table, tmp_path):
     assert not (results / FILES["3"]).exists()
 
 
+def test_stage2_fisher_signal_and_stage3_levers(joint, quick_stage1, tmp_path):
+    """Stage 2 --signal fisher evaluates no candidate (one evaluation: the float model) and writes only the Fisher
+    column, equal to what --signal both writes next to the measured ones (same seed, same labels drawn). Stage 3
+    --rank-by fisher --early-stop --confirm-step searches on it, thins the confirm sequence and records the early
+    stop (the quick search split is smaller than its first look, so nothing stops here; tests/test_fisher.py
+    stops configurations). --rank-by kl on a Fisher-only table is a one-paragraph error that writes no file;
+    stage 5 plots what it can."""
+    both, fisher = tmp_path / "both", tmp_path / "fisher"
+    for d, signal in ((both, "both"), (fisher, "fisher")):
+        d.mkdir()
+        shutil.copy(quick_stage1["results"] / FILES["1"], d / FILES["1"])
+        run_script("2_per_layer_analysis.py", *COMMON, "--results-dir", d, "--bits", "4", "--a-bits", *A_BITS,
+                   "--signal", signal)
+    rb, rf = (json.loads((d / FILES["2"]).read_text()) for d in (both, fisher))
+    assert rf["evaluations"] == 1 and rf["signal"]["name"] == "fisher" and rf["signal"]["columns"] == ["fisher"]
+    assert rb["evaluations"] > 1 and "fisher" in rb["signal"]["columns"] and "kl" in rb["signal"]["columns"]
+    for kind in ("layers", "tensors"):
+        for eb, ef in zip(rb[kind], rf[kind]):
+            for b, f in zip(eb["results"], ef["results"]):
+                assert set(f) == {"bits" if kind == "layers" else "a_bits", "fisher", "model_ai"}
+                assert f["fisher"] == b["fisher"] >= 0.0 and b["kl"] >= 0.0
+    bad = run_script("3_greedy_search.py", *COMMON, "--results-dir", fisher, "--rank-by", "kl", check=False)
+    assert bad.returncode == 2 and "--signal" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (fisher / FILES["3"]).exists()
+    run_script("3_greedy_search.py", *COMMON, "--results-dir", fisher, "--rank-by", "fisher", "--early-stop",
+               "--eval-batch-size", 8, "--confirm-step", 0.05)
+    r = json.loads((fisher / FILES["3"]).read_text())
+    c = r["greedy"]["confirm"]
+    assert c["ai_step"] == 0.05 and c["sequence"] <= c["search_sequence"] and c["evaluations"] <= c["sequence"]
+    e = r["early_stop"]
+    assert r["rank_by"] == "fisher" and e["z"] == 3.0 and e["stopped"] >= 0
+    assert e["images_saved"] == e["stopped"] * r["eval_images"] - e["images_evaluated"]
+    assert r["greedy"]["config"] and r["greedy"]["drop"] + r["budget"]["z"] * r["greedy"]["drop_se"] \
+        <= r["max_drop"] + TOL
+    run_script("5_generate_plots.py", "--no-progress", "--results-dir", fisher)   # a Fisher-only table plots
+
+
 def test_stage4_joint(joint, table, names):
     """Joint mode adds exactly uniform W8A8, W4A8 and W4A4 to the weight-only uniforms."""
     check_baselines(joint["res"]["4"], joint["res"]["3"], table, names,

@@ -108,7 +108,7 @@ class ModelOptions(CommonOptions, ArchOptions):
     holdout: Path | None = None
     confirm_size: int | None = None
     select_size: int | None = None
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 250
     cache_gb: float = DEFAULT_CACHE_BYTES / 2 ** 30
     force: bool = False
 
@@ -133,6 +133,8 @@ class SensitivityOptions(ModelOptions, WidthOptions):
     ptq_images: int | None = None
     ptq_iterations: int | None = None
     calib_images: int | None = None
+    signal: str = "measured"
+    fisher_samples: int = 1
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ class SearchOptions(ModelOptions, WidthOptions):
     verify_top_k: int = 3
     no_prune_infeasible: bool = False
     no_fast_forward: bool = False
+    early_stop: bool = False
+    confirm_step: float = 0.0
     audit_pruning: int = 0
     max_evaluations: int | None = None
     pareto_verify: int = 24

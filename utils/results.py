@@ -72,15 +72,17 @@ class Baseline(StageResult):
 
 @dataclass(frozen=True)
 class SensitivityRow:
-    """One group changed alone: a weight layer ("w") at `bits`, or a tensor ("a") at `bits`."""
+    """One group changed alone: a weight layer ("w") at `bits`, or a tensor ("a") at `bits`. The measured
+    columns are None in a table stage 2 only estimated (``--signal fisher``), `fisher` where it did not."""
     kind: str
     name: str
     bits: int
-    acc: float
-    drop: float
-    drop_se: float
-    kl: float
+    acc: float | None
+    drop: float | None
+    drop_se: float | None
+    kl: float | None
     model_ai: float
+    fisher: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,13 +114,16 @@ class Sensitivity(StageResult):
         out = []
         for kind, key, width in (("w", "layers", "bits"), ("a", "tensors", "a_bits")):
             for e in self.json.get(key) or []:
-                out += [SensitivityRow(kind, e["name"], r[width], r["val_acc"], r["drop"], r["drop_se"], r["kl"],
-                                       r["model_ai"]) for r in e["results"]]
+                out += [SensitivityRow(kind, e["name"], r[width], r.get("val_acc"), r.get("drop"), r.get("drop_se"),
+                                       r.get("kl"), r["model_ai"], r.get("fisher")) for r in e["results"]]
         return out
 
     def most_sensitive(self, k: int = 5) -> list[SensitivityRow]:
-        """The `k` rows with the largest drop (the groups to keep wide)."""
-        return sorted(self.rows(), key=lambda r: -r.drop)[:k]
+        """The `k` rows with the largest drop (the groups to keep wide); by the Fisher estimate in a table
+        that measured none."""
+        rows = self.rows()
+        measured = all(r.drop is not None for r in rows)
+        return sorted(rows, key=lambda r: -(r.drop if measured else r.fisher))[:k]
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,9 @@ def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
                     drop[i, j] = v
 
     finite = drop[np.isfinite(drop)]
+    if not finite.size and (p02.get("signal") or {}).get("name") == "fisher":
+        raise SkipPlot("02_per_layer.json holds Fisher estimates only (stage 2 --signal fisher): no measured drop "
+                       "to plot")
     vmax = max(1.0, float(finite.max()) if finite.size else 1.0)
     # Drops span 0.01 to ~80 points: log colors above 0.1 point, linear below; a rise in accuracy
     # (negative drop, evaluation noise) gets the pale "under" color, its value is in the cell.

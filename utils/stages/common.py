@@ -53,7 +53,10 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="search images held back as the select split: no search or confirm step sees them; they only "
                         "decide between post-training and fine-tuned weights and among seeds (stage 4) (0: none) "
                         "(default: 20%% of the held-out images, 1,000 of 5,000 validation images)")
-    g.add_argument("--eval-batch-size", default=1000, type=int, help="images per evaluation batch (default: 1000)")
+    g.add_argument("--eval-batch-size", default=250, type=int,
+                   help="images per evaluation batch: the unit a search's early stop looks at; small batches keep "
+                        "their activations in the CPU's caches, and accuracy, loss and KL are summed per image, so "
+                        "they do not depend on it (default: 250)")
     g.add_argument("--cache-gb", default=DEFAULT_CACHE_BYTES / 2 ** 30, type=float,
                    help="bound on the cached activations; segments beyond it are recomputed, with identical "
                         "results; stage 3 keeps its candidates' activations within another such bound, so the one "
@@ -72,6 +75,9 @@ def benchmark_parser(doc: str, out_help: str = "the JSON file to write"):
     g = p.add_argument_group("benchmark")
     g.add_argument("--out", required=True, type=Path, help=out_help)
     return p, g
+
+
+SIGNALS = ("measured", "fisher", "both")   # stage 2 --signal
 
 
 def add_quant_args(p: argparse.ArgumentParser, stage: str):
@@ -118,6 +124,15 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
         g.add_argument("--ptq-iterations", default=None, type=int,
                        help=f"optimizer steps per layer and width (default: {AdaRoundSettings().iterations}; with "
                             f"--quick: {QUICK_PTQ_ITERATIONS})")
+        g.add_argument("--signal", default="measured", choices=SIGNALS,
+                       help="how each candidate is judged: measured (its accuracy drop, loss increase and KL to the "
+                            "float outputs, one forward pass each), fisher (the second-order estimate of that KL from "
+                            "the Fisher information: one forward and --fisher-samples backward passes for all "
+                            "candidates; stage 3 then ranks with --rank-by fisher and measures what it decides on), "
+                            "or both (default: measured)")
+        g.add_argument("--fisher-samples", default=1, type=int,
+                       help="labels drawn per image from the float model's prediction for the Fisher estimate "
+                            "(default: 1)")
         g.add_argument("--calib-images", default=None, type=int,
                        help=f"training images (never validation or test) that calibrate tensor ranges "
                             f"(default: {CALIB_IMAGES}; with --quick: {QUICK_CALIB_IMAGES})")

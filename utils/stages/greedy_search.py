@@ -13,23 +13,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence
+from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence, thin_sequence
 from quant.cost import CostModel, bitops
 from quant.recipe import Recipe
 from quant.search import (EvalCache, Measured, audit_pruning, greedy_search, most_accurate_above, pareto_frontier,
                           verify_frontier)
-from quant.stats import BUDGET_Z, Budget, paired_drop
+from quant.stats import BUDGET_Z, Budget, EarlyStop, paired_drop
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, check_widths
 from utils.errors import UserError
 from utils.io import PRODUCERS, RESULTS_FILES, check_same_checkpoint, load_results_json
 from utils.options import SearchOptions
 from utils.stages.common import check_same_data, load_setup, results_header, write_results
 
-RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop"}
+RANK_SIGNALS = {"kl": "kl", "loss": "loss_increase", "drop": "drop", "fisher": "fisher"}   # --rank-by: column
 OBJECTIVES = ("ai", "bitops")   # --objective: what the greedy maximizes (answers report both)
 # Scores divide by the estimated loss; a move estimated free must not divide by zero. In the units
 # of each signal: nats of KL or cross-entropy per image, or points of accuracy (half an image of 10,000).
-SCORE_EPS = {"kl": 1e-6, "loss": 1e-6, "drop": 0.005}
+SCORE_EPS = {"kl": 1e-6, "loss": 1e-6, "drop": 0.005, "fisher": 1e-6}
 QUICK_MAX_EVALUATIONS = 40
 # The search's own margin when a confirm split carries the guarantee: 0, chosen by simulation
 # (benchmarks/budget_simulation.py: AI rises as the margin falls and the promise holds at every margin
@@ -74,9 +74,22 @@ def check_calibration(s2: dict, s, path, force: bool):
 
 
 def stage2_column(s2: dict, key: str) -> dict:
-    """{(group, bits): value} of one column of stage 2's table."""
-    col = {((W, l["name"]), r["bits"]): r[key] for l in s2["layers"] for r in l["results"]}
-    col.update({((A, t["name"]), r["a_bits"]): r[key] for t in s2.get("tensors") or [] for r in t["results"]})
+    """{(group, bits): value} of one column of stage 2's table (empty if the table lacks it)."""
+    rows = [((W, l["name"]), r["bits"], r) for l in s2["layers"] for r in l["results"]]
+    rows += [((A, t["name"]), r["a_bits"], r) for t in s2.get("tensors") or [] for r in t["results"]]
+    if not all(key in r for _, _, r in rows):
+        return {}
+    return {(g, b): r[key] for g, b, r in rows}
+
+
+def rank_signal(s2: dict, rank_by: str, path) -> dict:
+    """The column `--rank-by` ranks with, or a one-paragraph error naming the stage-2 run that has it."""
+    col = stage2_column(s2, RANK_SIGNALS[rank_by])
+    if not col:
+        has = (s2.get("signal") or {}).get("name", "measured")
+        fix = "--signal fisher (or both)" if rank_by == "fisher" else "--signal measured (or both)"
+        raise UserError(f"--rank-by {rank_by}: {path} has no {RANK_SIGNALS[rank_by]} column (stage 2 ran with "
+                        f"--signal {has}). Re-run {PRODUCERS['2']} {fix}, or pick a --rank-by it has.")
     return col
 
 
@@ -109,6 +122,8 @@ def search_widths(opts: SearchOptions) -> dict:
         raise UserError(f"--audit-pruning must be >= 0, got {opts.audit_pruning}.")
     if getattr(opts, "min_ai", None) is not None and not opts.min_ai >= 1:
         raise UserError(f"--min-ai is a multiple of the FP32 AI, at least 1; got {opts.min_ai}.")
+    if not opts.confirm_step >= 0:
+        raise UserError(f"--confirm-step is a fraction of AI, >= 0; got {opts.confirm_step}.")
     if opts.max_evaluations is not None and opts.max_evaluations < 1:
         raise UserError(f"--max-evaluations must be >= 1, got {opts.max_evaluations}.")
     for flag, allowed in (("bits", WEIGHT_BITS), ("a_bits", ACT_BITS)):   # before any file is read
@@ -158,7 +173,7 @@ def search_widths(opts: SearchOptions) -> dict:
     if abs(base.accuracy - s2["baseline_val_acc"]) > 1e-9:
         print(f"note: the float model scores {base.accuracy:.2f}% here, {s2['baseline_val_acc']:.2f}% in {s2_path} "
               f"(non-deterministic kernels?); the search uses {base.accuracy:.2f}%")
-    sig, drops = stage2_column(s2, RANK_SIGNALS[opts.rank_by]), stage2_column(s2, "drop")
+    sig, drops = rank_signal(s2, opts.rank_by, s2_path), stage2_column(s2, "drop")
     flops = s.table.flops * cm.batch_size
     const = cm.constant_bytes(s.table)
     ladders = {**{(W, n): w_ladder for n in space.layers},
@@ -176,11 +191,18 @@ def search_widths(opts: SearchOptions) -> dict:
     def objective(config):   # what the greedy maximizes (higher is better)
         return ai_of(config) if opts.objective == "ai" else 1.0 / bitops(s.table, config)
 
+    early = EarlyStop(opts.max_drop) if opts.early_stop else None
+    stop = early.stopper(base.correct) if early else None
+    stopped = []   # images seen by each configuration the early stop ended
+
     def measure(config) -> Measured:
-        out = evaluator.evaluate(config)
-        pd = paired_drop(base.correct, out.correct)
-        signal = {"kl": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[opts.rank_by]
-        return Measured(out.accuracy, pd.drop, pd.se, signal)
+        out = evaluator.evaluate(config, stop=stop)
+        pd = paired_drop(base.correct[:out.n], out.correct)
+        # the Fisher estimate is of the KL: the measured signal is the KL itself
+        signal = {"kl": out.kl, "fisher": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[opts.rank_by]
+        if out.n < evaluator.n:
+            stopped.append(out.n)
+        return Measured(out.accuracy, pd.drop, pd.se, signal, stopped_at=out.n if out.n < evaluator.n else None)
 
     float_cfg = space.uniform(FLOAT_BITS, FLOAT_BITS)
     cache = EvalCache(measure)
@@ -200,9 +222,10 @@ def search_widths(opts: SearchOptions) -> dict:
         if not confirming:
             return None
         base = confirm_eval.float_outcome
+        sequence = thin_sequence(sequence, ai_of, opts.confirm_step)
 
         def measure_confirm(config) -> Measured:
-            if chain:   # consecutive configurations differ in one group: move the cached prefix along
+            if chain:   # consecutive configurations differ in a few groups: move the cached prefix along
                 confirm_eval.set_base(config)
                 out = confirm_eval.base_outcome
             else:
@@ -210,7 +233,7 @@ def search_widths(opts: SearchOptions) -> dict:
             pd = paired_drop(base.correct, out.correct)
             return Measured(out.accuracy, pd.drop, pd.se, pd.drop)
         c = confirm_sequence(sequence, measure_confirm, opts.max_drop, z_confirm)
-        c["images"] = confirm_eval.n
+        c["images"], c["sequence"] = confirm_eval.n, len(sequence)
         return c
 
     def answer(search_cfg, search_m, sequence, chain, **extra) -> dict:
@@ -227,7 +250,8 @@ def search_widths(opts: SearchOptions) -> dict:
                          confirm_passed=cm_ is not None, confirm_images=c["images"], **extra)
         entry["confirm"] = {"z": c["z"], "rule": f"confirm drop + {c['z']:.3f} x SE <= {opts.max_drop}, tested in "
                                                  f"the order the search fixed; the last pass before the first failure",
-                            "sequence": len(sequence), "accepted": c["accepted"], "first_failure": c["first_failure"],
+                            "sequence": c["sequence"], "search_sequence": len(sequence), "ai_step": opts.confirm_step,
+                            "accepted": c["accepted"], "first_failure": c["first_failure"],
                             "evaluations": c["evaluations"], "tested": c["tested"],
                             "cut_back": accepted != search_cfg}
         entry["search_answer"] = describe(search_cfg, search_m)
@@ -248,6 +272,7 @@ def search_widths(opts: SearchOptions) -> dict:
                                 if confirming else "no confirm split: the margin alone keeps the budget on fresh "
                                                    "data of the search's size"},
               "max_evaluations": cap, "prune_infeasible": not opts.no_prune_infeasible,
+              "early_stop": early.to_json() if early else None,
               "fast_forward": not opts.no_fast_forward,
               "layers": [{"name": li.name, "params": li.weights, "macs": li.macs, "segment": header["segments"][li.name]}
                          for li in s.table.layers],
@@ -305,9 +330,10 @@ def search_widths(opts: SearchOptions) -> dict:
             p["config"], p["measured"], seq, False, source=p["source"], evaluations=p["evaluations"],
             note=p["note"], frontier_size=len(frontier), dp_seconds=dp_seconds,
             verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc, "drop": v["measured"].drop,
-                       "drop_se": v["measured"].se, "feasible": v["feasible"]} for v in p["verified"]],
+                       "drop_se": v["measured"].se, "feasible": v["feasible"],
+                       "stopped_at": v["measured"].stopped_at} for v in p["verified"]],
             frontier=[{"ai": flops / (const + pt.bytes), "estimated": pt.est,
-                       "estimated_drop": sum(est(drops, grp, b) for grp, b in pt.config.items())}
+                       "estimated_drop": sum(est(drops, grp, b) for grp, b in pt.config.items()) if drops else None}
                       for pt in thin(frontier, FRONTIER_POINTS_SAVED)])
         print(f"pareto: {len(frontier)} frontier points ({dp_seconds:.2f} s); answer AI {p['ai']:.2f} at "
               f"{p['measured'].acc:.2f}% ({p['source']}), {p['evaluations']} evaluations"
@@ -320,6 +346,9 @@ def search_widths(opts: SearchOptions) -> dict:
             result[m]["why_float"] = (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE "
                                       f"<= {budget.max_drop}) on {evaluator.n} search images")
     result["evaluations"] = cache.count
+    if early:
+        result["early_stop"].update(stopped=len(stopped), images_evaluated=sum(stopped),
+                                    images_saved=len(stopped) * evaluator.n - sum(stopped))
     path = write_results(result, opts, s, {"checkpoint": s.checkpoint, "per_layer": s2_path}, t0, RESULTS_FILES["3"])
     print_search(result)
     print(f"{cache.count} evaluations in {result['seconds']:.1f} s; wrote {path}")

@@ -4,7 +4,9 @@ A group is a weight layer (its weights at w bits, everything else float) or, wit
 tensor (quantized at a bits where it is written, so every reader reads it at that width; weights
 and other tensors float). Measured against the float model on the search images: accuracy, the
 paired drop and its standard error, and two signals that do not move in whole images: the mean
-increase of cross-entropy and the mean KL divergence from the float model's outputs.
+increase of cross-entropy and the mean KL divergence from the float model's outputs. With
+``--signal fisher`` nothing is evaluated per candidate: each row holds the Fisher estimate of that KL
+(quant/fisher.py) from one forward and one backward pass over the search images; ``both`` has both.
 
 Under torchrun the candidates are dealt out to the processes (each with its own copy of the search
 images) and gathered on rank 0, which writes the same table a single process writes.
@@ -16,16 +18,19 @@ import time
 from tqdm import tqdm
 
 from quant.cost import CostModel
+from quant.fisher import fisher_kl
 from quant.recipe import Recipe
 from quant.stats import paired_drop
 from quant.widths import A, W
 from utils import distributed as dist
 from utils.io import RESULTS_FILES
 from utils.options import SensitivityOptions
-from utils.stages.common import (act_ladder, load_setup, results_header, segment_names, stage2_recipe, weight_ladder,
+from utils.errors import UserError
+from utils.stages.common import (SIGNALS, act_ladder, load_setup, results_header, segment_names, stage2_recipe, weight_ladder,
                                  write_results)
 
-COLUMNS = ("val_acc", "drop", "drop_se", "kl", "loss_increase", "model_ai")
+MEASURED = ("val_acc", "drop", "drop_se", "kl", "loss_increase")   # --signal measured
+COLUMNS = (*MEASURED, "fisher", "model_ai")                       # a table holds those it computed
 
 
 def candidates(space, w_ladder, a_ladder, recipe: Recipe = Recipe()) -> list[tuple[tuple[str, str], int]]:
@@ -35,17 +40,25 @@ def candidates(space, w_ladder, a_ladder, recipe: Recipe = Recipe()) -> list[tup
             + [((A, t), b) for t in space.tensors for b in a_ladder if recipe.narrows(space, (A, t))])
 
 
-def measure(evaluator, setup, cands, progress=True) -> list[dict]:
-    """One row per candidate (see module docstring); the rows depend on nothing but the candidate."""
+def measure(evaluator, setup, cands, progress=True, signal: str = "measured", fisher_samples: int = 1) -> list[dict]:
+    """One row per candidate (see module docstring); the rows depend on nothing but the candidate (and, for the
+    Fisher estimate, the seed its labels are drawn with)."""
     base = evaluator.float_outcome
     rows = []
-    for group, b in tqdm(cands, desc="group x width", dynamic_ncols=True, disable=not progress):
+    for group, b in cands:
         cfg = setup.space.full({group: b})
-        out = evaluator.evaluate(cfg)
-        pd = paired_drop(base.correct, out.correct)
-        rows.append({"kind": group[0], "name": group[1], "bits": b, "val_acc": out.accuracy, "drop": pd.drop,
-                     "drop_se": pd.se, "kl": out.kl, "loss_increase": out.loss - base.loss,
-                     "model_ai": setup.cost_model.ai(setup.table, cfg)})
+        rows.append({"kind": group[0], "name": group[1], "bits": b, "model_ai": setup.cost_model.ai(setup.table, cfg)})
+    if signal in ("fisher", "both"):
+        with tqdm(total=-(-evaluator.n // evaluator.batch_size), desc="fisher batches", dynamic_ncols=True,
+                  disable=not progress) as bar:
+            est = fisher_kl(evaluator, cands, fisher_samples, setup.seed, progress=lambda _: bar.update())
+        for r, c in zip(rows, cands):
+            r["fisher"] = est[c]
+    if signal in ("measured", "both"):
+        for r, (group, b) in zip(rows, tqdm(cands, desc="group x width", dynamic_ncols=True, disable=not progress)):
+            out = evaluator.evaluate(setup.space.full({group: b}))
+            pd = paired_drop(base.correct, out.correct)
+            r.update(val_acc=out.accuracy, drop=pd.drop, drop_se=pd.se, kl=out.kl, loss_increase=out.loss - base.loss)
     return rows
 
 
@@ -57,7 +70,7 @@ def assemble(setup, rows, w_ladder, a_ladder) -> tuple[list[dict], list[dict]]:
 
     def entry(kind, name, b, key):
         r = by[kind, name, b]
-        return {key: b, **{k: r[k] for k in COLUMNS}}
+        return {key: b, **{k: r[k] for k in COLUMNS if k in r}}
     layers = [{"name": n, "kind": info[n].kind, "segment": segment[n], "params": info[n].weights,
                "macs": info[n].macs, "results": [entry(W, n, b, "bits") for b in w_ladder]}
               for n in setup.space.layers]
@@ -85,8 +98,13 @@ def per_layer_analysis(opts: SensitivityOptions) -> dict:
     fp32 = cm.cost(s.table, s.space.uniform(32, 32))
     print(f"float model: {s.eval_split} accuracy {base.accuracy:.2f}% on {evaluator.n} images; modelled AI "
           f"{fp32['ai']:.2f} FLOPs/byte ({cm.name} cost model, {s.target} kernels)")
+    if opts.signal not in SIGNALS:
+        raise UserError(f"--signal {opts.signal!r}: use one of {', '.join(SIGNALS)}.")
+    if opts.fisher_samples < 1:
+        raise UserError(f"--fisher-samples must be >= 1, got {opts.fisher_samples}.")
     cands = candidates(s.space, w_ladder, a_ladder, recipe)
-    mine = measure(evaluator, s, cands[dist.rank()::dist.world_size()], progress=dist.is_main())
+    mine = measure(evaluator, s, cands[dist.rank()::dist.world_size()], progress=dist.is_main(), signal=opts.signal,
+                   fisher_samples=opts.fisher_samples)
     parts = dist.gather((mine, evaluator.evaluations))
     if not dist.is_main():
         return None
@@ -94,7 +112,7 @@ def per_layer_analysis(opts: SensitivityOptions) -> dict:
     layers, tensors = assemble(s, rows, w_ladder, a_ladder)
     out = {**results_header("2", s), "eval_images": evaluator.n, "baseline_val_acc": base.accuracy,
            "baseline_loss": base.loss, "bits": w_ladder, "a_bits": a_ladder,
-           "quantization": recipe.to_json(),
+           "quantization": recipe.to_json(), "signal": signal_json(opts),
            "activation_calibration": s.calibration, "ptq_fit": s.ptq_fit,
            "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
            "layers": layers, "tensors": tensors, "evaluations": sum(n for _, n in parts)}
@@ -106,21 +124,37 @@ def per_layer_analysis(opts: SensitivityOptions) -> dict:
     return out
 
 
+def signal_json(opts: SensitivityOptions) -> dict:
+    """What the table's columns are: measured, estimated, or both."""
+    columns = {"measured": MEASURED, "fisher": ("fisher",), "both": (*MEASURED, "fisher")}[opts.signal]
+    out = {"name": opts.signal, "columns": list(columns)}
+    if opts.signal != "measured":
+        out["fisher"] = {"samples": opts.fisher_samples, "units": "nats per image, like kl",
+                         "rule": "1/2 E_x E_{y ~ p_float} [(grad log p(y|x) . delta(x))^2], delta the group's "
+                                 "quantization error (quant/fisher.py)"}
+    return out
+
+
 def print_sensitivity(res: dict):
-    """Weight layers, then tensors, sorted by their worst drop: the ones to keep wide come first."""
+    """Weight layers, then tensors, sorted by their worst drop (or, in a Fisher-only table, their largest
+    estimated KL): the ones to keep wide come first."""
     label = " (synthetic data)" if res["dataset"].get("synthetic") else ""
-    print(f"\nsensitivity{label}: {res['eval_split']} accuracy drop in points with one group changed "
-          f"(float {res['baseline_val_acc']:.2f}% on {res['eval_images']} images); KL to float in the last column")
-    for title, key, prefix, entries in (("weight layer", "bits", "w", res["layers"]),
-                                        ("tensor", "a_bits", "a", res.get("tensors") or [])):
-        if not entries or not res[key]:
+    measured = (res.get("signal") or {}).get("name", "measured") != "fisher"
+    key, fmt, what = ("drop", ".2f", "accuracy drop in points") if measured else \
+        ("fisher", ".4f", "Fisher estimate of the KL to float, nats per image,")
+    print(f"\nsensitivity{label}: {res['eval_split']} {what} with one group changed "
+          f"(float {res['baseline_val_acc']:.2f}% on {res['eval_images']} images)"
+          + ("; KL to float in the last column" if measured else ""))
+    for title, wkey, prefix, entries in (("weight layer", "bits", "w", res["layers"]),
+                                         ("tensor", "a_bits", "a", res.get("tensors") or [])):
+        if not entries or not res[wkey]:
             continue
         width = max(22, max(len(e["name"]) for e in entries) + 2)
-        head = "".join(f"{prefix + str(b):>8}" for b in res[key])
-        print(f"{title:<{width}}{head}{'max KL':>10}")
-        for e in sorted((e for e in entries if e["results"]), key=lambda e: -max(r["drop"] for r in e["results"])):
-            print(f"{e['name']:<{width}}" + "".join(f"{r['drop']:>8.2f}" for r in e["results"])
-                  + f"{max(r['kl'] for r in e['results']):>10.4f}")
+        head = "".join(f"{prefix + str(b):>8}" for b in res[wkey])
+        print(f"{title:<{width}}{head}" + (f"{'max KL':>10}" if measured else ""))
+        for e in sorted((e for e in entries if e["results"]), key=lambda e: -max(r[key] for r in e["results"])):
+            print(f"{e['name']:<{width}}" + "".join(f"{r[key]:>8{fmt}}" for r in e["results"])
+                  + (f"{max(r['kl'] for r in e['results']):>10.4f}" if measured else ""))
         for e in entries:
             if not e["results"]:
                 print(f"{e['name']:<{width}}kept float (the logits; --quantize-logits measures them)")
