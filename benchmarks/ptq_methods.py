@@ -5,10 +5,13 @@
 
 For each uniform configuration (logits float; ``uniform_w4`` and ``uniform_w3`` leave every tensor float)
 and each method (``nearest``: round to nearest on the MSE grid, what stages 2-4 did before; ``adaround``:
-learned rounding, quant/adaround.py, fitted on training images and cached, utils/ptq.py), it evaluates the
-simulated network on the report images (the test set, or the test report half for a checkpoint without a
-validation split) and writes, per row, the accuracy with its Wilson interval, the paired drop against float
-with its bootstrap interval, the tie rate and the seconds it took (the fits it needed included).
+learned rounding, quant/adaround.py, fitted on training images and cached, utils/ptq.py) and each statistics
+correction (``--corrections``: ``none``, ``bias``, ``bn``; quant/correct.py, measured per configuration on the first
+512 training calibration images), it evaluates the simulated network on the report images (the test set, or the
+test report half for a checkpoint without a validation split) and writes, per row, the accuracy with its Wilson
+interval, the paired drop against float with its bootstrap interval, the tie rate and the seconds it took (the
+fits it needed included), and the same accuracy and drop on the search (validation) images, where a default is
+chosen: the test images decide nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.adaround import AdaRoundSettings  # noqa: E402
+from quant.correct import MODES as CORRECTIONS  # noqa: E402
 from quant.recipe import Recipe  # noqa: E402
 from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
 from quant.widths import FLOAT_BITS, tensors_of, weights_of  # noqa: E402
@@ -37,6 +41,10 @@ def get_args_parser():
     p, g = benchmark_parser(__doc__, "the JSON file to write (after every row)")
     g.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     g.add_argument("--methods", nargs="+", default=list(PTQ_METHODS), choices=PTQ_METHODS)
+    g.add_argument("--corrections", nargs="+", default=list(CORRECTIONS), choices=CORRECTIONS,
+                   help="statistics corrections to measure after each method (default: all)")
+    g.add_argument("--correction-images", default=Recipe().correction_images, type=int,
+                   help=f"training images the correction is measured on (default: {Recipe().correction_images})")
     g.add_argument("--ptq-images", default=DEFAULT_PTQ_IMAGES, type=int,
                    help=f"training images the learned rounding is fitted on (default: {DEFAULT_PTQ_IMAGES})")
     g.add_argument("--ptq-iterations", default=AdaRoundSettings().iterations, type=int,
@@ -94,30 +102,42 @@ def ptq_methods(args) -> dict:
     s.calibrate({a for c in configs.values() for a in tensors_of(c).values()})
     out = {"benchmark": "ptq_methods", "checkpoint": str(s.checkpoint), "set": s.split.report.name,
            "images": len(s.report_y), "quantization": recipe.to_json(), "results": []}
+    if len(s.calib_x) < args.correction_images:
+        raise UserError(f"--correction-images {args.correction_images}: only {len(s.calib_x)} calibration images.")
     plain = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, cache_activations=False)
     fp = plain.float_outcome
     out["float_test_acc"] = fp.accuracy
+    out["correction_images"] = args.correction_images
     print(f"float: {fp.accuracy:.2f}% on {fp.n} {s.split.report.name} images")
     if args.ablate:
         out["ablation"] = {"set": s.split.search.name, "images": len(s.eval_y), "rows": ablation(args, s, recipe)}
         atomic_write_json(args.out, out)
     for method in args.methods:
-        ev, fitted = plain, None
         for name, cfg in configs.items():
-            t = time.time()
+            levels, t = {}, time.time()
             if method == "adaround":
                 pairs = [(n, b) for n, b in weights_of(cfg).items() if b != FLOAT_BITS]
                 fitted = learned_levels(s.model, s.checkpoint, pairs, s.calib_x, s.normalize, ada, args.ptq_cache)
-                ev = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, cache_activations=False,
-                                 levels=fitted.levels)
-                out["adaround"] = fitted.describe()
-            r = row(name, method, ev.evaluate(cfg), fp, time.time() - t)
-            out["results"].append(r)
-            print(f"{name:<14}{method:<10}{r['test_acc']:7.2f}%  drop {r['test_drop']:5.2f} "
-                  f"[{r['test_drop_ci95'][0]:.2f}, {r['test_drop_ci95'][1]:.2f}]  ties {100 * r['tie_rate']:.1f}%  "
-                  f"{r['seconds']:.0f} s", flush=True)
-            out["provenance"] = provenance(vars(args), s.device, {"checkpoint": s.checkpoint}, time.time() - t0)
-            atomic_write_json(args.out, out)
+                levels, out["adaround"] = fitted.levels, fitted.describe()
+            fit_seconds = time.time() - t
+            for corr in args.corrections:
+                t = time.time()
+                kw = dict(cache_activations=False, levels=levels,
+                          correction=(corr, s.calib_x[:args.correction_images]))
+                test = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, **kw)
+                r = {**row(name, method, test.evaluate(cfg), test.float_outcome, fit_seconds + time.time() - t),
+                     "correction": corr}
+                search = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, **kw)
+                so = search.evaluate(cfg)
+                r.update(search_acc=so.accuracy, search_images=so.n,
+                         search_drop=paired_drop(search.float_outcome.correct, so.correct).drop)
+                fit_seconds = 0.0
+                out["results"].append(r)
+                print(f"{name:<14}{method:<10}{corr:<5}{r['test_acc']:7.2f}%  drop {r['test_drop']:5.2f} "
+                      f"[{r['test_drop_ci95'][0]:.2f}, {r['test_drop_ci95'][1]:.2f}]  search drop "
+                      f"{r['search_drop']:5.2f}  ties {100 * r['tie_rate']:.1f}%  {r['seconds']:.0f} s", flush=True)
+                out["provenance"] = provenance(vars(args), s.device, {"checkpoint": s.checkpoint}, time.time() - t0)
+                atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
     return out
 

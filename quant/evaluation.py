@@ -13,6 +13,11 @@ kept and a candidate runs from segment k on. Stage 2 (one group at a time agains
 and the greedy search (one move at a time against the current configuration) both evaluate mostly
 suffixes this way. The greedy also keeps its candidates' segment inputs, computed on their way (within
 a second bound), so the candidate it accepts becomes the base without running again.
+
+With a statistics correction (quant/correct.py: bias correction or BN re-estimation), each configuration's
+corrections are computed on calibration images before it is evaluated. A layer's correction depends only on
+what is in front of it, so a candidate keeps the base's corrections in front of its first changed segment and
+recomputes them from there on, from the calibration images' cached segment inputs.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.calibrate import quantizers_from
+from quant.correct import Correction, check_mode, correcting_pass, output_stats
 from quant.cost import KernelTable
 from quant.fold import fold_bn
 from quant.place import check_ranges, set_tensor_quantizer, slots
@@ -108,7 +114,7 @@ class CachedEvaluator:
     def __init__(self, model, table: KernelTable, x_u8, labels, normalize, ranges=None, per_channel: bool = True,
                  clip: str = "mse", batch_size: int = 1000, base_config=None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, cache_activations: bool = True, weight_range: int = 8,
-                 levels: dict | None = None, pending_bytes: int = 0):
+                 levels: dict | None = None, pending_bytes: int = 0, correction: tuple | None = None):
         self.model = fold_bn(model)
         self.table, self.target, self.space = table, table.target, table.space
         self._groups = set(self.space.groups)
@@ -124,13 +130,14 @@ class CachedEvaluator:
         self.slots = slots(self.model, self.target)
         self.segments = self.model.segments(self.target)
         self.segment_of = table.segment_of
+        self._init_correction(model, correction)
         sizes = self._segment_input_bytes() if cache_activations else [0] * len(self.segments)
         self._sizes = sizes
         self.keep = cached_segments(sizes, cache_bytes) if cache_activations else [False] * len(self.segments)
         self.cached_bytes = sum(s for s, k in zip(sizes, self.keep) if k)
         self.cache: list[list[torch.Tensor] | None] = [None] * len(self.segments)
         self.pending_bytes = pending_bytes
-        self._pending: OrderedDict[tuple, tuple[dict, Outcome, int]] = OrderedDict()   # candidates' inputs
+        self._pending: OrderedDict[tuple, tuple] = OrderedDict()   # candidates' inputs (and corrections)
         self.promoted = 0
         self.applied = None
         self.float_logp = None
@@ -194,6 +201,7 @@ class CachedEvaluator:
         the caller attaches to it is the caller's to remove; the next evaluation applies its configuration
         afresh."""
         self._apply(self.full({}))
+        self._uncorrect()
         try:
             yield self.model
         finally:
@@ -212,6 +220,59 @@ class CachedEvaluator:
                 set_tensor_quantizer(self.slots[name], None if bits == FLOAT_BITS else self._tq[name, bits])
         self.applied = config
 
+    def _init_correction(self, model, correction):
+        """`correction`: None, or (mode, uint8 calibration images) with mode "bias" or "bn" (quant/correct.py);
+        the corrected layers are the convs that had a BN."""
+        self.correction = None if correction is None or correction[0] == "none" else correction[0]
+        self.base_corr: dict[str, Correction] = {}
+        self.calib_cache: list[torch.Tensor | None] = [None] * len(self.segments)
+        if self.correction is None:
+            return
+        check_mode(self.correction)
+        if self.correction == "bn" and not self.per_channel:
+            raise ValueError("BN re-estimation rescales each output channel: it needs per-channel weight scales")
+        self.corr_layers = [c for c, _ in model.conv_bn_pairs() if c in self.layers]
+        self.float_b = {n: self.layers[n].bias.detach().clone() for n in self.corr_layers}
+        self.calib = self.normalize(correction[1])
+        self.float_stats = output_stats(self.model, self.corr_layers, lambda: self._chain(self.calib, 0))
+
+    def _chain(self, h, start: int, inputs: dict | None = None):
+        """Segments `start`.. on `h`; the inputs of the kept segments after `start` go into `inputs`."""
+        for k in range(start, len(self.segments)):
+            if inputs is not None and k > start and self.keep[k]:
+                inputs[k] = h
+            h = self.segments[k].fn(h)
+        return h
+
+    @torch.no_grad()
+    def _uncorrect(self):
+        """Every corrected layer back to its uncorrected weight (at the applied width) and float bias."""
+        if self.correction is not None:
+            for n in self.corr_layers:
+                self.layers[n].weight.copy_(self.weight(n, self.applied[W, n]))
+                self.layers[n].bias.copy_(self.float_b[n])
+
+    def _correct(self, config: dict, start: int) -> tuple[dict, dict]:
+        """Fold `config`'s corrections into the layers: the base's in front of segment `start`, computed afresh
+        from there on (one pass over the calibration images). Returns them, with the calibration images'
+        inputs to the kept segments after `start`."""
+        prefix = {n: c for n, c in self.base_corr.items() if self.segment_of[W, n] < start}
+        self._uncorrect()
+        for n, c in prefix.items():
+            layer = self.layers[n]
+            layer.weight.copy_(c.weight(layer.weight))
+            layer.bias.copy_(c.bias(layer.bias))
+        inputs = {}
+        h = self.calib if start == 0 else self.calib_cache[start]
+        suffix = [n for n in self.corr_layers if self.segment_of[W, n] >= start]
+        found, _ = correcting_pass(self.model, suffix, self.float_stats, self.correction,
+                                   lambda: self._chain(h, start, inputs))
+        for n, c in found.items():
+            layer = self.layers[n]
+            layer.weight.copy_(c.weight(layer.weight))
+            layer.bias.copy_(c.bias(layer.bias))
+        return {**prefix, **found}, inputs
+
     @torch.inference_mode()
     def _run(self, config: dict, start: int, store: bool, stop=None) -> Outcome:
         """Evaluate `config`, running segments from `start` (or the nearest cached one before it).
@@ -223,6 +284,7 @@ class CachedEvaluator:
         self._apply(config)
         while start > 0 and not self.keep[start]:
             start -= 1
+        corrected = self._correct(config, start) if self.correction else None
         correct, losses, kls = [], [], []   # per image, summed at the end: no result depends on the batch size
         tied = 0
         first = self.float_logp is None
@@ -257,9 +319,16 @@ class CachedEvaluator:
         if store:
             for k, hs in inputs.items():
                 self.cache[k] = hs
+            self._set_base_corrections(corrected)
         elif keep_inputs and inputs:
-            self._keep_pending(config, inputs, out)
+            self._keep_pending(config, inputs, out, corrected)
         return out
+
+    def _set_base_corrections(self, corrected):
+        if corrected is not None:
+            self.base_corr = corrected[0]
+            for k, h in corrected[1].items():
+                self.calib_cache[k] = h
 
     def _bytes(self, inputs: dict) -> int:
         """Bytes of a candidate's inputs to these segments (the sizes ``keep`` was chosen by)."""
@@ -268,9 +337,9 @@ class CachedEvaluator:
     def _fits(self, inputs: dict) -> bool:
         return self._bytes(inputs) <= self.pending_bytes
 
-    def _keep_pending(self, config: dict, inputs: dict, out: Outcome):
-        self._pending[config_key(config)] = (inputs, out, self._bytes(inputs))
-        while sum(b for _, _, b in self._pending.values()) > self.pending_bytes:
+    def _keep_pending(self, config: dict, inputs: dict, out: Outcome, corrected=None):
+        self._pending[config_key(config)] = (inputs, out, self._bytes(inputs), corrected)
+        while sum(p[2] for p in self._pending.values()) > self.pending_bytes:
             self._pending.popitem(last=False)    # the oldest candidate goes first
 
     def set_base(self, config, outcome: Outcome | None = None):
@@ -282,9 +351,10 @@ class CachedEvaluator:
         pending = self._pending.pop(config_key(config), None)
         if start < len(self.segments):
             if pending is not None:
-                inputs, self.base_outcome, _ = pending
+                inputs, self.base_outcome, _, corrected = pending
                 for k, hs in inputs.items():
                     self.cache[k] = hs
+                self._set_base_corrections(corrected)
                 self.promoted += 1
             elif any(self.keep):
                 self.base_outcome = self._run(config, start, store=True)

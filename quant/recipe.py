@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quant.adaround import AdaRoundSettings
+from quant.correct import MODES as CORRECTIONS
 from quant.errors import UserError
 from quant.quantizer import CLIP_MODES, DEFAULT_WEIGHT_RANGE, check_weight_range
 from quant.widths import FLOAT_BITS, A, Space
@@ -20,6 +21,9 @@ PTQ_METHODS = ("nearest", "adaround")
 # Post-training rounding by cost model: learned rounding is what benchmarks/ptq_methods.py measured best;
 # the reference convention keeps the reference work's round-to-nearest.
 DEFAULT_PTQ = {"fused": "adaround", "reference": "nearest"}
+# Statistics correction by cost model: BN re-estimation is what benchmarks/ptq_methods.py measured best on the search
+# images; the reference convention keeps the reference work's plain post-training quantization.
+DEFAULT_CORRECTION = {"fused": "bn", "reference": "none"}
 # Files written before these settings existed: the full int8 grid, and logits quantized like every tensor.
 LEGACY_WEIGHT_RANGE = 8
 LEGACY_LOGITS = "quantized"
@@ -39,8 +43,20 @@ class Recipe:
     ptq: str = "nearest"
     ptq_images: int = 256
     ptq_settings: AdaRoundSettings = AdaRoundSettings()
+    # Statistics correction after quantization, per configuration (quant/correct.py): "none", "bias" (each BN'd
+    # conv's output mean set back to the float network's) or "bn" (mean and spread: BN re-estimation), on the
+    # first `correction_images` training images
+    correction: str = "none"
+    correction_images: int = 512
 
     def __post_init__(self):
+        if self.correction not in CORRECTIONS:
+            raise UserError(f"statistics correction {self.correction!r} is not supported; use one of {CORRECTIONS}.")
+        if self.correction == "bn" and self.granularity != "channel":
+            raise UserError("--stats-correction bn rescales each output channel's weights, so it needs one weight "
+                            "scale per channel: drop --granularity tensor, or use --stats-correction bias.")
+        if self.correction_images < 2:
+            raise UserError(f"--correction-images must be >= 2, got {self.correction_images}.")
         if self.ptq not in PTQ_METHODS:
             raise UserError(f"post-training method {self.ptq!r} is not supported; use one of {PTQ_METHODS}.")
         if self.ptq_images < 1:
@@ -81,6 +97,9 @@ class Recipe:
                "weights": "BN-folded", "logits": self.logits, "ptq": self.ptq}
         if self.ptq != "nearest":
             out["ptq_settings"] = {"images": self.ptq_images, "set": "train", **self.ptq_settings.to_json()}
+        out["correction"] = self.correction
+        if self.correction != "none":
+            out["correction_settings"] = {"images": self.correction_images, "set": "train"}
         return out
 
     @classmethod
@@ -93,8 +112,10 @@ class Recipe:
         return cls(obj.get("granularity", "channel"), obj.get("clip", "mse"),
                    obj.get("weight_range", LEGACY_WEIGHT_RANGE), obj.get("logits", LEGACY_LOGITS),
                    obj.get("ptq", "nearest"), images,
-                   AdaRoundSettings(**{k: v for k, v in settings.items() if k in AdaRoundSettings.__dataclass_fields__}))
+                   AdaRoundSettings(**{k: v for k, v in settings.items() if k in AdaRoundSettings.__dataclass_fields__}),
+                   obj.get("correction", "none"), (obj.get("correction_settings") or {}).get("images", 512))
 
     def describe(self) -> str:
         rng = "" if self.weight_range == 8 else f", 8-bit weights in range {self.weight_range}"
-        return f"{self.granularity}, {self.clip}{rng}, logits {self.logits}, {self.ptq} rounding"
+        fix = "" if self.correction == "none" else f", {self.correction} correction on {self.correction_images} images"
+        return f"{self.granularity}, {self.clip}{rng}, logits {self.logits}, {self.ptq} rounding{fix}"

@@ -49,12 +49,17 @@ def test_ptq_methods_smoke(quick_stage1, tmp_path):
     out = tmp_path / "ptq.json"
     run_script("benchmarks/ptq_methods.py", "--checkpoint", quick_stage1["checkpoint"], "--device", "cpu", "--quick",
                "--configs", "uniform_w4a4", "uniform_w3", "--ptq-iterations", 5, "--ptq-images", 16, "--ablate", "5x16",
+               "--corrections", "none", "bn", "--correction-images", 64,
                "--ptq-cache", tmp_path / "cache", "--results-dir", tmp_path, "--out", out)
     r = json.loads(out.read_text())
     assert 0 <= r["float_test_acc"] <= 100 and r["quantization"]["logits"] == "float"
-    assert [(x["config"], x["method"]) for x in r["results"]] == [
-        ("uniform_w4a4", "nearest"), ("uniform_w3", "nearest"), ("uniform_w4a4", "adaround"), ("uniform_w3", "adaround")]
+    assert [(x["config"], x["method"], x["correction"]) for x in r["results"]] == [
+        (c, m, k) for m in ("nearest", "adaround") for c in ("uniform_w4a4", "uniform_w3") for k in ("none", "bn")]
+    by = {(x["config"], x["method"], x["correction"]): x for x in r["results"]}
+    assert by["uniform_w4a4", "nearest", "bn"]["test_acc"] != by["uniform_w4a4", "nearest", "none"]["test_acc"]
+    assert r["correction_images"] == 64
     for x in r["results"]:
+        assert x["search_images"] > 0 and 0 <= x["search_acc"] <= 100
         lo, hi = x["test_drop_ci95"]
         assert lo <= x["test_drop"] <= hi and x["test_acc_ci95"][0] <= x["test_acc"] <= x["test_acc_ci95"][1]
         assert x["test_drop"] == pytest.approx(r["float_test_acc"] - x["test_acc"]) and x["seconds"] >= 0

@@ -34,7 +34,7 @@ import torch.nn as nn
 from models.structure import DEFAULT_TARGET, TARGETS
 from quant.fold import fold_bn
 from quant.quantizer import WEIGHT_RANGES
-from quant.recipe import DEFAULT_PTQ, PTQ_METHODS, Recipe
+from quant.recipe import DEFAULT_CORRECTION, DEFAULT_PTQ, PTQ_METHODS, Recipe
 from quant.stats import top1_credit
 from quant.widths import FLOAT_BITS, A, W, tensors_of, weights_of
 from utils.errors import UserError, error_paragraph
@@ -205,7 +205,8 @@ def prepare(opts: ExportOptions) -> Prepared:
     fit_record = {"the search": (s3 or [None] * 6)[5], "stage 2": (s2 or {}).get("ptq_fit")}.get(measured_by)
     recipe = dataclasses.replace(with_weight_range(recipe, opts.weight_range, measured_by, notes),
                                  logits="quantized" if narrows_logits(cfg, space) else "float",
-                                 ptq=opts.ptq or (recipe.ptq if measured_by else DEFAULT_PTQ["fused"]))
+                                 ptq=opts.ptq or (recipe.ptq if measured_by else DEFAULT_PTQ["fused"]),
+                                 correction=recipe.correction if measured_by else DEFAULT_CORRECTION["fused"])
     pairs = [(n, b) for n, b in weights_of(cfg).items() if b != FLOAT_BITS]
     levels = {}
     if recipe.ptq != "nearest" and fit_record:
@@ -216,11 +217,12 @@ def prepare(opts: ExportOptions) -> Prepared:
         notes.append(f"weights rounded by {recipe.ptq}: " + (f"learned levels fitted here on {recipe.ptq_images} "
                      f"training images (cached under {Path(opts.checkpoint_dir) / 'ptq-cache'})" if learn else
                      f"the learned levels {measured_by} used, from the cache"))
-    need_data = opts.check_images > 0 or (ranges is None and widths) or learn
+    need_data = opts.check_images > 0 or (ranges is None and widths) or learn or recipe.correction != "none"
     p = Prepared(None, fold_bn(model), target, cfg, asked, rounded, space, meta["normalization"], str(ckpt), notes,
                  recipe)
     if need_data:
-        s = load_setup(opts, recipe, calib_images=opts.calib_images, target=target)
+        recorded_calib = ((s2 or {}).get("dataset") or {}).get("calibration", {}).get("images")
+        s = load_setup(opts, recipe, calib_images=opts.calib_images or recorded_calib, target=target)
         if learn:
             levels = s.learn_levels(pairs)
         if ranges is None and widths:
@@ -232,7 +234,26 @@ def prepare(opts: ExportOptions) -> Prepared:
             p.check_x, p.check_y = s.report_x[idx].cpu(), s.report_y[idx].cpu()
             p.check_set = f"{len(idx)} {s.split.report.name} images"
     p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, recipe, levels)
+    if recipe.correction != "none":
+        correct_placed_(p.qmodel, model.cpu(), cfg, ranges or {}, target, recipe, levels, s.calib_x.cpu(), s.normalize)
+        notes.append(f"{recipe.correction} statistics correction measured here on {recipe.correction_images} "
+                     f"training images, as the search measured it (integer levels kept, scales and biases corrected)")
     return p
+
+
+def correct_placed_(qmodel, model, cfg, ranges, target, recipe: Recipe, levels, calib_u8, normalize):
+    """Fold `cfg`'s statistics correction (quant/correct.py) into the export's placed model, measured on the
+    first ``recipe.correction_images`` calibration images, as the evaluator measures it."""
+    from quant.correct import apply_, corrections, output_stats
+    from quant.place import quantize_
+    x = normalize(calib_u8[:recipe.correction_images]).cpu()
+    if len(x) < recipe.correction_images:
+        raise UserError(f"the statistics correction needs {recipe.correction_images} calibration images; only "
+                        f"{len(x)} are loaded. Raise --calib-images.")
+    layers = [c for c, _ in model.conv_bn_pairs()]
+    stats = output_stats(fold_bn(model), layers, x)
+    baked = quantize_(fold_bn(model), cfg, ranges, target, levels=levels, **recipe.weight_kwargs())
+    apply_(qmodel, corrections(baked, stats, x, recipe.correction))
 
 
 def narrows_logits(config: dict, space) -> bool:

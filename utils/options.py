@@ -135,6 +135,8 @@ class SensitivityOptions(ModelOptions, WidthOptions):
     calib_images: int | None = None
     signal: str = "measured"
     fisher_samples: int = 1
+    stats_correction: str | None = None
+    correction_images: int = 512
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
 from quant.fold import fold_bn
 from quant.adaround import AdaRoundSettings
 from quant.quantizer import WEIGHT_RANGES
-from quant.recipe import DEFAULT_PTQ, PTQ_METHODS, Recipe
+from quant.recipe import CORRECTIONS, DEFAULT_CORRECTION, DEFAULT_PTQ, PTQ_METHODS, Recipe
 from quant.widths import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, Space, check_widths
 from utils.checkpoint import default_checkpoint_path, load_model, parse_normalization
 from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
@@ -124,6 +124,16 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
         g.add_argument("--ptq-iterations", default=None, type=int,
                        help=f"optimizer steps per layer and width (default: {AdaRoundSettings().iterations}; with "
                             f"--quick: {QUICK_PTQ_ITERATIONS})")
+        g.add_argument("--stats-correction", default=None, choices=CORRECTIONS,
+                       help="per configuration, after quantizing: bias (each BN'd conv's output mean per channel set "
+                            "back to the float network's, measured on training images with the corrected layers in "
+                            "front), bn (mean and spread: BN re-estimation, folded; integer levels kept, scales "
+                            "rescaled) or none; stages 3-4 and the export follow "
+                            f"(default: {DEFAULT_CORRECTION['fused']}; with --cost-model reference: "
+                            f"{DEFAULT_CORRECTION['reference']})")
+        g.add_argument("--correction-images", default=Recipe().correction_images, type=int,
+                       help=f"training images (the first calibration images) the correction is measured on "
+                            f"(default: {Recipe().correction_images})")
         g.add_argument("--signal", default="measured", choices=SIGNALS,
                        help="how each candidate is judged: measured (its accuracy drop, loss increase and KL to the "
                             "float outputs, one forward pass each), fisher (the second-order estimate of that KL from "
@@ -158,7 +168,8 @@ def ptq_options(opts: SensitivityOptions, cost_model: str) -> dict:
     if steps < 1:
         raise UserError(f"--ptq-iterations must be >= 1, got {steps}.")
     return {"ptq": opts.ptq or DEFAULT_PTQ[cost_model], "ptq_images": images,
-            "ptq_settings": AdaRoundSettings(iterations=steps)}
+            "ptq_settings": AdaRoundSettings(iterations=steps), "correction": opts.stats_correction or (DEFAULT_CORRECTION[cost_model] if opts.granularity == "channel" else "none"),
+            "correction_images": min(opts.correction_images, QUICK_CALIB_IMAGES) if opts.quick else opts.correction_images}
 
 
 def check_executable(bits, flag: str, target: str):
@@ -288,6 +299,12 @@ class Setup:
 
     def evaluator(self, x, y, batch_size: int, **kw) -> CachedEvaluator:
         kw.setdefault("levels", self.levels)
+        if self.recipe.correction != "none":
+            if len(self.calib_x) < self.recipe.correction_images:
+                raise UserError(f"the statistics correction needs {self.recipe.correction_images} calibration "
+                                f"images, and only {len(self.calib_x)} are loaded: lower --correction-images or raise "
+                                f"--calib-images.")
+            kw.setdefault("correction", (self.recipe.correction, self.calib_x[:self.recipe.correction_images]))
         return CachedEvaluator(self.model, self.table, x, y, self.normalize, self.ranges, batch_size=batch_size,
                                **self.recipe.weight_kwargs(), **kw)
 
