@@ -8,7 +8,9 @@ checkpoint, data and device, in one run. Prints the times, the ratios, and wheth
 Baselines: (1) every candidate placed from scratch by quant.place.quantize_ on a fresh BN-folded
 copy (the one-off path: fold, quantize, attach) and evaluated in full; (2) the cached evaluator with
 its activation cache off (every candidate in full, quantized weights cached): the same arithmetic
-as the cached evaluator, so its correct counts must be identical.
+as the cached evaluator, so its correct counts must be identical. Under a statistics correction (stage 2's
+``--stats-correction``, default bn; quant/correct.py), (1) corrects each placed model as the export does, and the
+cached evaluator is timed once more without the correction: the correction's cost, in the same run.
 """
 import argparse
 import sys
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from utils.cli import add_common_args  # noqa: E402
+from quant.correct import apply_, corrections, output_stats  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
 from quant.place import quantize_  # noqa: E402
 from utils.options import SensitivityOptions  # noqa: E402
@@ -56,17 +59,23 @@ def main():
     s.calibrate(a_ladder)
     s.learn_levels([(n, b) for n in s.space.layers for b in w_ladder])     # one-time fits, not timed
     grid = [s.space.full({g: b}) for g, b in candidates(s.space, w_ladder, a_ladder, s.recipe)]
+    mode = s.recipe.correction
+    xc = s.normalize(s.calib_x[:s.recipe.correction_images])
+    layers = [c for c, _ in s.model.conv_bn_pairs()]
+    fstats = output_stats(fold_bn(s.model), layers, xc) if mode != "none" else None
 
     def placed():
         out = []
         for cfg in grid:
             m = quantize_(fold_bn(s.model), cfg, s.ranges, s.target, levels=s.levels, **s.recipe.weight_kwargs())
+            if mode != "none":
+                apply_(m, corrections(m, fstats, xc, mode))
             out.append(evaluate(m, s.eval_x, s.eval_y, s.normalize, args.eval_batch_size)["correct"])
         return out
 
-    def evaluator(cache):
+    def evaluator(cache, **kw):
         def evaluate_grid():
-            ev = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_activations=cache)
+            ev = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, cache_activations=cache, **kw)
             return [ev.correct(cfg) for cfg in grid]
         return evaluate_grid
 
@@ -74,6 +83,7 @@ def main():
     plain, t_plain = timed(placed)
     folded, t_folded = timed(evaluator(False))
     cached, t_cached = timed(evaluator(True))
+    _, t_uncorrected = timed(evaluator(True, correction=None)) if mode != "none" else (None, None)
     sync(s.device)
     agree = sum(a == b for a, b in zip(folded, cached))
     agree_plain = sum(a == b for a, b in zip(plain, cached))
@@ -87,6 +97,9 @@ def main():
           f"(incl. one full pass to fill the cache)")
     print(f"speed-up over (1): {t_plain / t_cached:.2f}x, over (2): {t_folded / t_cached:.2f}x; identical correct "
           f"counts for {agree}/{len(grid)} candidates against (2), {agree_plain}/{len(grid)} against (1)")
+    if mode != "none":
+        print(f"cached evaluator without the {mode} correction:                       {t_uncorrected:.1f} s: the "
+              f"correction costs {t_cached / t_uncorrected:.2f}x (on {s.recipe.correction_images} calibration images)")
 
 
 if __name__ == "__main__":

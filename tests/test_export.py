@@ -474,8 +474,15 @@ def test_cli_weight_range_default_recorded_and_followed(trained, tmp_path, capsy
     rep = X.export(ExportOptions.from_args(X.get_args_parser().parse_args(
         ["--checkpoint", str(trained["ckpt"]), "--results-dir", str(tmp_path / "none"), "--w-bits", "8", "--a-bits",
          "8", "--target", ORT, "--check-images", "0", "--calib-images", "64", "--dataset", "synthetic", "--onnx",
-         str(out), "--ptq", "nearest"])))
+         str(out), "--ptq", "nearest", "--stats-correction", "none"])))
     assert rep["quantization"]["weight_range"] == 7 and rep["int8_weight_layers"] == 10
+    assert rep["quantization"]["correction"] == "none"
+    with pytest.raises(X.UserError, match="needs 512 calibration images; only 64 are loaded.*--stats-correction none"):
+        X.export(ExportOptions.from_args(X.get_args_parser().parse_args(     # the default correction, too few images
+            ["--checkpoint", str(trained["ckpt"]), "--results-dir", str(tmp_path / "none"), "--w-bits", "8",
+             "--a-bits", "8", "--target", ORT, "--check-images", "0", "--calib-images", "64", "--dataset",
+             "synthetic", "--onnx", str(tmp_path / "refused.onnx"), "--ptq", "nearest"])))
+    assert not (tmp_path / "refused.onnx").exists()
     assert set(rep["machine"]["cpu"]) >= {"model", "vnni", "int8_isa"} and rep["machine"]["onnxruntime"]
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["quantization"])["weight_range"] == 7

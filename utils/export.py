@@ -34,7 +34,7 @@ import torch.nn as nn
 from models.structure import DEFAULT_TARGET, TARGETS
 from quant.fold import fold_bn
 from quant.quantizer import WEIGHT_RANGES
-from quant.recipe import DEFAULT_CORRECTION, DEFAULT_PTQ, PTQ_METHODS, Recipe
+from quant.recipe import CORRECTIONS, DEFAULT_CORRECTION, DEFAULT_PTQ, PTQ_METHODS, Recipe
 from quant.stats import top1_credit
 from quant.widths import FLOAT_BITS, A, W, tensors_of, weights_of
 from utils.errors import UserError, error_paragraph
@@ -206,7 +206,8 @@ def prepare(opts: ExportOptions) -> Prepared:
     recipe = dataclasses.replace(with_weight_range(recipe, opts.weight_range, measured_by, notes),
                                  logits="quantized" if narrows_logits(cfg, space) else "float",
                                  ptq=opts.ptq or (recipe.ptq if measured_by else DEFAULT_PTQ["fused"]),
-                                 correction=recipe.correction if measured_by else DEFAULT_CORRECTION["fused"])
+                                 correction=opts.stats_correction or (recipe.correction if measured_by
+                                                                      else DEFAULT_CORRECTION["fused"]))
     pairs = [(n, b) for n, b in weights_of(cfg).items() if b != FLOAT_BITS]
     levels = {}
     if recipe.ptq != "nearest" and fit_record:
@@ -248,8 +249,8 @@ def correct_placed_(qmodel, model, cfg, ranges, target, recipe: Recipe, levels, 
     from quant.place import quantize_
     x = normalize(calib_u8[:recipe.correction_images]).cpu()
     if len(x) < recipe.correction_images:
-        raise UserError(f"the statistics correction needs {recipe.correction_images} calibration images; only "
-                        f"{len(x)} are loaded. Raise --calib-images.")
+        raise UserError(f"the {recipe.correction} statistics correction needs {recipe.correction_images} calibration "
+                        f"images; only {len(x)} are loaded. Raise --calib-images, or pass --stats-correction none.")
     layers = [c for c, _ in model.conv_bn_pairs()]
     stats = output_stats(fold_bn(model), layers, x)
     baked = quantize_(fold_bn(model), cfg, ranges, target, levels=levels, **recipe.weight_kwargs())
@@ -312,6 +313,9 @@ def get_args_parser():
                    help="weight rounding: nearest, or adaround (learned levels, from the cache stage 2 filled, else "
                         f"fitted here on training images) (default: what stage 2 or 3 recorded; else "
                         f"{DEFAULT_PTQ['fused']})")
+    g.add_argument("--stats-correction", default=None, choices=CORRECTIONS,
+                   help="statistics correction (quant/correct.py), measured here on the calibration images (default: "
+                        f"what stage 2 or 3 recorded; else {DEFAULT_CORRECTION['fused']})")
     g.add_argument("--round-up-widths", action="store_true",
                    help="export widths the runtime cannot run at the next exportable width (weights 2-3 -> 4, 5-7 -> 8; "
                         "tensors -> 8) instead of refusing them; the accuracy reported is the exported one's")

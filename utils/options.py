@@ -188,6 +188,7 @@ class ExportOptions(ModelOptions):
     signed_dtype: str = "uint8"
     weight_range: int | None = None
     ptq: str | None = None
+    stats_correction: str | None = None
     round_up_widths: bool = False
     check_images: int = 2000
     threads: int = 2
