@@ -146,5 +146,8 @@ def apply_(model: nn.Module, found: dict[str, Correction]) -> nn.Module:
             layer.parametrizations.weight.original.copy_(c.weight(w))
         else:
             layer.weight.copy_(c.weight(layer.weight))
-        layer.bias = nn.Parameter(c.bias(layer.bias).to(layer.weight.dtype))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(c.bias(None).to(layer.weight.dtype))
+        else:
+            layer.bias.copy_(c.bias(layer.bias))
     return model

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.calibrate import quantizers_from
-from quant.correct import Correction, check_mode, correcting_pass, output_stats
+from quant.correct import Correction, apply_, check_mode, correcting_pass, output_stats
 from quant.cost import KernelTable
 from quant.fold import fold_bn
 from quant.place import check_ranges, set_tensor_quantizer, slots
@@ -258,19 +258,13 @@ class CachedEvaluator:
         inputs to the kept segments after `start`."""
         prefix = {n: c for n, c in self.base_corr.items() if self.segment_of[W, n] < start}
         self._uncorrect()
-        for n, c in prefix.items():
-            layer = self.layers[n]
-            layer.weight.copy_(c.weight(layer.weight))
-            layer.bias.copy_(c.bias(layer.bias))
+        apply_(self.model, prefix)
         inputs = {}
         h = self.calib if start == 0 else self.calib_cache[start]
         suffix = [n for n in self.corr_layers if self.segment_of[W, n] >= start]
         found, _ = correcting_pass(self.model, suffix, self.float_stats, self.correction,
                                    lambda: self._chain(h, start, inputs))
-        for n, c in found.items():
-            layer = self.layers[n]
-            layer.weight.copy_(c.weight(layer.weight))
-            layer.bias.copy_(c.bias(layer.bias))
+        apply_(self.model, found)
         return {**prefix, **found}, inputs
 
     @torch.inference_mode()
