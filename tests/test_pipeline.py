@@ -20,7 +20,7 @@ from models.resnet import resnet20
 from quant.cost import CostModel, kernel_table
 from quant.widths import FLOAT_BITS, FORMAT, A, W
 from utils.io import SCHEMA_VERSIONS, sha256_file
-from utils.stages.common import QUICK_CALIB_IMAGES
+from utils.stages.common import QUICK_CORRECTION_IMAGES
 
 TOL = 1e-9  # the searches' own feasibility tolerance (quant.stats.FEASIBILITY_TOL)
 FUSED = CostModel.named("fused")
@@ -425,7 +425,7 @@ def test_stage2_fisher_signal_and_stage3_levers(joint, quick_stage1, tmp_path):
 
 
 def test_stats_correction_through_stages_2_to_4_and_the_export(joint, quick_stage1, tmp_path, capsys):
-    """BN re-estimation is the default: the joint run's stage 2 records it (on the quick run's 200 calibration
+    """BN re-estimation is the default: the joint run's stage 2 records it (on the quick run's 64 calibration
     images) and stages 3-4 follow it; --stats-correction none measures other KLs on the same images and is
     followed the same way. The export follows stage 2's record, measures the correction on the same images, and
     its check (ONNX Runtime against the corrected fake-quant model) passes."""
@@ -439,7 +439,8 @@ def test_stats_correction_through_stages_2_to_4_and_the_export(joint, quick_stag
     res = read_results(d)
     for k in ("2", "3", "4"):
         assert joint["res"][k]["quantization"]["correction"] == "bn", k
-        assert joint["res"][k]["quantization"]["correction_settings"] == {"images": QUICK_CALIB_IMAGES, "set": "train"}, k
+        recorded = joint["res"][k]["quantization"]["correction_settings"]
+        assert recorded == {"images": QUICK_CORRECTION_IMAGES, "set": "train"}, k
         assert res[k]["quantization"]["correction"] == "none" and "correction_settings" not in res[k]["quantization"]
 
     def kls(r):
@@ -449,7 +450,7 @@ def test_stats_correction_through_stages_2_to_4_and_the_export(joint, quick_stag
     capsys.readouterr()
     assert X.main(["--results-dir", str(joint["results"]), "--w-bits", "8", "--a-bits", "8", "--check-images", "32",
                    "--onnx", str(tmp_path / "bn.onnx"), "--device", "cpu"]) == 0
-    assert f"bn statistics correction measured here on {QUICK_CALIB_IMAGES} training images" in capsys.readouterr().out
+    assert f"bn statistics correction measured here on {QUICK_CORRECTION_IMAGES} training images" in capsys.readouterr().out
 
 
 def test_stage4_joint(joint, table, names):

@@ -30,6 +30,7 @@ QUICK_EVAL_IMAGES = 250      # --quick: search and report images for ResNet-20; 
 CALIB_IMAGES = 1000          # training images the activation ranges are calibrated on
 QUICK_CALIB_IMAGES = 200
 QUICK_PTQ_IMAGES, QUICK_PTQ_ITERATIONS = 64, 40    # --quick: a learned rounding that is only a smoke test
+QUICK_CORRECTION_IMAGES = 64                         # --quick: a statistics correction that is only a smoke test
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -133,7 +134,7 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
                             f"{DEFAULT_CORRECTION['reference']})")
         g.add_argument("--correction-images", default=Recipe().correction_images, type=int,
                        help=f"training images (the first calibration images) the correction is measured on "
-                            f"(default: {Recipe().correction_images})")
+                            f"(default: {Recipe().correction_images}; with --quick: {QUICK_CORRECTION_IMAGES})")
         g.add_argument("--signal", default="measured", choices=SIGNALS,
                        help="how each candidate is judged: measured (its accuracy drop, loss increase and KL to the "
                             "float outputs, one forward pass each), fisher (the second-order estimate of that KL from "
@@ -169,7 +170,7 @@ def ptq_options(opts: SensitivityOptions, cost_model: str) -> dict:
         raise UserError(f"--ptq-iterations must be >= 1, got {steps}.")
     return {"ptq": opts.ptq or DEFAULT_PTQ[cost_model], "ptq_images": images,
             "ptq_settings": AdaRoundSettings(iterations=steps), "correction": opts.stats_correction or (DEFAULT_CORRECTION[cost_model] if opts.granularity == "channel" else "none"),
-            "correction_images": min(opts.correction_images, QUICK_CALIB_IMAGES) if opts.quick else opts.correction_images}
+            "correction_images": min(opts.correction_images, QUICK_CORRECTION_IMAGES) if opts.quick else opts.correction_images}
 
 
 def check_executable(bits, flag: str, target: str):
