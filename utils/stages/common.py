@@ -162,15 +162,18 @@ def stage2_recipe(opts: SensitivityOptions, cost_model: str) -> Recipe:
 
 
 def ptq_options(opts: SensitivityOptions, cost_model: str) -> dict:
-    """Stage 2's --ptq, --ptq-images and --ptq-iterations as Recipe fields (smaller fits with --quick)."""
+    """Stage 2's --ptq, --ptq-images, --ptq-iterations, --stats-correction and --correction-images as Recipe fields
+    (smaller fits and corrections with --quick; no BN re-estimation by default under --granularity tensor)."""
     images = opts.ptq_images if opts.ptq_images is not None else (QUICK_PTQ_IMAGES if opts.quick else Recipe().ptq_images)
     steps = opts.ptq_iterations if opts.ptq_iterations is not None else (
         QUICK_PTQ_ITERATIONS if opts.quick else AdaRoundSettings().iterations)
     if steps < 1:
         raise UserError(f"--ptq-iterations must be >= 1, got {steps}.")
+    correction = opts.stats_correction or (DEFAULT_CORRECTION[cost_model] if opts.granularity == "channel" else "none")
     return {"ptq": opts.ptq or DEFAULT_PTQ[cost_model], "ptq_images": images,
-            "ptq_settings": AdaRoundSettings(iterations=steps), "correction": opts.stats_correction or (DEFAULT_CORRECTION[cost_model] if opts.granularity == "channel" else "none"),
-            "correction_images": min(opts.correction_images, QUICK_CORRECTION_IMAGES) if opts.quick else opts.correction_images}
+            "ptq_settings": AdaRoundSettings(iterations=steps), "correction": correction,
+            "correction_images": min(opts.correction_images, QUICK_CORRECTION_IMAGES) if opts.quick
+            else opts.correction_images}
 
 
 def check_executable(bits, flag: str, target: str):
