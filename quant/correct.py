@@ -106,20 +106,19 @@ def check_mode(mode: str):
 
 
 @torch.no_grad()
-def correcting_pass(model: nn.Module, layers, float_stats: dict, mode: str, run):
+def correcting_pass(model: nn.Module, layers, float_stats: dict, mode: str, run) -> dict[str, Correction]:
     """Run `run()` (a forward pass of `model` over the calibration images, whole or in part) with every layer in
-    `layers` corrected as it computes; returns (the corrections found, what `run` returned). `model` is left
-    as it was."""
+    `layers` corrected as it computes; returns the corrections found. `model` is left as it was."""
     check_mode(mode)
     found = {}
     handles = [model.get_submodule(n).register_forward_hook(_correcting_hook(n, float_stats, mode, found))
                for n in layers]
     try:
-        out = run()
+        run()
     finally:
         for h in handles:
             h.remove()
-    return found, out
+    return found
 
 
 @torch.no_grad()
@@ -127,7 +126,7 @@ def corrections(qmodel: nn.Module, float_stats: dict, x: torch.Tensor, mode: str
     """The correction of every layer in `float_stats` for the quantized folded `qmodel` on the (normalized)
     calibration images `x` (the ones `float_stats` were taken on), each layer corrected before the next one
     sees its output. `qmodel` is left as it was; `apply_` folds the result into it."""
-    return correcting_pass(qmodel, list(float_stats), float_stats, mode, lambda: qmodel(x))[0]
+    return correcting_pass(qmodel, list(float_stats), float_stats, mode, lambda: qmodel(x))
 
 
 @torch.no_grad()

@@ -262,8 +262,8 @@ class CachedEvaluator:
         inputs = {}
         h = self.calib if start == 0 else self.calib_cache[start]
         suffix = [n for n in self.corr_layers if self.segment_of[W, n] >= start]
-        found, _ = correcting_pass(self.model, suffix, self.float_stats, self.correction,
-                                   lambda: self._chain(h, start, inputs))
+        found = correcting_pass(self.model, suffix, self.float_stats, self.correction,
+                                lambda: self._chain(h, start, inputs))
         apply_(self.model, found)
         return {**prefix, **found}, inputs
 

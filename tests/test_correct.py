@@ -10,8 +10,8 @@ import torch
 from quant.correct import apply_, channel_stats, corrections, output_stats
 from quant.fold import fold_bn
 from quant.place import quantize_
-from quant.widths import A, W
-from test_evaluation import NORMALIZE, build_setup, identical, make_evaluator, random_config, random_data
+from test_evaluation import (NORMALIZE, build_setup, identical, make_evaluator, random_config, random_data,
+                             walk_candidates)
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +116,8 @@ def test_corrected_prefix_cache_and_promotion_are_exact():
     current = random_config(space, 31, act=False)
     for ev in (fast, slow):
         ev.set_base(current)
-    layers = list(space.layers)
     for step in range(3):
-        cands = [{**space.full(current), (W, layers[(7 * step + 5 * j) % len(layers)]): 2,
-                  (A, layers[(3 * step + 2 * j) % len(layers)]): 4} for j in range(3)]
+        cands = walk_candidates(space, current, step)
         for cand in cands:
             assert identical(fast.evaluate(cand), slow.evaluate(cand)), (step, cand)
         current = cands[step % 3]
@@ -164,7 +162,7 @@ def test_export_keeps_the_learned_levels_and_computes_what_the_evaluator_does():
     ranges = calibrate(folded, "ort-cpu", [x], [8])
     recipe = Recipe(weight_range=7, ptq="adaround", correction="bn", correction_images=32)
     placed = G.placed_model(model, cfg, ranges, "ort-cpu", recipe, levels)
-    correct_placed_(placed, model, cfg, ranges, "ort-cpu", recipe, levels, x_u8, NORMALIZE)
+    correct_placed_(placed, model, recipe, x_u8, NORMALIZE)
     for (name, _), lv in levels.items():
         layer = placed.get_submodule(name)
         assert torch.equal(layer.parametrizations.weight[0].integers(layer.parametrizations.weight.original),
@@ -180,7 +178,7 @@ def test_export_keeps_the_learned_levels_and_computes_what_the_evaluator_does():
     ranges = calibrate(folded, "generic", [x], [8, 4])
     recipe = Recipe(ptq="adaround", correction="bn", correction_images=32)
     placed = G.placed_model(model, cfg, ranges, "generic", recipe, levels)
-    correct_placed_(placed, model, cfg, ranges, "generic", recipe, levels, x_u8, NORMALIZE)
+    correct_placed_(placed, model, recipe, x_u8, NORMALIZE)
     with torch.no_grad():
         ref, logp = torch.log_softmax(folded(x), 1), torch.log_softmax(placed(x), 1)
     kl = (ref.exp() * (ref - logp)).sum(1).mean().item()

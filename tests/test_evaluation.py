@@ -387,6 +387,14 @@ def test_bounded_cache_gives_identical_results(setup_b):
     check(full.evaluate(bases[0]), setup_b["ref"], bases[0])
 
 
+def walk_candidates(space, current, step: int) -> list[dict]:
+    """Three candidates of a greedy-like walk from `current` at `step`: each one layer's weights at 2 bits and
+    one layer's output at 4, spread over the network."""
+    layers = list(space.layers)
+    return [{**space.full(current), (W, layers[(7 * step + 5 * j) % len(layers)]): 2,
+             (A, layers[(3 * step + 2 * j) % len(layers)]): 4} for j in range(3)]
+
+
 def _same_cache(a: CachedEvaluator, b: CachedEvaluator) -> bool:
     return all((x is None) == (y is None) and (x is None or all(torch.equal(u, v) for u, v in zip(x, y)))
                for x, y in zip(a.cache, b.cache))
@@ -408,8 +416,7 @@ def test_promoted_candidate_is_what_recomputing_gives(setup_b, bound):
         ev.set_base(current)
     layers = list(space.layers)
     for step in range(5):
-        cands = [{**space.full(current), (W, layers[(7 * step + 5 * j) % len(layers)]): 2,
-                  (A, layers[(3 * step + 2 * j) % len(layers)]): 4} for j in range(3)]
+        cands = walk_candidates(space, current, step)
         for cand in cands:
             assert identical(fast.evaluate(cand), slow.evaluate(cand))
         current = cands[step % 3]

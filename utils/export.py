@@ -236,25 +236,24 @@ def prepare(opts: ExportOptions) -> Prepared:
             p.check_set = f"{len(idx)} {s.split.report.name} images"
     p.qmodel = placed_model(model.cpu(), cfg, ranges or {}, target, recipe, levels)
     if recipe.correction != "none":
-        correct_placed_(p.qmodel, model.cpu(), cfg, ranges or {}, target, recipe, levels, s.calib_x.cpu(), s.normalize)
+        correct_placed_(p.qmodel, model.cpu(), recipe, s.calib_x.cpu(), s.normalize)
         notes.append(f"{recipe.correction} statistics correction measured here on {recipe.correction_images} "
                      f"training images, as the search measured it (integer levels kept, scales and biases corrected)")
     return p
 
 
-def correct_placed_(qmodel, model, cfg, ranges, target, recipe: Recipe, levels, calib_u8, normalize):
-    """Fold `cfg`'s statistics correction (quant/correct.py) into the export's placed model, measured on the
-    first ``recipe.correction_images`` calibration images, as the evaluator measures it."""
+def correct_placed_(qmodel, model, recipe: Recipe, calib_u8, normalize):
+    """Fold the statistics correction (quant/correct.py) of the export's placed model `qmodel` into it, measured on
+    the first ``recipe.correction_images`` calibration images against the float `model`, as the evaluator
+    measures it."""
     from quant.correct import apply_, corrections, output_stats
-    from quant.place import quantize_
     x = normalize(calib_u8[:recipe.correction_images]).cpu()
     if len(x) < recipe.correction_images:
         raise UserError(f"the {recipe.correction} statistics correction needs {recipe.correction_images} calibration "
                         f"images; only {len(x)} are loaded. Raise --calib-images, or pass --stats-correction none.")
     layers = [c for c, _ in model.conv_bn_pairs()]
     stats = output_stats(fold_bn(model), layers, x)
-    baked = quantize_(fold_bn(model), cfg, ranges, target, levels=levels, **recipe.weight_kwargs())
-    apply_(qmodel, corrections(baked, stats, x, recipe.correction))
+    apply_(qmodel, corrections(qmodel, stats, x, recipe.correction))
 
 
 def narrows_logits(config: dict, space) -> bool:

@@ -200,9 +200,10 @@ def search_widths(opts: SearchOptions) -> dict:
         pd = paired_drop(base.correct[:out.n], out.correct)
         # the Fisher estimate is of the KL: the measured signal is the KL itself
         signal = {"kl": out.kl, "fisher": out.kl, "loss": out.loss - base.loss, "drop": pd.drop}[opts.rank_by]
-        if out.n < evaluator.n:
-            stopped.append(out.n)
-        return Measured(out.accuracy, pd.drop, pd.se, signal, stopped_at=out.n if out.n < evaluator.n else None)
+        stopped_at = out.n if out.n < evaluator.n else None
+        if stopped_at is not None:
+            stopped.append(stopped_at)
+        return Measured(out.accuracy, pd.drop, pd.se, signal, stopped_at=stopped_at)
 
     float_cfg = space.uniform(FLOAT_BITS, FLOAT_BITS)
     cache = EvalCache(measure)
