@@ -6,13 +6,17 @@
 
 A checkpoint's ``model_args`` ({"arch": "resnet20", "shortcut": "B", "num_classes": 10}) rebuild
 its model through ``build_from_args``; the older form {"arch": "resnet", "depth": 20} still does.
-Every registered model declares its structure (models/structure.py).
+Every registered model declares its structure (models/structure.py); a model from outside the registry
+(``"arch": "torchvision:resnet18"`` or ``"path/file.py:build"``, models/outside.py) gets it from its traced graph.
 """
 from __future__ import annotations
+
+import json
 
 import torch.nn as nn
 
 from models.mobilenetv2 import MobileNetV2
+from models.outside import build_outside, is_outside
 from models.resnet import DEPTHS, SHORTCUTS, CifarResNet
 
 DEFAULT_ARCH = "resnet20"
@@ -49,6 +53,9 @@ def build_model(arch: str, shortcut: str | None = None, num_classes: int = 10) -
 def normalize_model_args(model_args: dict) -> dict:
     """Today's form of a checkpoint's model_args; accepts the pre-registry {"arch": "resnet", "depth": N}."""
     args = dict(model_args)
+    if is_outside(args.get("arch")):   # a model from outside the registry (models/outside.py): as recorded
+        return {"arch": args["arch"], "model_kwargs": dict(args.get("model_kwargs") or {}),
+                "num_classes": int(args["num_classes"]), "input_size": int(args["input_size"])}
     if args.get("arch", "resnet") == "resnet":
         args["arch"] = f"resnet{int(args.pop('depth', 20))}"
     args.pop("depth", None)
@@ -62,18 +69,25 @@ def normalize_model_args(model_args: dict) -> dict:
 
 def build_from_args(model_args: dict) -> nn.Module:
     a = normalize_model_args(model_args)
+    if is_outside(a["arch"]):
+        return build_outside(a["arch"], a["model_kwargs"], a["num_classes"], a["input_size"])
     return build_model(a["arch"], a.get("shortcut"), a["num_classes"])
 
 
 def describe(model_args: dict) -> str:
     """'resnet20 (shortcut B)' or 'mobilenetv2'."""
     a = normalize_model_args(model_args)
+    if is_outside(a["arch"]):
+        return f"{a['arch']} ({a['input_size']}x{a['input_size']}, structure from its traced graph)"
     return a["arch"] + (f" (shortcut {a['shortcut']})" if "shortcut" in a else "")
 
 
 def arch_flags(model_args: dict) -> str:
     """The command-line flags that select this architecture: '--arch resnet20 --shortcut B'."""
     a = normalize_model_args(model_args)
+    if is_outside(a["arch"]):
+        kw = f" --model-kwargs '{json.dumps(a['model_kwargs'])}'" if a["model_kwargs"] else ""
+        return f"--model {a['arch']}{kw} --input-size {a['input_size']} --num-classes {a['num_classes']}"
     return f"--arch {a['arch']}" + (f" --shortcut {a['shortcut']}" if "shortcut" in a else "")
 
 

@@ -92,6 +92,14 @@ class Segment:
     kernels: tuple[str, ...]
 
 
+DEFAULT_INPUT_SHAPE = (1, 3, 32, 32)
+
+
+def input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The shape of one image the model takes: a traced model records it; the registry's take 32x32."""
+    return tuple(getattr(model, "input_shape", DEFAULT_INPUT_SHAPE))
+
+
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Conv2d and Linear modules by name, in registration order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.structure import DEFAULT_TARGET, INPUT, check_target
+from models.structure import DEFAULT_TARGET, INPUT, check_target, input_shape as model_input_shape
 from quant.errors import UserError
 from quant.fold import fold_bias_elements
 from quant.widths import FLOAT_BITS, A, Space, W, narrows_tensors
@@ -58,7 +58,7 @@ class LayerInfo:
     out_elems: int  # output activation elements, per sample
 
 
-def layer_table(model: nn.Module, input_shape=(1, 3, 32, 32)) -> list[LayerInfo]:
+def layer_table(model: nn.Module, input_shape=None) -> list[LayerInfo]:
     """Measure every Conv2d/Linear from one real forward pass, so the table cannot drift from the model.
 
     Hooks record shapes as layers run, giving execution order and true spatial sizes (strides,
@@ -66,6 +66,7 @@ def layer_table(model: nn.Module, input_shape=(1, 3, 32, 32)) -> list[LayerInfo]
     activations and MACs but counts its weights once. Modules never called are left out.
     """
     records: dict[str, dict] = {}
+    input_shape = input_shape or model_input_shape(model)
 
     def hook_for(name):
         def hook(module, inputs, output):
@@ -160,11 +161,12 @@ def bitops(table: KernelTable, config: dict) -> int:
     return sum(macs[layer] * config[W, layer] * config[A, k.reads[0][0]] for k in table.kernels for layer, _ in k.weights)
 
 
-def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=(1, 3, 32, 32)) -> KernelTable:
+def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=None) -> KernelTable:
     """The declared kernels of `model` with element counts from a real forward pass (hooks on the
     tensors' Slots and on every Conv2d/Linear). `model` is the float model, before BN folding: the
     reference convention charges only the biases a layer has of its own."""
     check_target(target)
+    input_shape = input_shape or model_input_shape(model)
     if any(not isinstance(model.get_submodule(bn), nn.BatchNorm2d) for _, bn in model.conv_bn_pairs()):
         raise ValueError("kernel_table needs the model before BN folding")
     layers = layer_table(model, input_shape)

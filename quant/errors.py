@@ -1,6 +1,4 @@
-"""The one exception type for bad input a user can fix."""
+"""The one exception type for bad input a user can fix (defined in models/errors.py, the bottom layer)."""
+from models.errors import UserError
 
-
-class UserError(Exception):
-    """Bad input or environment: its text is a one-paragraph message saying what to do. The
-    command-line entry points print it as one paragraph and exit with code 2, never a traceback."""
+__all__ = ["UserError"]

@@ -5,6 +5,8 @@ configuration, and, with --trace, where the bytes go on the real tensors of the 
     python -m utils.ai_calculator --config my_widths.json --json
     python -m utils.ai_calculator --cost-model reference --w-bits 4           # the reference work's convention
     python -m utils.ai_calculator --trace --checkpoint pretrained/resnet20_cifar10jpeg_30ep.pt --config F --json
+    python -m utils.ai_calculator --model torchvision:mobilenet_v3_small --w-bits 4 --a-bits 4 --trace
+    python -m utils.ai_calculator --model path/to/net.py:build --model-kwargs '{"width": 2}' --input-size 64
 
 The cost models live in quant/cost.py; the trace in quant/trace.py. AI here is modelled, not measured.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models.structure import DEFAULT_TARGET, TARGETS
+from models.structure import DEFAULT_TARGET, TARGETS, input_shape
 from quant.recipe import Recipe
 from quant.calibrate import calibrate
 from quant.cost import COST_MODELS, DEFAULT_COST_MODEL, CostModel, KernelTable, kernel_table
@@ -53,6 +55,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(arch_names())} (default: the checkpoint's, else resnet20)")
     p.add_argument("--shortcut", default=None, choices=("A", "B"),
                    help="ResNets only: A = zero-pad identity, B = 1x1 conv projection (default: B)")
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="a model from outside the registry, its structure derived from its traced graph: "
+                        "torchvision:NAME (any torchvision classification builder) or path/to/file.py:FUNCTION "
+                        "(default: none; the registry's --arch)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="with --model: keyword arguments of its builder, a JSON object (default: none)")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="with --model: the image's height and width (default: 224 for torchvision, else 32)")
+    p.add_argument("--num-classes", type=_positive_int, default=None,
+                   help="with --model: classes of its classifier (default: the builder's)")
     p.add_argument("--checkpoint", default=None,
                    help="a float checkpoint: its architecture, and with --trace its weights (default: none; random "
                         "weights)")
@@ -85,7 +97,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _model(opts):
     from models import build_model
+    from models.outside import build_outside, parse_kwargs
     from utils.checkpoint import load_model
+    if opts.model is not None:
+        if opts.arch or opts.shortcut or opts.checkpoint:
+            raise UserError("--model names a model from outside the registry; it takes no --arch, --shortcut or "
+                            "--checkpoint (its weights are the builder's seeded random ones).")
+        model = build_outside(opts.model, parse_kwargs(opts.model_kwargs), opts.num_classes, opts.input_size)
+        return model.eval(), model.model_args
+    if opts.model_kwargs or opts.input_size or opts.num_classes:
+        raise UserError("--model-kwargs, --input-size and --num-classes go with --model (a model from outside "
+                        "the registry); the registry's models take 32x32 images and --arch.")
     if opts.checkpoint:
         model, meta = load_model(opts.checkpoint, opts.arch, opts.shortcut, require_finished=False)
         return model, meta["model_args"]
@@ -94,6 +116,10 @@ def _model(opts):
     except ValueError as e:
         raise UserError(f"{e}.") from None
     return model.eval(), model.model_args
+
+
+def _images(n: int, shape, g) -> torch.Tensor:
+    return torch.randn(n, *shape[1:], generator=g)
 
 
 def _ranges(opts, folded, target, widths) -> tuple[dict, str]:
@@ -113,7 +139,7 @@ def _ranges(opts, folded, target, widths) -> tuple[dict, str]:
             raise UserError(f"--ranges {path} holds no calibrated range for tensor {missing[0]!r} at {missing[1]} bits; "
                             f"calibrate it with stage 2's --a-bits, or pass --ranges random.")
     g = torch.Generator().manual_seed(TRACE_SEED)
-    batches = [torch.randn(TRACE_CALIB_IMAGES, 3, 32, 32, generator=g)]
+    batches = [_images(TRACE_CALIB_IMAGES, input_shape(folded), g)]
     return calibrate(folded, target, batches, {b for _, b in widths}), "ranges calibrated on seeded random images"
 
 
@@ -137,7 +163,7 @@ def calculate(opts: CalculatorOptions):
         widths = {(n, b) for (k, n), b in config.items() if k == A and b != FLOAT_BITS}
         ranges, source = _ranges(opts, folded, opts.target, widths)
         quantize_(folded, config, ranges, opts.target, **Recipe.for_target(opts.target).weight_kwargs())
-        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(TRACE_SEED))
+        x = _images(1, input_shape(folded), torch.Generator().manual_seed(TRACE_SEED))
         tr = trace(folded, opts.target, {n: b for (k, n), b in config.items() if k == W}, x)
         tr.update(cost_model=cm.name, model_args=model_args, ranges=source,
                   charged_bytes=cost["bytes"] / cm.batch_size if cm.prices_tensors else None)

@@ -41,6 +41,7 @@ fine-tuned checkpoint (utils.qat) exports its own learned weights and scales.
 from __future__ import annotations
 
 import collections
+import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -144,9 +145,11 @@ def round_up_quantized_(model: nn.Module, target: str, changed: dict, weight_ran
 
 # ---------------------------------------------------------------- the graph
 class _Tracer(fx.Tracer):
-    """Leaves: layers, Slots, the residual add and the pad shortcut (everything else is traced through)."""
+    """Leaves: layers, Slots, the residual add, the pad shortcut and the modules with a translation below
+    (everything else, a traced model's ``Op`` modules included, is traced through)."""
 
-    LEAVES = (nn.Conv2d, nn.Linear, Slot, Add, nn.Identity, nn.ReLU, nn.AdaptiveAvgPool2d)
+    LEAVES = (nn.Conv2d, nn.Linear, Slot, Add, nn.Identity, nn.ReLU, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Dropout,
+              nn.Flatten, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid)
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, self.LEAVES) or (PadShortcut and isinstance(m, PadShortcut))
@@ -329,6 +332,27 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
                 vals[node] = x
             elif isinstance(m, nn.ReLU):
                 vals[node] = _Value(g.node("Relu", [as_float(x)], f"{node.target}.relu"))
+            elif isinstance(m, nn.Dropout):
+                vals[node] = x   # eval mode: the identity
+            elif isinstance(m, nn.Hardswish):   # x * HardSigmoid(x): ONNX's HardSwish needs opset 14
+                xf = as_float(x)
+                hs = g.node("HardSigmoid", [xf], f"{node.target}.hardsigmoid", alpha=1 / 6, beta=0.5)
+                vals[node] = _Value(g.node("Mul", [xf, hs], f"{node.target}.hardswish"))
+            elif type(m) in ELEMENTWISE:
+                op, attrs = ELEMENTWISE[type(m)]
+                vals[node] = _Value(g.node(op, [as_float(x)] + [g.init(f"{node.target}.{k}", np.array(v, np.float32))
+                                                               for k, v in attrs.get("inputs", {}).items()],
+                                           f"{node.target}.{op.lower()}", **attrs.get("attrs", {})))
+            elif isinstance(m, nn.Flatten):
+                if m.start_dim != 1 or m.end_dim != -1:
+                    raise UserError(f"cannot export {node.target}: flatten other than from dimension 1")
+                vals[node] = _Value(g.node("Flatten", [x.name], node.target, axis=1), x.q)
+            elif isinstance(m, nn.MaxPool2d):
+                if m.dilation not in (1, (1, 1)) or m.ceil_mode:
+                    raise UserError(f"cannot export {node.target}: max pooling with dilation or ceil_mode")
+                k, st, pd = (list(_pair(v)) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
+                vals[node] = _Value(g.node("MaxPool", [as_float(x)], node.target, kernel_shape=k, strides=st,
+                                           pads=pd + pd))
             elif isinstance(m, nn.Conv2d):
                 if m.padding_mode != "zeros" or isinstance(m.padding, str):
                     raise UserError(f"cannot export conv {node.target}: padding {m.padding!r}/{m.padding_mode}")
@@ -379,9 +403,15 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
                     vals[node] = _Value(g.node("Flatten", [v.name], node.name, axis=1), v.q, users[0].target)
                 else:
                     vals[node] = _Value(g.node("Flatten", [x.name], node.name, axis=1), x.q)
-            elif node.target in (torch.add, __import__("operator").add):
+            elif node.target in (torch.add, operator.add, operator.iadd, torch.mul, operator.mul):
                 a, b = vals[node.args[0]], vals[node.args[1]]
-                vals[node] = _Value(g.node("Add", [as_float(a), as_float(b)], node.name))
+                op = "Add" if node.target in (torch.add, operator.add, operator.iadd) else "Mul"
+                vals[node] = _Value(g.node(op, [as_float(a), as_float(b)], node.name))
+            elif node.target is F.adaptive_avg_pool2d and tuple(_pair(node.args[1])) == (1, 1):
+                vals[node] = _Value(g.node("GlobalAveragePool", [as_float(x)], node.name))
+            elif node.target in (torch.cat, torch.concat):
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                vals[node] = _Value(g.node("Concat", [as_float(vals[a]) for a in node.args[0]], node.name, axis=dim))
             else:
                 raise UserError(f"cannot export {type(model).__name__}: the operation {node.target} has no ONNX "
                                 f"translation here")
@@ -399,6 +429,15 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
     proto.metadata_props.add(key="float_layers_reading_quantized_tensors", value=",".join(g.float_after_dq))
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# module -> (ONNX op, constant inputs and attributes), run in float on the dequantized input
+ELEMENTWISE = {nn.ReLU6: ("Clip", {"inputs": {"min": 0.0, "max": 6.0}}),
+               nn.Hardsigmoid: ("HardSigmoid", {"attrs": {"alpha": 1 / 6, "beta": 0.5}}), nn.Sigmoid: ("Sigmoid", {})}
 
 
 # ---------------------------------------------------------------- building what is exported

@@ -228,6 +228,10 @@ class CalculatorOptions(Options):
     """python -m utils.ai_calculator: the cost of one configuration, without data."""
     arch: str | None = None
     shortcut: str | None = None
+    model: str | None = None
+    model_kwargs: str | None = None
+    input_size: int | None = None
+    num_classes: int | None = None
     checkpoint: Path | None = None
     w_bits: int | None = None
     a_bits: int = FLOAT_BITS

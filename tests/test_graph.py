@@ -1,0 +1,286 @@
+"""Structure derived from the traced graph (models/graph.py) and models from outside the registry
+(models/outside.py): the hand declarations are the test data, torchvision networks go through the cost model
+and the trace, and what the rules do not cover is a clear error."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import ARCHS, build_from_args, build_model
+from models.graph import trace_model
+from models.outside import build_outside
+from models.resnet import SHORTCUTS
+from models.structure import TARGETS, check_structure
+from quant.calibrate import calibrate
+from quant.cost import CostModel, kernel_table
+from quant.errors import UserError
+from quant.fold import fold_bn
+from quant.place import quantize_
+from quant.trace import trace
+from quant.widths import FLOAT_BITS, A, W
+from test_ai_calculator import _randomize_bn
+from utils import ai_calculator
+
+REGISTRY = [(a, s) for a in ARCHS for s in (SHORTCUTS if a.startswith("resnet") else (None,))]
+FUSED, REFERENCE = CostModel.named("fused"), CostModel.named("reference")
+
+
+def _kernel_view(kernels):
+    return [(k.name, k.layers, k.reads, k.writes, sorted(k.ops)) for k in kernels]
+
+
+@pytest.mark.parametrize("arch,shortcut", REGISTRY, ids=[f"{a}{s or ''}" for a, s in REGISTRY])
+def test_derived_structure_equals_the_declared_one(arch, shortcut):
+    """Every registry model under both targets: the kernels (layers, reads with their fractions, writes, ops), the
+    tensors (names, Slots, signs, order) and the conv-BN pairs derived from the traced graph are the declared ones;
+    every declared segment boundary is a derived one; forward and the segments in order compute the model's output."""
+    model = _randomize_bn(build_model(arch, shortcut), 1)
+    derived = trace_model(model)
+    for target in TARGETS:
+        check_structure(derived, target)
+        assert _kernel_view(derived.kernels(target)) == _kernel_view(model.kernels(target))
+        assert derived.tensors(target) == model.tensors(target)
+        ends = {s.kernels[-1] for s in derived.segments(target)}
+        assert {s.kernels[-1] for s in model.segments(target)} <= ends
+    assert set(derived.conv_bn_pairs()) == set(model.conv_bn_pairs())
+    assert derived.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = x
+        for seg in derived.segments("generic"):
+            y = seg.fn(y)
+        assert torch.equal(derived(x), model(x)) and torch.equal(y, model(x))
+
+
+@pytest.mark.parametrize("arch,shortcut", [("resnet20", "A"), ("resnet20", "B"), ("mobilenetv2", None)])
+def test_derived_and_declared_models_cost_the_same(arch, shortcut):
+    """The same fused and reference AI for random mixed configurations, under both targets."""
+    model = build_model(arch, shortcut)
+    derived = trace_model(model)
+    rng = np.random.default_rng(3)
+    for target in TARGETS:
+        a, b = kernel_table(model, target), kernel_table(derived, target)
+        assert a.elements == b.elements and a.weights == b.weights and a.kernels == b.kernels
+        for _ in range(20):
+            cfg = a.space.full({g: int(rng.choice([2, 3, 4, 6, 8, 32])) for g in a.space.groups})
+            assert FUSED.ai(a, cfg) == FUSED.ai(b, cfg)
+        w_only = a.space.full({g: int(rng.choice([4, 8, 32])) if g[0] == W else FLOAT_BITS for g in a.space.groups})
+        assert REFERENCE.ai(a, w_only) == REFERENCE.ai(b, w_only)
+
+
+def test_traced_model_copies_folds_and_quantizes_like_a_declared_one():
+    """A deep copy keeps the derived structure; BN folding and placement act on the rewritten graph (a quantizer
+    in a Slot changes what forward and the segments compute)."""
+    derived = trace_model(_randomize_bn(build_model("resnet8", "A"), 2))
+    copy = fold_bn(derived)
+    assert copy.kernels("ort-cpu") == derived.kernels("ort-cpu") and copy.conv_bn_pairs() == derived.conv_bn_pairs()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(copy(x), derived(x), atol=1e-4)
+        table = kernel_table(derived)
+        ranges = calibrate(copy, "generic", [x], [4])
+        before = copy(x)
+        quantize_(copy, table.space.uniform(8, 4), ranges, "generic")
+        after = copy(x)
+        y = x
+        for seg in copy.segments("generic"):
+            y = seg.fn(y)
+    assert not torch.equal(before, after) and torch.equal(y, after)
+
+
+def _trace_chain(model, target, size, seed=0, widths=(4, 8, 32)):
+    model = _randomize_bn(model, seed)
+    table = kernel_table(model, target)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    folded = fold_bn(model)
+    g = torch.Generator().manual_seed(seed)
+    ranges = calibrate(folded, target, [torch.randn(4, 3, size, size, generator=g)], [b for b in widths if b != 32])
+    rng = np.random.default_rng(seed)
+    cfg = table.space.full({grp: int(rng.choice(widths)) for grp in table.space.groups})
+    quantize_(folded, cfg, ranges, target)
+    tr = trace(folded, target, {n: b for (k, n), b in cfg.items() if k == W}, torch.randn(1, 3, size, size, generator=g))
+    return table, cfg, tr, fc.get_total_flops()
+
+
+@pytest.mark.parametrize("name,target", [("resnet18", "generic"), ("mobilenet_v2", "ort-cpu"),
+                                         ("mobilenet_v3_small", "generic"), ("mobilenet_v3_small", "ort-cpu")])
+def test_torchvision_networks_through_the_cost_model_and_the_trace(name, target):
+    """Random weights, a random mixed configuration: what is charged is what the simulated network reads and writes,
+    each kernel's reads are the derived ones, nothing reads a tensor undeclared, quantized tensors hold at most
+    2^bits values, and FLOPs are what torch's FlopCounterMode counts (squeeze-excitation's scaling counts zero)."""
+    model = build_outside(f"torchvision:{name}", num_classes=10, input_size=32)
+    check_structure(model, target)
+    table, cfg, tr, counted = _trace_chain(model, target, 32)
+    cost = FUSED.cost(table, cfg)
+    assert tr["total_bytes"] == cost["bytes"] and tr["total_flops"] == cost["flops"] == counted
+    assert tr["undeclared_reads"] == []
+    declared = {k.name: sorted((r.tensor, int(table.elements[r.tensor] * r.fraction)) for r in k.reads)
+                for k in model.kernels(target)}
+    assert {k["name"]: sorted((r["tensor"], r["elements"]) for r in k["reads"]) for k in tr["kernels"]} == declared
+    for k in tr["kernels"]:
+        for r in k["reads"] + k["writes"]:
+            assert r["bits"] == cfg[A, r["tensor"]]
+            assert r["bits"] == FLOAT_BITS or r["distinct"] <= 2 ** r["bits"]
+    if name == "mobilenet_v3_small":   # squeeze-excitation: pooled, two 1x1 convs, the product its own kernel
+        se = [k for k in model.kernels(target) if k.name.endswith(".mul")]
+        assert se and all(len(k.reads) == 2 and not k.layers for k in se)
+
+
+def test_fusion_rules_on_a_torchvision_resnet():
+    """torchvision's ResNet-18 under generic: each block's add fused into its second conv (the deeper input), the
+    1x1 stride-2 downsample its own kernel reading a quarter of the block input, the max-pool its own kernel;
+    under ort-cpu every add is a kernel of its own whose tensor cannot be negative (ReLU after it)."""
+    model = build_outside("torchvision:resnet18", num_classes=10, input_size=32)
+    k = {x.name: x for x in model.kernels("generic")}
+    assert [r.tensor for r in k["layer2.0.conv2"].reads] == ["layer2.0.conv1", "layer2.0.downsample.0"]
+    assert k["layer2.0.downsample.0"].reads[0].fraction == 0.25
+    assert k["layer1.0.conv2"].reads[1].tensor == "maxpool" and k["maxpool"].reads[0].tensor == "conv1"
+    ort = {x.name: x for x in model.kernels("ort-cpu")}
+    signed = {t.name: t.signed for t in model.tensors("ort-cpu")}
+    assert "layer1.0.add" in ort and not signed["layer1.0.add"] and signed["layer1.0.conv2"]
+    assert ("layer1.0.conv1", "layer1.0.bn1") in model.conv_bn_pairs()
+
+
+class _PreActivation(nn.Module):   # BN in front of the conv: nothing to fold it into
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.conv2(F.relu(self.bn(F.relu(self.conv(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _Sorts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return torch.sort(self.conv(x).flatten(1), dim=1).values[:, :10]
+
+
+class _Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.conv(x)).mean((2, 3))
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else x
+
+
+@pytest.mark.parametrize("model,words", [
+    (_PreActivation(), ["BatchNorm2d", "'bn'", "follow a conv"]),
+    (_Sorts(), ["sort", "node 'sort'", "Replace the op"]),
+    (_Reused(), ["'conv'", "called twice"]),
+    (_Branches(), ["torch.fx cannot trace", "control flow"]),
+])
+def test_ops_the_rules_do_not_cover_are_named(model, words):
+    """An op the fusion rules do not cover, a module called twice or untraceable control flow: a UserError that
+    names the op, its node and where it sits; nothing is priced by guess."""
+    with pytest.raises(UserError) as e:
+        trace_model(model)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_user_file_model_rebuilds_from_its_model_args(tmp_path):
+    """`path/file.py:function` with keyword arguments: traced, recorded in model_args, rebuilt by build_from_args
+    to the same structure and the same seeded weights; bad specs are clear errors."""
+    f = tmp_path / "net.py"
+    f.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def build(width=4, num_classes=10):
+            return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                 nn.Conv2d(width, width, 3, stride=2, padding=1, groups=width), nn.BatchNorm2d(width),
+                                 nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+    """))
+    m = build_outside(f"{f}:build", {"width": 6}, num_classes=5, input_size=16)
+    assert m.model_args == {"arch": f"{f}:build", "model_kwargs": {"width": 6}, "num_classes": 5, "input_size": 16}
+    again = build_from_args(m.model_args)
+    assert again.kernels() == m.kernels() and all(torch.equal(a, b) for a, b in
+                                                  zip(again.state_dict().values(), m.state_dict().values()))
+    assert [k.name for k in m.kernels()] == ["0", "3", "6", "8"] and m.conv_bn_pairs() == [("0", "1"), ("3", "4")]
+    assert kernel_table(m).elements["input"] == 3 * 16 * 16
+    signed = {t.name: t.signed for t in m.tensors()}
+    assert signed == {"input": True, "0": False, "3": True, "6": True, "8": True}   # Hardswish can be negative
+    for spec, words in [(f"{tmp_path}/none.py:build", "is missing"), (f"{f}:nothing", "no function 'nothing'"),
+                        ("torchvision:nope", "no classification model 'nope'")]:
+        with pytest.raises(UserError, match=words):
+            build_outside(spec)
+    with pytest.raises(UserError, match="refused the arguments"):
+        build_outside(f"{f}:build", {"depth": 3})
+
+
+def test_calculator_prices_a_torchvision_model(capsys):
+    """python -m utils.ai_calculator --model: the JSON's AI is the cost model's on the derived table; --trace
+    charges what it simulates; flags that belong to the registry or to --model alone exit 2 with one paragraph."""
+    args = ["--model", "torchvision:mobilenet_v3_small", "--input-size", "32", "--num-classes", "10",
+            "--w-bits", "8", "--a-bits", "8"]
+    assert ai_calculator.cli(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = build_outside("torchvision:mobilenet_v3_small", num_classes=10, input_size=32)
+    table = kernel_table(model)
+    assert out["ai"] == FUSED.ai(table, table.space.uniform(8, 8)) and out["model_args"] == model.model_args
+    assert ai_calculator.cli(args + ["--trace", "--json", "--ranges", "random"]) == 0
+    tr = json.loads(capsys.readouterr().out)
+    assert tr["total_bytes"] == tr["charged_bytes"] == out["bytes"]
+    for bad in (["--model", "torchvision:resnet18", "--arch", "resnet20"], ["--input-size", "64"],
+                ["--model", "torchvision:resnet18", "--model-kwargs", "{not json"]):
+        assert ai_calculator.cli(bad) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err
+
+
+def _outside_checkpoint(path, spec):
+    from utils.checkpoint import save_checkpoint
+    m = build_outside(spec, num_classes=10, input_size=32)
+    if spec.endswith("mobilenet_v3_small"):   # at BN's init its squeeze-excitation saturates: every logit ties
+        _randomize_bn(m, 0)
+    save_checkpoint(path, {"model_args": m.model_args, "model": m.state_dict(), "finished": True})
+    return m
+
+
+@pytest.mark.parametrize("spec", ["torchvision:mobilenet_v3_small", "torchvision:resnet18"])
+def test_outside_model_through_stages_2_3_and_the_export(tmp_path, spec):
+    """A torchvision network's checkpoint (random weights, synthetic data) through a quick stage 2 (8 and 4 bits,
+    nearest rounding) and stage 3, and its W8A8 export, on which ONNX Runtime agrees with the fake-quant model;
+    the stage-2 table is the derived one."""
+    from conftest import run_script
+    from utils import export
+    ckpt = tmp_path / "m.pt"
+    model = _outside_checkpoint(ckpt, spec)
+    common = ["--checkpoint", ckpt, "--dataset", "synthetic", "--quick", "--device", "cpu",
+              "--results-dir", tmp_path, "--checkpoint-dir", tmp_path]
+    if spec.endswith("mobilenet_v3_small"):
+        run_script("2_per_layer_analysis.py", *common, "--bits", "8", "4", "--ptq", "nearest",
+                   "--stats-correction", "none")
+        run_script("3_greedy_search.py", *common)
+        r2 = json.loads((tmp_path / "02_per_layer.json").read_text())
+        r3 = json.loads((tmp_path / "03_search.json").read_text())
+        assert r2["model_args"] == model.model_args and r3["model_args"] == model.model_args
+        assert {e["name"] for e in r2["layers"]} == set(kernel_table(model).weights)
+    out = tmp_path / "m.onnx"
+    assert export.main([*map(str, common), "--onnx", str(out), "--w-bits", "8", "--a-bits", "8", "--ptq", "nearest",
+                        "--stats-correction", "none", "--check-images", "16"]) == 0
+    assert out.stat().st_size > 0
