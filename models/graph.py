@@ -23,8 +23,8 @@ they see convolutions. Then, under a target's fusion rules:
   unless the op that writes it is a ReLU, ReLU6, sigmoid or hard sigmoid, or it is pooled, added, multiplied or
   concatenated from tensors that cannot be.
 * **Reads.** A kernel reads the tensors its ops take from outside it, through slicing, padding and reshapes; it
-  is charged the elements it uses (``models.structure.strided_fraction`` for a convolution's windows, the
-  share a slice keeps).
+  is charged the elements it uses (``models.structure.conv_read_fraction``: the rows and columns a
+  convolution's windows touch at its input's size; the share a slice keeps).
 * **Segments** end where exactly one tensor is live (after a block), so running them in order is ``forward``; a
   segment without weight layers joins the next one.
 
@@ -46,7 +46,7 @@ from torch.fx.node import map_aggregate, map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
 from models.structure import (DEFAULT_TARGET, INPUT, TARGETS, Add, Kernel, Read, Segment, Slot, Tensor, check_target,
-                              strided_fraction)
+                              conv_read_fraction)
 from models.errors import UserError
 
 UNSIGNED_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid)
@@ -399,8 +399,9 @@ class _Analysis:
                     frac *= self._view_fraction(a, src)
                     views.append(a)
                     a = src
-                if self._is_conv(n):
-                    frac *= strided_fraction(self.modules[n.target])
+                if self._is_conv(n):   # the rows and columns its windows touch, at this input's size
+                    spatial = tuple(n.all_input_nodes[0].meta["tensor_meta"].shape[2:])
+                    frac *= conv_read_fraction(self.modules[n.target], spatial)
                 ops += [v.target for v in views if v.op == "call_module" and v.target not in ops]
                 reads.append(Read(self.tails[a], frac))
         return reads, ops

@@ -56,6 +56,22 @@ class Read:
     fraction: float = 1.0   # the share of the tensor's elements the kernel reads (shortcut A: 1/4)
 
 
+def covered(n: int, k: int, s: int, p: int, d: int) -> list[int]:
+    """Input positions (0..n-1) along one axis that some window of a convolution touches (kernel k, stride s,
+    padding p, dilation d): what it reads, as the trace measures it (quant/trace.py)."""
+    out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return sorted({o * s - p + j * d for o in range(out) for j in range(k)} & set(range(n)))
+
+
+def conv_read_fraction(conv: nn.Conv2d, spatial: tuple[int, ...]) -> float:
+    """The share of an input of spatial size `spatial` that `conv` uses, exactly (a size its windows do not
+    fit leaves the last rows or columns unread); the traced-graph structure charges this."""
+    f = 1.0
+    for n, k, s, p, d in zip(spatial, conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        f *= len(covered(n, k, s, p, d)) / n
+    return f
+
+
 def strided_fraction(conv: nn.Conv2d) -> float:
     """The share of its input's elements a convolution uses: a kernel is charged the elements it uses. Where the
     kernel is narrower than the stride (a 1x1 stride-2 projection) each spatial axis uses k / s of its positions

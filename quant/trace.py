@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from models.structure import Slot
+from models.structure import Slot, covered
 from quant.cost import BIAS_BYTES
 from quant.widths import FLOAT_BITS
 
@@ -29,17 +29,11 @@ def _is_reader(m: nn.Module) -> bool:
     return not isinstance(m, _PASS_THROUGH) and not any(True for _ in m.children())
 
 
-def _covered(n: int, k: int, s: int, p: int, d: int) -> list[int]:
-    """Input positions (0..n-1) along one axis that some window of a convolution touches."""
-    out = (n + 2 * p - d * (k - 1) - 1) // s + 1
-    return sorted({o * s - p + j * d for o in range(out) for j in range(k)} & set(range(n)))
-
-
 def conv_read_view(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The elements of `x` that `conv` uses: those under at least one of its windows (a 1x1 stride-2
     convolution uses every other row and column)."""
     for axis, (k, s, p, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation)):
-        idx = torch.tensor(_covered(x.shape[2 + axis], k, s, p, d), device=x.device)
+        idx = torch.tensor(covered(x.shape[2 + axis], k, s, p, d), device=x.device)
         x = x.index_select(2 + axis, idx)
     return x
 

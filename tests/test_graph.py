@@ -284,3 +284,15 @@ def test_outside_model_through_stages_2_3_and_the_export(tmp_path, spec):
     assert export.main([*map(str, common), "--onnx", str(out), "--w-bits", "8", "--a-bits", "8", "--ptq", "nearest",
                         "--stats-correction", "none", "--check-images", "16"]) == 0
     assert out.stat().st_size > 0
+
+
+def test_a_conv_whose_windows_do_not_fit_is_charged_what_it_reads():
+    """A 3x3 stride-2 conv without padding on 32x32 reads rows and columns 0..30 (31 of 32): the derived read
+    charges exactly that, and the trace of the real tensor measures the same."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Conv2d(4, 4, 1, stride=2), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    model = trace_model(net)
+    table, cfg, tr, _ = _trace_chain(model, "generic", 32)
+    assert table.kernels[0].reads == (("input", 3 * 31 * 31),)
+    assert table.kernels[1].reads == (("0", 4 * 8 * 8),)   # 1x1 stride 2 on 15x15: rows 0, 2, ..., 14
+    assert tr["total_bytes"] == FUSED.cost(table, cfg)["bytes"]
