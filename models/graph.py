@@ -113,6 +113,7 @@ class _Structure:
     kernels: tuple[Kernel, ...]
     tensors: tuple[Tensor, ...]
     segments: tuple[tuple[str, tuple[str, ...], tuple[str, ...], str | None], ...]   # (name, nodes, kernels, result)
+    pairs: tuple[tuple[str, str], ...]   # (conv, BN) in kernel order
 
 
 class TracedModel(fx.GraphModule):
@@ -449,10 +450,9 @@ class _Analysis:
                                 f"conv directly). Supported: {SUPPORTED}.")
 
 
-def _kernel_order(an: _Analysis) -> list:
-    """Kernels in dependency order (a kernel after the kernels whose tensors it reads), ties in the order forward
-    writes their tensors."""
-    reads = {a: {r.tensor for r in an.reads(a)[0]} for a in an.chains}
+def _kernel_order(an: _Analysis, reads: dict) -> list:
+    """Kernels in dependency order (a kernel after the kernels whose tensors it reads: `reads`, anchor -> tensor
+    names), ties in the order forward writes their tensors."""
     name = {a: an.tails[ch[-1]] for a, ch in an.chains.items()}
     done, order, todo = {INPUT}, [], sorted(an.chains, key=lambda a: an.index[an.chains[a][-1]])
     while todo:
@@ -467,18 +467,20 @@ def _kernel_order(an: _Analysis) -> list:
 
 def _structure(an: _Analysis) -> _Structure:
     an.covered()
-    order = _kernel_order(an)
+    reads = {a: an.reads(a) for a in an.chains}
+    order = _kernel_order(an, {a: {r.tensor for r in rs} for a, (rs, _) in reads.items()})
     kernels = []
     for a in order:
         chain = an.chains[a]
-        reads, ops = an.reads(a)
         layers = tuple(n.target for n in chain if an.kind[n] == "weight")
-        kernels.append(Kernel(an.tails[chain[-1]], layers, tuple(reads), an.tails[chain[-1]], tuple(ops)))
+        kernels.append(Kernel(an.tails[chain[-1]], layers, tuple(reads[a][0]), an.tails[chain[-1]], tuple(reads[a][1])))
     unsigned = an.unsigned()
     tails = {name: node for node, name in an.tails.items()}
     tensors = [Tensor(INPUT, tails[INPUT].target, True)]
     tensors += [Tensor(k.writes, tails[k.writes].target, not unsigned[tails[k.writes]]) for k in kernels]
-    return _Structure(tuple(kernels), tuple(tensors), _segments(an, kernels))
+    pairs = tuple((a.target, an.chains[a][1].target) for a in order
+                  if len(an.chains[a]) > 1 and an.kind[an.chains[a][1]] == "bn")   # in kernel order
+    return _Structure(tuple(kernels), tuple(tensors), _segments(an, kernels), pairs)
 
 
 def _segments(an: _Analysis, kernels: list[Kernel]) -> tuple:
@@ -572,9 +574,7 @@ def trace_model(model: nn.Module, input_shape=(1, 3, 32, 32), model_args: dict |
     _modulize(gm)
     _insert_slots(gm, [_Analysis(gm, t) for t in TARGETS])
     gm.aiqs_structure = {t: _structure(_Analysis(gm, t)) for t in TARGETS}
-    an = _Analysis(gm, DEFAULT_TARGET)
-    gm.aiqs_pairs = tuple((a.target, ch[1].target) for a, ch in ((a, an.chains[a]) for a in _kernel_order(an))
-                          if len(ch) > 1 and an.kind[ch[1]] == "bn")   # in kernel order
+    gm.aiqs_pairs = gm.aiqs_structure[DEFAULT_TARGET].pairs
     gm.model_args = dict(model_args if model_args is not None else getattr(model, "model_args", {}))
     gm.input_shape = tuple(input_shape)
     return gm.train(model.training)

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import arch_names, build_model
 from models.resnet import CifarResNet, resnet20
-from models.structure import INPUT, TARGETS, Read, quantizable_layers
+from models.structure import INPUT, TARGETS, Read, input_shape, quantizable_layers
 from quant.calibrate import calibrate
 from quant.cost import DEVICES, CostModel, attainable_flops, kernel_table, layer_table, ridge_point
 from quant.fold import fold_bn
@@ -306,15 +306,23 @@ def _randomize_bn(model, seed):
 
 def _traced(arch, shortcut, target, seed, widths=(2, 3, 4, 6, 8, 32)):
     torch.manual_seed(seed)
-    model = _randomize_bn(build_model(arch, shortcut), seed)
+    return trace_random_config(build_model(arch, shortcut), target, seed, widths)
+
+
+def trace_random_config(model, target, seed, widths, calib_images=8):
+    """(kernel table, a random configuration of `widths`, the quantized model, its trace of one random image):
+    `model`'s BN statistics randomized, ranges calibrated on seeded random images of its input size."""
+    model = _randomize_bn(model, seed)
+    shape = input_shape(model)
     table = kernel_table(model, target)
     folded = fold_bn(model)
     g = torch.Generator().manual_seed(seed)
-    ranges = calibrate(folded, target, [torch.randn(8, 3, 32, 32, generator=g)], [b for b in widths if b != 32])
+    ranges = calibrate(folded, target, [torch.randn(calib_images, *shape[1:], generator=g)],
+                       [b for b in widths if b != 32])
     rng = np.random.default_rng(seed)
     cfg = table.space.full({grp: int(rng.choice(widths)) for grp in table.space.groups})
     quantize_(folded, cfg, ranges, target)
-    tr = trace(folded, target, {n: b for (k, n), b in cfg.items() if k == W}, torch.randn(1, 3, 32, 32, generator=g))
+    tr = trace(folded, target, {n: b for (k, n), b in cfg.items() if k == W}, torch.randn(1, *shape[1:], generator=g))
     return table, cfg, folded, tr
 
 

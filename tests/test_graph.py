@@ -23,9 +23,8 @@ from quant.cost import CostModel, kernel_table
 from quant.errors import UserError
 from quant.fold import fold_bn
 from quant.place import quantize_
-from quant.trace import trace
 from quant.widths import FLOAT_BITS, A, W
-from test_ai_calculator import _randomize_bn
+from test_ai_calculator import _randomize_bn, trace_random_config
 from utils import ai_calculator
 
 REGISTRY = [(a, s) for a in ARCHS for s in (SHORTCUTS if a.startswith("resnet") else (None,))]
@@ -96,17 +95,10 @@ def test_traced_model_copies_folds_and_quantizes_like_a_declared_one():
 
 
 def _trace_chain(model, target, size, seed=0, widths=(4, 8, 32)):
-    model = _randomize_bn(model, seed)
-    table = kernel_table(model, target)
+    """trace_random_config (tests/test_ai_calculator.py) plus the FLOPs torch's FlopCounterMode counts."""
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(torch.zeros(1, 3, size, size))
-    folded = fold_bn(model)
-    g = torch.Generator().manual_seed(seed)
-    ranges = calibrate(folded, target, [torch.randn(4, 3, size, size, generator=g)], [b for b in widths if b != 32])
-    rng = np.random.default_rng(seed)
-    cfg = table.space.full({grp: int(rng.choice(widths)) for grp in table.space.groups})
-    quantize_(folded, cfg, ranges, target)
-    tr = trace(folded, target, {n: b for (k, n), b in cfg.items() if k == W}, torch.randn(1, 3, size, size, generator=g))
+        model.eval()(torch.zeros(1, 3, size, size))
+    table, cfg, _, tr = trace_random_config(model, target, seed, widths, calib_images=4)
     return table, cfg, tr, fc.get_total_flops()
 
 
