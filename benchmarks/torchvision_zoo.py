@@ -39,6 +39,9 @@ def get_args_parser():
     p.add_argument("--input-size", type=int, default=224, help="image height and width (default: 224)")
     p.add_argument("--trace", action="store_true", help="also trace one W8A8 image per model (default: off)")
     p.add_argument("--models", nargs="+", default=None, help="only these names (default: all classifiers)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the models --out already holds (made with the same --input-size and --trace) and "
+                        "run only the others (default: start afresh)")
     return p
 
 
@@ -67,12 +70,25 @@ def one(name: str, size: int, with_trace: bool) -> dict:
     return row
 
 
+def previous_rows(args) -> list:
+    """The rows of an earlier run into ``--out``, refused if it measured something else."""
+    if not args.out.exists():
+        return []
+    old = json.loads(args.out.read_text())
+    if old.get("input_size") != args.input_size or old["provenance"]["args"].get("trace") != args.trace:
+        raise SystemExit(f"error: {args.out} was made with --input-size {old.get('input_size')} and "
+                         f"--trace {old['provenance']['args'].get('trace')}; --resume needs the same options. "
+                         "Choose another --out or drop --resume.")
+    return old["models"]
+
+
 def main(args):
     import torchvision
     torch.set_num_threads(1)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    rows = []
-    for name in tqdm(names, desc="torchvision classifiers"):
+    rows = previous_rows(args) if args.resume else []
+    done = {r["name"] for r in rows}
+    for name in tqdm([n for n in names if n not in done], desc="torchvision classifiers"):
         rows.append(one(name, args.input_size, args.trace))
         out = {"benchmark": "torchvision_zoo", "input_size": args.input_size, "cost_model": "fused, generic, batch 1",
                "modelled": True, "models": rows, "provenance": provenance(vars(args), "cpu")}

@@ -17,8 +17,9 @@ they see convolutions. Then, under a target's fusion rules:
   dropout, and Slots. Under ``generic`` (TensorRT's usual fusion) a residual add is fused into the convolution
   that writes one of its inputs, when that output has no other user: the deeper one (more weight layers on its
   longest path from the image; a tie goes to the later one), so a projection shortcut stays its own kernel.
-  Under ``ort-cpu`` every add is its own kernel. Kernels run in dependency order, ties in the order forward
-  writes their tensors.
+  Under ``ort-cpu`` every add is its own kernel, and so is every slice and pad (ONNX Runtime materializes what
+  Slice and Pad write); a slice or pad that does nothing else writes a copy that ``follows`` the tensor it
+  reads (no width of its own). Kernels run in dependency order, ties in the order forward writes their tensors.
 * **Tensors** are what kernels write, named after the kernel (the image is ``input``). A tensor can be negative
   unless the op that writes it is a ReLU, ReLU6, sigmoid or hard sigmoid, or it is pooled, added, multiplied or
   concatenated from tensors that cannot be.
@@ -71,6 +72,7 @@ META_METHODS, META_ATTRS = {"size", "dim", "numel"}, {"shape", "dtype", "device"
 IDENTITY_FN_NAMES = {"stochastic_depth"}   # torchvision.ops: the identity in eval mode
 ANCHORS = ("weight", "pool", "add", "mul", "cat")   # the kinds of node that start a kernel
 ABSORBED = ("act+", "act-", "scalar", "reshape", "slot")   # what a kernel takes in after its first op
+VIEWS = ("reshape", "strided", "slot")   # what a kernel reads through (a slot there holds no quantizer)
 SUPPORTED = ("Conv2d, Linear, BatchNorm2d after a conv, ReLU/ReLU6/sigmoid/hard sigmoid/Hardswish/SiLU/GELU, "
              "residual adds, element-wise products, concatenation, average/max pooling, flatten/reshape/dropout, "
              "slicing and padding")
@@ -92,7 +94,7 @@ class Op(nn.Module):
 
     def read_view(self, x):
         """The elements of `x` a slice uses (a pad reads all of its input)."""
-        return self(x) if self.strided and self.target is operator.getitem else x
+        return self.forward(x) if self.strided and self.target is operator.getitem else x   # no hooks
 
     def extra_repr(self):
         return getattr(self.target, "__name__", str(self.target))
@@ -364,8 +366,14 @@ class _Analysis:
             chain.append(u)
         return chain
 
+    def _anchors(self) -> tuple[str, ...]:
+        """Under ``ort-cpu`` a slice or a pad is a kernel too: ONNX Runtime materializes what its Slice and Pad
+        write. Under ``generic`` they are views that the kernel reading them looks through."""
+        return ANCHORS + (("strided",) if self.target == "ort-cpu" else ())
+
     def _chains(self) -> dict:
-        chains = {n: self._extend([n]) for n in self.nodes if self.kind[n] in ANCHORS and self.kind[n] != "add"}
+        anchors = self._anchors()
+        chains = {n: self._extend([n]) for n in self.nodes if self.kind[n] in anchors and self.kind[n] != "add"}
         fused = set()
         for add in (n for n in self.nodes if self.kind[n] == "add"):
             ins = _tensor_inputs(add)
@@ -391,9 +399,9 @@ class _Analysis:
             if outside and n.op == "call_module":
                 ops.append(n.target)
             for a in outside:
-                frac, views = 1.0, []
+                frac, views = self._view_fraction(n, a), []   # a slice that starts a kernel: the share it keeps
                 while a not in self.tails:
-                    if self.kind[a] not in ("reshape", "strided") or len(_tensor_inputs(a)) != 1:
+                    if self.kind[a] not in VIEWS or len(_tensor_inputs(a)) != 1:
                         raise UserError(f"{_describe(n, self.modules)} reads {_describe(a, self.modules)}, which "
                                         f"is inside another kernel; AI-QS cannot say which tensor it reads.")
                     src = _tensor_inputs(a)[0]
@@ -403,7 +411,8 @@ class _Analysis:
                 if self._is_conv(n):   # the rows and columns its windows touch, at this input's size
                     spatial = tuple(n.all_input_nodes[0].meta["tensor_meta"].shape[2:])
                     frac *= conv_read_fraction(self.modules[n.target], spatial)
-                ops += [v.target for v in views if v.op == "call_module" and v.target not in ops]
+                ops += [v.target for v in views if v.op == "call_module" and v.target not in ops
+                        and self.kind[v] != "slot"]
                 reads.append(Read(self.tails[a], frac))
         return reads, ops
 
@@ -437,13 +446,13 @@ class _Analysis:
             chain = set(self.chains[a])
             for n in self.chains[a]:
                 for x in _tensor_inputs(n):
-                    while x not in chain and x not in self.tails and self.kind[x] in ("reshape", "strided"):
+                    while x not in chain and x not in self.tails and self.kind[x] in VIEWS:
                         views.add(x)
                         x = _tensor_inputs(x)[0]
         done = set(self.owner) | set(self.input_chain) | views
         for n in self.nodes:
             if n not in done and self.kind[n] not in ("const", "output", "placeholder"):
-                if self.kind[n] in ("reshape", "strided") and all(u.op == "output" for u in n.users):
+                if self.kind[n] in VIEWS and all(u.op == "output" for u in n.users):
                     continue
                 raise UserError(f"AI-QS cannot place {_describe(n, self.modules)} in a kernel: under the "
                                 f"{self.target!r} rules it follows no op it can fuse into (a BN must follow a "
@@ -477,7 +486,12 @@ def _structure(an: _Analysis) -> _Structure:
     unsigned = an.unsigned()
     tails = {name: node for node, name in an.tails.items()}
     tensors = [Tensor(INPUT, tails[INPUT].target, True)]
-    tensors += [Tensor(k.writes, tails[k.writes].target, not unsigned[tails[k.writes]]) for k in kernels]
+    follows = {}
+    for a, k in zip(order, kernels):   # a slice or pad of one tensor, and nothing else: a copy at its width
+        if an.kind[a] == "strided" and all(an.kind[n] in VIEWS for n in an.chains[a]) and len(k.reads) == 1:
+            follows[k.writes] = follows.get(k.reads[0].tensor, k.reads[0].tensor)
+    tensors += [Tensor(k.writes, tails[k.writes].target, not unsigned[tails[k.writes]], follows.get(k.writes))
+                for k in kernels]
     pairs = tuple((a.target, an.chains[a][1].target) for a in order
                   if len(an.chains[a]) > 1 and an.kind[an.chains[a][1]] == "bn")   # in kernel order
     return _Structure(tuple(kernels), tuple(tensors), _segments(an, kernels), pairs)

@@ -40,8 +40,20 @@ PARAM_COUNTS = {
 }
 
 
-class PadShortcut(nn.Module):
-    """Option A: subsample by 2 and zero-pad the new channels (no parameters)."""
+class Subsample(nn.Module):
+    """Every other row and column (no parameters)."""
+
+    @staticmethod
+    def read_view(x):
+        """The elements of `x` it reads: the ones it keeps."""
+        return x[:, :, ::2, ::2]
+
+    def forward(self, x):
+        return self.read_view(x)
+
+
+class ChannelPad(nn.Module):
+    """Zero channels either side of the input's (no parameters)."""
 
     def __init__(self, extra_channels: int):
         super().__init__()
@@ -49,13 +61,27 @@ class PadShortcut(nn.Module):
 
     @staticmethod
     def read_view(x):
-        """The elements of `x` the shortcut really reads: the subsampled ones (the padding reads nothing)."""
-        return x[:, :, ::2, ::2]
+        """It reads all of its input."""
+        return x
 
     def forward(self, x):
-        x = self.read_view(x)
         half = self.extra // 2
         return F.pad(x, (0, 0, 0, 0, half, self.extra - half))
+
+
+class PadShortcut(nn.Module):
+    """Option A: subsample by 2 and zero-pad the new channels (no parameters). The two steps are modules, each
+    with a Slot after it: under ``ort-cpu`` the export's Slice and Pad write tensors ONNX Runtime materializes,
+    at the width of the block input (the Slots then hold no quantizer: the values are already on its grid)."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.extra = extra_channels
+        self.subsample, self.q_subsample = Subsample(), Slot()
+        self.pad, self.q_pad = ChannelPad(extra_channels), Slot()
+
+    def forward(self, x):
+        return self.q_pad(self.pad(self.q_subsample(self.subsample(x))))
 
 
 class BasicBlock(nn.Module):
@@ -136,8 +162,12 @@ class CifarResNet(nn.Module):
             ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev, strided_fraction(b.shortcut[0])),),
                              f"{p}.shortcut.0", (f"{p}.shortcut.0",)))   # 1x1 stride 2: a quarter of its input
             sc = Read(f"{p}.shortcut.0")
-        elif isinstance(b.shortcut, PadShortcut):
-            sc, sc_ops = Read(prev, 0.25), (f"{p}.shortcut",)
+        elif isinstance(b.shortcut, PadShortcut) and target == "generic":   # fused into the add's kernel
+            sc, sc_ops = Read(prev, 0.25), (f"{p}.shortcut.subsample", f"{p}.shortcut.pad")
+        elif isinstance(b.shortcut, PadShortcut):   # ort-cpu: the Slice and the Pad are kernels of their own
+            sub, pad = f"{p}.shortcut.subsample", f"{p}.shortcut.pad"
+            ks += [Kernel(sub, (), (Read(prev, 0.25),), sub, (sub,)), Kernel(pad, (), (Read(sub),), pad, (pad,))]
+            sc = Read(pad)
         else:
             sc = Read(prev)
         if target == "generic":
@@ -168,14 +198,19 @@ class CifarResNet(nn.Module):
     def tensors(self, target: str = DEFAULT_TARGET) -> list[Tensor]:
         check_target(target)
         ts = [Tensor(INPUT, "q_input", True), Tensor("conv1", "q_stem", False)]
+        prev = "conv1"   # the block input
         for p, b in self.named_blocks():
             ts.append(Tensor(f"{p}.conv1", f"{p}.q1", False))
             if b.projection:
                 ts.append(Tensor(f"{p}.shortcut.0", f"{p}.q_sc", True))
+            elif isinstance(b.shortcut, PadShortcut) and target == "ort-cpu":
+                ts += [Tensor(f"{p}.shortcut.{step}", f"{p}.shortcut.q_{step}", False, follows=prev)
+                       for step in ("subsample", "pad")]
             if target == "generic":
                 ts.append(Tensor(f"{p}.conv2", f"{p}.q_out", False))
             else:
                 ts += [Tensor(f"{p}.conv2", f"{p}.q_mid", True), Tensor(f"{p}.add", f"{p}.q_out", False)]
+            prev = ts[-1].name
         return ts + [Tensor("pool", "q_pool", False), Tensor("linear", "q_logits", True)]
 
     def segments(self, target: str = DEFAULT_TARGET) -> list[Segment]:

@@ -10,7 +10,10 @@ A model registered in models/__init__.py declares:
   tensors written by earlier kernels, or ``"input"`` (the image).
 * ``tensors(target)``: every tensor (``Tensor``): its name, the ``Slot`` module the forward pass
   runs it through where it is written, and whether it can be negative. A tensor's width is set
-  there, once, and every consumer reads that same quantized tensor.
+  there, once, and every consumer reads that same quantized tensor. A tensor the runtime materializes by
+  moving another's elements, without requantizing them (shortcut A's Slice and Pad under ``ort-cpu``),
+  ``follows`` that tensor: it has no width of its own, is written and read at its source's width, and
+  its Slot holds no quantizer (the values are already on the source's grid; the padding is zero).
 * ``segments(target)``: the network as a chain of ``Segment(name, fn, kernels)``; running every
   ``fn`` in order equals ``forward``. The prefix-cached evaluator caches the input of each segment.
 * ``conv_bn_pairs()``: ``(conv name, BN name)`` for every BatchNorm that directly normalizes one
@@ -99,6 +102,12 @@ class Tensor:
     name: str
     slot: str                   # module path of its Slot
     signed: bool                # False: never negative by construction (after a ReLU, or pooled from one)
+    follows: str | None = None  # a copy of that tensor's elements at its width (no width, no quantizer of its own)
+
+
+def widths_of_their_own(tensors) -> list:
+    """The tensors that have a width of their own (a configuration's tensor groups): all but the followers."""
+    return [t for t in tensors if t.follows is None]
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,11 @@ def check_structure(model: nn.Module, target: str = DEFAULT_TARGET) -> None:
     for t in tensors.values():
         if not isinstance(mods.get(t.slot), Slot):
             raise ValueError(f"tensor {t.name!r}: {t.slot!r} is not a Slot of the model")
+        src = tensors.get(t.follows) if t.follows is not None else None
+        if t.follows is not None and (src is None or src.follows is not None or written.index(src.name) >=
+                                      written.index(t.name) or t.signed != src.signed):
+            raise ValueError(f"tensor {t.name!r} follows {t.follows!r}, which must be an earlier tensor with a "
+                             f"width of its own and the same sign")
     slots = [t.slot for t in tensors.values()]
     if len(set(slots)) != len(slots):
         raise ValueError("two tensors share one Slot")

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.ao.quantization.observer import HistogramObserver
 
+from models.structure import widths_of_their_own
 from quant.errors import UserError
 from quant.place import slots
 from quant.quantizer import Quantizer, tensor_quantizer
@@ -43,7 +44,7 @@ def calibrate(model: nn.Module, target: str, batches, widths, tensors=None) -> d
     for b in widths:
         if b not in ACT_BITS:
             raise UserError(f"tensor width {b} is not supported; use 2-8, or 32 for float.")
-    declared = {t.name: t for t in model.tensors(target)}
+    declared = {t.name: t for t in widths_of_their_own(model.tensors(target))}
     names = list(declared) if tensors is None else list(tensors)
     if not widths:
         return {}

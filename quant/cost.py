@@ -10,8 +10,9 @@ so raising AI means moving fewer bytes. AI = total FLOPs / total bytes, not a me
 
   with weights and the fp32 bias read once per batch and tensors once per image. Every tensor has
   one width, set where it is written, and every reader reads it at that width. The image is read by
-  the stem and written by nobody. Anchors (ResNet-20 B, batch 1, every tensor and weight at one
-  width): FP32 26.34, W8 with fp32 tensors 35.71, W8A8 105.05, W4A8 127.23, W4A4 209.25.
+  the stem and written by nobody. A tensor that follows another (models/structure.py) is moved at
+  that one's width. Anchors (ResNet-20 B, batch 1, every tensor and weight at one width): FP32 26.99,
+  W8 with fp32 tensors 36.90, W8A8 107.61, W4A8 131.00, W4A4 214.32.
 * ``reference``: the reference work's per-layer convention, bit for bit: a layer moves
   weights * w/8 + bias * 4 + (its input + its output) * 32/8 per image, with no fusion and nothing
   charged for shortcuts, adds or pooling. Its activations are float, so it is defined for weight
@@ -126,10 +127,16 @@ class KernelTable:
     elements: dict[str, int]            # tensor -> elements per image
     signed: dict[str, bool]
     segment_of: dict[tuple[str, str], int] = field(default_factory=dict)   # group -> segment index
+    follows: dict[str, str] = field(default_factory=dict)   # a materialized copy -> the tensor whose width it has
+
+    def width_group(self, tensor: str) -> str:
+        """The tensor whose width `tensor` is moved at: itself, or the one it follows."""
+        return self.follows.get(tensor, tensor)
 
     @cached_property
     def space(self) -> Space:
-        return Space(tuple(n for k in self.kernels for n, _ in k.weights), tuple(self.elements),
+        return Space(tuple(n for k in self.kernels for n, _ in k.weights),
+                     tuple(t for t in self.elements if t not in self.follows),
                      logits=self.kernels[-1].writes[0] if self.kernels else None)
 
     @cached_property
@@ -142,14 +149,15 @@ class KernelTable:
 
     @cached_property
     def _traffic(self) -> dict[str, int]:
-        out = dict.fromkeys(self.elements, 0)
+        out = {t: 0 for t in self.elements if t not in self.follows}
         for k in self.kernels:
             for t, e in (*k.reads, k.writes):
-                out[t] += e
+                out[self.width_group(t)] += e
         return out
 
     def traffic(self, tensor: str) -> int:
-        """Elements of `tensor` moved per image: its write (none for the image) plus every read."""
+        """Elements moved per image at `tensor`'s width: its write (none for the image) plus every read, and the
+        writes and reads of the tensors that follow it."""
         return self._traffic[tensor]
 
 
@@ -158,7 +166,8 @@ def bitops(table: KernelTable, config: dict) -> int:
     the bits of the tensor the layer multiplies (the kernel's first read; 32 for float). It prices compute, not
     bytes: the fused AI's objective it is not."""
     macs = {li.name: li.macs for li in table.layers}
-    return sum(macs[layer] * config[W, layer] * config[A, k.reads[0][0]] for k in table.kernels for layer, _ in k.weights)
+    return sum(macs[layer] * config[W, layer] * config[A, table.width_group(k.reads[0][0])]
+               for k in table.kernels for layer, _ in k.weights)
 
 
 def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=None) -> KernelTable:
@@ -206,11 +215,13 @@ def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=Non
     seg_of_kernel = {k: i for i, seg in enumerate(model.segments(target)) for k in seg.kernels}
     segment_of = {(A, INPUT): 0}
     for k in model.kernels(target):
-        segment_of[A, k.writes] = seg_of_kernel[k.name]
+        if not any(t.name == k.writes and t.follows for t in tensors):
+            segment_of[A, k.writes] = seg_of_kernel[k.name]
         for n in k.layers:
             segment_of[W, n] = seg_of_kernel[k.name]
+    follows = {t.name: t.follows for t in tensors if t.follows is not None}
     return KernelTable(target, kernels, layers, {t: elements[t] for t in order},
-                       {t.name: t.signed for t in tensors}, segment_of)
+                       {t.name: t.signed for t in tensors}, segment_of, follows)
 
 
 @dataclass(frozen=True)
@@ -309,12 +320,13 @@ class FusedCost(CostModel):
         rows = []
         for k in table.kernels:
             wb = sum(e * config[W, n] / 8 for n, e in k.weights)
-            tb = sum(e * config[A, t] / 8 for t, e in (*k.reads, k.writes)) * self.batch_size
+            bits = {t: config[A, table.width_group(t)] for t, _ in (*k.reads, k.writes)}
+            tb = sum(e * bits[t] / 8 for t, e in (*k.reads, k.writes)) * self.batch_size
             rows.append({"name": k.name, "flops": k.flops * self.batch_size, "weight_bytes": wb,
                          "bias_bytes": k.bias * BIAS_BYTES, "tensor_bytes": tb, "bytes": wb + k.bias * BIAS_BYTES + tb,
                          "w_bits": [config[W, n] for n, _ in k.weights],
-                         "reads": [{"tensor": t, "elements": e, "bits": config[A, t]} for t, e in k.reads],
-                         "writes": {"tensor": k.writes[0], "elements": k.writes[1], "bits": config[A, k.writes[0]]}})
+                         "reads": [{"tensor": t, "elements": e, "bits": bits[t]} for t, e in k.reads],
+                         "writes": {"tensor": k.writes[0], "elements": k.writes[1], "bits": bits[k.writes[0]]}})
         return rows
 
 

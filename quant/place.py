@@ -16,15 +16,29 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.parametrize as parametrize
 
-from models.structure import Slot
+from models.structure import Slot, widths_of_their_own
 from quant.errors import UserError
 from quant.quantizer import Quantizer, levels_weight, tensor_quantizer, weight_grid, weight_quantizer
 from quant.widths import FLOAT_BITS, tensors_of, weights_of
 
 
 def slots(model: nn.Module, target: str) -> dict[str, Slot]:
-    """{tensor: its Slot}, as the model declares them."""
-    return {t.name: model.get_submodule(t.slot) for t in model.tensors(target)}
+    """{tensor: its Slot} of the tensors with a width of their own, as the model declares them (a tensor that
+    follows another keeps an empty Slot: its values are already on that one's grid)."""
+    return {t.name: model.get_submodule(t.slot) for t in widths_of_their_own(model.tensors(target))}
+
+
+def _slots_for(model: nn.Module, target: str, config: dict) -> dict[str, Slot]:
+    """`slots`, refusing a configuration that gives a width to a tensor without one of its own."""
+    by_slot = slots(model, target)
+    follows = {t.name: t.follows for t in model.tensors(target) if t.follows}
+    bad = [n for n in tensors_of(config) if n not in by_slot]
+    if bad:
+        why = (f"it is a copy of {follows[bad[0]]!r} and has that tensor's width" if bad[0] in follows
+               else f"{type(model).__name__} has no such tensor under the {target!r} target")
+        raise UserError(f"the configuration gives tensor {bad[0]!r} a width, but {why}. Give widths only to the "
+                        f"tensors of the model's space (kernel_table(model, target).space).")
+    return by_slot
 
 
 def set_tensor_quantizer(slot: Slot, q: Quantizer | None):
@@ -64,8 +78,8 @@ def quantize_(model: nn.Module, config: dict, ranges: dict, target: str, per_cha
     `levels` takes those learned integer levels (quant/adaround.py) on that grid. ``trainable``:
     parametrized weights and trainable tensor quantizers (LSQ; scales learned unless ``learn_scales`` is
     False), else baked weights and eval-mode quantizers."""
+    by_slot = _slots_for(model, target, config)
     check_ranges(config, ranges)
-    by_slot = slots(model, target)
     for name, a in tensors_of(config).items():
         q = None
         if a != FLOAT_BITS:
@@ -94,7 +108,7 @@ def skeleton_(model: nn.Module, config: dict, grids: dict, target: str, per_chan
               weight_range: int = 8) -> nn.Module:
     """The structure `quantize_(..., trainable=True)` gives `model`, with placeholder scales, so that a
     fine-tuned state dict loads into it. `grids`: {tensor: [qmin, qmax]} of its quantized tensors."""
-    by_slot = slots(model, target)
+    by_slot = _slots_for(model, target, config)
     for name, a in tensors_of(config).items():
         set_tensor_quantizer(by_slot[name], Quantizer(torch.ones(1), *grids[name]) if a != FLOAT_BITS else None)
     for name, w in weights_of(config).items():

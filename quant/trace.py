@@ -55,7 +55,9 @@ def trace(model: nn.Module, target: str, weight_bits: dict[str, int], x: torch.T
     if x.shape[0] != 1:
         raise ValueError("trace one image: x must have batch size 1")
     kernels = model.kernels(target)
-    tensors = {t.slot: t.name for t in model.tensors(target)}
+    declared = model.tensors(target)
+    tensors = {t.slot: t.name for t in declared}
+    width_slot = {t.name: next(s.slot for s in declared if s.name == (t.follows or t.name)) for t in declared}
     op_kernel = {op: k.name for k in kernels for op in k.ops}
     seen = {}            # id(tensor object) -> tensor name, kept alive in `alive`
     alive = []
@@ -65,7 +67,7 @@ def trace(model: nn.Module, target: str, weight_bits: dict[str, int], x: torch.T
     flops = {k.name: 0 for k in kernels}
     layer_kernel = {n: k.name for k in kernels for n in k.layers}
 
-    def on_slot(name, slot):
+    def on_slot(name, slot):   # `slot` holds the quantizer of the tensor's width (a follower's: its source's)
         def hook(_m, _inputs, out):
             seen[id(out)] = name
             alive.append(out)
@@ -98,7 +100,7 @@ def trace(model: nn.Module, target: str, weight_bits: dict[str, int], x: torch.T
         return hook
 
     mods = dict(model.named_modules())
-    handles = [mods[s].register_forward_hook(on_slot(n, mods[s])) for s, n in tensors.items()]
+    handles = [mods[s].register_forward_hook(on_slot(n, mods[width_slot[n]])) for s, n in tensors.items()]
     handles += [m.register_forward_pre_hook(on_reader(n, m)) for n, m in mods.items() if _is_reader(m)]
     handles += [mods[n].register_forward_hook(on_layer(n, mods[n])) for n in layer_kernel]
     was_training = model.training

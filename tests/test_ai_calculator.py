@@ -102,12 +102,14 @@ def test_fused_anchors(arch, shortcut):
         assert got[4] / got[0] == pytest.approx(7.94, abs=0.01)
 
 
-def hand_kernels(depth, shortcut):
+def hand_kernels(depth, shortcut, target="generic"):
     """[(kernel, {layer: weights}, bias, [(tensor, elements read)], (tensor, elements written), macs)] of a
-    CIFAR ResNet under the generic fusion, from the paper's structure alone."""
+    CIFAR ResNet under a target's fusion, from the paper's structure alone, and {tensor: the tensor whose width
+    it is moved at}. Under ort-cpu the add is its own kernel, and shortcut A's Slice and Pad (what the export
+    writes) are kernels writing copies of the block input's values at its width."""
     n = (depth - 2) // 6
     ks = [("conv1", {"conv1": 3 * 16 * 9}, 16, [(INPUT, 3 * 1024)], ("conv1", 16 * 1024), 3 * 16 * 9 * 1024)]
-    prev, cin, hw = "conv1", 16, 32
+    prev, cin, hw, width = "conv1", 16, 32, {}
     for stage, planes in enumerate((16, 32, 64), start=1):
         for i in range(n):
             stride = 2 if (i == 0 and stage > 1) else 1
@@ -122,23 +124,36 @@ def hand_kernels(depth, shortcut):
                 ks.append((f"{p}.shortcut.0", {f"{p}.shortcut.0": cin * planes}, planes, [(prev, cin * o * o)],
                            (f"{p}.shortcut.0", planes * o * o), cin * planes * o * o))
                 sc = (f"{p}.shortcut.0", planes * o * o)
-            else:   # A: the subsampled input, no padding read
+            elif target == "generic":   # A: the subsampled input, no padding read
                 sc = (prev, cin * o * o)
-            ks.append((f"{p}.conv2", {f"{p}.conv2": planes * planes * 9}, planes, [(f"{p}.conv1", planes * o * o), sc],
+            else:   # A under ort-cpu: Slice writes the kept quarter, Pad the zero-padded channels
+                sub, pad = f"{p}.shortcut.subsample", f"{p}.shortcut.pad"
+                ks.append((sub, {}, 0, [(prev, cin * o * o)], (sub, cin * o * o), 0))
+                ks.append((pad, {}, 0, [(sub, cin * o * o)], (pad, planes * o * o), 0))
+                width[sub] = width[pad] = prev
+                sc = (pad, planes * o * o)
+            conv2_reads = [(f"{p}.conv1", planes * o * o)] + ([sc] if target == "generic" else [])
+            ks.append((f"{p}.conv2", {f"{p}.conv2": planes * planes * 9}, planes, conv2_reads,
                        (f"{p}.conv2", planes * o * o), planes * planes * 9 * o * o))
-            prev, cin, hw = f"{p}.conv2", planes, o
+            prev = f"{p}.conv2"
+            if target == "ort-cpu":
+                ks.append((f"{p}.add", {}, 0, [(prev, planes * o * o), sc], (f"{p}.add", planes * o * o), 0))
+                prev = f"{p}.add"
+            cin, hw = planes, o
     ks.append(("pool", {}, 0, [(prev, 64 * 64)], ("pool", 64), 0))
     ks.append(("linear", {"linear": 640}, 10, [("pool", 64)], ("linear", 10), 640))
-    return ks
+    return ks, width
 
 
-@pytest.mark.parametrize("depth,shortcut", [(20, "A"), (20, "B"), (8, "A"), (32, "B")])
+@pytest.mark.parametrize("depth,shortcut,target", [(20, "A", "generic"), (20, "B", "generic"), (8, "A", "generic"),
+                                                   (32, "B", "generic"), (20, "A", "ort-cpu"), (20, "B", "ort-cpu")])
 @pytest.mark.parametrize("batch", [1, 7, 128])
-def test_fused_exact_against_independent_count(depth, shortcut, batch):
+def test_fused_exact_against_independent_count(depth, shortcut, target, batch):
     """Random mixed configurations: the fused cost model's bytes, FLOPs and AI equal a count made from the
     architecture's definition, to the byte; and the search's per-group bytes add up to the same total."""
-    table = kernel_table(CifarResNet(depth, shortcut))
-    hand = hand_kernels(depth, shortcut)
+    table = kernel_table(CifarResNet(depth, shortcut), target)
+    hand, width = hand_kernels(depth, shortcut, target)
+    assert table.follows == width
     assert [k.name for k in table.kernels] == [h[0] for h in hand]
     rng = np.random.default_rng(depth * 1000 + batch)
     cm = CostModel.named("fused", batch)
@@ -148,7 +163,8 @@ def test_fused_exact_against_independent_count(depth, shortcut, batch):
         nbytes = flops = 0
         for _, weights, bias, reads, (wt, we), macs in hand:
             nbytes += sum(e * cfg[W, n] / 8 for n, e in weights.items()) + bias * 4
-            nbytes += (sum(e * cfg[A, t] / 8 for t, e in reads) + we * cfg[A, wt] / 8) * batch
+            bits = {t: cfg[A, width.get(t, t)] for t, _ in reads + [(wt, we)]}
+            nbytes += (sum(e * bits[t] / 8 for t, e in reads) + we * bits[wt] / 8) * batch
             flops += 2 * macs * batch
         cost = cm.cost(table, cfg)
         assert cost["bytes"] == nbytes and cost["flops"] == flops and cost["ai"] == flops / nbytes
@@ -332,7 +348,8 @@ def trace_random_config(model, target, seed, widths, calib_images=8):
 def test_trace_equals_cost_model_and_declarations(arch, shortcut, target):
     """Random mixed configurations: the bytes measured on the real tensors equal the fused cost model's, the
     reads each kernel really performs equal its declared reads, nothing reads a tensor undeclared, and every
-    quantized tensor holds at most 2^bits distinct values."""
+    quantized tensor holds at most 2^bits distinct values (a copy that follows a tensor, shortcut A's Slice and
+    Pad under ort-cpu, at that tensor's width)."""
     table, cfg, model, tr = _traced(arch, shortcut, target, seed=len(arch) + len(target))
     cost = FUSED.cost(table, cfg)
     assert tr["total_bytes"] == cost["bytes"] and tr["total_flops"] == cost["flops"]
@@ -343,11 +360,12 @@ def test_trace_equals_cost_model_and_declarations(arch, shortcut, target):
     assert {k: sorted(v) for k, v in measured.items()} == {k: sorted(v) for k, v in declared.items()}
     for k in tr["kernels"]:
         for r in k["reads"] + k["writes"]:
-            assert r["bits"] == cfg[A, r["tensor"]]
+            assert r["bits"] == cfg[A, table.width_group(r["tensor"])]
             if r["bits"] != FLOAT_BITS:
                 assert r["distinct"] <= 2 ** r["bits"], (k["name"], r)
     narrowed = [r for k in tr["kernels"] for r in k["writes"] if r["bits"] <= 4]
     assert narrowed, "the random configuration should narrow some tensor"
+    assert bool(table.follows) == (shortcut == "A" and target == "ort-cpu")
 
 
 def test_consumers_read_values_on_the_tensors_grid():

@@ -119,7 +119,7 @@ def test_torchvision_networks_through_the_cost_model_and_the_trace(name, target)
     assert {k["name"]: sorted((r["tensor"], r["elements"]) for r in k["reads"]) for k in tr["kernels"]} == declared
     for k in tr["kernels"]:
         for r in k["reads"] + k["writes"]:
-            assert r["bits"] == cfg[A, r["tensor"]]
+            assert r["bits"] == cfg[A, table.width_group(r["tensor"])]
             assert r["bits"] == FLOAT_BITS or r["distinct"] <= 2 ** r["bits"]
     if name == "mobilenet_v3_small":   # squeeze-excitation: pooled, two 1x1 convs, the product its own kernel
         se = [k for k in model.kernels(target) if k.name.endswith(".mul")]
@@ -288,3 +288,40 @@ def test_a_conv_whose_windows_do_not_fit_is_charged_what_it_reads():
     assert table.kernels[0].reads == (("input", 3 * 31 * 31),)
     assert table.kernels[1].reads == (("0", 4 * 8 * 8),)   # 1x1 stride 2 on 15x15: rows 0, 2, ..., 14
     assert tr["total_bytes"] == FUSED.cost(table, cfg)["bytes"]
+
+
+class _FunctionalShortcutA(nn.Module):   # option A written with functions: a slice and a pad
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        sc = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+        x = F.relu(self.conv(x) + sc)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_slice_and_pad_are_kernels_that_follow_their_input_under_ort_cpu():
+    """A traced slice and pad: under generic the add's kernel looks through both and reads the kept quarter of
+    the stem's tensor; under ort-cpu (ONNX Runtime materializes Slice and Pad) each is a kernel writing a copy
+    that follows the stem's tensor: moved at its width, no width of its own in the space; the trace of a random
+    configuration measures exactly what the cost model charges, each copy at the stem tensor's width."""
+    model = trace_model(_FunctionalShortcutA())
+    generic = {k.name: k for k in model.kernels("generic")}
+    assert [k.name for k in model.kernels("ort-cpu")] == ["stem", "getitem", "pad", "conv", "add", "adaptive_avg_pool2d",
+                                                          "head"]
+    assert generic["conv"].reads[1].tensor == "stem" and generic["conv"].reads[1].fraction == 0.25
+    ort = {k.name: k for k in model.kernels("ort-cpu")}
+    assert ort["getitem"].reads[0].fraction == 0.25 and ort["pad"].reads[0].tensor == "getitem"
+    assert {t.name: t.follows for t in model.tensors("ort-cpu") if t.follows} == {"getitem": "stem", "pad": "stem"}
+    table, cfg, tr, _ = _trace_chain(model, "ort-cpu", 32)
+    stem, kept, padded = 8 * 32 * 32, 8 * 16 * 16, 16 * 16 * 16
+    # written, read by conv; the quarter read by the slice, written by it, read by the pad; written, read by the add
+    assert "getitem" not in table.space.tensors and table.traffic("stem") == 2 * stem + 3 * kept + 2 * padded
+    assert tr["total_bytes"] == FUSED.cost(table, cfg)["bytes"] and tr["undeclared_reads"] == []
+    copies = [r for k in tr["kernels"] for r in k["writes"] if r["tensor"] in ("getitem", "pad")]
+    assert [r["bits"] for r in copies] == [cfg[A, "stem"]] * 2
+    with pytest.raises(UserError, match="copy of 'stem'"):
+        quantize_(fold_bn(model), {**cfg, (A, "pad"): 8}, {}, "ort-cpu")

@@ -10,7 +10,7 @@ from models import (ARCHS, arch_flags, arch_names, build_from_args, build_model,
 from models.mobilenetv2 import MACS, PARAM_COUNT, MobileNetV2
 from models.resnet import DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, count_parameters, resnet20
 from models.structure import (DEFAULT_TARGET, INPUT, TARGETS, Add, Kernel, Read, Segment, Slot, Tensor,
-                              check_structure, quantizable_layers)
+                              check_structure, quantizable_layers, widths_of_their_own)
 from quant.cost import layer_table
 from quant.fold import fold_bn
 from quant.place import quantize_, slots
@@ -299,12 +299,14 @@ def test_invalid_shortcut_raises(shortcut):
 
 
 def test_pad_shortcut_is_option_a():
-    """Option A: stride-2 subsample, the input channels in the middle, zero channels either side."""
+    """Option A: stride-2 subsample, the input channels in the middle, zero channels either side; its Slots
+    hold no state (old checkpoints load)."""
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     y = PadShortcut(16)(x)
     assert y.shape == (2, 32, 4, 4)
     assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
     assert (y[:, :8] == 0).all() and (y[:, 24:] == 0).all()
+    assert PadShortcut(16).state_dict() == {}
 
 
 # ----------------------------------------------------------------------------- forward
@@ -340,7 +342,8 @@ def expected_resnet_kernels(depth, shortcut, target):
     """(name, layers, ((tensor, fraction), ...), writes) of a CIFAR ResNet's kernels, written out from
     the issue's table: the stem; per block conv1+BN+ReLU, the B projection as its own kernel, then
     conv2+BN+add+ReLU (generic) or conv2+BN and add+ReLU (ort-cpu); pool; linear. The add reads the
-    block input (shortcut A where the shape changes: the quarter of it the subsampling uses)."""
+    block input (shortcut A where the shape changes: the quarter of it the subsampling uses; under ort-cpu
+    the subsampling and the padding are kernels of their own, as ONNX Runtime's Slice and Pad)."""
     out = [("conv1", ("conv1",), ((INPUT, 1.0),), "conv1")]
     prev = "conv1"
     for stage in (1, 2, 3):
@@ -350,6 +353,10 @@ def expected_resnet_kernels(depth, shortcut, target):
             if changes and shortcut == "B":
                 out.append((f"{p}.shortcut.0", (f"{p}.shortcut.0",), ((prev, 0.25),), f"{p}.shortcut.0"))
                 sc = (f"{p}.shortcut.0", 1.0)
+            elif changes and target == "ort-cpu":   # the export's Slice and Pad: tensors ONNX Runtime writes
+                sub, pad = f"{p}.shortcut.subsample", f"{p}.shortcut.pad"
+                out += [(sub, (), ((prev, 0.25),), sub), (pad, (), ((sub, 1.0),), pad)]
+                sc = (pad, 1.0)
             else:
                 sc = (prev, 0.25 if changes else 1.0)
             if target == "generic":
@@ -393,6 +400,13 @@ def test_resnet_kernels_follow_the_fusion_table(depth, shortcut, target):
             assert slot == name[:-len("conv2")] + ("q_out" if target == "generic" else "q_mid")
         elif name.endswith(".add"):
             assert slot == name[:-len("add")] + "q_out"
+        elif name.endswith((".shortcut.subsample", ".shortcut.pad")):
+            assert slot == name.replace(".shortcut.", ".shortcut.q_")
+    follows = {t.name: t.follows for t in tensors if t.follows}
+    block_input = {k.writes: k.reads[0].tensor for k in kernels if k.name.endswith(".conv1")}
+    assert follows == {n: block_input[n.replace("shortcut.subsample", "conv1").replace("shortcut.pad", "conv1")]
+                       for n in slot_of if ".shortcut." in n and not n.endswith(".0")}
+    assert bool(follows) == (shortcut == "A" and target == "ort-cpu")
     expected_signed = {INPUT, "linear"} | {n for n in slot_of if n.endswith(".shortcut.0")}
     if target == "ort-cpu":
         expected_signed |= {n for n in slot_of if n.endswith(".conv2")}
@@ -403,12 +417,14 @@ def test_resnet_kernels_follow_the_fusion_table(depth, shortcut, target):
 
 def test_resnet20_declared_counts():
     """ResNet-20 B (generic): 22 weight layers, 23 kernels, 24 tensors; A has no projections (20, 21,
-    22); ort-cpu adds one add kernel and one tensor per block (9)."""
+    22); ort-cpu adds one add kernel and one tensor per block (9), and for A the Slice and Pad of its two
+    subsampling shortcuts (4)."""
     for shortcut, (layers, kernels) in {"B": (22, 23), "A": (20, 21)}.items():
         m = resnet20(shortcut)
         assert len(quantizable_layers(m)) == layers
         assert len(m.kernels()) == kernels and len(m.tensors()) == kernels + 1
-        assert len(m.kernels("ort-cpu")) == kernels + 9 and len(m.tensors("ort-cpu")) == kernels + 10
+        extra = 9 + 4 * (shortcut == "A")
+        assert len(m.kernels("ort-cpu")) == kernels + extra and len(m.tensors("ort-cpu")) == kernels + extra + 1
     names = [t.name for t in resnet20("B").tensors()]
     assert names[:6] == [INPUT, "conv1", "layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.conv2"]
     assert names[-6:] == ["layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2", "pool", "linear"]
@@ -539,7 +555,7 @@ def test_segments_chain_equals_forward(arch, shortcut, target):
     torch.manual_seed(0)
     model = build_model(arch, shortcut).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    space = Space(tuple(quantizable_layers(model)), tuple(t.name for t in model.tensors(target)))
+    space = Space(tuple(quantizable_layers(model)), tuple(t.name for t in widths_of_their_own(model.tensors(target))))
     quantized = quantize_(fold_bn(model), space.uniform(4, 4), hand_ranges(model, target), target, clip="maxabs")
     assert all(s.quant is not None for s in slots(quantized, target).values())
     with torch.no_grad():

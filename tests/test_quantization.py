@@ -11,8 +11,8 @@ import torch.nn.utils.parametrize as parametrize
 from torch.ao.quantization.observer import HistogramObserver
 
 from models import build_model
-from models.resnet import CifarResNet, PadShortcut
-from models.structure import INPUT, Add, Slot, Tensor, quantizable_layers
+from models.resnet import CifarResNet, PadShortcut, Subsample
+from models.structure import INPUT, Add, Slot, Tensor, quantizable_layers, widths_of_their_own
 from quant.calibrate import calibrate, quantizers_from
 from quant.errors import UserError
 from quant.fold import fold_bn
@@ -640,7 +640,7 @@ def spread_bn(model, seed=0):
 
 
 def space_of(model, target="generic"):
-    return Space(tuple(quantizable_layers(model)), tuple(t.name for t in model.tensors(target)))
+    return Space(tuple(quantizable_layers(model)), tuple(t.name for t in widths_of_their_own(model.tensors(target))))
 
 
 def bn_gain(model, conv):
@@ -891,14 +891,15 @@ def test_every_consumer_reads_the_quantized_tensor(arch, shortcut):
             elif isinstance(m, nn.AdaptiveAvgPool2d):
                 assert on_grid(seen[op][0], *grid_of(q, target, main)) and torch.equal(seen[op][0], written[main])
                 checked["pool"] += 1
-            else:   # shortcut A: reads the block input, declared as a quarter of it
+            else:   # shortcut A: subsamples the block input (declared as the quarter it keeps), then pads that
                 sc = k.reads[-1]
                 assert sc.fraction == 0.25 and on_grid(seen[op][0], *grid_of(q, target, sc.tensor))
-                assert torch.equal(seen[op][0], written[sc.tensor])
+                kept = written[sc.tensor] if isinstance(m, Subsample) else written[sc.tensor][:, :, ::2, ::2]
+                assert torch.equal(seen[op][0], kept)
                 checked["pad"] += 1
     assert checked["conv"] == len(space.layers) and checked["pool"] == 1
     assert checked["add"] == (9 if arch != "mobilenetv2" else 14)
-    assert checked["pad"] == (2 if shortcut == "A" else 0)
+    assert checked["pad"] == (4 if shortcut == "A" else 0)   # two shortcuts, each a subsample and a pad
     if arch == "resnet20":   # spelled out for one block input: conv1, the projection (B) and the add
         block_in = written["layer1.2.conv2"]
         assert torch.equal(seen["layer2.0.conv1"][0], block_in)
