@@ -244,38 +244,81 @@ def test_calculator_prices_a_torchvision_model(capsys):
         assert err.startswith("error: ") and "Traceback" not in err
 
 
-def _outside_checkpoint(path, spec):
+def _outside_checkpoint(path, spec, plain: bool):
+    """A seeded torchvision network at 32x32 with 10 classes, saved with its model_args or (`plain`) as a bare
+    state_dict, the form a user's own training leaves."""
     from utils.checkpoint import save_checkpoint
     m = build_outside(spec, num_classes=10, input_size=32)
-    if spec.endswith("mobilenet_v3_small"):   # at BN's init its squeeze-excitation saturates: every logit ties
-        _randomize_bn(m, 0)
-    save_checkpoint(path, {"model_args": m.model_args, "model": m.state_dict(), "finished": True})
+    _randomize_bn(m, 0)   # at BN's init the networks are near-constant (MobileNetV3's squeeze-excitation saturates)
+    if plain:
+        torch.save(m.state_dict(), path)
+    else:
+        save_checkpoint(path, {"model_args": m.model_args, "model": m.state_dict(), "finished": True})
     return m
 
 
-@pytest.mark.parametrize("spec", ["torchvision:mobilenet_v3_small", "torchvision:resnet18"])
-def test_outside_model_through_stages_2_3_and_the_export(tmp_path, spec):
-    """A torchvision network's checkpoint (random weights, synthetic data) through a quick stage 2 (8 and 4 bits,
-    nearest rounding) and stage 3, and its W8A8 export, on which ONNX Runtime agrees with the fake-quant model;
-    the stage-2 table is the derived one."""
-    from conftest import run_script
+CHAIN = [("torchvision:resnet18", False), ("torchvision:mobilenet_v2", True), ("torchvision:mobilenet_v3_small", True)]
+
+
+@pytest.mark.parametrize("spec,plain", CHAIN, ids=[s.split(":")[1] for s, _ in CHAIN])
+def test_outside_model_through_stages_2_3_and_the_export(tmp_path, spec, plain):
+    """A torchvision network (random weights, synthetic data: 16 search, 16 report and 16 calibration images)
+    through a quick stage 2 (8 and 4 bits, nearest rounding), stage 3 (at most 10 evaluations) and its W8A8 export,
+    on which ONNX Runtime agrees with the fake-quant model (16 check images); MobileNetV2 also through stages 4
+    and 5. A plain state_dict loads with
+    --model and its flags; a checkpoint that records its model needs none. The stage-2 table is the derived one."""
     from utils import export
-    ckpt = tmp_path / "m.pt"
-    model = _outside_checkpoint(ckpt, spec)
-    common = ["--checkpoint", ckpt, "--dataset", "synthetic", "--quick", "--device", "cpu",
-              "--results-dir", tmp_path, "--checkpoint-dir", tmp_path]
-    if spec.endswith("mobilenet_v3_small"):
-        run_script("2_per_layer_analysis.py", *common, "--bits", "8", "4", "--ptq", "nearest",
-                   "--stats-correction", "none")
-        run_script("3_greedy_search.py", *common)
-        r2 = json.loads((tmp_path / "02_per_layer.json").read_text())
-        r3 = json.loads((tmp_path / "03_search.json").read_text())
-        assert r2["model_args"] == model.model_args and r3["model_args"] == model.model_args
-        assert {e["name"] for e in r2["layers"]} == set(kernel_table(model).weights)
+    from utils.cli import run_stage, script_module
+    ckpt, holdout = tmp_path / "m.pt", tmp_path / "holdout.json"
+    model = _outside_checkpoint(ckpt, spec, plain)
+    holdout.write_text(json.dumps({"search": {"set": "test", "indices": list(range(16))},
+                                   "report": {"set": "test", "indices": list(range(16, 32))}}))
+    flags = ["--model", spec, "--num-classes", "10", "--input-size", "32"] if plain else []
+    common = ["--checkpoint", ckpt, *flags, "--dataset", "synthetic", "--quick", "--device", "cpu",
+              "--results-dir", tmp_path, "--checkpoint-dir", tmp_path, "--holdout", holdout,
+              "--confirm-size", "0", "--select-size", "0"]
+    r2, _ = run_stage("2_per_layer_analysis.py", [*common, "--bits", "8", "4", "--a-bits", "8", "4", "--ptq",
+                                                  "nearest", "--stats-correction", "none", "--calib-images", "16"])
+    r3, _ = run_stage("3_greedy_search.py", [*common, "--max-evaluations", "10"])
+    assert r3["max_evaluations"] == 10 and 0 < r3["evaluations"] <= 10
+    assert r2["model_args"] == model.model_args and r3["model_args"] == model.model_args
+    assert {e["name"] for e in r2["layers"]} == set(kernel_table(model).weights)
+    assert {e["name"] for e in r2["tensors"]} == set(kernel_table(model).space.tensors)
     out = tmp_path / "m.onnx"
     assert export.main([*map(str, common), "--onnx", str(out), "--w-bits", "8", "--a-bits", "8", "--ptq", "nearest",
-                        "--stats-correction", "none", "--check-images", "16"]) == 0
+                        "--stats-correction", "none", "--check-images", "16", "--calib-images", "16"]) == 0
     assert out.stat().st_size > 0
+    if spec.endswith("mobilenet_v2"):   # and stages 4 and 5, from the results alone
+        r4, _ = run_stage("4_create_baselines.py", common)
+        assert r4["model_args"] == model.model_args and {"uniform_w8a8", "greedy"} <= {e["name"] for e in r4["configs"]}
+        plots = script_module("5_generate_plots.py")
+        plots.main(plots.get_args_parser().parse_args(["--results-dir", str(tmp_path)]))
+        assert (tmp_path / "plots" / "pareto.png").stat().st_size > 0 and (tmp_path / "summary.md").is_file()
+
+
+def test_outside_model_flags_and_checkpoints_that_disagree(tmp_path, capsys):
+    """--model without --checkpoint, a checkpoint whose recorded model the flags contradict, a plain state_dict whose
+    classifier --num-classes does not fit, and data of another image size: each one paragraph, exit 2."""
+    from utils.cli import run, script_module
+    stage2 = script_module("2_per_layer_analysis.py")
+    ours, plain = tmp_path / "ours.pt", tmp_path / "plain.pt"
+    _outside_checkpoint(ours, "torchvision:resnet18", plain=False)
+    _outside_checkpoint(plain, "torchvision:resnet18", plain=True)
+    base = ["--dataset", "synthetic", "--quick", "--device", "cpu", "--results-dir", tmp_path,
+            "--checkpoint-dir", tmp_path]
+    cases = [(["--model", "torchvision:resnet18"], "needs --checkpoint"),
+             (["--checkpoint", ours, "--model", "torchvision:resnet34"], "--model torchvision:resnet34"),
+             (["--checkpoint", ours, "--model", "torchvision:resnet18", "--input-size", "64"], "--input-size 64"),
+             (["--checkpoint", plain, "--model", "torchvision:resnet18", "--input-size", "32"], "--num-classes"),
+             (["--checkpoint", plain, "--model", "torchvision:resnet18", "--num-classes", "10", "--input-size", "64"],
+              "takes 64x64 images"),
+             (["--checkpoint", ours, "--arch", "resnet20", "--model", "torchvision:resnet18"], "no --arch")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as stop:
+            run(stage2.main, stage2.get_args_parser(), [str(a) for a in base + argv])
+        err = " ".join(capsys.readouterr().err.split())   # one paragraph, wrapped
+        assert stop.value.code == 2 and words in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "02_per_layer.json").exists()
 
 
 def test_a_conv_whose_windows_do_not_fit_is_charged_what_it_reads():

@@ -27,6 +27,7 @@ from quant.fold import fold_bn
 from quant.place import quantize_
 from quant.trace import trace
 from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W
+from utils.cli import add_outside_args, outside_model, positive_int
 from utils.config import load_config
 from utils.errors import UserError, error_paragraph
 from utils.options import CalculatorOptions
@@ -34,16 +35,6 @@ from utils.options import CalculatorOptions
 TRACE_SEED = 0
 TRACE_CALIB_IMAGES = 64
 DEFAULT_RANGES = "results/02_per_layer.json"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,16 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"{', '.join(arch_names())} (default: the checkpoint's, else resnet20)")
     p.add_argument("--shortcut", default=None, choices=("A", "B"),
                    help="ResNets only: A = zero-pad identity, B = 1x1 conv projection (default: B)")
-    p.add_argument("--model", default=None, metavar="SPEC",
-                   help="a model from outside the registry, its structure derived from its traced graph: "
-                        "torchvision:NAME (any torchvision classification builder) or path/to/file.py:FUNCTION "
-                        "(default: none; the registry's --arch)")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON",
-                   help="with --model: keyword arguments of its builder, a JSON object (default: none)")
-    p.add_argument("--input-size", type=_positive_int, default=None,
-                   help="with --model: the image's height and width (default: 224 for torchvision, else 32)")
-    p.add_argument("--num-classes", type=_positive_int, default=None,
-                   help="with --model: classes of its classifier (default: the builder's)")
+    add_outside_args(p, "random weights, traced at --input-size")
     p.add_argument("--checkpoint", default=None,
                    help="a float checkpoint: its architecture, and with --trace its weights (default: none; random "
                         "weights)")
@@ -82,7 +64,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=DEFAULT_TARGET, choices=TARGETS,
                    help="the runtime's kernels: generic (TensorRT-style fusion) or ort-cpu (ONNX Runtime's CPU "
                         "kernels) (default: generic)")
-    p.add_argument("--batch-size", type=_positive_int, default=1,
+    p.add_argument("--batch-size", type=positive_int, default=1,
                    help="images per weight read; tensors scale with it (default: 1)")
     p.add_argument("--trace", action="store_true",
                    help="run one image through the simulated model and list, per kernel, the tensors it really "
@@ -97,20 +79,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _model(opts):
     from models import build_model
-    from models.outside import build_outside, parse_kwargs
+    from models.outside import build_outside
     from utils.checkpoint import load_model
-    if opts.model is not None:
-        if opts.arch or opts.shortcut or opts.checkpoint:
-            raise UserError("--model names a model from outside the registry; it takes no --arch, --shortcut or "
-                            "--checkpoint (its weights are the builder's seeded random ones).")
-        model = build_outside(opts.model, parse_kwargs(opts.model_kwargs), opts.num_classes, opts.input_size)
-        return model.eval(), model.model_args
-    if opts.model_kwargs or opts.input_size or opts.num_classes:
-        raise UserError("--model-kwargs, --input-size and --num-classes go with --model (a model from outside "
-                        "the registry); the registry's models take 32x32 images and --arch.")
-    if opts.checkpoint:
-        model, meta = load_model(opts.checkpoint, opts.arch, opts.shortcut, require_finished=False)
+    outside = outside_model(opts)
+    if opts.checkpoint:   # with --model: a plain state_dict of that network, or a checkpoint that records it
+        model, meta = load_model(opts.checkpoint, opts.arch, opts.shortcut, require_finished=False, outside=outside)
         return model, meta["model_args"]
+    if outside is not None:   # the builder's seeded random weights
+        model = build_outside(outside["arch"], outside.get("model_kwargs"), opts.num_classes, opts.input_size)
+        return model.eval(), model.model_args
     try:
         model = build_model(opts.arch or "resnet20", opts.shortcut)
     except ValueError as e:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from models import arch_flags, build_from_args, closest_architectures, describe, normalize_model_args
+from models.outside import build_outside, is_outside
 from utils.errors import UserError, error_paragraph
 from utils.io import atomic_torch_save
 
@@ -106,6 +107,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkp
         hint = (f"The keys fit {describe(args)} exactly: pass {arch_flags(args)}" if score == 1.0 else
                 f"The closest registered architecture is {describe(args)} ({100 * score:.0f}% of the tensors "
                 f"fit; {arch_flags(args)})")
+        if is_outside(ma.get("arch")) and not missing and not unexpected:
+            hint = ("The names fit the --model network; check --num-classes (its classifier's outputs) and "
+                    "--model-kwargs")
         raise UserError(
             f"{source} does not fit {describe(ma) if ma else type(model).__name__}: missing keys "
             f"{missing[:6]}{'...' if len(missing) > 6 else ''}, unexpected keys "
@@ -114,33 +118,43 @@ def load_weights(model: torch.nn.Module, state_dict: dict, source: str = "checkp
     model.load_state_dict({k: state_dict.get(k, own[k]) for k in own})
 
 
+def _flag(key: str, outside: dict | None) -> str:
+    """The flag that sets a model_args key."""
+    return "--model" if key == "arch" and outside else "--" + key.replace("_", "-")
+
+
 def load_model(path, arch: str | None = None, shortcut: str | None = None, normalization: dict | None = None,
-               require_finished: bool = True, num_classes: int | None = None):
+               require_finished: bool = True, num_classes: int | None = None, outside: dict | None = None):
     """Rebuild model and preprocessing from a checkpoint file alone.
 
-    Ours record their model_args and normalization: a conflicting ``arch`` / ``shortcut`` /
+    Ours record their model_args and normalization: a conflicting ``arch`` / ``shortcut`` / ``outside`` /
     ``normalization`` is an error. A foreign checkpoint takes them from the arguments (default
-    resnet20 shortcut B, CIFAR-10 statistics). Returns (model in eval mode, meta) with meta keys
-    model_args, normalization, normalization_source, data, finished, foreign, epoch.
+    resnet20 shortcut B, CIFAR-10 statistics); ``outside`` ({"arch": spec, and "model_kwargs", "num_classes",
+    "input_size" where given}: utils.cli.outside_model) names a model from outside the registry. Returns (model in
+    eval mode, meta) with meta keys model_args, normalization, normalization_source, data, finished, foreign, epoch.
     """
     obj = read_checkpoint(path)
     ours = isinstance(obj, dict) and "model_args" in obj
     if ours:
         model_args = normalize_model_args(obj["model_args"])
-        given = {"arch": arch, "shortcut": shortcut}
+        given = {"arch": arch, "shortcut": shortcut, **(outside or {})}
         clash = {k: (model_args.get(k), v) for k, v in given.items() if v is not None and model_args.get(k) != v}
         if clash:
-            raise UserError(f"checkpoint {path} holds a {describe(model_args)}, but the flags ask for "
-                            f"{', '.join(f'--{k} {v[1]}' for k, v in clash.items())}. Drop those flags (the "
-                            f"checkpoint says what it is), or pass another --checkpoint.")
+            asked = ", ".join(f"{_flag(k, outside)} {v[1]}" for k, v in clash.items())
+            raise UserError(f"checkpoint {path} holds a {describe(model_args)}, but the flags ask for {asked}. "
+                            f"Drop those flags (the checkpoint says what it is), or pass another --checkpoint.")
         recorded_norm = obj.get("normalization") or DEFAULT_NORMALIZATION
         if normalization is not None and normalization != recorded_norm:
             raise UserError(f"checkpoint {path} records its input normalization {recorded_norm}; "
                             f"--normalization {normalization} contradicts it. Drop --normalization.")
         norm, norm_source = recorded_norm, "recorded in the checkpoint"
     else:
-        model_args = normalize_model_args({"arch": arch or "resnet20", "num_classes": num_classes or 10,
-                                           **({"shortcut": shortcut} if shortcut else {})})
+        if outside is not None:   # built to fill in the builder's defaults (its classes, the input size)
+            model_args = build_outside(outside["arch"], outside.get("model_kwargs"), outside.get("num_classes"),
+                                       outside.get("input_size")).model_args
+        else:
+            model_args = normalize_model_args({"arch": arch or "resnet20", "num_classes": num_classes or 10,
+                                               **({"shortcut": shortcut} if shortcut else {})})
         norm = normalization or DEFAULT_NORMALIZATION
         norm_source = "--normalization" if normalization else "default (cifar10 statistics)"
     try:

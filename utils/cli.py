@@ -55,7 +55,51 @@ def add_arch_args(parser: argparse.ArgumentParser, training: bool) -> argparse.A
     g.add_argument("--shortcut", default=None, choices=("A", "B"),
                    help="ResNets only: A = zero-pad identity (the paper's), B = 1x1 conv projection "
                         f"(default: {'B' if training else 'the checkpoint' + chr(39) + 's, else B'})")
+    if not training:
+        add_outside_args(g, "the model of a --checkpoint without model_args (a plain state_dict); a checkpoint "
+                            "that records its model must agree")
     return parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return value
+
+
+def add_outside_args(g, what: str):
+    """--model, --model-kwargs, --input-size, --num-classes: a model from outside the registry (models/outside.py)."""
+    g.add_argument("--model", default=None, metavar="SPEC",
+                   help="a model from outside the registry, its structure derived from its traced graph: "
+                        f"torchvision:NAME (any torchvision classification builder) or path/to/file.py:FUNCTION; "
+                        f"{what} (default: none; the registry's --arch)")
+    g.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="with --model: keyword arguments of its builder, a JSON object (default: none)")
+    g.add_argument("--input-size", type=positive_int, default=None,
+                   help="with --model: the image's height and width (default: 224 for torchvision, else 32)")
+    g.add_argument("--num-classes", type=positive_int, default=None,
+                   help="with --model: classes of its classifier (default: the builder's)")
+
+
+def outside_model(opts) -> dict | None:
+    """What --model and its flags ask for ({"arch", and "model_kwargs" / "num_classes" / "input_size" where given}),
+    or None without --model; registry flags beside --model, or its flags without it, are errors."""
+    from models.outside import parse_kwargs
+    if opts.model is None:
+        if opts.model_kwargs or opts.input_size or opts.num_classes:
+            raise UserError("--model-kwargs, --input-size and --num-classes go with --model (a model from outside "
+                            "the registry); the registry's models take 32x32 images and --arch.")
+        return None
+    if opts.arch or getattr(opts, "depth", None) or opts.shortcut:
+        raise UserError("--model names a model from outside the registry; it takes no --arch, --depth or "
+                        "--shortcut. Give one of them.")
+    given = {"model_kwargs": parse_kwargs(opts.model_kwargs) if opts.model_kwargs else None,
+             "num_classes": opts.num_classes, "input_size": opts.input_size}
+    return {"arch": opts.model, **{k: v for k, v in given.items() if v is not None}}
 
 
 def resolve_arch(arch: str | None, depth: int | None, shortcut: str | None) -> tuple[str | None, str | None]:

@@ -117,12 +117,11 @@ class Prepared:
 def prepare(opts: ExportOptions) -> Prepared:
     """Resolve the checkpoint, configuration, target, tensor ranges and check images of an export (see main)."""
     from quant.cost import kernel_table
-    from utils.checkpoint import load_model, parse_normalization, read_checkpoint
-    from utils.cli import resolve_arch
+    from utils.checkpoint import read_checkpoint
     from utils.config import load_config
     from utils.data import load_dataset
     from utils.qat import load_qat
-    from utils.stages.common import load_setup, resolve_checkpoint
+    from utils.stages.common import load_float, load_setup, resolve_checkpoint
 
     if opts.check_images < 0 or opts.threads < 1:
         raise UserError(f"--check-images must be >= 0 and --threads >= 1; got {opts.check_images}, {opts.threads}.")
@@ -160,9 +159,7 @@ def prepare(opts: ExportOptions) -> Prepared:
         return p
 
     # a float checkpoint: quantize it here
-    arch, shortcut = resolve_arch(opts.arch, opts.depth, opts.shortcut)
-    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(opts.normalization),
-                             require_finished=not opts.force)
+    model, meta, _ = load_float(opts)
     s2, why = recorded_stage2(opts.results_dir, ckpt)
     if why:
         notes.append(why)

@@ -102,7 +102,12 @@ class ArchOptions(Options):
 
 @dataclass(frozen=True)
 class ModelOptions(CommonOptions, ArchOptions):
-    """A float checkpoint and the held-out images it is quantized, searched and reported on."""
+    """A float checkpoint and the held-out images it is quantized, searched and reported on. ``model`` and its
+    fields: a model from outside the registry (models/outside.py), for a checkpoint without model_args."""
+    model: str | None = None
+    model_kwargs: str | None = None
+    input_size: int | None = None
+    num_classes: int | None = None
     checkpoint: Path | None = None
     normalization: str | None = None
     holdout: Path | None = None

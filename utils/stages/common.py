@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from models.structure import DEFAULT_TARGET, TARGETS
+from models import describe
+from models.structure import DEFAULT_TARGET, TARGETS, input_shape
 from quant.calibrate import METHOD as CALIBRATION_METHOD, calibrate
 from quant.cost import COST_MODELS, CostModel, FusedCost, KernelTable, kernel_table
 from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
@@ -18,7 +19,7 @@ from quant.quantizer import WEIGHT_RANGES
 from quant.recipe import CORRECTIONS, DEFAULT_CORRECTION, DEFAULT_PTQ, PTQ_METHODS, Recipe
 from quant.widths import ACT_BITS, DEFAULT_W_LADDER, FLOAT_BITS, QUICK_W_LADDER, Space, check_widths
 from utils.checkpoint import default_checkpoint_path, load_model, parse_normalization
-from utils.cli import add_arch_args, resolve_arch, resolve_device, seed_everything
+from utils.cli import add_arch_args, outside_model, resolve_arch, resolve_device, seed_everything
 from utils.data import load_dataset
 from utils.errors import UserError
 from utils.options import ModelOptions, Options, SensitivityOptions
@@ -218,8 +219,34 @@ def resolve_checkpoint(opts: ModelOptions) -> Path:
         recorded = load_results_json(rec, "1", PRODUCERS["1"], force=True).get("checkpoint")
         if recorded:
             return Path(recorded)
+    if opts.model is not None:
+        raise UserError(f"--model {opts.model} needs --checkpoint FILE: the weights to quantize (stage 1 trains the "
+                        f"registry's models only; a plain state_dict of the --model network loads).")
     arch, _ = resolve_arch(opts.arch, opts.depth, opts.shortcut)
     return default_checkpoint_path(opts.checkpoint_dir, arch or "resnet20")
+
+
+def load_float(opts: ModelOptions) -> tuple[torch.nn.Module, dict, Path]:
+    """The float model of --checkpoint (or the recorded one) as the model flags say: (model, meta, checkpoint)."""
+    arch, shortcut = resolve_arch(opts.arch, opts.depth, opts.shortcut)
+    outside = outside_model(opts)
+    ckpt = resolve_checkpoint(opts)
+    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(opts.normalization),
+                             require_finished=not opts.force, outside=outside)
+    if meta["foreign"]:
+        print(f"note: {ckpt} is a foreign checkpoint (no model_args): loaded as {describe(meta['model_args'])}, "
+              f"input normalization {meta['normalization']} ({meta['normalization_source']})")
+    return model, meta, ckpt
+
+
+def check_image_size(model: torch.nn.Module, size, ckpt):
+    """Refuse data whose images are not the size the model was traced and priced at."""
+    want = tuple(input_shape(model)[2:])
+    if tuple(int(s) for s in size) != want:
+        raise UserError(f"the model of {ckpt} takes {want[0]}x{want[1]} images (its input size), but the data set's "
+                        f"are {size[0]}x{size[1]}: its cost and its trace would describe another network than the one "
+                        f"evaluated. Rebuild it with --input-size {size[0]} (a checkpoint without model_args), or "
+                        f"evaluate on data of its size.")
 
 
 @dataclass
@@ -329,13 +356,7 @@ def load_setup(opts: ModelOptions, recipe: Recipe | None = None, calib_images: i
     if opts.eval_batch_size <= 0:
         raise UserError(f"--eval-batch-size must be > 0, got {opts.eval_batch_size}.")
     device = resolve_device(opts.device)
-    arch, shortcut = resolve_arch(opts.arch, opts.depth, opts.shortcut)
-    ckpt = resolve_checkpoint(opts)
-    model, meta = load_model(ckpt, arch, shortcut, parse_normalization(opts.normalization),
-                             require_finished=not opts.force)
-    if meta["foreign"]:
-        print(f"note: {ckpt} is a foreign checkpoint (no model_args): loaded as {meta['model_args']['arch']}, "
-              f"input normalization {meta['normalization']} ({meta['normalization_source']})")
+    model, meta, ckpt = load_float(opts)
     recorded = meta["data"]
     _check_recorded("seed", opts.seed, recorded.get("seed"), ckpt)
     _check_recorded("val_size", opts.val_size, recorded.get("val_size"), ckpt)
@@ -350,6 +371,7 @@ def load_setup(opts: ModelOptions, recipe: Recipe | None = None, calib_images: i
                         f"was given. Quantization results would mix data sets: drop --dataset, or pass --force.")
     data_dir = opts.data_dir or Path(recorded.get("data_dir") or "data")
     data = load_dataset(dataset, data_dir)
+    check_image_size(model, data.test_x.shape[1:3], ckpt)
     seed_everything(seed)
     split = search_split(data, meta, seed, recorded.get("val_size"), opts.holdout, ckpt,
                          confirm_size=opts.confirm_size, select_size=opts.select_size)
