@@ -70,28 +70,30 @@ def one(name: str, size: int, with_trace: bool) -> dict:
     return row
 
 
-def previous_rows(args) -> list:
-    """The rows of an earlier run into ``--out``, refused if it measured something else."""
+def previous_rows(args) -> tuple[list, list]:
+    """The rows of an earlier run into ``--out`` and the provenance of the runs that made them, refused if it
+    measured something else."""
     if not args.out.exists():
-        return []
+        return [], []
     old = json.loads(args.out.read_text())
     if old.get("input_size") != args.input_size or old["provenance"]["args"].get("trace") != args.trace:
         raise SystemExit(f"error: {args.out} was made with --input-size {old.get('input_size')} and "
                          f"--trace {old['provenance']['args'].get('trace')}; --resume needs the same options. "
                          "Choose another --out or drop --resume.")
-    return old["models"]
+    return old["models"], old.get("resumed_from", []) + [old["provenance"]]
 
 
 def main(args):
     import torchvision
     torch.set_num_threads(1)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
-    rows = previous_rows(args) if args.resume else []
+    rows, earlier = previous_rows(args) if args.resume else ([], [])
     done = {r["name"] for r in rows}
     for name in tqdm([n for n in names if n not in done], desc="torchvision classifiers"):
         rows.append(one(name, args.input_size, args.trace))
         out = {"benchmark": "torchvision_zoo", "input_size": args.input_size, "cost_model": "fused, generic, batch 1",
-               "modelled": True, "models": rows, "provenance": provenance(vars(args), "cpu")}
+               "modelled": True, "models": rows, "provenance": provenance(vars(args), "cpu"),
+               **({"resumed_from": earlier} if earlier else {})}   # the runs that made the rows kept
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=1, default=str))
     ok = [r for r in rows if r["status"] == "derived"]
