@@ -6,8 +6,10 @@
 
 A checkpoint's ``model_args`` ({"arch": "resnet20", "shortcut": "B", "num_classes": 10}) rebuild
 its model through ``build_from_args``; the older form {"arch": "resnet", "depth": 20} still does.
-Every registered model declares its structure (models/structure.py); a model from outside the registry
-(``"arch": "torchvision:resnet18"`` or ``"path/file.py:build"``, models/outside.py) gets it from its traced graph.
+Every model gets its structure (models/structure.py) from its traced graph (models/graph.py), the registry's
+(a ``TracedModel`` over the module, with the module's parameter names and Slots) as well as those from outside
+it (``"arch": "torchvision:resnet18"`` or ``"path/file.py:build"``, models/outside.py). The structures the
+registry's models once declared by hand are test data (tests/declared.py) that the derived ones equal.
 """
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ import json
 
 import torch.nn as nn
 
+from models.graph import TracedModel, trace_model
 from models.mobilenetv2 import MobileNetV2
 from models.outside import build_outside, is_outside
 from models.resnet import DEPTHS, SHORTCUTS, CifarResNet
+from models.structure import DEFAULT_INPUT_SHAPE
 
 DEFAULT_ARCH = "resnet20"
 DEFAULT_SHORTCUT = "B"
@@ -38,8 +42,9 @@ def resnet_depth(arch: str) -> int | None:
     return int(arch[len("resnet"):]) if arch.startswith("resnet") and arch in ARCHS else None
 
 
-def build_model(arch: str, shortcut: str | None = None, num_classes: int = 10) -> nn.Module:
-    """A freshly initialized model; ValueError names the choices for an unknown arch or shortcut."""
+def build_model(arch: str, shortcut: str | None = None, num_classes: int = 10) -> TracedModel:
+    """A freshly initialized model, its structure derived from its traced graph; ValueError names the choices for
+    an unknown arch or shortcut."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     make, has_shortcut = ARCHS[arch]
@@ -47,7 +52,12 @@ def build_model(arch: str, shortcut: str | None = None, num_classes: int = 10) -
         raise ValueError(f"--shortcut applies to ResNets only, not to {arch}")
     if has_shortcut and shortcut not in (None, *SHORTCUTS):
         raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-    return make(int(num_classes), shortcut or DEFAULT_SHORTCUT)
+    return trace_model(make(int(num_classes), shortcut or DEFAULT_SHORTCUT), DEFAULT_INPUT_SHAPE)
+
+
+def resnet20(shortcut: str = "B", num_classes: int = 10) -> TracedModel:
+    """The reference work's network (build_model("resnet20", ...))."""
+    return build_model("resnet20", shortcut, num_classes)
 
 
 def normalize_model_args(model_args: dict) -> dict:

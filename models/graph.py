@@ -1,6 +1,6 @@
-"""Structure derived from the traced graph: any CNN of the ops below gets the kernels, tensors, segments and
-conv-BN pairs that the registry's models declare by hand (models/structure.py), with its quantizer Slots
-inserted by rewriting the graph.
+"""Structure derived from the traced graph: any CNN of the ops below, the registry's included, gets its kernels,
+tensors, segments and conv-BN pairs (models/structure.py), with its quantizer Slots inserted by rewriting the graph.
+The structures the registry's models once declared by hand are test data (tests/declared.py) these equal.
 
     from models.graph import trace_model
     model = trace_model(torchvision.models.resnet18(), input_shape=(1, 3, 224, 224))
@@ -150,6 +150,8 @@ class TracedModel(fx.GraphModule):
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
+        res._modules = {k: memo.get(id(m), res._modules.get(k)) for k, m in self._modules.items()}   # the own tree
+        type(res).__name__ = type(self).__name__   # GraphModule's init names a copy's class "GraphModule"
         for k in ("aiqs_structure", "aiqs_pairs", "model_args", "input_shape"):
             if k in self.__dict__:
                 setattr(res, k, copy.deepcopy(self.__dict__[k], memo))
@@ -321,8 +323,8 @@ class _Analysis:
         bad = [n for n in self.nodes if self.kind[n] == "unsupported"]
         if bad:
             raise UserError(f"AI-QS cannot price {_describe(bad[0], self.modules)}: the traced-graph rules cover "
-                            f"{SUPPORTED}. Replace the op, or declare the model's structure by hand "
-                            f"(models/structure.py).")
+                            f"{SUPPORTED}. Replace the op with one of these (its own module, if need be), or fuse it into "
+                            f"a module the rules know.")
         self._check_reuse()
         self.depth = self._depths()
         self.chains = self._chains()
@@ -532,16 +534,19 @@ def _segments(an: _Analysis, kernels: list[Kernel]) -> tuple:
         merged[-1][1] += last[1]
     order = [k.name for k in kernels]
     segs = []
-    for nodes, ks in merged:
+    for i, (nodes, ks) in enumerate(merged):
         ks = sorted(set(ks), key=order.index)
-        segs.append((_segment_name(ks), tuple(n.name for n in nodes), tuple(ks), nodes[-1].name))
+        name = _segment_name(ks, "stem" if i == 0 else "head" if i == len(merged) - 1 else None)
+        segs.append((name, tuple(n.name for n in nodes), tuple(ks), nodes[-1].name))
     segs[-1] = segs[-1][:3] + (None,)   # the last one returns what forward returns
     if [k for s in segs for k in s[2]] != order:
         raise UserError("the traced graph's kernels do not run in segment order; AI-QS cannot cache its prefixes")
     return tuple(segs)
 
 
-def _segment_name(kernels: list[str]) -> str:
+def _segment_name(kernels: list[str], end: str | None = None) -> str:
+    """The module path its kernels share (a block: ``layer1.0``); the first and last segment without one are the
+    ``stem`` and the ``head`` (`end`); else its first kernel, or its first and last."""
     parts = [k.split(".") for k in kernels]
     common = []
     for level in zip(*parts):
@@ -550,6 +555,8 @@ def _segment_name(kernels: list[str]) -> str:
         common.append(level[0])
     if common and (len(kernels) > 1 or len(common) < len(parts[0])):
         return ".".join(common)
+    if end is not None:
+        return end
     return kernels[0] if len(kernels) == 1 else f"{kernels[0]}..{kernels[-1]}"
 
 
@@ -570,6 +577,25 @@ def _insert_slots(gm: fx.GraphModule, analyses: list[_Analysis]):
     gm.recompile()
 
 
+def _adopt_module_tree(gm: nn.Module, src: nn.Module):
+    """The model's own module tree (its blocks and containers, in its order, so parameters and state_dict keys keep
+    theirs) in place of the plain modules the graph copies, without the weights forward never uses (as the graph
+    would have it: an auxiliary classifier only training calls)."""
+    used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    keep = {".".join(t.split(".")[:i]) for t in used for i in range(1, t.count(".") + 2)}
+
+    def prune(m: nn.Module, prefix: str):
+        for name, child in list(m._modules.items()):
+            path = prefix + name
+            if path not in keep and (next(child.parameters(), None) is not None or
+                                     next(child.buffers(), None) is not None):
+                del m._modules[name]
+            elif path not in used:
+                prune(child, path + ".")
+    gm._modules = dict(src._modules)
+    prune(gm, "")
+
+
 @torch.no_grad()
 def trace_model(model: nn.Module, input_shape=(1, 3, 32, 32), model_args: dict | None = None) -> TracedModel:
     """The structure of `model` derived from its traced graph, on a copy whose graph holds a Slot for every
@@ -580,8 +606,9 @@ def trace_model(model: nn.Module, input_shape=(1, 3, 32, 32), model_args: dict |
     except Exception as e:   # fx's own messages name the Python construct (control flow on a tensor, ...)
         raise UserError(f"torch.fx cannot trace {type(model).__name__}: {e}".rstrip(".") + ". AI-QS derives a "
                         "model's structure from its traced graph; make forward traceable (no control flow "
-                        "that depends on tensor values), or declare the structure by hand.") from None
+                        "that depends on tensor values).") from None
     gm = TracedModel(src, graph, class_name=type(model).__name__)
+    _adopt_module_tree(gm, src)
     param = next(src.parameters(), None)
     x = torch.zeros(input_shape, device=param.device if param is not None else "cpu")
     ShapeProp(gm).propagate(x)

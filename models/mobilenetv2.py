@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target
+from models.structure import Add, Slot
 
 PARAM_COUNT = 2_296_922
 MACS = 91_154_944
@@ -103,70 +103,6 @@ class MobileNetV2(nn.Module):
     def head(self, x):
         out = self.q_head(F.relu(self.bn2(self.conv2(x))))
         return self.q_logits(self.linear(self.q_pool(torch.flatten(self.pool(out), 1))))
-
-    def _kernels_by_segment(self, target: str) -> list[tuple[str, list[Kernel]]]:
-        """Stem conv+BN+ReLU; per block expand conv1+BN+ReLU, depthwise conv2+BN+ReLU, the projection
-        shortcut (conv+BN) as its own kernel, project conv3+BN (+ the residual add, generic; ort-cpu:
-        the add is its own kernel); the head's 1x1 conv2+BN+ReLU, pool, linear."""
-        check_target(target)
-        out = [("stem", [Kernel("conv1", ("conv1",), (Read(INPUT),), "conv1", ("conv1",))])]
-        prev = "conv1"
-        for i, b in enumerate(self.layers):
-            p = f"layers.{i}"
-            ks = [Kernel(f"{p}.conv1", (f"{p}.conv1",), (Read(prev),), f"{p}.conv1", (f"{p}.conv1",)),
-                  Kernel(f"{p}.conv2", (f"{p}.conv2",), (Read(f"{p}.conv1"),), f"{p}.conv2", (f"{p}.conv2",))]
-            conv3 = (Read(f"{p}.conv2"),)
-            if not b.residual:
-                ks.append(Kernel(f"{p}.conv3", (f"{p}.conv3",), conv3, f"{p}.conv3", (f"{p}.conv3",)))
-            else:
-                if b.projection:
-                    ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev),), f"{p}.shortcut.0",
-                                     (f"{p}.shortcut.0",)))
-                sc = Read(f"{p}.shortcut.0" if b.projection else prev)
-                if target == "generic":
-                    ks.append(Kernel(f"{p}.conv3", (f"{p}.conv3",), conv3 + (sc,), f"{p}.conv3",
-                                     (f"{p}.conv3", f"{p}.add")))
-                else:
-                    ks += [Kernel(f"{p}.conv3", (f"{p}.conv3",), conv3, f"{p}.conv3", (f"{p}.conv3",)),
-                           Kernel(f"{p}.add", (), (Read(f"{p}.conv3"), sc), f"{p}.add", (f"{p}.add",))]
-            out.append((p, ks))
-            prev = ks[-1].writes
-        out.append(("head", [Kernel("conv2", ("conv2",), (Read(prev),), "conv2", ("conv2",)),
-                             Kernel("pool", (), (Read("conv2"),), "pool", ("pool",)),
-                             Kernel("linear", ("linear",), (Read("pool"),), "linear", ("linear",))]))
-        return out
-
-    def kernels(self, target: str = DEFAULT_TARGET) -> list[Kernel]:
-        return [k for _, ks in self._kernels_by_segment(target) for k in ks]
-
-    def tensors(self, target: str = DEFAULT_TARGET) -> list[Tensor]:
-        check_target(target)
-        ts = [Tensor(INPUT, "q_input", True), Tensor("conv1", "q_stem", False)]
-        for i, b in enumerate(self.layers):
-            p = f"layers.{i}"
-            ts += [Tensor(f"{p}.conv1", f"{p}.q1", False), Tensor(f"{p}.conv2", f"{p}.q2", False)]
-            if b.projection:
-                ts.append(Tensor(f"{p}.shortcut.0", f"{p}.q_sc", True))
-            if b.residual and target != "generic":
-                ts += [Tensor(f"{p}.conv3", f"{p}.q_mid", True), Tensor(f"{p}.add", f"{p}.q_out", True)]
-            else:
-                ts.append(Tensor(f"{p}.conv3", f"{p}.q_out", True))
-        return ts + [Tensor("conv2", "q_head", False), Tensor("pool", "q_pool", False),
-                     Tensor("linear", "q_logits", True)]
-
-    def segments(self, target: str = DEFAULT_TARGET) -> list[Segment]:
-        fns = [self.stem, *self.layers, self.head]
-        return [Segment(name, fn, tuple(k.name for k in ks))
-                for fn, (name, ks) in zip(fns, self._kernels_by_segment(target))]
-
-    def conv_bn_pairs(self) -> list[tuple[str, str]]:
-        pairs = [("conv1", "bn1"), ("conv2", "bn2")]
-        for i, b in enumerate(self.layers):
-            p = f"layers.{i}"
-            pairs += [(f"{p}.conv1", f"{p}.bn1"), (f"{p}.conv2", f"{p}.bn2"), (f"{p}.conv3", f"{p}.bn3")]
-            if b.projection:
-                pairs.append((f"{p}.shortcut.0", f"{p}.shortcut.1"))
-        return pairs
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x)))

@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.structure import (DEFAULT_TARGET, INPUT, Add, Kernel, Read, Segment, Slot, Tensor, check_target,
-                              strided_fraction)
+from models.structure import Add, Slot
 
 DEPTHS = (8, 20, 32, 44, 56, 110)
 SHORTCUTS = ("A", "B")
@@ -147,94 +146,10 @@ class CifarResNet(nn.Module):
     def head(self, x):
         return self.q_logits(self.linear(self.q_pool(torch.flatten(self.pool(x), 1))))
 
-    def blocks(self):
-        return [b for stage in (self.layer1, self.layer2, self.layer3) for b in stage]
-
-    def named_blocks(self) -> list[tuple[str, BasicBlock]]:
-        return [(f"layer{s}.{i}", b) for s, stage in enumerate((self.layer1, self.layer2, self.layer3), start=1)
-                for i, b in enumerate(stage)]
-
-    def _block_kernels(self, p: str, b: BasicBlock, prev: str, target: str) -> list[Kernel]:
-        """The kernels of block `b` (named `p`), which reads tensor `prev`; the last one writes the block output."""
-        ks = [Kernel(f"{p}.conv1", (f"{p}.conv1",), (Read(prev),), f"{p}.conv1", (f"{p}.conv1",))]
-        sc_ops = ()
-        if b.projection:
-            ks.append(Kernel(f"{p}.shortcut.0", (f"{p}.shortcut.0",), (Read(prev, strided_fraction(b.shortcut[0])),),
-                             f"{p}.shortcut.0", (f"{p}.shortcut.0",)))   # 1x1 stride 2: a quarter of its input
-            sc = Read(f"{p}.shortcut.0")
-        elif isinstance(b.shortcut, PadShortcut) and target == "generic":   # fused into the add's kernel
-            sc, sc_ops = Read(prev, 0.25), (f"{p}.shortcut.subsample", f"{p}.shortcut.pad")
-        elif isinstance(b.shortcut, PadShortcut):   # ort-cpu: the Slice and the Pad are kernels of their own
-            sub, pad = f"{p}.shortcut.subsample", f"{p}.shortcut.pad"
-            ks += [Kernel(sub, (), (Read(prev, 0.25),), sub, (sub,)), Kernel(pad, (), (Read(sub),), pad, (pad,))]
-            sc = Read(pad)
-        else:
-            sc = Read(prev)
-        if target == "generic":
-            ks.append(Kernel(f"{p}.conv2", (f"{p}.conv2",), (Read(f"{p}.conv1"), sc), f"{p}.conv2",
-                             (f"{p}.conv2", f"{p}.add") + sc_ops))
-        else:
-            ks.append(Kernel(f"{p}.conv2", (f"{p}.conv2",), (Read(f"{p}.conv1"),), f"{p}.conv2", (f"{p}.conv2",)))
-            ks.append(Kernel(f"{p}.add", (), (Read(f"{p}.conv2"), sc), f"{p}.add", (f"{p}.add",) + sc_ops))
-        return ks
-
-    def _kernels_by_segment(self, target: str) -> list[tuple[str, list[Kernel]]]:
-        check_target(target)
-        out = [("stem", [Kernel("conv1", ("conv1",), (Read(INPUT),), "conv1", ("conv1",))])]
-        prev = "conv1"
-        for p, b in self.named_blocks():
-            ks = self._block_kernels(p, b, prev, target)
-            out.append((p, ks))
-            prev = ks[-1].writes
-        out.append(("head", [Kernel("pool", (), (Read(prev),), "pool", ("pool",)),
-                             Kernel("linear", ("linear",), (Read("pool"),), "linear", ("linear",))]))
-        return out
-
-    def kernels(self, target: str = DEFAULT_TARGET) -> list[Kernel]:
-        """Stem conv+BN+ReLU; per block conv1+BN+ReLU, the projection (conv+BN) as its own kernel,
-        conv2+BN+add+ReLU (generic) or conv2+BN, then add+ReLU (ort-cpu); pool; linear."""
-        return [k for _, ks in self._kernels_by_segment(target) for k in ks]
-
-    def tensors(self, target: str = DEFAULT_TARGET) -> list[Tensor]:
-        check_target(target)
-        ts = [Tensor(INPUT, "q_input", True), Tensor("conv1", "q_stem", False)]
-        prev = "conv1"   # the block input
-        for p, b in self.named_blocks():
-            ts.append(Tensor(f"{p}.conv1", f"{p}.q1", False))
-            if b.projection:
-                ts.append(Tensor(f"{p}.shortcut.0", f"{p}.q_sc", True))
-            elif isinstance(b.shortcut, PadShortcut) and target == "ort-cpu":
-                ts += [Tensor(f"{p}.shortcut.{step}", f"{p}.shortcut.q_{step}", False, follows=prev)
-                       for step in ("subsample", "pad")]
-            if target == "generic":
-                ts.append(Tensor(f"{p}.conv2", f"{p}.q_out", False))
-            else:
-                ts += [Tensor(f"{p}.conv2", f"{p}.q_mid", True), Tensor(f"{p}.add", f"{p}.q_out", False)]
-            prev = ts[-1].name
-        return ts + [Tensor("pool", "q_pool", False), Tensor("linear", "q_logits", True)]
-
-    def segments(self, target: str = DEFAULT_TARGET) -> list[Segment]:
-        """Stem, every block, head (see models/structure.py)."""
-        fns = [self.stem, *self.blocks(), self.head]
-        return [Segment(name, fn, tuple(k.name for k in ks))
-                for fn, (name, ks) in zip(fns, self._kernels_by_segment(target))]
-
-    def conv_bn_pairs(self) -> list[tuple[str, str]]:
-        pairs = [("conv1", "bn1")]
-        for name, b in self.named_blocks():
-            pairs += [(f"{name}.conv1", f"{name}.bn1"), (f"{name}.conv2", f"{name}.bn2")]
-            if b.projection:
-                pairs.append((f"{name}.shortcut.0", f"{name}.shortcut.1"))
-        return pairs
-
     def forward(self, x):
         x = self.stem(x)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.head(x)
-
-
-def resnet20(shortcut: str = "B", num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(20, shortcut, num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,6 +1,8 @@
-"""What a quantizable model declares about itself, so that no code guesses it from names.
+"""What a quantizable model says about itself, so that no code guesses it from names.
 
-A model registered in models/__init__.py declares:
+Every model's structure is derived from its traced graph (models/graph.py: the registry's models and those
+from outside it alike); the registry's hand declarations of it are frozen test data (tests/declared.py) that the
+derived structures equal. A model has:
 
 * ``kernels(target)``: the kernels a deployment compiler runs, in order (``Kernel``). A kernel is
   what the runtime fuses into one pass over memory; ``target`` names the runtime's fusion:

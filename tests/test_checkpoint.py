@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from models import build_model
-from models.resnet import CifarResNet
 from utils.checkpoint import (DEFAULT_NORMALIZATION, NORMALIZATIONS, default_checkpoint_path, extract_state_dict,
                               load_model, parse_normalization, read_checkpoint, save_checkpoint, slim_checkpoint)
 from utils.errors import UserError
@@ -23,7 +22,7 @@ class NotATensor:
 def trained_like(depth=20, shortcut="B", seed=0, num_classes=10, arch=None):
     """A model whose weights and BN statistics differ from a fresh init (so a load is visible)."""
     torch.manual_seed(seed)
-    m = build_model(arch, None, num_classes) if arch else CifarResNet(depth, shortcut, num_classes)
+    m = build_model(arch, None, num_classes) if arch else build_model(f"resnet{depth}", shortcut, num_classes)
     with torch.no_grad():
         for k, v in m.state_dict().items():
             if v.is_floating_point():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ARCHS, build_from_args, build_model
-from models.graph import trace_model
+from models.graph import TracedModel, trace_model
 from models.outside import build_outside
 from models.resnet import SHORTCUTS
 from models.structure import TARGETS, check_structure
@@ -24,6 +24,7 @@ from quant.errors import UserError
 from quant.fold import fold_bn
 from quant.place import quantize_
 from quant.widths import FLOAT_BITS, A, W
+from declared import declared_model
 from test_ai_calculator import _randomize_bn, trace_random_config
 from utils import ai_calculator
 
@@ -39,17 +40,25 @@ def _kernel_view(kernels):
 def test_derived_structure_equals_the_declared_one(arch, shortcut):
     """Every registry model under both targets: the kernels (layers, reads with their fractions, writes, ops), the
     tensors (names, Slots, signs, order) and the conv-BN pairs derived from the traced graph are the declared ones;
-    every declared segment boundary is a derived one; forward and the segments in order compute the model's output."""
-    model = _randomize_bn(build_model(arch, shortcut), 1)
-    derived = trace_model(model)
+    every declared segment boundary is a derived one, and a segment both have has the same name; forward
+    and the segments in order compute the model's output. The registry builds the derived one (build_model)."""
+    model = _randomize_bn(declared_model(arch, shortcut), 1)
+    derived = build_model(arch, shortcut)
+    derived.load_state_dict(model.state_dict())
+    derived.train(model.training)
+    assert isinstance(derived, TracedModel) and not hasattr(type(derived), "_kernels_by_segment")
     for target in TARGETS:
         check_structure(derived, target)
         assert _kernel_view(derived.kernels(target)) == _kernel_view(model.kernels(target))
         assert derived.tensors(target) == model.tensors(target)
         ends = {s.kernels[-1] for s in derived.segments(target)}
         assert {s.kernels[-1] for s in model.segments(target)} <= ends
+        named = {s.kernels: s.name for s in derived.segments(target)}
+        assert all(named[s.kernels] == s.name for s in model.segments(target) if s.kernels in named)
     assert set(derived.conv_bn_pairs()) == set(model.conv_bn_pairs())
-    assert derived.state_dict().keys() == model.state_dict().keys()
+    assert list(derived.state_dict()) == list(model.state_dict())   # in the module's order
+    mods = dict(derived.named_modules())   # the module's own tree: its blocks and containers, not plain modules
+    assert all(type(mods[n]) is type(m) for n, m in model.named_modules() if n)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         y = x
@@ -61,8 +70,7 @@ def test_derived_structure_equals_the_declared_one(arch, shortcut):
 @pytest.mark.parametrize("arch,shortcut", [("resnet20", "A"), ("resnet20", "B"), ("mobilenetv2", None)])
 def test_derived_and_declared_models_cost_the_same(arch, shortcut):
     """The same fused and reference AI for random mixed configurations, under both targets."""
-    model = build_model(arch, shortcut)
-    derived = trace_model(model)
+    model, derived = declared_model(arch, shortcut), build_model(arch, shortcut)
     rng = np.random.default_rng(3)
     for target in TARGETS:
         a, b = kernel_table(model, target), kernel_table(derived, target)
@@ -77,9 +85,11 @@ def test_derived_and_declared_models_cost_the_same(arch, shortcut):
 def test_traced_model_copies_folds_and_quantizes_like_a_declared_one():
     """A deep copy keeps the derived structure; BN folding and placement act on the rewritten graph (a quantizer
     in a Slot changes what forward and the segments compute)."""
-    derived = trace_model(_randomize_bn(build_model("resnet8", "A"), 2))
+    derived = trace_model(_randomize_bn(declared_model("resnet8", "A"), 2))
     copy = fold_bn(derived)
     assert copy.kernels("ort-cpu") == derived.kernels("ort-cpu") and copy.conv_bn_pairs() == derived.conv_bn_pairs()
+    assert type(copy).__name__ == "DeclaredCifarResNet" and isinstance(copy.layer2, nn.Sequential)
+    assert copy.layer2[0].shortcut.pad is not derived.layer2[0].shortcut.pad
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(copy(x), derived(x), atol=1e-4)
@@ -368,3 +378,24 @@ def test_a_slice_and_pad_are_kernels_that_follow_their_input_under_ort_cpu():
     assert [r["bits"] for r in copies] == [cfg[A, "stem"]] * 2
     with pytest.raises(UserError, match="copy of 'stem'"):
         quantize_(fold_bn(model), {**cfg, (A, "pad"): 8}, {}, "ort-cpu")
+
+
+class _WithUnusedHead(nn.Module):   # an auxiliary classifier that only training would call
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.spare = nn.Sequential()   # weightless, called: kept
+        self.aux = nn.Linear(4, 10)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.spare(self.body(x)), 1), 1))
+
+
+def test_traced_model_keeps_the_module_tree_without_unused_weights():
+    """The traced model keeps the module's own containers (a Sequential stays one) but not the weights forward
+    never uses: they are neither priced nor quantized, and a checkpoint holding them names them as unexpected."""
+    model = trace_model(_WithUnusedHead())
+    assert isinstance(model.body, nn.Sequential) and isinstance(model.spare, nn.Sequential)
+    assert not hasattr(model, "aux") and "aux.weight" not in model.state_dict()
+    assert [k.layers for k in model.kernels()] == [("body.0",), (), ("head",)]

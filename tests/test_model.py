@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from models import (ARCHS, arch_flags, arch_names, build_from_args, build_model, closest_architectures,
-                    describe, normalize_model_args, takes_shortcut)
+                    describe, normalize_model_args, resnet20, takes_shortcut)
 from models.mobilenetv2 import MACS, PARAM_COUNT, MobileNetV2
-from models.resnet import DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, count_parameters, resnet20
+from models.resnet import DEPTHS, PARAM_COUNTS, SHORTCUTS, CifarResNet, PadShortcut, count_parameters
+from models.graph import TracedModel
 from models.structure import (DEFAULT_TARGET, INPUT, TARGETS, Add, Kernel, Read, Segment, Slot, Tensor,
                               check_structure, quantizable_layers, widths_of_their_own)
 from quant.cost import layer_table
@@ -184,7 +185,8 @@ def test_registry_builds_every_architecture(arch, shortcut):
     assert m.model_args == {"arch": arch, **({"shortcut": shortcut} if shortcut else {}), "num_classes": 10}
     assert normalize_model_args(m.model_args) == m.model_args
     r = build_from_args(m.model_args)
-    assert type(r) is type(m)
+    assert isinstance(r, TracedModel) and type(r).__name__ == type(m).__name__   # each GraphModule has its class
+    assert r.kernels() == m.kernels() and r.code == m.code
     assert {k: v.shape for k, v in r.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
     m7 = build_model(arch, shortcut, num_classes=7)
     assert m7.linear.out_features == 7 and m7.model_args["num_classes"] == 7
@@ -480,7 +482,7 @@ def test_check_structure_accepts_every_model(arch, shortcut, target):
     assert segs[0].name == "stem" and segs[0].kernels == ("conv1",) and layers_of["conv1"] == ("conv1",)
     assert segs[-1].name == "head" and segs[-1].kernels[-2:] == ("pool", "linear")
     for s in segs[1:-1]:
-        assert s.kernels and all(k.startswith(s.name + ".") for k in s.kernels)
+        assert s.kernels and all(k == s.name or k.startswith(s.name + ".") for k in s.kernels)
     mods = dict(model.named_modules())
     bns = {n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d)}
     assert {bn for _, bn in model.conv_bn_pairs()} == bns
@@ -489,8 +491,8 @@ def test_check_structure_accepts_every_model(arch, shortcut, target):
         depth = int(arch[len("resnet"):])
         assert len(covered) == depth + (2 if shortcut == "B" else 0)  # 6n+2 layers + 2 projections
         assert len(segs) == 3 * (depth - 2) // 6 + 2
-    else:
-        assert len(covered) == 58 and len(segs) == 17 + 2
+    else:   # 17 blocks, stem and head; the 3 stride-2 blocks split at each conv (one tensor live), the head at conv2
+        assert len(covered) == 58 and len(segs) == 17 + 2 + 3 * 2 + 1
 
 
 @pytest.mark.parametrize("target", ["", "cpu", "ort", "GENERIC", None])

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from conftest import COMMON, QUICK_BITS, QUICK_VAL_SIZE, REPO, SUBPROCESS_ENV, run_script
-from models import build_model
-from models.resnet import resnet20
+from models import build_model, resnet20
 from quant.cost import CostModel, kernel_table
 from quant.widths import FLOAT_BITS, FORMAT, A, W
 from utils.io import SCHEMA_VERSIONS, sha256_file

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from models import build_model
-from models.resnet import resnet20
+from models import build_model, resnet20
 from quant.cost import CostModel, kernel_table
 from utils.errors import UserError
 from utils.io import REPO_ROOT, SCHEMA_VERSIONS

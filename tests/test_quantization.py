@@ -11,7 +11,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch.ao.quantization.observer import HistogramObserver
 
 from models import build_model
-from models.resnet import CifarResNet, PadShortcut, Subsample
+from models.resnet import PadShortcut, Subsample
 from models.structure import INPUT, Add, Slot, Tensor, quantizable_layers, widths_of_their_own
 from quant.calibrate import calibrate, quantizers_from
 from quant.errors import UserError
@@ -254,7 +254,7 @@ def test_bad_clip_is_user_error():
         quantize_weight(gaussian(2, 2), 4, clip="percentile")
     with pytest.raises(UserError):
         weight_quantizer(gaussian(2, 2), 4, clip="max")
-    model = fold_bn(CifarResNet(8))
+    model = fold_bn(build_model("resnet8"))
     space = Space(tuple(quantizable_layers(model)), tuple(t.name for t in model.tensors()))
     with pytest.raises(UserError):
         quantize_(model, space.full({(W, "conv1"): 4}), {}, "generic", clip="max")
@@ -657,7 +657,7 @@ def test_per_tensor_weights_are_quantized_after_folding(bits, clip):
     old way) puts every output channel on its own grid, with far more values than the grid has:
     checked too, so the test tells the two apart."""
     torch.manual_seed(0)
-    model = spread_bn(CifarResNet(20, "B"))
+    model = spread_bn(build_model("resnet20", "B"))
     folded = fold_bn(model)
     float_folded = {n: m.weight.detach().clone() for n, m in quantizable_layers(folded).items()}
     quantize_(folded, space_of(model).full({(W, n): bits for n in float_folded}), {}, "generic",
@@ -684,7 +684,7 @@ def test_per_channel_quantization_commutes_with_folding(clip):
     gives (to float rounding) the gain times the channel quantized before folding, negative gains
     included: the folded per-channel grid is the unfolded one, scaled; each channel on its own grid."""
     torch.manual_seed(1)
-    model = spread_bn(CifarResNet(8, "B"), seed=1)
+    model = spread_bn(build_model("resnet8", "B"), seed=1)
     folded = fold_bn(model)
     for conv, _ in model.conv_bn_pairs():
         fw = folded.get_submodule(conv).weight.detach()
@@ -700,7 +700,7 @@ def test_fold_bn_leaves_the_source_and_matches_it():
     """fold_bn returns an eval-mode copy with every declared BN replaced by an identity and a bias on its
     conv, computing what the model with its BNs computes; the source keeps its BNs, weights and mode."""
     torch.manual_seed(2)
-    model = spread_bn(CifarResNet(8, "A"), seed=2).train()
+    model = spread_bn(build_model("resnet8", "A"), seed=2).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     folded = fold_bn(model)
     assert not folded.training and model.training
@@ -734,7 +734,7 @@ def test_quantize_bakes_weights_and_attaches_tensor_quantizers():
     quantizer with the calibrated scale and the tensor's grid; float tensors keep an empty Slot. The float
     configuration computes exactly the folded model."""
     torch.manual_seed(3)
-    model = spread_bn(CifarResNet(8, "B"), seed=3)
+    model = spread_bn(build_model("resnet8", "B"), seed=3)
     space = space_of(model)
     ranges = hand_ranges(model, "generic", bits=(4, 8))
     cfg = space.full({(W, "conv1"): 3, (W, "layer2.0.shortcut.0"): 2, (W, "linear"): 8,
@@ -762,7 +762,7 @@ def test_quantize_bakes_weights_and_attaches_tensor_quantizers():
 def test_quantize_refuses_uncalibrated_width_before_changing_anything():
     """A configuration asking for a tensor width with no calibrated range is a UserError naming the tensor
     and width; the model is left as it was (no quantizer attached, no weight changed)."""
-    model = fold_bn(CifarResNet(8, "B"))
+    model = fold_bn(build_model("resnet8", "B"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = space_of(model).full({(W, "conv1"): 4, (A, "conv1"): 4, (A, "layer1.0.conv1"): 6})
     with pytest.raises(UserError, match="'layer1.0.conv1' at 6 bits"):
@@ -780,7 +780,7 @@ def test_trainable_form_and_skeleton_round_trip():
     dict loads strictly into skeleton_ (the same structure with placeholder scales, from tensor_grids),
     which then computes the same outputs."""
     torch.manual_seed(4)
-    model = spread_bn(CifarResNet(8, "B"), seed=4)
+    model = spread_bn(build_model("resnet8", "B"), seed=4)
     space = space_of(model)
     ranges = hand_ranges(model, "generic")
     cfg = space.full({(W, "conv1"): 4, (W, "layer1.0.conv2"): 3, (W, "linear"): 4,
@@ -807,7 +807,7 @@ def test_trainable_form_and_skeleton_round_trip():
     assert all(q.scale.grad is not None for q in [*tqs.values(), *wq.values()])
 
     qat.eval()
-    skel = skeleton_(fold_bn(CifarResNet(8, "B")), cfg, tensor_grids(qat, "generic"), "generic")
+    skel = skeleton_(fold_bn(build_model("resnet8", "B")), cfg, tensor_grids(qat, "generic"), "generic")
     skel.load_state_dict(qat.state_dict())
     skel.eval()
     with torch.no_grad():
@@ -975,7 +975,7 @@ def test_8bit_costs_at_most_half_a_point():
     """
     (xtr, ytr), (xte, yte) = synthetic_task(n_train=100 * 32, n_test=1000)
     torch.manual_seed(0)
-    model = CifarResNet(8)
+    model = build_model("resnet8")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
     for i in range(0, len(xtr), 32):

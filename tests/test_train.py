@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import utils.stages.train_baseline as B
+from models import build_model
 from utils.options import TrainOptions
 from utils.checkpoint import load_model, read_checkpoint
 from utils.data import make_synthetic
@@ -171,9 +172,8 @@ def test_normalizer_matches_definition():
 
 def test_evaluate_batch_independent():
     """Accuracy is argmax agreement over all images whatever the batch size; mode is restored."""
-    from models.resnet import CifarResNet
     torch.manual_seed(0)
-    model = CifarResNet(8, "A").train()
+    model = build_model("resnet8", "A").train()
     x = uint8_images(23, seed=3)
     y = torch.randint(0, 10, (23,))
     norm = Normalizer([0.5] * 3, [0.25] * 3, "cpu")
@@ -352,9 +352,8 @@ def test_checkpoint_contents_and_reload(resume_runs, small_data):
 def test_param_groups_exclude_norm_and_bias():
     """Weight decay on conv/linear weights only by default; BN parameters and biases get none. The
     legacy recipe (decay on all) is one group, as checkpoints before version 2 saved it."""
-    from models.resnet import CifarResNet
     from utils.train import param_groups
-    m = CifarResNet(8, "B")
+    m = build_model("resnet8", "B")
     decay, no_decay = param_groups(m, 5e-4)
     names = {id(p): n for n, p in m.named_parameters()}
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0

@@ -63,10 +63,7 @@ from utils.errors import UserError
 if TYPE_CHECKING:
     import onnx
 
-try:   # the model zoo's only model-specific op: option A's subsample-and-pad shortcut
-    from models.resnet import PadShortcut
-except ImportError:  # pragma: no cover
-    PadShortcut = ()
+from models.resnet import ChannelPad, Subsample   # option A's shortcut: the model zoo's only model-specific ops
 
 # What ONNX Runtime executes (and what this exporter therefore writes).
 EXPORT_W_BITS = (8, 4, FLOAT_BITS)      # 4: int4 weights (opset 21), dequantized to float by ORT's CPU build
@@ -149,10 +146,10 @@ class _Tracer(fx.Tracer):
     (everything else, a traced model's ``Op`` modules included, is traced through)."""
 
     LEAVES = (nn.Conv2d, nn.Linear, Slot, Add, nn.Identity, nn.ReLU, nn.AdaptiveAvgPool2d, nn.MaxPool2d, nn.Dropout,
-              nn.Flatten, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid)
+              nn.Flatten, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, Subsample, ChannelPad)
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.LEAVES) or (PadShortcut and isinstance(m, PadShortcut))
+        return isinstance(m, self.LEAVES)
 
 
 @dataclass
@@ -372,20 +369,17 @@ def to_onnx(model: nn.Module, signed_dtype: str = DEFAULT_SIGNED_DTYPE, input_sh
                 if m.output_size not in (1, (1, 1)):
                     raise UserError(f"cannot export {node.target}: adaptive pooling to {m.output_size}")
                 vals[node] = _Value(g.node("GlobalAveragePool", [as_float(x)], node.target))
-            elif PadShortcut and isinstance(m, PadShortcut):
-                # subsample by 2 and zero-pad channels; on a quantized tensor in its integers (pad = zero point)
+            elif isinstance(m, Subsample):   # every other row and column; on a quantized tensor, in its integers
                 st = g.init(f"{node.target}.starts", np.array([0, 0], np.int64))
                 en = g.init(f"{node.target}.ends", np.array([2 ** 62, 2 ** 62], np.int64))
                 ax = g.init(f"{node.target}.axes", np.array([2, 3], np.int64))
                 sp = g.init(f"{node.target}.steps", np.array([2, 2], np.int64))
-                sub = g.node("Slice", [x.name, st, en, ax, sp], f"{node.target}.subsample")
+                vals[node] = _Value(g.node("Slice", [x.name, st, en, ax, sp], node.target), x.q)
+            elif isinstance(m, ChannelPad):   # zero channels; on a quantized tensor the zero point
                 half = m.extra // 2
                 pads = g.init(f"{node.target}.pads", np.array([0, half, 0, 0, 0, m.extra - half, 0, 0], np.int64))
-                if x.q is not None:
-                    pv = x.q["zp"]
-                else:
-                    pv = g.init(f"{node.target}.pad_value", np.array(0.0, np.float32))
-                vals[node] = _Value(g.node("Pad", [sub, pads, pv], f"{node.target}.pad"), x.q)
+                pv = x.q["zp"] if x.q is not None else g.init(f"{node.target}.pad_value", np.array(0.0, np.float32))
+                vals[node] = _Value(g.node("Pad", [x.name, pads, pv], node.target), x.q)
             else:
                 raise UserError(f"cannot export {node.target}: {type(m).__name__} has no ONNX translation here")
         elif node.op == "call_function":
