@@ -323,8 +323,7 @@ class _Analysis:
         bad = [n for n in self.nodes if self.kind[n] == "unsupported"]
         if bad:
             raise UserError(f"AI-QS cannot price {_describe(bad[0], self.modules)}: the traced-graph rules cover "
-                            f"{SUPPORTED}. Replace the op with one of these (its own module, if need be), or fuse it into "
-                            f"a module the rules know.")
+                            f"{SUPPORTED}. Rewrite that part of the model with these ops.")
         self._check_reuse()
         self.depth = self._depths()
         self.chains = self._chains()

@@ -193,7 +193,7 @@ class _Branches(nn.Module):
 
 @pytest.mark.parametrize("model,words", [
     (_PreActivation(), ["BatchNorm2d", "'bn'", "follow a conv"]),
-    (_Sorts(), ["sort", "node 'sort'", "Replace the op"]),
+    (_Sorts(), ["sort", "node 'sort'", "Rewrite that part of the model"]),
     (_Reused(), ["'conv'", "called twice"]),
     (_Branches(), ["torch.fx cannot trace", "control flow"]),
 ])
