@@ -239,6 +239,32 @@ def test_mobilenetv2_exports_fully_integer_under_ort_cpu():
     assert f["integer_convs"] == f["convs"] == 57 and f["integer_adds"] == f["adds"] == 14
 
 
+def test_shortcut_a_exports_as_slice_and_pad_on_the_integers():
+    """Shortcut A (ResNet-8 A, W8A8, ort-cpu): the subsampling and the padding are a Slice and a Pad on the block
+    input's quantized integers (no DequantizeLinear in front, the pad value its zero point), every conv and add
+    runs in integer, and ONNX Runtime's logits agree with the fake-quant model's."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", "A")
+    data = make_synthetic(n_train=32, n_test=16)
+    x = NORM(torch.from_numpy(data.train_x))
+    with torch.no_grad():
+        model.train()
+        model(x)
+    model.eval()
+    qm = G.placed_model(model, space(model, ORT).uniform(8, 8), calibrate(fold_bn(model), ORT, [x], [8]), ORT,
+                        Recipe.for_target(ORT, clip="maxabs"))
+    proto = G.to_onnx(qm)
+    prod = {o: n for n in proto.graph.node for o in n.output}
+    for step, op in (("subsample", "Slice"), ("pad", "Pad")):
+        nodes = [n for n in proto.graph.node if n.op_type == op]
+        assert [n.name for n in nodes] == [f"{op}:layer{s}.0.shortcut.{step}" for s in (2, 3)]
+        assert all(prod[n.input[0]].op_type in ("QuantizeLinear", "Slice") for n in nodes)
+    f = R.fusion_report(proto)
+    assert f["integer_convs"] == f["convs"] == 7 and f["integer_adds"] == f["adds"] == 3
+    rep = R.check_agreement(proto, qm, torch.from_numpy(data.test_x), torch.from_numpy(data.test_y), NORM)
+    assert rep["max_logit_diff"] < 0.05 * float(R.torch_logits(qm, torch.from_numpy(data.test_x), NORM).std())
+
+
 # ---------------------------------------------------------------- the command line
 def flat(text: str) -> str:
     """A wrapped message on one line (textwrap also breaks after the hyphens of a flag)."""
