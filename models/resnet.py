@@ -75,7 +75,6 @@ class PadShortcut(nn.Module):
 
     def __init__(self, extra_channels: int):
         super().__init__()
-        self.extra = extra_channels
         self.subsample, self.q_subsample = Subsample(), Slot()
         self.pad, self.q_pad = ChannelPad(extra_channels), Slot()
 

@@ -213,13 +213,13 @@ def kernel_table(model: nn.Module, target: str = DEFAULT_TARGET, input_shape=Non
                                   tuple(reads), (k.writes, elements[k.writes])))
     order = [INPUT] + [k.writes[0] for k in kernels]
     seg_of_kernel = {k: i for i, seg in enumerate(model.segments(target)) for k in seg.kernels}
+    follows = {t.name: t.follows for t in tensors if t.follows is not None}
     segment_of = {(A, INPUT): 0}
     for k in model.kernels(target):
-        if not any(t.name == k.writes and t.follows for t in tensors):
+        if k.writes not in follows:   # a copy is no group of its own
             segment_of[A, k.writes] = seg_of_kernel[k.name]
         for n in k.layers:
             segment_of[W, n] = seg_of_kernel[k.name]
-    follows = {t.name: t.follows for t in tensors if t.follows is not None}
     return KernelTable(target, kernels, layers, {t: elements[t] for t in order},
                        {t.name: t.signed for t in tensors}, segment_of, follows)
 

@@ -57,7 +57,8 @@ def trace(model: nn.Module, target: str, weight_bits: dict[str, int], x: torch.T
     kernels = model.kernels(target)
     declared = model.tensors(target)
     tensors = {t.slot: t.name for t in declared}
-    width_slot = {t.name: next(s.slot for s in declared if s.name == (t.follows or t.name)) for t in declared}
+    slot_of = {t.name: t.slot for t in declared}
+    width_slot = {t.name: slot_of[t.follows or t.name] for t in declared}   # a copy's width: its source's quantizer
     op_kernel = {op: k.name for k in kernels for op in k.ops}
     seen = {}            # id(tensor object) -> tensor name, kept alive in `alive`
     alive = []

@@ -135,6 +135,7 @@ def load_model(path, arch: str | None = None, shortcut: str | None = None, norma
     """
     obj = read_checkpoint(path)
     ours = isinstance(obj, dict) and "model_args" in obj
+    built = None
     if ours:
         model_args = normalize_model_args(obj["model_args"])
         given = {"arch": arch, "shortcut": shortcut, **(outside or {})}
@@ -149,16 +150,17 @@ def load_model(path, arch: str | None = None, shortcut: str | None = None, norma
                             f"--normalization {normalization} contradicts it. Drop --normalization.")
         norm, norm_source = recorded_norm, "recorded in the checkpoint"
     else:
-        if outside is not None:   # built to fill in the builder's defaults (its classes, the input size)
-            model_args = build_outside(outside["arch"], outside.get("model_kwargs"), outside.get("num_classes"),
-                                       outside.get("input_size")).model_args
+        if outside is not None:   # built here: it fills in the builder's defaults (its classes, the input size)
+            built = build_outside(outside["arch"], outside.get("model_kwargs"), outside.get("num_classes"),
+                                  outside.get("input_size"))
+            model_args = built.model_args
         else:
             model_args = normalize_model_args({"arch": arch or "resnet20", "num_classes": num_classes or 10,
                                                **({"shortcut": shortcut} if shortcut else {})})
         norm = normalization or DEFAULT_NORMALIZATION
         norm_source = "--normalization" if normalization else "default (cifar10 statistics)"
     try:
-        model = build_from_args(model_args)
+        model = built if built is not None else build_from_args(model_args)
     except ValueError as e:
         raise UserError(f"cannot build the model for {path}: {e}.") from None
     load_weights(model, extract_state_dict(obj), source=f"checkpoint {path}")
