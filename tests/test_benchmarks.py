@@ -69,6 +69,24 @@ def test_ptq_methods_smoke(quick_stage1, tmp_path):
     assert list((tmp_path / "cache").glob("ptq-adaround-*.pt"))
 
 
+def test_per_layer_speed_counts_agree(quick_stage1, tmp_path):
+    """benchmarks/per_layer_speed.py on the session's quick checkpoint, nearest rounding so nothing is fitted: the
+    cached evaluator's correct counts equal those of every candidate in full and of every candidate placed from
+    scratch and corrected as the export does; --no-baselines times only the two cached runs and says so in its JSON."""
+    common = ["--checkpoint", quick_stage1["checkpoint"], "--device", "cpu", "--quick", "--bits", 4, "--a-bits", 8,
+              "--ptq", "nearest", "--correction-images", 64, "--images", 60, "--results-dir", tmp_path]
+    full, short = tmp_path / "full.json", tmp_path / "short.json"
+    run_script("benchmarks/per_layer_speed.py", *common, "--out", full)
+    r = json.loads(full.read_text())
+    assert r["candidates"] > 0 and r["images"] == 60 and r["quantization"]["correction"] == "bn"
+    assert r["identical_counts"] == {"no_cache": r["candidates"], "placed": r["candidates"]}
+    assert all(v > 0 for v in r["seconds"].values()) and r["correction_cost"] > 0
+    run_script("benchmarks/per_layer_speed.py", *common, "--no-baselines", "--out", short)
+    s = json.loads(short.read_text())
+    assert s["identical_counts"] is None and s["seconds"]["placed"] is None and s["seconds"]["no_cache"] is None
+    assert s["candidates"] == r["candidates"] and s["seconds"]["cached_uncorrected"] > 0
+
+
 def test_qat_ablation_smoke(quick_stage1, tmp_path):
     """benchmarks/qat_ablation.py on the session's quick checkpoint, one epoch: variants judged on the confirm
     images (never test) with paired differences from default that bracket their estimates; default and the seed
