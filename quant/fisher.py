@@ -16,6 +16,14 @@ Hessian). Here, per image and without any diagonal approximation:
   weights are quantized (w_b as evaluation quantizes them, learned levels included), and the gradient
   is taken with respect to that output. The layer must be linear in its weight (convolutions, linear
   layers), so the bias cancels.
+* under a statistics correction (the evaluator's ``correction``, quant/correct.py), a weight layer that the
+  correction maps back is perturbed by what it computes once corrected: delta(x) = c(f(x; w_b)) - f(x; w),
+  with c the per-channel map y' = (y - mu_q) r + mu_f the evaluator would fit for that candidate alone, on
+  the same calibration images, from the layer's float inputs (``weight_corrections``). Measured with the
+  correction, the quantized weights' shift of each channel's mean (and spread) is removed, and an estimate
+  that kept it would overstate a weight's cost against a tensor's. The corrections of the layers after it,
+  which the measurement also refits, are not modelled, nor those behind a quantized tensor: the estimate
+  stays first order in what it perturbs.
 
 The label y is drawn from the float model's own prediction (the true Fisher, not the empirical one that
 would use the dataset's labels), `samples` draws per image from a seeded generator, so the estimate is
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from quant.correct import Correction, channel_stats
 from quant.widths import A, FLOAT_BITS, W
 
 
@@ -60,6 +69,8 @@ def fisher_kl(ev, candidates, samples: int = 1, seed: int = 0, progress=None) ->
     total = {c: torch.zeros((), dtype=torch.float64) for c in cands}
     gen = torch.Generator(device=ev.x_u8.device).manual_seed(seed)
     seen, outs = {}, {}
+    corr = weight_corrections(ev, [(n, b) for (k, n), b in cands if k == W])
+    deltas_w = {key: (d, corr.get(key)) for key, d in deltas_w.items()}
     with ev.float_network() as net:
         hooks = [ev.layers[n].register_forward_hook(_record(n, outs)) for n in layers]
         params = [p for p in net.parameters() if p.requires_grad]
@@ -80,6 +91,41 @@ def fisher_kl(ev, candidates, samples: int = 1, seed: int = 0, progress=None) ->
             for p in params:
                 p.requires_grad_(True)
     return {c: 0.5 * float(v) / (ev.n * samples) for c, v in total.items()}
+
+
+@torch.no_grad()
+def weight_corrections(ev, pairs) -> dict[tuple[str, int], Correction]:
+    """{(layer, bits): the correction the evaluator fits for that one layer at `bits`, everything else float}, for
+    the pairs whose layer the evaluator corrects ({} without a correction): one float pass over its calibration
+    images, each layer's output statistics at each width taken from its float input, as the correcting pass
+    takes them (quant/correct.py)."""
+    if getattr(ev, "correction", None) is None:
+        return {}
+    wanted = {}
+    for n, b in pairs:
+        if n in ev.corr_layers and b != FLOAT_BITS:
+            wanted.setdefault(n, []).append(b)
+    found, busy = {}, []
+
+    def hook(name):
+        def fn(mod, inputs, _):
+            if busy:            # the layer's own calls below
+                return
+            busy.append(name)
+            mu_f, sd_f = ev.float_stats[name]
+            for b in wanted[name]:
+                mu_q, sd_q = channel_stats(functional_call(mod, {"weight": ev.weight(name, b)}, inputs))
+                found[name, b] = Correction(sd_f / sd_q if ev.correction == "bn" else torch.ones_like(mu_q), mu_q, mu_f)
+            busy.clear()
+        return fn
+    with ev.float_network():
+        handles = [ev.layers[n].register_forward_hook(hook(n)) for n in wanted]
+        try:
+            ev._chain(ev.calib, 0)
+        finally:
+            for h in handles:
+                h.remove()
+    return found
 
 
 def _record(name, outs):
@@ -122,9 +168,13 @@ def _delta(ev, group, bits, deltas_w, seen, outs):
     if kind == A:
         t = seen[name].detach()
         return ev.tensor_quantizer(name, bits)(t) - t
-    x, _ = outs[name]
+    x, y = outs[name]
     layer = ev.layers[name]
-    given = {"weight": deltas_w[name, bits]}
+    delta, c = deltas_w[name, bits]
+    if c is not None:     # what the corrected layer computes, against the float output
+        given = {"weight": c.weight(ev.weight(name, bits)), "bias": c.bias(getattr(layer, "bias", None))}
+        return functional_call(layer, given, (x.detach(),)) - y.detach()
+    given = {"weight": delta}
     if getattr(layer, "bias", None) is not None:
         given["bias"] = torch.zeros_like(layer.bias)
     return functional_call(layer, given, (x.detach(),))
