@@ -179,3 +179,30 @@ def test_peer_aimet_harness_with_a_stand_in_peer(quick_stage1, tmp_path):
         assert isinstance(x["confirm_passed"], bool) and x["test_images"] == r["images"]["test"]
         assert x["test_drop_ci95"][0] <= x["test_drop"] <= x["test_drop_ci95"][1]
         assert x["confirm_passed"] == (x["confirm_drop"] + r["confirm_z"] * x["confirm_drop_se"] <= r["max_drop"] + 1e-9)
+
+
+def _stage2_table(rows_w, rows_a, column):
+    """A minimal stage-2 results file: one weight layer and one tensor, `column` at each width."""
+    from utils.io import SCHEMA_VERSIONS
+    common = {"stage": "2", "schema_version": SCHEMA_VERSIONS["2"], "checkpoint": "c.pt", "eval_images": 10,
+              "bits": [8, 4], "a_bits": [8, 4], "quantization": {"ptq": "nearest"}, "signal": {"name": column}}
+    return {**common, "layers": [{"name": "conv1", "results": [{"bits": b, column: v} for b, v in rows_w]}],
+            "tensors": [{"name": "input", "results": [{"a_bits": b, column: v} for b, v in rows_a]}]}
+
+
+def test_fisher_vs_kl_ratios_and_refusals(tmp_path):
+    """benchmarks/fisher_vs_kl.py: the median ratio estimate / measured per kind and width, float rows and zero
+    KLs left out; tables of different images are refused with one paragraph, and nothing is written."""
+    m, f, other, out = (tmp_path / n for n in ("m.json", "f.json", "o.json", "out.json"))
+    m.write_text(json.dumps(_stage2_table([(8, 0.01), (4, 0.1), (32, 0.0)], [(8, 0.0), (4, 0.2)], "kl")))
+    f.write_text(json.dumps(_stage2_table([(8, 0.02), (4, 0.1), (32, 0.0)], [(8, 0.5), (4, 0.1)], "fisher")))
+    run_script("benchmarks/fisher_vs_kl.py", m, f, "--out", out)
+    r = json.loads(out.read_text())
+    assert r["candidates"] == 3 and r["measured_signal"] == {"name": "kl"}
+    assert {k: v["median_ratio"] for k, v in r["by_kind_and_width"].items()} == pytest.approx(
+        {"layers:8": 2.0, "layers:4": 1.0, "tensors:4": 0.5})
+    o = _stage2_table([(8, 0.02)], [(4, 0.1)], "fisher")
+    other.write_text(json.dumps({**o, "eval_images": 20}))
+    bad = run_script("benchmarks/fisher_vs_kl.py", m, other, "--out", tmp_path / "no.json", check=False)
+    assert bad.returncode != 0 and "eval_images" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "no.json").exists()

@@ -402,6 +402,7 @@ def test_stage2_fisher_signal_and_stage3_levers(joint, quick_stage1, tmp_path):
     rb, rf = (json.loads((d / FILES["2"]).read_text()) for d in (both, fisher))
     assert rf["evaluations"] == 1 and rf["signal"]["name"] == "fisher" and rf["signal"]["columns"] == ["fisher"]
     assert rb["evaluations"] > 1 and "fisher" in rb["signal"]["columns"] and "kl" in rb["signal"]["columns"]
+    assert rf["signal"]["fisher"]["correction"].split(":")[0] == rf["quantization"]["correction"]
     for kind in ("layers", "tensors"):
         for eb, ef in zip(rb[kind], rf[kind]):
             for b, f in zip(eb["results"], ef["results"]):

@@ -112,7 +112,7 @@ def per_layer_analysis(opts: SensitivityOptions) -> dict:
     layers, tensors = assemble(s, rows, w_ladder, a_ladder)
     out = {**results_header("2", s), "eval_images": evaluator.n, "baseline_val_acc": base.accuracy,
            "baseline_loss": base.loss, "bits": w_ladder, "a_bits": a_ladder,
-           "quantization": recipe.to_json(), "signal": signal_json(opts),
+           "quantization": recipe.to_json(), "signal": signal_json(opts, recipe.correction),
            "activation_calibration": s.calibration, "ptq_fit": s.ptq_fit,
            "fp32_ai": fp32["ai"], "fp32_bytes": fp32["bytes"],
            "layers": layers, "tensors": tensors, "evaluations": sum(n for _, n in parts)}
@@ -124,14 +124,18 @@ def per_layer_analysis(opts: SensitivityOptions) -> dict:
     return out
 
 
-def signal_json(opts: SensitivityOptions) -> dict:
-    """What the table's columns are: measured, estimated, or both."""
+def signal_json(opts: SensitivityOptions, correction: str = "none") -> dict:
+    """What the table's columns are: measured, estimated, or both (and what the estimate models of the statistics
+    `correction` the measurement applies)."""
     columns = {"measured": MEASURED, "fisher": ("fisher",), "both": (*MEASURED, "fisher")}[opts.signal]
     out = {"name": opts.signal, "columns": list(columns)}
     if opts.signal != "measured":
         out["fisher"] = {"samples": opts.fisher_samples, "units": "nats per image, like kl",
                          "rule": "1/2 E_x E_{y ~ p_float} [(grad log p(y|x) . delta(x))^2], delta the group's "
-                                 "quantization error (quant/fisher.py)"}
+                                 "quantization error (quant/fisher.py)",
+                         "correction": "none" if correction == "none" else
+                                       f"{correction}: a corrected weight layer's delta is the change of its corrected "
+                                       f"output (the map fitted for that candidate alone); tensors' deltas uncorrected"}
     return out
 
 
