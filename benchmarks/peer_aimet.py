@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED = Path(os.path.relpath(REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"))   # relative: no machine path in JSON
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -107,7 +108,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer-python", type=Path, default=None,
                    help="the Python of AIMET's environment (default: none: skip)")
-    p.add_argument("--checkpoint", type=Path, default=REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt",
+    p.add_argument("--checkpoint", type=Path, default=SHIPPED,
                    help="(default: the shipped model)")
     p.add_argument("--shortcut", choices=("A", "B"), default=None, help="for a foreign checkpoint (default: its own)")
     p.add_argument("--data-dir", default=None, help="(default: the checkpoint's)")

@@ -32,6 +32,7 @@ images, which no path saw.
 """
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -39,6 +40,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHIPPED = Path(os.path.relpath(REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"))   # relative: no machine path in JSON
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
@@ -195,7 +197,7 @@ def main():
     p.add_argument("--dp-only", action="store_true", help="only time the DP over (w, a) pairs (default: off)")
     g = p.add_argument_group("--speed: stages 2 and 3, the new path against the starting path")
     g.add_argument("--speed", action="store_true", help="time the two paths instead of the variants (default: off)")
-    g.add_argument("--checkpoint", default=REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt", type=Path,
+    g.add_argument("--checkpoint", default=SHIPPED, type=Path,
                    help="(default: the shipped model)")
     g.add_argument("--data-dir", default="data", help="(default: data)")
     g.add_argument("--images", default=None, type=int,
