@@ -121,7 +121,9 @@ def weight_corrections(ev, pairs) -> dict[tuple[str, int], Correction]:
     with ev.float_network():
         handles = [ev.layers[n].register_forward_hook(hook(n)) for n in wanted]
         try:
-            ev._chain(ev.calib, 0)
+            h = ev.calib
+            for seg in ev.segments:
+                h = seg.fn(h)
         finally:
             for h in handles:
                 h.remove()
