@@ -14,7 +14,6 @@ as the cached evaluator, so its correct counts must be identical. Under a statis
 cached evaluator is timed once more without the correction: the correction's cost, in the same run.
 """
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 
 from utils.cli import add_common_args  # noqa: E402
 from utils.io import atomic_write_json, provenance  # noqa: E402
+from utils.machine import cpu_info  # noqa: E402
 from quant.correct import apply_, corrections, output_stats  # noqa: E402
 from quant.fold import fold_bn  # noqa: E402
 from quant.place import quantize_  # noqa: E402
@@ -114,7 +114,7 @@ def main():
     if args.out:
         atomic_write_json(args.out, {
             "candidates": len(grid), "images": len(s.eval_y), "split": s.eval_split, "machine": name,
-            "cpu": platform.processor() or platform.machine(), "quantization": s.recipe.to_json(),
+            "cpu": cpu_info(), "quantization": s.recipe.to_json(),
             "seconds": {"placed": t_plain, "no_cache": t_folded, "cached": t_cached, "cached_uncorrected": t_uncorrected},
             "speedup_over_placed": t_plain / t_cached if t_plain else None,
             "speedup_over_no_cache": t_folded / t_cached if t_folded else None,

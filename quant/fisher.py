@@ -65,12 +65,14 @@ def fisher_kl(ev, candidates, samples: int = 1, seed: int = 0, progress=None) ->
         return {}
     layers = sorted({g[1] for g, _ in cands if g[0] == W})
     tensors = sorted({g[1] for g, _ in cands if g[0] == A})
-    deltas_w = {(n, b): ev.weight(n, b) - ev.float_w[n] for (k, n), b in cands if k == W}
+    pairs = [(n, b) for (k, n), b in cands if k == W]
+    corr = weight_corrections(ev, pairs)
+    # per weight pair: its correction where the evaluator corrects the layer, else the weights' change
+    deltas_w = {(n, b): (None, corr[n, b]) if (n, b) in corr else (ev.weight(n, b) - ev.float_w[n], None)
+                for n, b in pairs}
     total = {c: torch.zeros((), dtype=torch.float64) for c in cands}
     gen = torch.Generator(device=ev.x_u8.device).manual_seed(seed)
     seen, outs = {}, {}
-    corr = weight_corrections(ev, [(n, b) for (k, n), b in cands if k == W])
-    deltas_w = {key: (d, corr.get(key)) for key, d in deltas_w.items()}
     with ev.float_network() as net:
         hooks = [ev.layers[n].register_forward_hook(_record(n, outs)) for n in layers]
         params = [p for p in net.parameters() if p.requires_grad]
@@ -121,12 +123,12 @@ def weight_corrections(ev, pairs) -> dict[tuple[str, int], Correction]:
     with ev.float_network():
         handles = [ev.layers[n].register_forward_hook(hook(n)) for n in wanted]
         try:
-            h = ev.calib
+            x = ev.calib
             for seg in ev.segments:
-                h = seg.fn(h)
+                x = seg.fn(x)
         finally:
-            for h in handles:
-                h.remove()
+            for handle in handles:
+                handle.remove()
     return found
 
 
