@@ -19,6 +19,9 @@ that is not there, the benchmark says so and exits without writing anything.
   learned rounding; AIMET's ``choose_mixed_precision`` after its encodings).
 * Objective: AI-QS's stage 3 also runs with ``--objective bitops`` on the same stage-2 table (``aiqs_bitops``),
   to tell the search from the price it optimizes.
+* Speed: AI-QS's stages 2 and 3 also run with the speed levers that may change the answer
+  (benchmarks/common.py's SPEED_LEVERS: stage 2 ``--signal fisher``, stage 3 ``--rank-by fisher --early-stop
+  --confirm-step 0.01``; ``aiqs_levers``), scored like the others; AIMET's simulator scores only the default answer.
 """
 import argparse
 import json
@@ -30,11 +33,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = Path(os.path.relpath(REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"))   # relative: no machine path in JSON
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.common import SHIPPED, SPEED_LEVERS  # noqa: E402
 from quant.confirm import confirm_z  # noqa: E402
 from quant.cost import CostModel, bitops  # noqa: E402
 from quant.stats import Budget, bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
@@ -76,19 +79,21 @@ def score(s, config: dict, evaluators: dict, max_drop: float, z: float) -> dict:
     return out
 
 
-def aiqs_search(args, folder: Path, objective: str = "ai", stage2: tuple | None = None) -> tuple[dict, float, tuple]:
-    """AI-QS's stages 2 and 3 at the benchmark's widths, stage 3 maximizing `objective`: (stage 3's JSON, seconds
-    of both without the one-time fits, stage 2's (file, seconds)). Given `stage2`, its table is reused and its
-    seconds counted."""
+def aiqs_search(args, folder: Path, objective: str = "ai", stage2: tuple | None = None,
+                flags: tuple = ([], [])) -> tuple[dict, float, tuple]:
+    """AI-QS's stages 2 and 3 at the benchmark's widths, stage 3 maximizing `objective`, with `flags` (stage 2's,
+    stage 3's) added: (stage 3's JSON, seconds of both without the one-time fits, stage 2's (file, seconds)).
+    Given `stage2`, its table is reused and its seconds counted."""
     common = ["--results-dir", folder, "--checkpoint", args.checkpoint, "--checkpoint-dir", args.checkpoint_dir,
               *args.stage_flags]
     if stage2 is None:
-        s2, t2 = run_stage("2_per_layer_analysis.py", [*common, "--bits", *WIDTHS, "--a-bits", *WIDTHS])
+        s2, t2 = run_stage("2_per_layer_analysis.py", [*common, "--bits", *WIDTHS, "--a-bits", *WIDTHS, *flags[0]])
         stage2 = (folder / "02_per_layer.json", t2 - (s2.get("ptq_fit") or {}).get("seconds", 0.0))
     else:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.copy(stage2[0], folder / "02_per_layer.json")
-    s3, t3 = run_stage("3_greedy_search.py", [*common, "--max-drop", args.max_drop, "--objective", objective])
+    s3, t3 = run_stage("3_greedy_search.py", [*common, "--max-drop", args.max_drop, "--objective", objective,
+                                              *flags[1]])
     return s3, stage2[1] + t3 - (s3.get("ptq_fit") or {}).get("seconds", 0.0), stage2
 
 
@@ -148,6 +153,9 @@ def main(argv=None):
     print("=== AI-QS: stage 3 with --objective bitops (AIMET's price), on the same stage-2 table ===")
     s3b, bitops_seconds, _ = aiqs_search(args, args.work / "aiqs_bitops", "bitops", stage2)
     bitops_config = s.space.parse(s3b["greedy"]["config"], FLOAT_BITS, source="stage 3's answer")
+    print("=== AI-QS: stages 2 and 3 with the speed levers (benchmarks/common.py) ===")
+    s3l, levers_seconds, _ = aiqs_search(args, args.work / "aiqs_levers", flags=SPEED_LEVERS)
+    levers_config = s.space.parse(s3l[s3l["best"]]["config"], FLOAT_BITS, source="stage 3's answer")
 
     print("=== AIMET: choose_mixed_precision ===")
     job = args.work / "aimet_job"
@@ -165,11 +173,15 @@ def main(argv=None):
     z = confirm_z(1)
     out = {}
     for name, config, secs in (("aiqs", aiqs_config, aiqs_seconds), ("aimet", aimet_config, aimet["search_seconds"]),
-                               ("aiqs_bitops", bitops_config, bitops_seconds)):
+                               ("aiqs_bitops", bitops_config, bitops_seconds),
+                               ("aiqs_levers", levers_config, levers_seconds)):
         out[name] = {**score(s, config, evaluators, args.max_drop, z), "search_seconds": secs,
                      "aimet_simulator": aimet["scores"].get(name), "config": s.space.to_file(config)}
     out["aiqs"]["answer_from"], out["aiqs_bitops"]["answer_from"] = best, "greedy"
     out["aiqs_bitops"]["objective"] = "bitops"
+    out["aiqs_levers"]["answer_from"] = s3l["best"]
+    out["aiqs_levers"]["flags"] = {"stage2": [str(f) for f in SPEED_LEVERS[0]], "stage3": [str(f) for f in SPEED_LEVERS[1]]}
+    out["aiqs_levers"]["same_answer_as_aiqs"] = levers_config == aiqs_config
     out.update(images={"search": len(s.eval_y), "confirm": len(s.confirm_y), "test": len(s.report_y),
                        "calibration": len(s.calib_x)},
                widths=list(WIDTHS), max_drop=args.max_drop, confirm_z=z, target="generic", logits="float",
@@ -179,7 +191,7 @@ def main(argv=None):
                                      seconds=time.perf_counter() - t0))
     atomic_write_text(args.out, json.dumps(out, indent=2, default=str))
     print(f"\n{'':<12}{'fused AI':>9}{'x fp32':>8}{'GBitOps':>9}{'test drop [95%]':>22}{'confirm':>9}{'search s':>10}")
-    for name in ("aiqs", "aimet", "aiqs_bitops"):
+    for name in ("aiqs", "aimet", "aiqs_bitops", "aiqs_levers"):
         r = out[name]
         print(f"{name:<12}{r['fused_ai']:>9.2f}{r['fused_ai'] / r['fp32_fused_ai']:>8.2f}{r['bitops'] / 1e9:>9.2f}"
               f"{r['test_drop']:>8.2f} [{r['test_drop_ci95'][0]:.2f}, {r['test_drop_ci95'][1]:.2f}]"

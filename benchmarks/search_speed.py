@@ -32,7 +32,6 @@ images, which no path saw.
 """
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -40,12 +39,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = Path(os.path.relpath(REPO / "pretrained" / "resnet20_cifar10jpeg_30ep.pt"))   # relative: no machine path in JSON
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import SHIPPED, SPEED_LEVERS  # noqa: E402
 from utils.cli import run_stage, script_module  # noqa: E402
 from quant.evaluation import starting_path  # noqa: E402
 from quant.search import pareto_frontier  # noqa: E402
@@ -80,7 +79,7 @@ CONFIRM = 2000        # the stages' default confirm part of it
 # the starting_path() context and glibc's default allocation); levers: the ones that may change the answers.
 PATH_FLAGS = {"start": (["--eval-batch-size", 1000], ["--eval-batch-size", 1000]),
               "new": ([], []),
-              "levers": (["--signal", "fisher"], ["--rank-by", "fisher", "--early-stop", "--confirm-step", 0.01])}
+              "levers": SPEED_LEVERS}
 LEVERS = {"keep answers": ["freed memory kept for reuse (glibc)", "arithmetic fake-quantize form",
                            "promoted candidate activations", "evaluation batches of 250 (was 1,000)"],
           "change answers": ["stage 2 --signal fisher: one backward pass instead of a forward pass per candidate",

@@ -174,7 +174,14 @@ def test_peer_aimet_harness_with_a_stand_in_peer(quick_stage1, tmp_path):
     assert r["aimet"]["fp32_bitops"] == 32 * 32 * sum(li.macs for li in table.layers)
     assert r["aimet"]["search_seconds"] == 1.0 and r["aimet"]["aimet_simulator"]["test_acc"] == 50.0
     assert r["aiqs"]["search_seconds"] > 0 and r["aiqs"]["answer_from"] in ("greedy", "pareto")
-    for side in ("aiqs", "aimet"):
+    # the speed levers' run: its own stage 2 (the Fisher estimate) and stage 3 (ranked by it), scored the same way
+    lev = r["aiqs_levers"]
+    assert keys <= set(lev) and lev["search_seconds"] > 0 and lev["aimet_simulator"] is None
+    assert lev["flags"]["stage2"] == ["--signal", "fisher"] and "--rank-by" in lev["flags"]["stage3"]
+    s2 = json.loads((tmp_path / "work" / "aiqs_levers" / "02_per_layer.json").read_text())
+    assert s2["signal"]["name"] == "fisher"
+    assert lev["same_answer_as_aiqs"] == (lev["config"] == r["aiqs"]["config"])
+    for side in ("aiqs", "aimet", "aiqs_levers"):
         x = r[side]
         assert isinstance(x["confirm_passed"], bool) and x["test_images"] == r["images"]["test"]
         assert x["test_drop_ci95"][0] <= x["test_drop"] <= x["test_drop_ci95"][1]
