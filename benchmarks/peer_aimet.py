@@ -21,7 +21,7 @@ that is not there, the benchmark says so and exits without writing anything.
   to tell the search from the price it optimizes.
 * Speed: AI-QS's stages 2 and 3 also run with the speed levers that may change the answer
   (benchmarks/common.py's SPEED_LEVERS: stage 2 ``--signal fisher``, stage 3 ``--rank-by fisher --early-stop
-  --confirm-step 0.01``; ``aiqs_levers``), scored like the others; AIMET's simulator scores only the default answer.
+  --confirm-step 0.01 --method greedy``; ``aiqs_levers``), scored like the others; AIMET's simulator scores only the default answer.
 """
 import argparse
 import json

@@ -23,7 +23,7 @@ folder, with the same ``--ptq``, in one process (PATH_FLAGS): ``start``, the eva
 default allocation; batches of 1,000); ``new``, the levers that keep the answers (freed memory kept for reuse,
 utils.machine.keep_freed_memory; the arithmetic fake-quantize form; the accepted candidate's activations
 promoted; batches of 250); and ``levers``, ``new`` with the levers that may change them (stage 2 ``--signal
-fisher``, stage 3 ``--rank-by fisher --early-stop --confirm-step 0.01``). The one-time fits (learned rounding, cached on disk and
+fisher``, stage 3 ``--rank-by fisher --early-stop --confirm-step 0.01 --method greedy``: benchmarks/common.py). The one-time fits (learned rounding, cached on disk and
 shared by the paths) are excluded: each stage's ``ptq_fit.seconds`` is subtracted. ``--images N`` gives stages
 2-3 N search images (the held-out images' confirm part stays 2,000, or what is left). It writes
 ``speedup_identical`` (start / new; ``identical_answers`` says whether the answers and stage-2 tables were the
@@ -84,7 +84,8 @@ LEVERS = {"keep answers": ["freed memory kept for reuse (glibc)", "arithmetic fa
                            "promoted candidate activations", "evaluation batches of 250 (was 1,000)"],
           "change answers": ["stage 2 --signal fisher: one backward pass instead of a forward pass per candidate",
                              "stage 3 --rank-by fisher", "stage 3 --early-stop: sequential test of each candidate",
-                             "stage 3 --confirm-step 0.01: the confirm test at 1% AI granularity"]}
+                             "stage 3 --confirm-step 0.01: the confirm test at 1% AI granularity",
+                             "stage 3 --method greedy: no Pareto search, so no Bonferroni split of the confirm test"]}
 
 
 def stage_argv(folder: Path, args) -> tuple[list, list]:
@@ -128,7 +129,7 @@ def speed_stages(path: str, folder: Path, args) -> dict:
             "sensitivity": [(r["name"], r["results"]) for r in s2["layers"] + s2["tensors"]],
             "early_stop": s3.get("early_stop"), "best": s3["best"],
             "answers": {m: {"config": s3[m]["config"], "ai": s3[m]["ai"], "x_fp32": s3[m]["ai"] / s3["fp32_ai"],
-                            "confirm_passed": s3[m]["confirm_passed"]} for m in ("greedy", "pareto")}}
+                            "confirm_passed": s3[m]["confirm_passed"]} for m in ("greedy", "pareto") if s3[m]}}
 
 
 def score_on_test(s, paths: dict, max_drop: float):

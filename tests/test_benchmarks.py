@@ -179,7 +179,12 @@ def test_peer_aimet_harness_with_a_stand_in_peer(quick_stage1, tmp_path):
     assert keys <= set(lev) and lev["search_seconds"] > 0 and lev["aimet_simulator"] is None
     assert lev["flags"]["stage2"] == ["--signal", "fisher"] and "--rank-by" in lev["flags"]["stage3"]
     s2 = json.loads((tmp_path / "work" / "aiqs_levers" / "02_per_layer.json").read_text())
-    assert s2["signal"]["name"] == "fisher"
+    s3 = json.loads((tmp_path / "work" / "aiqs_levers" / "03_search.json").read_text())
+    assert s2["signal"]["name"] == "fisher" and s3["rank_by"] == "fisher"
+    # the greedy alone: no Pareto answer, and its confirm test is not split with one (z of one sequence)
+    assert s3["pareto"] is None and lev["answer_from"] == "greedy"
+    if s3["greedy"]["confirm"]:
+        assert s3["greedy"]["confirm"]["z"] == pytest.approx(1.6448536269514722)
     assert lev["same_answer_as_aiqs"] == (lev["config"] == r["aiqs"]["config"])
     for side in ("aiqs", "aimet", "aiqs_levers"):
         x = r[side]
