@@ -21,7 +21,8 @@ that is not there, the benchmark says so and exits without writing anything.
   to tell the search from the price it optimizes.
 * Speed: AI-QS's stages 2 and 3 also run with the speed levers that may change the answer
   (benchmarks/common.py's SPEED_LEVERS: stage 2 ``--signal fisher``, stage 3 ``--rank-by fisher --early-stop
-  --confirm-step 0.01 --method greedy``; ``aiqs_levers``), scored like the others; AIMET's simulator scores only the default answer.
+  --confirm-step 0.01 --method greedy``; ``aiqs_levers``), scored like the others; AIMET's simulator scores only
+  the default answer.
 """
 import argparse
 import json
@@ -180,7 +181,8 @@ def main(argv=None):
     out["aiqs"]["answer_from"], out["aiqs_bitops"]["answer_from"] = best, "greedy"
     out["aiqs_bitops"]["objective"] = "bitops"
     out["aiqs_levers"]["answer_from"] = s3l["best"]
-    out["aiqs_levers"]["flags"] = {"stage2": [str(f) for f in SPEED_LEVERS[0]], "stage3": [str(f) for f in SPEED_LEVERS[1]]}
+    out["aiqs_levers"]["flags"] = {stage: [str(f) for f in flags]
+                                   for stage, flags in zip(("stage2", "stage3"), SPEED_LEVERS)}
     out["aiqs_levers"]["same_answer_as_aiqs"] = levers_config == aiqs_config
     out.update(images={"search": len(s.eval_y), "confirm": len(s.confirm_y), "test": len(s.report_y),
                        "calibration": len(s.calib_x)},

@@ -22,10 +22,11 @@ folder, with the same ``--ptq``, in one process (PATH_FLAGS): ``start``, the eva
 (quant.evaluation.starting_path: torch's fake-quantize op, every accepted configuration recomputed; glibc's
 default allocation; batches of 1,000); ``new``, the levers that keep the answers (freed memory kept for reuse,
 utils.machine.keep_freed_memory; the arithmetic fake-quantize form; the accepted candidate's activations
-promoted; batches of 250); and ``levers``, ``new`` with the levers that may change them (stage 2 ``--signal
-fisher``, stage 3 ``--rank-by fisher --early-stop --confirm-step 0.01 --method greedy``: benchmarks/common.py). The one-time fits (learned rounding, cached on disk and
-shared by the paths) are excluded: each stage's ``ptq_fit.seconds`` is subtracted. ``--images N`` gives stages
-2-3 N search images (the held-out images' confirm part stays 2,000, or what is left). It writes
+promoted; batches of 250); and ``levers``, ``new`` with the levers that may change them (benchmarks/common.py's
+SPEED_LEVERS: stage 2 ``--signal fisher``, stage 3 ``--rank-by fisher --early-stop --confirm-step 0.01 --method
+greedy``). The one-time fits (learned rounding, cached on disk and shared by the paths) are excluded: each
+stage's ``ptq_fit.seconds`` is subtracted. ``--images N`` gives stages 2-3 N search images (the held-out images'
+confirm part stays 2,000, or what is left). It writes
 ``speedup_identical`` (start / new; ``identical_answers`` says whether the answers and stage-2 tables were the
 same), ``speedup`` (start / levers) and ``x_fp32_lost``, and scores every path's shipped answer on the test
 images, which no path saw.
