@@ -5,13 +5,15 @@
 
 For each uniform configuration (logits float; ``uniform_w4`` and ``uniform_w3`` leave every tensor float)
 and each method (``nearest``: round to nearest on the MSE grid, what stages 2-4 did before; ``adaround``:
-learned rounding, quant/adaround.py, fitted on training images and cached, utils/ptq.py) and each statistics
+learned rounding per layer, quant/adaround.py; ``block``: learned rounding per block, quant/blockwise.py; both
+fitted on training images and cached, utils/ptq.py) and each statistics
 correction (``--corrections``: ``none``, ``bias``, ``bn``; quant/correct.py, measured per configuration on the first
 512 training calibration images), it evaluates the simulated network on the report images (the test set, or the
 test report half for a checkpoint without a validation split) and writes, per row, the accuracy with its Wilson
 interval, the paired drop against float with its bootstrap interval, the tie rate and the seconds it took (the
-fits it needed included), and the same accuracy and drop on the search (validation) images, where a default is
-chosen: the test images decide nothing.
+fits it needed included, and apart as ``fit_seconds``), and the same accuracy and drop on the search (validation)
+images, where a default is chosen, with each method's paired gain over the methods measured before it
+(``search_gain_vs``: {method: {gain, se}}, same configuration and correction): the test images decide nothing.
 """
 from __future__ import annotations
 
@@ -91,12 +93,21 @@ def row(name, method, out, fp, seconds) -> dict:
             "images": out.n, "seconds": seconds}
 
 
+def gains(outcome, before: dict) -> dict:
+    """{method: {"gain", "se"}}: `outcome`'s accuracy minus each earlier method's, paired on the same search images."""
+    out = {}
+    for method, other in before.items():
+        pd = paired_drop(other.correct, outcome.correct)
+        out[method] = {"gain": -pd.drop, "se": pd.se}
+    return out
+
+
 def ptq_methods(args) -> dict:
     t0 = time.time()
     if args.ptq_images < 1 or args.ptq_iterations < 1:
         raise UserError("--ptq-images and --ptq-iterations must be >= 1.")
     recipe = Recipe()
-    ada = Recipe(ptq="adaround", ptq_images=args.ptq_images, ptq_settings=AdaRoundSettings(iterations=args.ptq_iterations))
+    settings = AdaRoundSettings(iterations=args.ptq_iterations)
     s = load_setup(ModelOptions.from_args(args, strict=False), recipe, target="generic")
     configs = {n: recipe.uniform(s.space, *CONFIGS[n]) for n in args.configs}
     s.calibrate({a for c in configs.values() for a in tensors_of(c).values()})
@@ -112,13 +123,15 @@ def ptq_methods(args) -> dict:
     if args.ablate:
         out["ablation"] = {"set": s.split.search.name, "images": len(s.eval_y), "rows": ablation(args, s, recipe)}
         atomic_write_json(args.out, out)
+    searched = {}     # (config, correction) -> {method: its search outcome}, for the paired comparisons
     for method in args.methods:
         for name, cfg in configs.items():
             levels, t = {}, time.time()
-            if method == "adaround":
+            if method != "nearest":
                 pairs = [(n, b) for n, b in weights_of(cfg).items() if b != FLOAT_BITS]
-                fitted = learned_levels(s.model, s.checkpoint, pairs, s.calib_x, s.normalize, ada, args.ptq_cache)
-                levels, out["adaround"] = fitted.levels, fitted.describe()
+                learned = Recipe(ptq=method, ptq_images=args.ptq_images, ptq_settings=settings)
+                fitted = learned_levels(s.model, s.checkpoint, pairs, s.calib_x, s.normalize, learned, args.ptq_cache)
+                levels, out[method] = fitted.levels, fitted.describe()
             fit_seconds = time.time() - t
             for corr in args.corrections:
                 t = time.time()
@@ -129,8 +142,10 @@ def ptq_methods(args) -> dict:
                      "correction": corr}
                 search = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, **kw)
                 so = search.evaluate(cfg)
-                r.update(search_acc=so.accuracy, search_images=so.n,
-                         search_drop=paired_drop(search.float_outcome.correct, so.correct).drop)
+                r.update(search_acc=so.accuracy, search_images=so.n, fit_seconds=fit_seconds,
+                         search_drop=paired_drop(search.float_outcome.correct, so.correct).drop,
+                         search_gain_vs=gains(so, searched.setdefault((name, corr), {})))
+                searched[name, corr][method] = so
                 fit_seconds = 0.0
                 out["results"].append(r)
                 print(f"{name:<14}{method:<10}{corr:<5}{r['test_acc']:7.2f}%  drop {r['test_drop']:5.2f} "

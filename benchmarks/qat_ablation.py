@@ -134,7 +134,7 @@ def qat_ablation(args) -> dict:
     if not args.evaluate_only:
         pool, padded, labels = fine_tune_images(s, args.quick)
         teacher = fold_bn(s.model).to(s.device)
-        if any(variant_of(n, args.epochs, args.base)[0].start_from(s.recipe.ptq) == "adaround" for n in args.variants):
+        if any(variant_of(n, args.epochs, args.base)[0].start_from(s.recipe.ptq) != "nearest" for n in args.variants):
             s.learn_levels({(n, args.w) for n in s.space.layers} if args.w != FLOAT_BITS else set())
     prev = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
     out = {"benchmark": "qat_ablation", "checkpoint": str(s.checkpoint), "configuration": config_name(args.w, args.a),

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import SHIPPED, SPEED_LEVERS  # noqa: E402
 from utils.cli import run_stage, script_module  # noqa: E402
+from quant.recipe import PTQ_METHODS  # noqa: E402
 from quant.evaluation import starting_path  # noqa: E402
 from quant.search import pareto_frontier  # noqa: E402
 from quant.stats import bootstrap_drop_interval, paired_drop  # noqa: E402
@@ -203,7 +204,7 @@ def main():
     g.add_argument("--data-dir", default="data", help="(default: data)")
     g.add_argument("--images", default=None, type=int,
                    help=f"search images of stages 2-3, at most {HELD_OUT - 1} (default: the stages' 2,000)")
-    g.add_argument("--ptq", default=None, choices=("nearest", "adaround"), help="(default: the stages')")
+    g.add_argument("--ptq", default=None, choices=PTQ_METHODS, help="(default: the stages')")
     g.add_argument("--work", default=Path("results") / "search_speed", type=Path,
                    help="folder of the two paths' results and the shared PTQ cache (default: results/search_speed)")
     args = p.parse_args()

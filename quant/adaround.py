@@ -73,35 +73,60 @@ def _forward(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor
     return F.linear(x, w, layer.bias)
 
 
+class Rounding(nn.Module):
+    """One layer's learnable rounding on `quantizer`'s grid (its scales kept): ``weight()`` is
+    s * clamp(floor(w / s) + h(V), -q, q), V starting where h(V) is the fractional part of w / s."""
+
+    def __init__(self, w: torch.Tensor, quantizer: Quantizer):
+        super().__init__()
+        w = w.detach().float()
+        self.register_buffer("s", quantizer._scale(w).detach().float())
+        self.register_buffer("base", torch.floor(w / self.s))
+        self.qmin, self.qmax = quantizer.qmin, quantizer.qmax
+        self.v = nn.Parameter(initial_v(w / self.s - self.base))
+
+    def weight(self) -> torch.Tensor:
+        return self.s * torch.clamp(self.base + rectified_sigmoid(self.v), self.qmin, self.qmax)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """The integer levels (int32): h rounded (h >= 0.5 rounds up)."""
+        up = (rectified_sigmoid(self.v) >= 0.5).float()
+        return torch.clamp(self.base + up, self.qmin, self.qmax).to(torch.int32)
+
+
+def reconstruct(roundings: list[Rounding], output, inputs: torch.Tensor, target: torch.Tensor,
+                settings: AdaRoundSettings) -> list[torch.Tensor]:
+    """Fit `roundings` jointly so that ``output(batch)`` (computed with their weights) reconstructs `target` on
+    `inputs` (the paper's loss, with the regularizer summed over them); their integer levels."""
+    opt = torch.optim.Adam([r.v for r in roundings], lr=settings.lr)
+    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    n = len(inputs)
+    for step in range(settings.iterations):
+        idx = torch.randint(0, n, (min(settings.batch_size, n),), generator=g).to(inputs.device)
+        loss = (output(inputs[idx]) - target[idx]).square().flatten(1).sum(1).mean()
+        beta = _beta(step, settings)
+        if beta is not None:
+            loss = loss + settings.reg * sum(r.regularizer(beta) for r in roundings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return [r.levels() for r in roundings]
+
+
 def learn_rounding(layer: nn.Module, quantizer: Quantizer, inputs: torch.Tensor,
                    settings: AdaRoundSettings = AdaRoundSettings()) -> torch.Tensor:
     """The learned integer levels (int32, the weight's shape) of `layer`'s weight on `quantizer`'s grid (its
     scales kept), fitted to reconstruct the layer's float output on `inputs` (its float inputs, [N, ...])."""
     if not isinstance(layer, (nn.Conv2d, nn.Linear)):
         raise TypeError(f"learned rounding needs a Conv2d or Linear layer, not {type(layer).__name__}")
-    w = layer.weight.detach().float()
-    s = quantizer._scale(w).detach().float()
-    q_lo, q_hi = quantizer.qmin, quantizer.qmax
-    base = torch.floor(w / s)
-    v = nn.Parameter(initial_v(w / s - base))
-    opt = torch.optim.Adam([v], lr=settings.lr)
-    g = torch.Generator(device="cpu").manual_seed(settings.seed)
+    r = Rounding(layer.weight, quantizer)
     with torch.no_grad():
-        target_all = _forward(layer, inputs, w)
-    n = len(inputs)
-    for step in range(settings.iterations):
-        idx = torch.randint(0, n, (min(settings.batch_size, n),), generator=g).to(inputs.device)
-        h = rectified_sigmoid(v)
-        wq = s * torch.clamp(base + h, q_lo, q_hi)
-        rec = (_forward(layer, inputs[idx], wq) - target_all[idx]).square().flatten(1).sum(1).mean()
-        beta = _beta(step, settings)
-        loss = rec if beta is None else rec + settings.reg * (1 - (2 * h - 1).abs().pow(beta)).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        up = (rectified_sigmoid(v) >= 0.5).float()
-        return torch.clamp(base + up, q_lo, q_hi).to(torch.int32)
+        target = _forward(layer, inputs, layer.weight.detach().float())
+    return reconstruct([r], lambda x: _forward(layer, x, r.weight()), inputs, target, settings)[0]
 
 
 def reconstruction_error(layer: nn.Module, levels: torch.Tensor, quantizer: Quantizer, inputs: torch.Tensor) -> float:

@@ -17,7 +17,7 @@ from quant.widths import FLOAT_BITS, A, Space
 
 GRANULARITIES = ("channel", "tensor")
 LOGITS = ("float", "quantized")
-PTQ_METHODS = ("nearest", "adaround")
+PTQ_METHODS = ("nearest", "adaround", "block")
 # Post-training rounding by cost model: learned rounding is what benchmarks/ptq_methods.py measured best;
 # the reference convention keeps the reference work's round-to-nearest.
 DEFAULT_PTQ = {"fused": "adaround", "reference": "nearest"}
@@ -38,8 +38,9 @@ class Recipe:
     # out of the search space. Quantized, they tie (4-bit logits take a dozen values) and lose accuracy for
     # almost no AI (one tensor of 10 values per image).
     logits: str = "float"
-    # How weights are rounded after training: "nearest" (to the nearest level of the MSE grid) or "adaround"
-    # (learned per layer and width on `ptq_images` training images, quant/adaround.py, with its settings)
+    # How weights are rounded after training: "nearest" (to the nearest level of the MSE grid), "adaround"
+    # (learned per layer and width on `ptq_images` training images, quant/adaround.py, with its settings) or
+    # "block" (learned per block and width, the block's layers together, quant/blockwise.py, the same settings)
     ptq: str = "nearest"
     ptq_images: int = 256
     ptq_settings: AdaRoundSettings = AdaRoundSettings()

@@ -54,7 +54,7 @@ def test_ptq_methods_smoke(quick_stage1, tmp_path):
     r = json.loads(out.read_text())
     assert 0 <= r["float_test_acc"] <= 100 and r["quantization"]["logits"] == "float"
     assert [(x["config"], x["method"], x["correction"]) for x in r["results"]] == [
-        (c, m, k) for m in ("nearest", "adaround") for c in ("uniform_w4a4", "uniform_w3") for k in ("none", "bn")]
+        (c, m, k) for m in ("nearest", "adaround", "block") for c in ("uniform_w4a4", "uniform_w3") for k in ("none", "bn")]
     by = {(x["config"], x["method"], x["correction"]): x for x in r["results"]}
     assert by["uniform_w4a4", "nearest", "bn"]["test_acc"] != by["uniform_w4a4", "nearest", "none"]["test_acc"]
     assert r["correction_images"] == 64
@@ -66,7 +66,12 @@ def test_ptq_methods_smoke(quick_stage1, tmp_path):
     ab = r["ablation"]
     assert ab["set"] != "test" and [x["setting"] for x in ab["rows"]] == ["nearest", "5x16"]
     assert all("search_acc" in x and "test_acc" not in x for x in ab["rows"])
-    assert list((tmp_path / "cache").glob("ptq-adaround-*.pt"))
+    assert list((tmp_path / "cache").glob("ptq-adaround-*.pt")) and list((tmp_path / "cache").glob("ptq-block-*.pt"))
+    assert r["block"]["method"] == "block" and r["block"]["pairs"] > 0
+    blk = by["uniform_w3", "block", "bn"]
+    assert set(blk["search_gain_vs"]) == {"nearest", "adaround"} and by["uniform_w3", "nearest", "bn"]["search_gain_vs"] == {}
+    assert blk["search_gain_vs"]["nearest"]["gain"] == pytest.approx(
+        blk["search_acc"] - by["uniform_w3", "nearest", "bn"]["search_acc"]) and blk["search_gain_vs"]["nearest"]["se"] >= 0
 
 
 def test_per_layer_speed_counts_agree(quick_stage1, tmp_path):

@@ -306,8 +306,8 @@ def get_args_parser():
                         "every CPU, or 8 (-127..127), which they saturate on CPUs without VNNI (default: what stage 2 "
                         "or 3 recorded; else 7 under --target ort-cpu and 8 under generic)")
     g.add_argument("--ptq", default=None, choices=PTQ_METHODS,
-                   help="weight rounding: nearest, or adaround (learned levels, from the cache stage 2 filled, else "
-                        f"fitted here on training images) (default: what stage 2 or 3 recorded; else "
+                   help="weight rounding: nearest, adaround or block (learned levels, from the cache stage 2 filled, "
+                        f"else fitted here on training images) (default: what stage 2 or 3 recorded; else "
                         f"{DEFAULT_PTQ['fused']})")
     g.add_argument("--stats-correction", default=None, choices=CORRECTIONS,
                    help="statistics correction (quant/correct.py), measured here on the calibration images (default: "

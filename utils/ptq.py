@@ -2,9 +2,12 @@
 
 ``--ptq adaround`` learns each weight layer's rounding at each width (quant/adaround.py) from the float
 network's inputs to that layer on training images, so the levels of a (layer, width) pair do not depend on
-any other layer's width. They are fitted once per pair and stored in one cache file per key:
+any other layer's width. ``--ptq block`` learns the roundings of a block's layers together, all at one width,
+to reconstruct the block's float output from the float network's input to it (quant/blockwise.py, BRECQ), so
+its levels of a (layer, width) pair do not depend on the widths a configuration gives the other layers either.
+They are fitted once per pair (per block and width) and stored in one cache file per key:
 
-    <cache-dir>/ptq-adaround-<key hash>.pt   {"key": {...}, "levels": {"layer:bits": int8 tensor}}
+    <cache-dir>/ptq-<method>-<key hash>.pt   {"key": {...}, "levels": {"layer:bits": int8 tensor}}
 
 The key holds everything the levels depend on: the checkpoint's SHA-256, the method and its settings, the
 weight recipe (granularity, clip, weight range) and the SHA-256 of the calibration images' bytes. A later
@@ -23,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from quant.adaround import fit_levels, layer_inputs
+from quant.blockwise import fit_block_levels
 from quant.fold import fold_bn
 from quant.recipe import PTQ_METHODS, Recipe
 from utils.io import atomic_write_bytes, sha256_file
@@ -104,14 +108,19 @@ def learned_levels(model, checkpoint, pairs, calib_u8: torch.Tensor, normalize, 
     if todo:
         folded = fold_bn(model).cpu().eval()
         x = normalize(x_u8).cpu()
-        inputs = layer_inputs(folded, sorted({n for n, _ in todo}), x)
-        bar = tqdm(total=len(todo), desc="learned rounding (layer x width)", dynamic_ncols=True, disable=not progress)
+        unit = "layer x width, by block" if recipe.ptq == "block" else "layer x width"
+        bar = tqdm(total=len(todo), desc=f"learned rounding ({unit})", dynamic_ncols=True, disable=not progress)
 
-        def done(name, bits, levels):
-            have[name, bits] = levels
+        def done(fitted: dict):
+            have.update(fitted)
             if path is not None:
-                _write(path, key, have)      # after each pair: an interrupted fit keeps what it fitted
-            bar.update(1)
-        fit_levels(folded, todo, inputs, **recipe.weight_kwargs(), settings=recipe.ptq_settings, on_fit=done)
+                _write(path, key, have)      # after each fit: an interrupted fit keeps what it fitted
+            bar.update(sum(p in fitted for p in todo))
+        kw = dict(**recipe.weight_kwargs(), settings=recipe.ptq_settings)
+        if recipe.ptq == "block":
+            fit_block_levels(folded, todo, x, **kw, on_fit=done)
+        else:
+            inputs = layer_inputs(folded, sorted({n for n, _ in todo}), x)
+            fit_levels(folded, todo, inputs, **kw, on_fit=lambda n, b, lv: done({(n, b): lv}))
         bar.close()
     return LearnedLevels({p: have[p] for p in pairs}, key, path, len(todo), time.time() - t)

@@ -284,7 +284,7 @@ class FineTuneRecipe:
 
     def start_from(self, ptq: str) -> str:
         """The rounding the fine-tune starts from: the learned one where the post-training weights have it."""
-        return "adaround" if self.start == "post-training" and ptq == "adaround" else "nearest"
+        return ptq if self.start == "post-training" else "nearest"
 
     def to_json(self, pool, device: torch.device, ptq: str) -> dict:
         steps, warmup = self.steps(len(pool)), self.warmup_steps(len(pool))
@@ -331,7 +331,7 @@ def fine_tune_config(s, name: str, cfg: dict, ft: FineTuneRecipe, recipe_json: d
             "target": s.target, "seed": seed}
     qat = prepare_qat(s.model, cfg, s.ranges, s.target, learn_scales=ft.scales == "learned",
                       **s.recipe.weight_kwargs(), bn=ft.bn,
-                      levels=s.levels if recipe_json["start"] == "adaround" else None).to(s.device)
+                      levels=s.levels if recipe_json["start"] != "nearest" else None).to(s.device)
     n = len(labels)
     return finetune(qat, path, key, meta, padded, labels, s.normalize, ft.epochs, ft.lr, ft.batch_size, seed,
                     resume=resume, desc=desc or f"qat {name}", teacher=teacher if ft.distill else None,

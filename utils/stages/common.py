@@ -115,10 +115,11 @@ def add_quant_args(p: argparse.ArgumentParser, stage: str):
                             "8 bits), which ONNX Runtime's x86 kernels compute exactly on CPUs without VNNI, where "
                             "8 saturates (default: 7 under --target ort-cpu, else 8)")
         g.add_argument("--ptq", default=None, choices=PTQ_METHODS,
-                       help="how weights are rounded: nearest (the nearest level of the MSE grid) or adaround (each "
+                       help="how weights are rounded: nearest (the nearest level of the MSE grid), adaround (each "
                             "layer's rounding learned at each width to reconstruct its float output on training "
-                            "images, fitted once and cached under <checkpoint-dir>/ptq-cache; stages 3-4 and the "
-                            f"export follow) (default: {DEFAULT_PTQ['fused']}; with --cost-model reference: "
+                            "images) or block (a block's layers learned together at each width to reconstruct the "
+                            "block's float output), fitted once and cached under <checkpoint-dir>/ptq-cache; stages "
+                            f"3-4 and the export follow (default: {DEFAULT_PTQ['fused']}; with --cost-model reference: "
                             f"{DEFAULT_PTQ['reference']}, the reference work's method)")
         g.add_argument("--ptq-images", default=None, type=int,
                        help="training images (the first calibration images) the learned rounding is fitted on "
@@ -275,7 +276,7 @@ class Setup:
     select_x: torch.Tensor | None = None    # the select images (None: --select-size 0)
     select_y: torch.Tensor | None = None
     ptq_cache: Path | None = None           # where learned levels are cached
-    levels: dict = field(default_factory=dict)   # {(layer, bits): learned levels} under recipe.ptq "adaround"
+    levels: dict = field(default_factory=dict)   # {(layer, bits): learned levels} unless recipe.ptq is "nearest"
     ptq_fit: dict | None = None             # how they were made (utils.ptq.LearnedLevels.describe)
 
     @property
@@ -316,7 +317,7 @@ class Setup:
         return self.ranges
 
     def learn_levels(self, pairs) -> dict:
-        """Learned levels of every (layer, bits) in `pairs` under recipe.ptq "adaround" (fitted once and cached,
+        """Learned levels of every (layer, bits) in `pairs` under a learned recipe.ptq (fitted once and cached,
         utils/ptq.py); nothing under "nearest". The evaluators and placements made afterwards use them."""
         if self.recipe.ptq == "nearest":
             return self.levels
