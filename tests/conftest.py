@@ -69,3 +69,19 @@ def quick_stage2(quick_stage1):
     proc = run_script("2_per_layer_analysis.py", *args, "--results-dir", s["results"],
                       "--checkpoint-dir", s["checkpoints"])
     return {**s, "stage2_args": args, "stage2_proc": proc}
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A random ResNet-8 (B), its folded copy and 48 random images (uint8 and normalized by test_adaround.NORM):
+    the learned-rounding tests' network (test_adaround.py, test_blockwise.py)."""
+    import torch
+    from models import build_model
+    from quant.fold import fold_bn
+    from utils.train import Normalizer
+    torch.manual_seed(0)
+    model = build_model("resnet8", "B").eval()
+    g = torch.Generator().manual_seed(1)
+    x_u8 = torch.randint(0, 256, (48, 32, 32, 3), generator=g, dtype=torch.uint8)
+    norm = Normalizer([0.5] * 3, [0.25] * 3, "cpu")
+    return {"model": model, "folded": fold_bn(model).eval(), "x_u8": x_u8, "x": norm(x_u8)}

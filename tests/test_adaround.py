@@ -9,7 +9,6 @@ import torch
 from onnx import numpy_helper
 
 import utils.onnx_export as G
-from models import build_model
 from quant.adaround import (AdaRoundSettings, fit_levels, initial_v, layer_inputs, learn_rounding, nearest_levels,
                             reconstruction_error, rectified_sigmoid)
 from quant.calibrate import calibrate
@@ -24,15 +23,6 @@ from utils.train import Normalizer
 
 NORM = Normalizer([0.5] * 3, [0.25] * 3, "cpu")
 FAST = AdaRoundSettings(iterations=60, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    model = build_model("resnet8", "B").eval()
-    g = torch.Generator().manual_seed(1)
-    x_u8 = torch.randint(0, 256, (48, 32, 32, 3), generator=g, dtype=torch.uint8)
-    return {"model": model, "folded": fold_bn(model).eval(), "x_u8": x_u8, "x": NORM(x_u8)}
 
 
 def test_rectified_sigmoid_starts_at_the_fraction():

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from models import build_model
 from quant.adaround import AdaRoundSettings, nearest_levels
 from quant.blockwise import block_inputs, blocks, fit_block_levels, learn_block_rounding
 from quant.fold import fold_bn
@@ -14,20 +13,10 @@ from quant.quantizer import weight_quantizer
 from quant.recipe import Recipe
 from utils.ptq import cached_levels, learned_levels
 from utils.qat import FineTuneRecipe
-from utils.train import Normalizer
 
-NORM = Normalizer([0.5] * 3, [0.25] * 3, "cpu")
-FAST = AdaRoundSettings(iterations=60, batch_size=16)
+from test_adaround import FAST, NORM   # the `net` fixture (conftest.py) normalizes with NORM
+
 FIT = AdaRoundSettings(iterations=300, batch_size=16)   # a block's joint fit needs more steps than one layer's
-
-
-@pytest.fixture(scope="module")
-def net():
-    torch.manual_seed(0)
-    model = build_model("resnet8", "B").eval()
-    g = torch.Generator().manual_seed(1)
-    x_u8 = torch.randint(0, 256, (48, 32, 32, 3), generator=g, dtype=torch.uint8)
-    return {"model": model, "folded": fold_bn(model).eval(), "x_u8": x_u8, "x": NORM(x_u8)}
 
 
 def test_blocks_partition_the_weight_layers_and_chain_to_the_output(net):
