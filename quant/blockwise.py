@@ -38,17 +38,19 @@ def blocks(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
     return [(seg.fn, tuple(n for k in seg.kernels for n in layers_of[k])) for seg in model.segments(DEFAULT_TARGET)]
 
 
-@torch.no_grad()
+def _with_inputs(model: nn.Module, x: torch.Tensor, batch_size: int):
+    """(segment function, its weight layers, the float network's input to it) of each block in order, on the
+    normalized images `x`; only the current block's input is held, the next one computed when it is asked for."""
+    h = x
+    for fn, names in blocks(model):
+        yield fn, names, h
+        with torch.no_grad():
+            h = torch.cat([fn(h[s:s + batch_size]) for s in range(0, len(h), batch_size)])
+
+
 def block_inputs(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
     """The float network's input to each block (segment) on the normalized images `x`, in order."""
-    fns = [fn for fn, _ in blocks(model)]
-    out: list[list[torch.Tensor]] = [[] for _ in fns]
-    for s in range(0, len(x), batch_size):
-        h = x[s:s + batch_size]
-        for k, fn in enumerate(fns):
-            out[k].append(h)
-            h = fn(h)
-    return [torch.cat(v) for v in out]
+    return [h for _, _, h in _with_inputs(model, x, batch_size)]
 
 
 def learn_block_rounding(fn: nn.Module, layers: dict[str, nn.Module], quantizers: dict, inputs: torch.Tensor,
@@ -70,21 +72,20 @@ def fit_block_levels(model: nn.Module, pairs, x: torch.Tensor, per_channel: bool
     holds one of them is fitted at that width, all its weight layers together, from the float network's block
     inputs on the normalized images `x`; ``on_fit(block's pairs: {(layer, bits): levels})`` after each fit."""
     wanted = set(pairs)
-    inputs = None
     out = {}
-    for k, (fn, names) in enumerate(blocks(model)):
-        for bits in sorted({b for n, b in wanted if n in names}, reverse=True):
-            if inputs is None:
-                inputs = block_inputs(model, x)
-            layers = {n: model.get_submodule(n) for n in names}
+    for fn, names, inputs in _with_inputs(model, x, batch_size=256):
+        layers = {n: model.get_submodule(n) for n in names}
+        for bits in sorted({b for n, b in wanted if n in layers}, reverse=True):
             qs = {n: weight_quantizer(m.weight, bits, per_channel, clip, weight_range=weight_range)
                   for n, m in layers.items()}
             with torch.enable_grad():
-                got = learn_block_rounding(fn, layers, qs, inputs[k], settings)
+                got = learn_block_rounding(fn, layers, qs, inputs, settings)
             fitted = {(n, bits): lv.to(torch.int8) for n, lv in got.items()}
             out.update(fitted)
             if on_fit is not None:
                 on_fit(fitted)
+        if wanted <= set(out):
+            break          # the blocks behind the last one asked for are not run
     missing = wanted - set(out)
     if missing:
         raise ValueError(f"no block of {type(model).__name__} holds weight layer {sorted(missing)[0][0]!r}")
