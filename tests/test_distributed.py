@@ -19,7 +19,9 @@ def torchrun(*args, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
     p = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{p.stderr[-4000:]}")
+        lines = p.stderr.replace("\r", "\n").splitlines()
+        log = "\n".join(line for line in lines if not line.rstrip().endswith(("it/s]", "s/it]")))
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{log[-6000:]}")   # progress bars left out
     return p
 
 

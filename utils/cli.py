@@ -179,6 +179,10 @@ def run(main, parser: argparse.ArgumentParser, argv=None):
                 sys.stdout = open(os.devnull, "w")
         print(args)
         main(args)
+        # every rank leaves the group together, after rank 0 has written: a rank that tears its gloo group down
+        # while another still works can abort in C++ teardown (CI saw rank 1 of stage 2 abort once, "terminate
+        # called without an active exception")
+        distributed.barrier()
     except UserError as e:
         print("\n" + error_paragraph(e), file=sys.stderr)
         sys.exit(2)
