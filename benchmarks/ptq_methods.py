@@ -14,9 +14,13 @@ interval, the paired drop against float with its bootstrap interval, the tie rat
 fits it needed included, and apart as ``fit_seconds``), and the same accuracy and drop on the search (validation)
 images, where a default is chosen, with each method's paired gain over the methods measured before it
 (``search_gain_vs``: {method: {gain, se}}, same configuration and correction): the test images decide nothing.
+``--act-calibs mse kl`` measures every method with both tensor-range calibrations (``act_calib`` in each row; the
+kl rows' gains are listed under "<method>, kl ranges").
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quant.adaround import AdaRoundSettings  # noqa: E402
 from quant.correct import MODES as CORRECTIONS  # noqa: E402
-from quant.recipe import Recipe  # noqa: E402
+from quant.recipe import ACT_CALIBS, Recipe  # noqa: E402
 from quant.stats import bootstrap_drop_interval, paired_drop, wilson_interval  # noqa: E402
 from quant.widths import FLOAT_BITS, tensors_of, weights_of  # noqa: E402
 from utils.cli import run  # noqa: E402
@@ -45,6 +49,11 @@ def get_args_parser():
     g.add_argument("--methods", nargs="+", default=list(PTQ_METHODS), choices=PTQ_METHODS)
     g.add_argument("--corrections", nargs="+", default=list(CORRECTIONS), choices=CORRECTIONS,
                    help="statistics corrections to measure after each method (default: all)")
+    g.add_argument("--act-calibs", nargs="+", default=["mse"], choices=ACT_CALIBS,
+                   help="tensor-range calibrations to measure each method with (mse; kl: quant/loss_aware.py, on the "
+                        "first --act-calib-images training images; default: mse)")
+    g.add_argument("--act-calib-images", default=Recipe().act_calib_images, type=int,
+                   help=f"(default: {Recipe().act_calib_images})")
     g.add_argument("--correction-images", default=Recipe().correction_images, type=int,
                    help=f"training images the correction is measured on (default: {Recipe().correction_images})")
     g.add_argument("--ptq-images", default=DEFAULT_PTQ_IMAGES, type=int,
@@ -110,7 +119,11 @@ def ptq_methods(args) -> dict:
     settings = AdaRoundSettings(iterations=args.ptq_iterations)
     s = load_setup(ModelOptions.from_args(args, strict=False), recipe, target="generic")
     configs = {n: recipe.uniform(s.space, *CONFIGS[n]) for n in args.configs}
-    s.calibrate({a for c in configs.values() for a in tensors_of(c).values()})
+    widths = {a for c in configs.values() for a in tensors_of(c).values()}
+    ranges = {}
+    for calib in args.act_calibs:   # the calibration does not depend on the weights' method: once each
+        s.recipe = dataclasses.replace(recipe, act_calib=calib, act_calib_images=args.act_calib_images)
+        ranges[calib] = (s.calibrate(widths), s.calibration)
     out = {"benchmark": "ptq_methods", "checkpoint": str(s.checkpoint), "set": s.split.report.name,
            "images": len(s.report_y), "quantization": recipe.to_json(), "results": []}
     if len(s.calib_x) < args.correction_images:
@@ -123,8 +136,10 @@ def ptq_methods(args) -> dict:
     if args.ablate:
         out["ablation"] = {"set": s.split.search.name, "images": len(s.eval_y), "rows": ablation(args, s, recipe)}
         atomic_write_json(args.out, out)
-    searched = {}     # (config, correction) -> {method: its search outcome}, for the paired comparisons
-    for method in args.methods:
+    searched = {}     # (config, correction) -> {label: its search outcome}, for the paired comparisons
+    for calib, method in itertools.product(args.act_calibs, args.methods):
+        s.ranges, out.setdefault("activation_calibration", {})[calib] = ranges[calib]
+        label = method if calib == "mse" else f"{method}, {calib} ranges"
         for name, cfg in configs.items():
             levels, t = {}, time.time()
             if method != "nearest":
@@ -139,16 +154,16 @@ def ptq_methods(args) -> dict:
                           correction=(corr, s.calib_x[:args.correction_images]))
                 test = s.evaluator(s.report_x, s.report_y, args.eval_batch_size, **kw)
                 r = {**row(name, method, test.evaluate(cfg), test.float_outcome, fit_seconds + time.time() - t),
-                     "correction": corr}
+                     "correction": corr, "act_calib": calib}
                 search = s.evaluator(s.eval_x, s.eval_y, args.eval_batch_size, **kw)
                 so = search.evaluate(cfg)
                 r.update(search_acc=so.accuracy, search_images=so.n, fit_seconds=fit_seconds,
                          search_drop=paired_drop(search.float_outcome.correct, so.correct).drop,
                          search_gain_vs=gains(so, searched.setdefault((name, corr), {})))
-                searched[name, corr][method] = so
+                searched[name, corr][label] = so
                 fit_seconds = 0.0
                 out["results"].append(r)
-                print(f"{name:<14}{method:<10}{corr:<5}{r['test_acc']:7.2f}%  drop {r['test_drop']:5.2f} "
+                print(f"{name:<14}{method:<10}{corr:<5}{calib:<4}{r['test_acc']:7.2f}%  drop {r['test_drop']:5.2f} "
                       f"[{r['test_drop_ci95'][0]:.2f}, {r['test_drop_ci95'][1]:.2f}]  search drop "
                       f"{r['search_drop']:5.2f}  ties {100 * r['tie_rate']:.1f}%  {r['seconds']:.0f} s", flush=True)
                 out["provenance"] = provenance(vars(args), s.device, {"checkpoint": s.checkpoint}, time.time() - t0)

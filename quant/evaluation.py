@@ -35,7 +35,7 @@ from quant.fold import fold_bn
 from quant.place import check_ranges, set_tensor_quantizer, slots
 from quant.quantizer import learned_weight, quantize_weight
 from quant.stats import top1_credit, top1_tied
-from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, W, config_key
+from quant.widths import ACT_BITS, FLOAT_BITS, WEIGHT_BITS, A, W, config_key
 
 # Default bound on the cached activations (bytes). ResNet-20 on 5,000 images needs about 2 GB;
 # ResNet-110 about 10 GB, so it caches every few segments and recomputes in between.
@@ -194,6 +194,16 @@ class CachedEvaluator:
     def tensor_quantizer(self, name: str, bits: int):
         """The quantizer tensor `name` takes at `bits` (its calibrated range)."""
         return self._tq[name, bits]
+
+    @torch.no_grad()
+    def set_tensor_scale(self, name: str, bits: int, scale: float):
+        """Tensor `name`'s range at `bits` becomes `scale` from the next evaluation on (for a caller that searches
+        it, quant/loss_aware.py). The kept segment inputs are the base configuration's, which must hold the
+        tensor float or at another width."""
+        if self.base.get((A, name)) == bits:
+            raise ValueError(f"tensor {name} is at {bits} bits in the base configuration, whose kept inputs would go stale")
+        self._tq[name, bits].scale.fill_(scale)
+        self.ranges[name] = {**self.ranges[name], "scales": {**self.ranges[name]["scales"], str(bits): float(scale)}}
 
     @contextmanager
     def float_network(self):

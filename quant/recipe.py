@@ -16,6 +16,9 @@ from quant.quantizer import CLIP_MODES, DEFAULT_WEIGHT_RANGE, check_weight_range
 from quant.widths import FLOAT_BITS, A, Space
 
 GRANULARITIES = ("channel", "tensor")
+# How tensor ranges are chosen: "mse" (each tensor's own squared error, quant/calibrate.py) or "kl" (that MSE
+# range rescaled to minimize the network output's KL from float, each tensor alone, quant/loss_aware.py)
+ACT_CALIBS = ("mse", "kl")
 LOGITS = ("float", "quantized")
 PTQ_METHODS = ("nearest", "adaround", "block")
 # Post-training rounding by cost model: learned rounding is what benchmarks/ptq_methods.py measured best;
@@ -49,6 +52,8 @@ class Recipe:
     # first `correction_images` training images
     correction: str = "none"
     correction_images: int = 512
+    act_calib: str = "mse"
+    act_calib_images: int = 512
 
     def __post_init__(self):
         if self.correction not in CORRECTIONS:
@@ -56,6 +61,10 @@ class Recipe:
         if self.correction == "bn" and self.granularity != "channel":
             raise UserError("--stats-correction bn rescales each output channel's weights, so it needs one weight "
                             "scale per channel: drop --granularity tensor, or use --stats-correction bias.")
+        if self.act_calib not in ACT_CALIBS:
+            raise UserError(f"tensor-range calibration {self.act_calib!r} is not supported; use one of {ACT_CALIBS}.")
+        if self.act_calib_images < 1:
+            raise UserError(f"--act-calib-images must be >= 1, got {self.act_calib_images}.")
         if self.correction_images < 2:
             raise UserError(f"--correction-images must be >= 2, got {self.correction_images}.")
         if self.ptq not in PTQ_METHODS:
@@ -101,6 +110,9 @@ class Recipe:
         out["correction"] = self.correction
         if self.correction != "none":
             out["correction_settings"] = {"images": self.correction_images, "set": "train"}
+        if self.act_calib != "mse":   # absent: MSE ranges, as every file before the option (fine-tune keys unchanged)
+            out["act_calib"] = self.act_calib
+            out["act_calib_settings"] = {"images": self.act_calib_images, "set": "train"}
         return out
 
     @classmethod
@@ -114,9 +126,11 @@ class Recipe:
                    obj.get("weight_range", LEGACY_WEIGHT_RANGE), obj.get("logits", LEGACY_LOGITS),
                    obj.get("ptq", "nearest"), images,
                    AdaRoundSettings(**{k: v for k, v in settings.items() if k in AdaRoundSettings.__dataclass_fields__}),
-                   obj.get("correction", "none"), (obj.get("correction_settings") or {}).get("images", 512))
+                   obj.get("correction", "none"), (obj.get("correction_settings") or {}).get("images", 512),
+                   obj.get("act_calib", "mse"), (obj.get("act_calib_settings") or {}).get("images", 512))
 
     def describe(self) -> str:
         rng = "" if self.weight_range == 8 else f", 8-bit weights in range {self.weight_range}"
         fix = "" if self.correction == "none" else f", {self.correction} correction on {self.correction_images} images"
-        return f"{self.granularity}, {self.clip}{rng}, logits {self.logits}, {self.ptq} rounding{fix}"
+        ranges = "" if self.act_calib == "mse" else f", {self.act_calib} tensor ranges"
+        return f"{self.granularity}, {self.clip}{rng}, logits {self.logits}, {self.ptq} rounding{fix}{ranges}"

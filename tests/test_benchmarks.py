@@ -74,6 +74,26 @@ def test_ptq_methods_smoke(quick_stage1, tmp_path):
         blk["search_acc"] - by["uniform_w3", "nearest", "bn"]["search_acc"]) and blk["search_gain_vs"]["nearest"]["se"] >= 0
 
 
+def test_ptq_methods_measures_both_tensor_range_calibrations(quick_stage1, tmp_path):
+    """--act-calibs mse kl: each method and configuration under both ranges, the kl rows' gains paired against the
+    mse rows; a configuration whose tensors are float scores the same under both; the calibrations are recorded."""
+    out = tmp_path / "ptq.json"
+    run_script("benchmarks/ptq_methods.py", "--checkpoint", quick_stage1["checkpoint"], "--device", "cpu", "--quick",
+               "--configs", "uniform_w4a4", "uniform_w3", "--methods", "nearest", "--corrections", "none",
+               "--act-calibs", "mse", "kl", "--act-calib-images", 64, "--correction-images", 64, "--results-dir", tmp_path,
+               "--out", out)
+    r = json.loads(out.read_text())
+    by = {(x["config"], x["act_calib"]): x for x in r["results"]}
+    assert list(by) == [(c, a) for a in ("mse", "kl") for c in ("uniform_w4a4", "uniform_w3")]
+    assert by["uniform_w3", "kl"]["test_acc"] == by["uniform_w3", "mse"]["test_acc"]
+    kl, mse = by["uniform_w4a4", "kl"], by["uniform_w4a4", "mse"]
+    assert set(kl["search_gain_vs"]) == {"nearest"} and mse["search_gain_vs"] == {}
+    assert kl["search_gain_vs"]["nearest"]["gain"] == pytest.approx(kl["search_acc"] - mse["search_acc"])
+    cal = r["activation_calibration"]
+    assert "multipliers" in cal["kl"] and "multipliers" not in cal["mse"] and "then kl" in cal["kl"]["method"]
+    assert cal["kl"]["tensors"] != cal["mse"]["tensors"]
+
+
 def test_per_layer_speed_counts_agree(quick_stage1, tmp_path):
     """benchmarks/per_layer_speed.py on the session's quick checkpoint, nearest rounding so nothing is fitted: the
     cached evaluator's correct counts equal those of every candidate in full and of every candidate placed from

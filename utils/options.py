@@ -142,6 +142,8 @@ class SensitivityOptions(ModelOptions, WidthOptions):
     fisher_samples: int = 1
     stats_correction: str | None = None
     correction_images: int = 512
+    act_calib: str = "mse"
+    act_calib_images: int | None = None
 
 
 @dataclass(frozen=True)
