@@ -1,7 +1,8 @@
 """The weight-quantization settings every stage, fine-tuning and the export share, and their JSON form.
 
 ``Recipe`` is what results files record as their ``quantization`` object: how the BN-folded weights are
-quantized (one scale per output channel or per tensor, the clip, the weight range). Stage 2 chooses it;
+quantized (one scale per output channel or per tensor, the clip, the weight range, the rounding, the statistics
+correction) and how tensor ranges are chosen (``act_calib``). Stage 2 chooses it;
 stages 3-4, fine-tuning and the export read it back with ``Recipe.from_json`` instead of rebuilding the
 defaults, so what the search measured is what is fine-tuned and deployed.
 """
@@ -52,6 +53,7 @@ class Recipe:
     # first `correction_images` training images
     correction: str = "none"
     correction_images: int = 512
+    # Tensor ranges (ACT_CALIBS): "kl" rescales the MSE ranges on the first `act_calib_images` calibration images
     act_calib: str = "mse"
     act_calib_images: int = 512
 
