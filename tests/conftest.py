@@ -37,6 +37,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def stderr_tail(stderr: str, chars: int = 6000) -> str:
+    """The end of a failed run's stderr with its progress bars left out, so that they cannot crowd out the cause."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    return "\n".join(line for line in lines if not line.rstrip().endswith(("it/s]", "s/it]")))[-chars:]
+
+
 def run_script(script, *args, check=True, timeout=600, env=None):
     """Run a stage script as the user would; returns the CompletedProcess (text output)."""
     cmd = [sys.executable, str(REPO / script), *map(str, args)]
@@ -44,7 +50,7 @@ def run_script(script, *args, check=True, timeout=600, env=None):
                        env=env or SUBPROCESS_ENV)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stderr (tail) ---\n"
-                             f"{p.stderr[-4000:]}")
+                             f"{stderr_tail(p.stderr)}")
     return p
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SUBPROCESS_ENV, run_script
+from conftest import REPO, SUBPROCESS_ENV, run_script, stderr_tail
 from utils.checkpoint import load_model, read_checkpoint
 
 COMMON = ("--quick", "--dataset", "synthetic", "--device", "cpu", "--seed", "0")
@@ -19,9 +19,7 @@ def torchrun(*args, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
     p = subprocess.run(cmd, cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
-        lines = p.stderr.replace("\r", "\n").splitlines()
-        log = "\n".join(line for line in lines if not line.rstrip().endswith(("it/s]", "s/it]")))
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{log[-6000:]}")   # progress bars left out
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n{stderr_tail(p.stderr)}")
     return p
 
 
