@@ -8,6 +8,8 @@ separate *confirm split*:
 1. On its own images the search fixes an ordered list of candidate configurations **before any
    confirm image is seen**: the greedy's trajectory from the float end (``greedy_sequence``), or
    Pareto frontier points in order of AI (``frontier_sequence``).
+   Two lists (greedy and Pareto) are chained into one (``confirm_chain``): the second is reached only
+   when every configuration of the first passed.
 2. ``confirm_sequence`` then evaluates them on the confirm split in that order. A configuration
    passes when ``confirm drop + z * SE <= max_drop`` (``z = CONFIRM_Z``: one-sided 5%); the test
    stops at the first failure and accepts the last configuration before it (none: the caller
@@ -50,9 +52,9 @@ CONFIRM_ALPHA = 0.05
 
 
 def confirm_z(sequences: int, alpha: float = CONFIRM_ALPHA) -> float:
-    """The one-sided z of each of `sequences` fixed-sequence tests whose accepted answers compete (stage 3's
-    greedy and Pareto): level alpha / sequences each (Bonferroni), so that whichever accepted answer is
-    shipped is over budget with probability at most alpha."""
+    """The one-sided z of each of `sequences` fixed-sequence tests whose accepted answers compete: level
+    alpha / sequences each (Bonferroni), so that whichever accepted answer is shipped is over budget with
+    probability at most alpha. Stage 3 chains its two sequences instead (``confirm_chain``), at the full alpha."""
     return statistics.NormalDist().inv_cdf(1.0 - alpha / max(1, sequences))
 
 
@@ -125,6 +127,47 @@ def confirm_sequence(sequence, evaluate: Callable, max_drop: float, z: float = C
     return {"accepted": accepted, "config": dict(sequence[accepted]) if accepted >= 0 else None,
             "measured": measured, "first_failure": first_failure, "tested": tested,
             "evaluations": evaluations, "z": float(z), "stopped_by": stopped_by}
+
+
+def confirm_chain(parts, evaluate: Callable, max_drop: float, z: float = CONFIRM_Z,
+                  max_evaluations: int | None = None) -> list[dict]:
+    """Serial gatekeeping: the sequences in ``parts`` (each fixed before the confirm images were seen) tested as
+    *one* fixed sequence, part after part, with ``confirm_sequence``. A later part is reached only when every
+    configuration of the parts before it passed, so the family-wise error is that of one fixed sequence
+    (``alpha``, not ``alpha`` per part) and no level is split between the parts (Bonferroni would test each of
+    two at ``alpha / 2``). The accepted configuration is the chain's last pass before its first failure.
+
+    Returns one result per part, in ``confirm_sequence``'s form with indices within the part, plus
+    ``"reached"`` (whether its first configuration was tested; a part that is empty or not reached has
+    ``accepted`` -1 and nothing tested). ``evaluations`` counts the part's own (a configuration equal to one
+    tested earlier in the chain is not evaluated again); ``stopped_by`` is the chain's."""
+    parts = [list(p) for p in parts]
+    flat = [c for p in parts for c in p]
+    measured = {}
+
+    def remember(config):
+        m = measured[config_key(config)] = evaluate(config)
+        return m
+    c = confirm_sequence(flat, remember, max_drop, z, max_evaluations)
+    first = {}
+    for i, config in enumerate(flat):
+        first.setdefault(config_key(config), i)
+    evaluated = sorted(first[k] for k in measured)   # where each evaluation happened (repeats are not evaluated)
+    out, start = [], 0
+    for p in parts:
+        stop = start + len(p)
+        tested = [dict(t, index=t["index"] - start) for t in c["tested"] if start <= t["index"] < stop]
+        accepted = c["accepted"] - start if c["accepted"] >= start else -1
+        accepted = min(accepted, len(p) - 1)
+        ff = c["first_failure"]
+        out.append({"accepted": accepted, "config": dict(p[accepted]) if accepted >= 0 else None,
+                    "measured": measured[config_key(p[accepted])] if accepted >= 0 else None,
+                    "first_failure": ff - start if ff is not None and start <= ff < stop else None,
+                    "tested": tested, "reached": bool(tested),
+                    "evaluations": sum(start <= i < stop for i in evaluated),
+                    "z": c["z"], "stopped_by": c["stopped_by"]})
+        start = stop
+    return out
 
 
 def greedy_sequence(result: dict, start_config: dict) -> list[dict]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quant.confirm import CONFIRM_Z, confirm_sequence, greedy_sequence
+from quant.confirm import CONFIRM_Z, confirm_sequence, greedy_sequence, thin_sequence
 from quant.search import Measured, greedy_search
 from quant.stats import Budget
 from quant.widths import FLOAT_BITS, W
@@ -211,10 +211,11 @@ class SimulatedNetwork:
 
 def run_trial(structure: str, seed: int, z_search: float, search_size: int = SEARCH_SIZE,
               confirm_size: int = CONFIRM_SIZE, confirm_z: float = CONFIRM_Z, report_size: int = REPORT_SIZE,
-              max_drop: float = MAX_DROP) -> dict:
+              max_drop: float = MAX_DROP, confirm_step: float = 0.0) -> dict:
     """Stage 2 (each group alone) and the project's greedy_search with Budget(max_drop, z_search) on
-    the search split, then (confirm_size > 0) confirm_sequence on the greedy's trajectory on the
-    confirm split. ``confirm_size`` 0 is the old pipeline: the search's answer is accepted as is.
+    the search split, then (confirm_size > 0) confirm_sequence on the greedy's trajectory, thinned to
+    ``confirm_step`` (stage 3's ``--confirm-step``), on the confirm split. ``confirm_size`` 0 is the old
+    pipeline: the search's answer is accepted as is.
 
     Returns the accepted configuration with its exact true drop (points), whether that exceeds the
     budget, P(drop on a fresh report set of ``report_size`` > budget), P(drop on a fresh split of
@@ -226,7 +227,7 @@ def run_trial(structure: str, seed: int, z_search: float, search_size: int = SEA
     g = greedy_search({grp: W_LADDER for grp in GROUPS}, bytes_of, lambda grp, b: est[grp, b],
                       lambda cfg: net.evaluate(cfg, "search"), budget, score_eps=SCORE_EPS, ai_of=ai_of)
     search_config = g["config"]
-    sequence = greedy_sequence(g, FLOAT_CONFIG)
+    sequence = thin_sequence(greedy_sequence(g, FLOAT_CONFIG), ai_of, confirm_step)
     if confirm_size > 0:
         c = confirm_sequence(sequence, lambda cfg: net.evaluate(cfg, "confirm"), max_drop, confirm_z)
         accepted = c["config"] if c["config"] is not None else dict(FLOAT_CONFIG)
@@ -235,7 +236,7 @@ def run_trial(structure: str, seed: int, z_search: float, search_size: int = SEA
         accepted, index, confirm_evals = search_config, len(sequence) - 1, 0
     d, f = net.truth(accepted)
     sd, _ = net.truth(search_config)
-    return dict(structure=structure, seed=seed, z_search=z_search, config=accepted, true_drop=100 * d, flip_rate=f,
+    return dict(structure=structure, seed=seed, z_search=z_search, confirm_step=confirm_step, config=accepted, true_drop=100 * d, flip_rate=f,
                 over=100 * d > max_drop, report_exceed=exceedance(d, f, report_size, max_drop),
                 fresh_exceed=exceedance(d, f, search_size, max_drop),
                 ai_gain=ai_of(accepted) / FLOAT_AI, search_ai_gain=ai_of(search_config) / FLOAT_AI,

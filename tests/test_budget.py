@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import simulated_network as sim
-from quant.confirm import CONFIRM_Z, confirm_sequence, frontier_sequence, greedy_sequence, thin_sequence
+from quant.confirm import CONFIRM_Z, confirm_chain, confirm_sequence, frontier_sequence, greedy_sequence, thin_sequence
 from quant.search import FrontierPoint, Measured, greedy_search
 from quant.stats import (BUDGET_Z, FEASIBILITY_TOL, Z95, Budget, PairedDrop, bootstrap_drop_interval,
                          paired_drop, wilson_interval)
@@ -305,6 +305,31 @@ def test_confirm_empty_repeats_and_bad_arguments():
             confirm_sequence(_seq(1), ev, **bad)
 
 
+def test_confirm_chain_reaches_a_part_only_after_every_earlier_configuration_passed():
+    """confirm_chain tests its parts as one fixed sequence at the full z: a failure in the first part leaves the
+    second unreached (nothing tested, nothing accepted, nothing evaluated); a first part that passes entirely
+    opens the second, whose indices are its own; a configuration repeated from the first part is not evaluated
+    again; an empty part is not reached; one part alone is confirm_sequence."""
+    vals = [(0.1, 0.1), (0.2, 0.1), (1.2, 0.1), (0.3, 0.1), (0.4, 0.1), (2.0, 0.1)]
+    ev = _Scripted(vals)
+    g, p = confirm_chain([_seq(3), [{(W, "a"): 3}, {(W, "a"): 4}]], ev, 1.0)
+    assert g["accepted"] == 1 and g["first_failure"] == 2 and g["reached"] and g["evaluations"] == 3
+    assert not p["reached"] and p["tested"] == [] and p["accepted"] == -1 and p["config"] is None
+    assert p["evaluations"] == 0 and ev.calls == [0, 1, 2] and g["z"] == p["z"] == CONFIRM_Z
+    ev = _Scripted(vals)
+    g, p = confirm_chain([_seq(2), [{(W, "a"): 1}, {(W, "a"): 3}, {(W, "a"): 4}, {(W, "a"): 5}]], ev, 1.0)
+    assert g["accepted"] == 1 and g["first_failure"] is None and g["measured"].drop == 0.2
+    assert p["reached"] and p["accepted"] == 2 and p["config"] == {(W, "a"): 4} and p["measured"].drop == 0.4
+    assert p["first_failure"] == 3 and [t["index"] for t in p["tested"]] == [0, 1, 2, 3]
+    assert ev.calls == [0, 1, 3, 4, 5] and g["evaluations"] == 2 and p["evaluations"] == 3   # {a: 1} once
+    g, p = confirm_chain([_seq(2), []], _Scripted(vals), 1.0)
+    assert g["accepted"] == 1 and not p["reached"] and p["accepted"] == -1
+    (alone,) = confirm_chain([_seq(5)], _Scripted(vals), 1.0)
+    ref = confirm_sequence(_seq(5), _Scripted(vals), 1.0)
+    assert {k: alone[k] for k in ref if k != "measured"} == {k: ref[k] for k in ref if k != "measured"}
+    assert alone["measured"] == ref["measured"]
+
+
 def test_fixed_sequence_keeps_5_percent_where_stepping_back_does_not():
     """The docstring's argument, measured: 4 configurations well within budget (true drop 0), then 8
     just over it (true drop 1.05), each measured with SE 0.25 and independent errors. Fixed-sequence
@@ -535,9 +560,12 @@ def test_budget_simulation_benchmark_runs(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "sim.json"
-    rows = mod.main(["--seeds", "6", "--z", "0", "1", "--json", str(out)])
+    rows = mod.main(["--seeds", "6", "--z", "0", "1", "--confirm-steps", "0", "0.05", "--json", str(out)])
     r = json.loads(out.read_text())
-    assert len(rows) == len(r["rows"]) == 2 * (2 + 2) and r["recommended_z_search"] in (0.0, 1.0, None)
+    assert len(rows) == len(r["rows"]) == 2 * (2 * 2 + 2) and r["recommended_z_search"] in (0.0, 1.0, None)
+    assert r["recommended_confirm_step"] in (0.0, 0.05, None) and r["confirm_steps"] == [0.0, 0.05]
+    thinned = [x for x in r["rows"] if x["confirm_step"] == 0.05]
+    assert len(thinned) == 4 and all(x["confirm_z"] == pytest.approx(CONFIRM_Z) for x in thinned)
     for row in r["rows"]:
         assert row["seeds"] == 6 and 0 <= row["p_true_over"] <= 1 and 0 <= row["report_exceed"] <= 1
         assert row["ai_gain"] >= 1 and (row["confirm_size"] == 0) == (row["confirm_evaluations"] == 0)

@@ -16,6 +16,7 @@ import torch
 
 from conftest import COMMON, QUICK_BITS, QUICK_VAL_SIZE, REPO, SUBPROCESS_ENV, run_script
 from models import build_model, resnet20
+from quant.confirm import CONFIRM_Z
 from quant.cost import CostModel, kernel_table
 from quant.widths import FLOAT_BITS, FORMAT, A, W
 from utils.io import SCHEMA_VERSIONS, sha256_file
@@ -174,11 +175,28 @@ def test_stage2_per_layer_table(pipeline, table, names):
 
 # ---------------------------------------------------------------- stage 3
 
+def check_chain(r, table):
+    """The confirm chain: the Pareto part holds only candidates above the greedy sequence's last AI, in rising AI,
+    and is tested only when every greedy configuration passed; its answer then has more AI than the greedy's."""
+    g, p = r["greedy"], r["pareto"]
+    gc, pc = g["confirm"], p["confirm"]
+    passed_all = gc["first_failure"] is None and len(gc["tested"]) == gc["sequence"]
+    assert pc["reached"] == (passed_all and pc["sequence"] > 0)
+    if not pc["reached"]:
+        assert pc["tested"] == [] and pc["accepted"] == -1 and not p["confirm_passed"]
+        assert p["ai"] == pytest.approx(r["fp32_ai"]) and "why_float" in p
+    else:
+        assert p["ai"] > g["ai"] or not p["confirm_passed"]
+    assert gc["evaluations"] <= len(gc["tested"]) and pc["evaluations"] <= len(pc["tested"])
+    assert r["best"] == max(("greedy", "pareto"), key=lambda m: (r[m]["ai"], r[m]["val_acc"]))
+
+
 def check_search(r, res2, table, names, joint):
     """What both runs' 03_search.json must satisfy."""
     # the search's own margin is smaller when the confirm step carries the guarantee (README)
     assert r["max_drop"] == 1.0 and r["budget"]["z"] == r["search_margin"]["z"] == 0.0 and r["joint"] is joint
-    assert r["confirm_z"] == pytest.approx(1.96, abs=1e-3)   # two sequences confirmed, the better one shipped
+    # both searches confirmed as one chain (greedy, then Pareto above it) at the one-sequence level
+    assert r["confirm_z"] == pytest.approx(CONFIRM_Z) and r["confirm_chain"]["order"] == ["greedy", "pareto"]
     assert r["baseline_val_acc"] == res2["baseline_val_acc"]
     assert r["bits"] == sorted(res2["bits"], reverse=True) or r["bits"] == res2["bits"]   # taken from stage 2
     assert [l["name"] for l in r["layers"]] == names
@@ -221,6 +239,7 @@ def check_search(r, res2, table, names, joint):
     assert p["search_answer"]["ai"] >= answer["ai"] - 1e-9 and holds(r, p["search_answer"])
     assert p["ai"] == pytest.approx(FUSED.ai(table, table.space.parse(p["config"])), rel=1e-12)
     assert p["ai"] <= p["search_answer"]["ai"] + 1e-9 and p["confirm"]["z"] == r["confirm_z"]
+    check_chain(r, table)
     front = p["frontier"]
     assert len(front) >= 2 and p["frontier_size"] >= len(front)
     assert all(b["estimated"] >= a["estimated"] - 1e-12 and b["ai"] > a["ai"] for a, b in zip(front, front[1:]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quant.confirm import confirm_sequence, confirm_z, frontier_sequence, greedy_sequence, thin_sequence
+from quant.confirm import CONFIRM_Z, confirm_chain, frontier_sequence, greedy_sequence, thin_sequence
 from quant.cost import CostModel, bitops
 from quant.recipe import Recipe
 from quant.search import (EvalCache, Measured, audit_pruning, greedy_search, most_accurate_above, pareto_frontier,
@@ -37,7 +37,9 @@ QUICK_MAX_EVALUATIONS = 40
 # of the search's size within budget about 95% of the time.
 SEARCH_Z_WITH_CONFIRM = 0.0
 SEARCH_Z_WITHOUT_CONFIRM = BUDGET_Z
-FRONTIER_POINTS_SAVED = 300   # the frontier can have thousands of points: a thinned copy goes into the JSON
+FRONTIER_POINTS_SAVED = 300
+CHAIN_RULE = ("one fixed sequence at the full level: the greedy's trajectory, then the Pareto candidates with more AI "
+              "than its last configuration (reached only when every greedy configuration passed)")   # the frontier can have thousands of points: a thinned copy goes into the JSON
 
 
 def load_stage2(opts: SearchOptions):
@@ -163,8 +165,8 @@ def search_widths(opts: SearchOptions) -> dict:
     joint = bool(a_ladder)
     confirming = s.confirm_x is not None
     z = opts.z if opts.z is not None else (SEARCH_Z_WITH_CONFIRM if confirming else SEARCH_Z_WITHOUT_CONFIRM)
-    # both searches confirmed, the better answer shipped: each sequence at 5% / 2 keeps the shipped one at 5%
-    z_confirm = confirm_z(2 if method == "both" else 1)
+    # one fixed sequence at 5%, also when both searches run: the Pareto candidates follow the greedy's (a chain)
+    z_confirm = CONFIRM_Z
 
     # the greedy moves its base to the candidate it accepts: keep its candidates' activations (another --cache-gb)
     evaluator = s.evaluator(s.eval_x, s.eval_y, opts.eval_batch_size, cache_bytes=int(opts.cache_gb * 2 ** 30),
@@ -218,29 +220,30 @@ def search_widths(opts: SearchOptions) -> dict:
     confirm_eval = s.evaluator(s.confirm_x, s.confirm_y, opts.eval_batch_size,
                                cache_bytes=int(opts.cache_gb * 2 ** 30)) if confirming else None
 
-    def confirm(sequence, chain: bool) -> dict | None:
-        """Fixed-sequence test of `sequence` (fixed by the search) on the confirm images."""
-        if not confirming:
-            return None
-        base = confirm_eval.float_outcome
-        sequence = thin_sequence(sequence, ai_of, opts.confirm_step)
+    def measure_confirm(config) -> Measured:
+        # consecutive configurations differ in a few groups: move the cached prefix along
+        confirm_eval.set_base(config)
+        out = confirm_eval.base_outcome
+        pd = paired_drop(confirm_eval.float_outcome.correct, out.correct)
+        return Measured(out.accuracy, pd.drop, pd.se, pd.drop)
 
-        def measure_confirm(config) -> Measured:
-            if chain:   # consecutive configurations differ in a few groups: move the cached prefix along
-                confirm_eval.set_base(config)
-                out = confirm_eval.base_outcome
-            else:
-                out = confirm_eval.evaluate(config)
-            pd = paired_drop(base.correct, out.correct)
-            return Measured(out.accuracy, pd.drop, pd.se, pd.drop)
-        c = confirm_sequence(sequence, measure_confirm, opts.max_drop, z_confirm)
-        c["images"], c["sequence"] = confirm_eval.n, len(sequence)
-        return c
+    def confirm(sequences: dict) -> dict:
+        """The fixed sequences the search fixed ({name: configurations}), thinned, tested on the confirm images:
+        one sequence alone, or greedy then Pareto as one chain (quant.confirm.confirm_chain), the Pareto part
+        being its candidates above the greedy's last AI."""
+        seqs = {m: thin_sequence(q, ai_of, opts.confirm_step) for m, q in sequences.items()}
+        if len(seqs) == 2:
+            top = ai_of(seqs["greedy"][-1]) if seqs["greedy"] else ai_of(float_cfg)
+            seqs["pareto"] = thin_sequence([c for c in sequences["pareto"] if ai_of(c) > top], ai_of,
+                                           opts.confirm_step)
+        parts = confirm_chain(list(seqs.values()), measure_confirm, opts.max_drop, z_confirm)
+        for c, q in zip(parts, seqs.values()):
+            c["images"], c["sequence"] = confirm_eval.n, len(q)
+        return dict(zip(seqs, parts))
 
-    def answer(search_cfg, search_m, sequence, chain, **extra) -> dict:
+    def answer(search_cfg, search_m, c, sequence_length, **extra) -> dict:
         """The searched entry: the configuration the confirm step accepts (the search's own answer without
         one), its search-split and confirm-split numbers, and the search's answer before confirmation."""
-        c = confirm(sequence, chain)
         if c is None:
             return describe(search_cfg, search_m, confirm_drop=None, confirm_drop_se=None, confirm_acc=None,
                             confirm_passed=None, confirm_images=0, confirm=None, **extra)
@@ -251,7 +254,8 @@ def search_widths(opts: SearchOptions) -> dict:
                          confirm_passed=cm_ is not None, confirm_images=c["images"], **extra)
         entry["confirm"] = {"z": c["z"], "rule": f"confirm drop + {c['z']:.3f} x SE <= {opts.max_drop}, tested in "
                                                  f"the order the search fixed; the last pass before the first failure",
-                            "sequence": c["sequence"], "search_sequence": len(sequence), "ai_step": opts.confirm_step,
+                            "sequence": c["sequence"], "search_sequence": sequence_length,
+                            "ai_step": opts.confirm_step, "reached": c["reached"],
                             "accepted": c["accepted"], "first_failure": c["first_failure"],
                             "evaluations": c["evaluations"], "tested": c["tested"],
                             "cut_back": accepted != search_cfg}
@@ -281,6 +285,7 @@ def search_widths(opts: SearchOptions) -> dict:
                            "segment": header["segments"][t]} for t in space.tensors],
               "greedy": None, "pareto": None}
     greedy_cfg = None
+    searched, notes = {}, {}   # method -> (search answer, its Measured, the fixed sequence, entry fields); summaries
     min_ai = getattr(opts, "min_ai", None)
     if min_ai is not None:
         result["min_ai"] = min_ai_search(opts, result, frontier_options(ladders, bytes_of, lambda grp, b: est(sig, grp, b)),
@@ -306,13 +311,13 @@ def search_widths(opts: SearchOptions) -> dict:
         greedy_cfg = g["config"]
         if opts.audit_pruning:
             result["pruning_audit"] = audit_pruning(g["skipped_moves"], cache, budget, opts.audit_pruning, s.seed)
-        result["greedy"] = answer(greedy_cfg, g["measured"], greedy_sequence(g, float_cfg), True,
-                                  evaluations=g["evaluations"], steps=g["steps"], stopped_by=g["stopped_by"],
-                                  pruned_moves=g["pruned_moves"], infeasible_evaluations=g["infeasible_evaluations"],
-                                  trajectory=g["trajectory"])
-        print(f"greedy: AI {g['ai']:.2f} at {g['measured'].acc:.2f}% after {g['steps']} steps, "
-              f"{g['evaluations']} evaluations" + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else "")
-              + confirmed_note(result["greedy"]))
+        searched["greedy"] = (greedy_cfg, g["measured"], greedy_sequence(g, float_cfg),
+                              dict(evaluations=g["evaluations"], steps=g["steps"], stopped_by=g["stopped_by"],
+                                   pruned_moves=g["pruned_moves"], infeasible_evaluations=g["infeasible_evaluations"],
+                                   trajectory=g["trajectory"]))
+        notes["greedy"] = (f"greedy: AI {g['ai']:.2f} at {g['measured'].acc:.2f}% after {g['steps']} steps, "
+                           f"{g['evaluations']} evaluations"
+                           + (f"; stopped by --max-evaluations {cap}" if g["stopped_by"] else ""))
 
     if min_ai is None and method in ("pareto", "both"):
         t = time.time()
@@ -327,25 +332,30 @@ def search_widths(opts: SearchOptions) -> dict:
         answer_ai = ai_of(p["config"])
         seq = frontier_sequence([v["config"] for v in p["verified"] if v["feasible"] and v["ai"] < answer_ai]
                                 + [p["config"]], ai_of)
-        result["pareto"] = answer(
-            p["config"], p["measured"], seq, False, source=p["source"], evaluations=p["evaluations"],
+        searched["pareto"] = (p["config"], p["measured"], seq, dict(
+            source=p["source"], evaluations=p["evaluations"],
             note=p["note"], frontier_size=len(frontier), dp_seconds=dp_seconds,
             verified=[{"ai": v["ai"], "estimated": v["est"], "val_acc": v["measured"].acc, "drop": v["measured"].drop,
                        "drop_se": v["measured"].se, "feasible": v["feasible"],
                        "stopped_at": v["measured"].stopped_at} for v in p["verified"]],
             frontier=[{"ai": flops / (const + pt.bytes), "estimated": pt.est,
                        "estimated_drop": sum(est(drops, grp, b) for grp, b in pt.config.items()) if drops else None}
-                      for pt in thin(frontier, FRONTIER_POINTS_SAVED)])
-        print(f"pareto: {len(frontier)} frontier points ({dp_seconds:.2f} s); answer AI {p['ai']:.2f} at "
-              f"{p['measured'].acc:.2f}% ({p['source']}), {p['evaluations']} evaluations"
-              + (f"; {p['note']}" if p["note"] else "") + confirmed_note(result["pareto"]))
+                      for pt in thin(frontier, FRONTIER_POINTS_SAVED)]))
+        notes["pareto"] = (f"pareto: {len(frontier)} frontier points ({dp_seconds:.2f} s); answer AI {p['ai']:.2f} at "
+                           f"{p['measured'].acc:.2f}% ({p['source']}), {p['evaluations']} evaluations"
+                           + (f"; {p['note']}" if p["note"] else ""))
 
+    confirmed = confirm({m: q[2] for m, q in searched.items()}) if confirming and searched else {}
+    for m, (cfg, meas, seq, extra) in searched.items():
+        result[m] = answer(cfg, meas, confirmed.get(m), len(seq), **extra)
+        print(notes[m] + confirmed_note(result[m]))
+    if len(confirmed) == 2:
+        result["confirm_chain"] = {"order": ["greedy", "pareto"], "rule": CHAIN_RULE, "z": z_confirm}
     ran = [m for m in ("greedy", "pareto") if result[m]]
     result["best"] = max(ran, key=lambda m: (result[m]["ai"], result[m]["val_acc"])) if ran else None
     for m in ran:
         if result[m]["ai"] == result["fp32_ai"]:
-            result[m]["why_float"] = (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE "
-                                      f"<= {budget.max_drop}) on {evaluator.n} search images")
+            result[m]["why_float"] = why_float(result[m], budget, evaluator.n)
     result["evaluations"] = cache.count
     if early:
         result["early_stop"].update(stopped=len(stopped), images_evaluated=sum(stopped),
@@ -395,10 +405,25 @@ def min_ai_search(opts: SearchOptions, result, options, cache, ai_of, describe, 
                     "that reach the AI; no budget, no confirm cut-back"}
 
 
+def why_float(entry: dict, budget: Budget, images: int) -> str:
+    """Why a searched entry's answer is the float model."""
+    c = entry.get("confirm")
+    if c is not None and entry["search_answer"]["ai"] > entry["ai"]:
+        if not c["reached"]:
+            return ("the confirm chain did not reach its candidates: a configuration of the greedy's sequence "
+                    "failed first" if c["sequence"] else "it had no candidate above the greedy's AI to confirm")
+        return "its first candidate failed the confirm test"
+    return (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE <= {budget.max_drop}) on "
+            f"{images} search images")
+
+
 def confirmed_note(entry: dict) -> str:
     c = entry.get("confirm")
     if c is None:
         return "; no confirm split"
+    if not c["reached"]:
+        return ("; confirm chain: not reached (the greedy's sequence failed first), so the answer is float"
+                if c["sequence"] else "; confirm chain: no candidate above the greedy's AI, so the answer is float")
     if not entry["confirm_passed"]:
         return f"; confirm split: the first configuration of {c['sequence']} failed, so the answer is float"
     cut = f", cut back to step {c['accepted'] + 1} of {c['sequence']}" if c["cut_back"] else ""
