@@ -53,3 +53,21 @@ def loss_aware_ranges(model, table, ranges: dict, x_u8: torch.Tensor, normalize,
         if progress is not None:
             progress(name)
     return out, chosen
+
+
+def rescaled(ranges: dict, multipliers: dict, tensors) -> tuple[dict, dict] | None:
+    """``loss_aware_ranges``' result from multipliers it chose before ({tensor: {bits: multiplier}}, as recorded):
+    each listed tensor's MSE scale times its recorded multiplier, the same product, without the search. None when
+    the record lacks a listed (tensor, width) of `ranges`, so the caller searches instead."""
+    chosen = {}
+    for name in tensors:
+        for b in ranges[name]["scales"]:
+            m = (multipliers.get(name) or {}).get(str(b))
+            if not isinstance(m, (int, float)) or not m > 0:
+                return None
+            chosen.setdefault(name, {})[b] = float(m)
+    out = {n: {**r, "scales": dict(r["scales"])} for n, r in ranges.items()}
+    for name, by_bits in chosen.items():
+        for b, m in by_bits.items():
+            out[name]["scales"][b] = ranges[name]["scales"][b] * m
+    return out, chosen

@@ -13,7 +13,7 @@ from quant.calibrate import calibrate
 from quant.cost import kernel_table
 from quant.errors import UserError
 from quant.evaluation import CachedEvaluator
-from quant.loss_aware import loss_aware_ranges
+from quant.loss_aware import loss_aware_ranges, rescaled
 from quant.recipe import Recipe
 from quant.widths import A
 
@@ -55,6 +55,21 @@ def test_each_range_is_the_grids_kl_minimizing_multiple_of_the_mse_range(net):
         loss_aware_ranges(net["model"], table, mse, net["x_u8"], NORM, multipliers=(1.0, 0.0))
 
 
+def test_recorded_multipliers_give_the_searched_ranges_exactly(net):
+    """rescaled() with the multipliers loss_aware_ranges chose reproduces its ranges bit for bit (the record's string
+    widths included); a record that lacks a listed tensor or width, or holds a non-positive multiplier, gives None."""
+    table = kernel_table(net["model"], "generic")
+    mse = calibrate(net["folded"], "generic", [net["x"]], [8, 4])
+    picked = ["conv1", "layer3.0.conv2"]
+    out, chosen = loss_aware_ranges(net["model"], table, mse, net["x_u8"], NORM, tensors=picked, multipliers=GRID)
+    record = json.loads(json.dumps(chosen))
+    again, same = rescaled(mse, record, picked)
+    assert again == out and same == chosen
+    assert rescaled(mse, {"conv1": record["conv1"]}, picked) is None
+    assert rescaled(mse, {**record, "conv1": {"8": record["conv1"]["8"]}}, picked) is None
+    assert rescaled(mse, {**record, "conv1": {"8": 1.0, "4": 0.0}}, picked) is None
+
+
 def test_a_tensor_at_its_base_width_cannot_be_rescaled(net):
     table = kernel_table(net["model"], "generic")
     ranges = calibrate(net["folded"], "generic", [net["x"]], [4])
@@ -91,11 +106,15 @@ def test_stage2_records_kl_ranges_and_stage3_follows(quick_stage1, tmp_path):
     run_script("2_per_layer_analysis.py", *args)
     mse = json.loads((results / "02_per_layer.json").read_text())
     run_script("2_per_layer_analysis.py", *args, "--act-calib", "kl")
-    run_script("3_greedy_search.py", *COMMON, "--dataset", "synthetic", "--val-size", QUICK_VAL_SIZE,
-               "--checkpoint-dir", s["checkpoints"], "--results-dir", results)
+    stage3 = run_script("3_greedy_search.py", *COMMON, "--dataset", "synthetic", "--val-size", QUICK_VAL_SIZE,
+                        "--checkpoint-dir", s["checkpoints"], "--results-dir", results)
     s2 = json.loads((results / "02_per_layer.json").read_text())
     s3 = json.loads((results / "03_search.json").read_text())
     cal = s2["activation_calibration"]
+    # stage 3 applies stage 2's multipliers to its own MSE ranges rather than searching them again
+    assert cal["multipliers_from"] == "searched here" and s3["activation_calibration"]["multipliers_from"] == "the record"
+    assert s3["activation_calibration"]["multipliers"] == cal["multipliers"]
+    assert "loss-aware tensor ranges" not in stage3.stderr
     assert s2["quantization"]["act_calib"] == "kl" and s3["quantization"]["act_calib"] == "kl"
     assert "then kl" in cal["method"] and s3["activation_calibration"]["tensors"] == cal["tensors"]
     logits = [t["name"] for t in s2["tensors"] if t.get("logits")]

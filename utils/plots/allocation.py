@@ -7,7 +7,8 @@ import numpy as np
 
 
 LABEL_LAYERS = 40   # above this many layers the bars carry no width labels
-from utils.plots.style import (FLOAT_BITS, SkipPlot, _groups, _layer_params, _new_figure, _num, _title,
+from quant.widths import FLOAT_BITS
+from utils.plots.style import (SkipPlot, _groups, _layer_params, _new_figure, _num, _title,
                                chosen_config, config_style, config_widths, layer_segments)
 
 def plot_bit_allocation(s03: dict, synthetic: bool = False, p02: dict | None = None) -> Figure:

@@ -8,7 +8,8 @@ import numpy as np
 
 
 TEXT_ROWS = 60   # beyond this many layers the cells carry colour only, and rows get thinner
-from utils.plots.style import (FLOAT_BITS, SkipPlot, _groups, _new_figure, _num, _title, layer_segments)
+from quant.widths import FLOAT_BITS
+from utils.plots.style import (SkipPlot, _groups, _new_figure, _num, _title, layer_segments)
 
 def plot_sensitivity(p02: dict, synthetic: bool = False) -> Figure:
     """Heatmap: accuracy drop with only one group changed, rows = weight layers and tensors by name

@@ -10,7 +10,8 @@ NOT_DIFFERENT_NAMES = (NOT_DIFFERENT, "higher AI at a statistically equal accura
 
 # ---------------------------------------------------------------------------------------------
 # Markdown summary
-from utils.plots.style import (FLOAT_BITS, SkipPlot, _fmt, _fp32_row, _layer_params, _max_drop, _num, _points,
+from quant.widths import FLOAT_BITS
+from utils.plots.style import (SkipPlot, _fmt, _fp32_row, _layer_params, _max_drop, _num, _points,
                                chosen_config, config_widths)
 
 def bits_summary(config: dict, layer_names=None, params: dict | None = None) -> str:

@@ -15,7 +15,7 @@ from quant.calibrate import METHOD as CALIBRATION_METHOD, calibrate
 from quant.cost import COST_MODELS, CostModel, FusedCost, KernelTable, kernel_table
 from quant.evaluation import DEFAULT_CACHE_BYTES, CachedEvaluator
 from quant.fold import fold_bn
-from quant.loss_aware import describe as describe_loss_aware, loss_aware_ranges
+from quant.loss_aware import describe as describe_loss_aware, loss_aware_ranges, rescaled
 from quant.adaround import AdaRoundSettings
 from quant.quantizer import WEIGHT_RANGES
 from quant.recipe import ACT_CALIBS, CORRECTIONS, DEFAULT_CORRECTION, DEFAULT_PTQ, PTQ_METHODS, Recipe
@@ -316,8 +316,10 @@ class Setup:
     def target(self) -> str:
         return self.table.target
 
-    def calibrate(self, widths, batch_size: int = 250) -> dict:
-        """Ranges of every tensor at `widths`, on the calibration images, in the folded float model."""
+    def calibrate(self, widths, batch_size: int = 250, multipliers: dict | None = None) -> dict:
+        """Ranges of every tensor at `widths`, on the calibration images, in the folded float model. Under
+        ``act_calib`` kl, `multipliers` (a record of an earlier stage's, {tensor: {bits: multiplier}}) are applied
+        to the MSE ranges instead of searching them again, when they cover every tensor and width."""
         widths = sorted({b for b in widths if b != FLOAT_BITS}, reverse=True)
         self.ranges, self.calibration = {}, None
         if not widths:
@@ -328,19 +330,21 @@ class Setup:
         self.calibration = {"method": CALIBRATION_METHOD, "images": len(self.calib_x), "set": "train",
                             "widths": widths}
         if self.recipe.act_calib == "kl":
-            self.ranges, multipliers = self._loss_aware()
+            narrowed = [name for name in self.ranges if self.recipe.narrows(self.space, (A, name))]
+            recorded = rescaled(self.ranges, multipliers, narrowed) if multipliers else None
+            self.ranges, chosen = recorded or self._loss_aware(narrowed)
             refined = describe_loss_aware(self.recipe.act_calib_images)
-            self.calibration.update(method=f"{CALIBRATION_METHOD}; then {refined}", multipliers=multipliers)
+            self.calibration.update(method=f"{CALIBRATION_METHOD}; then {refined}", multipliers=chosen,
+                                    multipliers_from="the record" if recorded else "searched here")
         self.calibration.update(seconds=time.time() - t, tensors=self.ranges)
         return self.ranges
 
-    def _loss_aware(self) -> tuple[dict, dict]:
-        """The MSE ranges rescaled by the output's KL (quant/loss_aware.py), every tensor the recipe narrows."""
+    def _loss_aware(self, narrowed) -> tuple[dict, dict]:
+        """The MSE ranges of the tensors `narrowed` rescaled by the output's KL (quant/loss_aware.py)."""
         n = self.recipe.act_calib_images
         if len(self.calib_x) < n:
             raise UserError(f"--act-calib kl needs {n} calibration images, and only {len(self.calib_x)} are loaded: "
                             f"lower --act-calib-images or raise --calib-images.")
-        narrowed = [name for name in self.ranges if self.recipe.narrows(self.space, (A, name))]
         with tqdm(total=len(narrowed), desc="loss-aware tensor ranges", unit="tensor") as bar:
             return loss_aware_ranges(self.model, self.table, self.ranges, self.calib_x[:n], self.normalize, narrowed,
                                      progress=lambda _: bar.update())

@@ -121,7 +121,8 @@ def create_baselines(opts: BaselineOptions) -> dict:
     candidates = with_ends(compared_configs(s3, s.space, w_widths, recipe), s.model, s.target, opts.keep_ends)
     if not any(s3.get(m) for m in SEARCHED):
         print(f"note: {s3_path} holds no searched configuration; comparing uniform widths only")
-    act = s.calibrate({a for _, cfg in candidates for a in tensors_of(cfg).values()})
+    act = s.calibrate({a for _, cfg in candidates for a in tensors_of(cfg).values()},
+                      multipliers=(s3.get("activation_calibration") or {}).get("multipliers"))
     s.learn_levels({(n, b) for _, cfg in candidates for n, b in weights_of(cfg).items()})
 
     # The same (BN-folded) evaluation as stages 2-3, so fp32's search accuracy matches theirs.

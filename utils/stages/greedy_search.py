@@ -159,7 +159,7 @@ def search_widths(opts: SearchOptions) -> dict:
             (a_ladder and [t["name"] for t in s2.get("tensors") or []] != list(space.tensors)):
         raise UserError(f"{s2_path} describes other layers or tensors than {s.checkpoint} has. Re-run {PRODUCERS['2']}.")
     check_same_data(s2, s2_path, s, PRODUCERS["2"], opts.force)
-    s.calibrate(a_ladder)
+    s.calibrate(a_ladder, multipliers=(s2.get("activation_calibration") or {}).get("multipliers"))
     check_calibration(s2, s, s2_path, opts.force)
     s.learn_levels([(n, b) for n in space.layers for b in w_ladder])      # stage 2's, from the cache
     joint = bool(a_ladder)
