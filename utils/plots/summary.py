@@ -122,7 +122,7 @@ def summary_markdown(b04: dict, s03: dict | None = None, p02: dict | None = None
         if c.get("confirm_images"):
             confirm = (f", confirm drop {_fmt(c.get('confirm_drop'))} ± {_fmt(c.get('confirm_drop_se'))} on "
                        f"{c['confirm_images']} held-back images"
-                       + ("" if c.get("confirm_passed") else " (nothing passed: float)"))
+                       + ("" if c.get("confirm_passed") else " (nothing accepted: float)"))
         lines.append(f"- {c['name']}: search drop {_fmt(c.get('search_drop'))}{confirm}, test drop "
                      f"{_fmt(c.get('test_drop'))} {_ci(c.get('test_drop_ci95'))}: budget "
                      f"{'held' if c['budget_holds_on_test'] else 'NOT held'} on {report}.")
