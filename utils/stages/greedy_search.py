@@ -37,9 +37,9 @@ QUICK_MAX_EVALUATIONS = 40
 # of the search's size within budget about 95% of the time.
 SEARCH_Z_WITH_CONFIRM = 0.0
 SEARCH_Z_WITHOUT_CONFIRM = BUDGET_Z
-FRONTIER_POINTS_SAVED = 300
+FRONTIER_POINTS_SAVED = 300   # the frontier can have thousands of points: a thinned copy goes into the JSON
 CHAIN_RULE = ("one fixed sequence at the full level: the greedy's trajectory, then the Pareto candidates with more AI "
-              "than its last configuration (reached only when every greedy configuration passed)")   # the frontier can have thousands of points: a thinned copy goes into the JSON
+              "than its last configuration (reached only when every greedy configuration passed)")
 
 
 def load_stage2(opts: SearchOptions):
@@ -409,9 +409,10 @@ def why_float(entry: dict, budget: Budget, images: int) -> str:
     """Why a searched entry's answer is the float model."""
     c = entry.get("confirm")
     if c is not None and entry["search_answer"]["ai"] > entry["ai"]:
+        if not c["sequence"]:
+            return "it had no candidate above the greedy's AI to confirm"
         if not c["reached"]:
-            return ("the confirm chain did not reach its candidates: a configuration of the greedy's sequence "
-                    "failed first" if c["sequence"] else "it had no candidate above the greedy's AI to confirm")
+            return "the confirm chain did not reach its candidates: a configuration of the greedy's sequence failed first"
         return "its first candidate failed the confirm test"
     return (f"no single narrowing of any layer held the budget (drop + {budget.z:.2f} x SE <= {budget.max_drop}) on "
             f"{images} search images")
@@ -421,9 +422,10 @@ def confirmed_note(entry: dict) -> str:
     c = entry.get("confirm")
     if c is None:
         return "; no confirm split"
+    if not c["sequence"]:
+        return "; no candidate to confirm (of Pareto's, none above the greedy's AI), so the answer is float"
     if not c["reached"]:
-        return ("; confirm chain: not reached (the greedy's sequence failed first), so the answer is float"
-                if c["sequence"] else "; confirm chain: no candidate above the greedy's AI, so the answer is float")
+        return "; confirm chain: not reached (the greedy's sequence failed first), so the answer is float"
     if not entry["confirm_passed"]:
         return f"; confirm split: the first configuration of {c['sequence']} failed, so the answer is float"
     cut = f", cut back to step {c['accepted'] + 1} of {c['sequence']}" if c["cut_back"] else ""
