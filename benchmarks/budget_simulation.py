@@ -48,9 +48,10 @@ import simulated_network as sim  # noqa: E402
 DEFAULT_Z = (0.0, 0.5, 1.0, 1.645, 2.326)
 
 
-def run(structure, seeds, z_search, search_size, confirm_size, confirm_z, first_seed=0, confirm_step=0.0):
-    trials = [sim.run_trial(structure, s, z_search, search_size, confirm_size, confirm_z, confirm_step=confirm_step)
-              for s in range(first_seed, first_seed + seeds)]
+def run(structure, seeds, z_search, search_size, confirm_size, confirm_z, first_seed=0, confirm_step=0.0,
+        rule="greedy"):
+    trials = [sim.run_trial(structure, s, z_search, search_size, confirm_size, confirm_z, confirm_step=confirm_step,
+                            rule=rule) for s in range(first_seed, first_seed + seeds)]
     return sim.summarize(trials)
 
 
@@ -65,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--confirm-size", type=int, default=sim.CONFIRM_SIZE)
     ap.add_argument("--confirm-z", type=float, nargs="+", default=[CONFIRM_Z],
                     help="confirm levels to compare (default 1.645: one sequence at 5%%)")
+    ap.add_argument("--rules", nargs="+", default=["greedy"], choices=("greedy", "chain", "bonferroni"),
+                    help="which lists the confirm step tests: the greedy's alone (default), stage 3's chain of the "
+                         "greedy's and Pareto's, or both at 2.5%% each (z 1.96, --confirm-z unused)")
     ap.add_argument("--confirm-steps", type=float, nargs="+", default=[0.0], metavar="F",
                     help="confirm thinning steps to compare (stage 3's --confirm-step; default 0)")
     ap.add_argument("--no-old", action="store_true", help="leave out the old pipeline (no confirm step)")
@@ -78,35 +82,37 @@ def main(argv=None):
         ap.error("--confirm-steps must be >= 0")
 
     rows = []
-    header = (f"{'structure':<12} {'pipeline':<34} {'P(true>B)':>15} {'report>B':>8} {'fresh>B':>8} {'AI gain':>8} "
+    header = (f"{'structure':<12} {'pipeline':<40} {'P(true>B)':>15} {'report>B':>8} {'fresh>B':>8} {'AI gain':>8} "
               f"{'search AI':>9} {'cut back':>8} {'confirm evals':>13} {'s':>5}")
     print(f"budget 1.0 point; search {args.search_size} + confirm {args.confirm_size} images; report set "
           f"{sim.REPORT_SIZE}; {args.seeds} seeds per row")
     print(header)
-    plans = [(z, args.search_size, args.confirm_size, zc, f, f"confirm z_c={zc:.3f} F={f:g}, z_s={z:g}")
-             for z in args.z for zc in args.confirm_z for f in args.confirm_steps]
+    plans = [(z, args.search_size, args.confirm_size, zc, f, rule,
+              f"{rule} z_c={1.96 if rule == 'bonferroni' else zc:.3f} F={f:g}, z_s={z:g}")
+             for rule in args.rules for z in args.z for zc in args.confirm_z for f in args.confirm_steps]
     if not args.no_old:
         val = args.search_size + args.confirm_size
-        plans += [(BUDGET_Z, val, 0, 0.0, 0.0, f"old: z={BUDGET_Z:.3f} on {val}"),
-                  (0.0, val, 0, 0.0, 0.0, f"old: z=0 on {val}")]
+        plans += [(BUDGET_Z, val, 0, 0.0, 0.0, "greedy", f"old: z={BUDGET_Z:.3f} on {val}"),
+                  (0.0, val, 0, 0.0, 0.0, "greedy", f"old: z=0 on {val}")]
     for structure in args.structures:
-        for z, ss, cs, zc, f, label in plans:
+        for z, ss, cs, zc, f, rule, label in plans:
             t = time.perf_counter()
-            r = run(structure, args.seeds, z, ss, cs, zc, args.first_seed, f)
+            r = run(structure, args.seeds, z, ss, cs, zc, args.first_seed, f, rule)
             r.update(structure=structure, z_search=z, search_size=ss, confirm_size=cs, confirm_z=zc if cs else None,
-                     confirm_step=f if cs else None, label=label, seconds=round(time.perf_counter() - t, 2))
+                     confirm_step=f if cs else None, rule=rule if cs else None, label=label,
+                     seconds=round(time.perf_counter() - t, 2))
             rows.append(r)
             fresh = f"{100 * r['fresh_exceed']:.2f}%" if cs == 0 else "-"
-            print(f"{structure:<12} {label:<34} {100 * r['p_true_over']:6.2f}% ± {100 * r['p_true_over_se']:4.2f} "
+            print(f"{structure:<12} {label:<40} {100 * r['p_true_over']:6.2f}% ± {100 * r['p_true_over_se']:4.2f} "
                   f"{100 * r['report_exceed']:7.2f}% {fresh:>8} {r['ai_gain']:8.3f} "
                   f"{r['search_ai_gain']:9.3f} {100 * r['cut_back']:7.1f}% {r['confirm_evaluations']:13.2f} "
                   f"{r['seconds']:5.1f}", flush=True)
 
-    rec = recommend(rows, args.confirm_z[0], args.structures)
+    rec = recommend([r for r in rows if r["rule"] in (None, args.rules[0])], args.confirm_z[0], args.structures)
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "first_seed": args.first_seed,
                                          "report_size": sim.REPORT_SIZE, "max_drop": sim.MAX_DROP,
-                                         "confirm_z": args.confirm_z, "confirm_steps": args.confirm_steps,
+                                         "confirm_z": args.confirm_z, "confirm_steps": args.confirm_steps, "rules": args.rules,
                                          "recommended_z_search": rec and rec[0],
                                          "recommended_confirm_step": rec and rec[1], "rows": rows}, indent=1))
     return rows

@@ -34,8 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from quant.confirm import CONFIRM_Z, confirm_sequence, greedy_sequence, thin_sequence
-from quant.search import Measured, greedy_search
+from quant.confirm import (CONFIRM_Z, confirm_chain, confirm_sequence, frontier_sequence, greedy_sequence,
+                           thin_sequence)
+from quant.confirm import confirm_z as bonferroni_z
+from quant.search import Measured, greedy_search, pareto_frontier, verify_frontier
 from quant.stats import Budget
 from quant.widths import FLOAT_BITS, W
 
@@ -211,11 +213,16 @@ class SimulatedNetwork:
 
 def run_trial(structure: str, seed: int, z_search: float, search_size: int = SEARCH_SIZE,
               confirm_size: int = CONFIRM_SIZE, confirm_z: float = CONFIRM_Z, report_size: int = REPORT_SIZE,
-              max_drop: float = MAX_DROP, confirm_step: float = 0.0) -> dict:
+              max_drop: float = MAX_DROP, confirm_step: float = 0.0, rule: str = "greedy") -> dict:
     """Stage 2 (each group alone) and the project's greedy_search with Budget(max_drop, z_search) on
     the search split, then (confirm_size > 0) confirm_sequence on the greedy's trajectory, thinned to
     ``confirm_step`` (stage 3's ``--confirm-step``), on the confirm split. ``confirm_size`` 0 is the old
     pipeline: the search's answer is accepted as is.
+
+    ``rule`` "greedy" confirms the greedy's list alone at ``confirm_z``; "chain" and "bonferroni" also run stage
+    3's Pareto search (seeded by the greedy's answer, its verified frontier points as its list) and confirm both
+    lists: as one chain at ``confirm_z`` (quant.confirm.confirm_chain, the Pareto part above the greedy's last
+    AI), or each at 2.5% (z 1.96, quant.confirm.confirm_z(2); ``confirm_z`` unused), keeping the higher-AI answer.
 
     Returns the accepted configuration with its exact true drop (points), whether that exceeds the
     budget, P(drop on a fresh report set of ``report_size`` > budget), P(drop on a fresh split of
@@ -228,7 +235,10 @@ def run_trial(structure: str, seed: int, z_search: float, search_size: int = SEA
                       lambda cfg: net.evaluate(cfg, "search"), budget, score_eps=SCORE_EPS, ai_of=ai_of)
     search_config = g["config"]
     sequence = thin_sequence(greedy_sequence(g, FLOAT_CONFIG), ai_of, confirm_step)
-    if confirm_size > 0:
+    if confirm_size > 0 and rule != "greedy":
+        accepted, index, confirm_evals = _confirm_both(net, g, est, budget, sequence, rule, max_drop, confirm_z,
+                                                       confirm_step)
+    elif confirm_size > 0:
         c = confirm_sequence(sequence, lambda cfg: net.evaluate(cfg, "confirm"), max_drop, confirm_z)
         accepted = c["config"] if c["config"] is not None else dict(FLOAT_CONFIG)
         index, confirm_evals = c["accepted"], c["evaluations"]
@@ -241,8 +251,37 @@ def run_trial(structure: str, seed: int, z_search: float, search_size: int = SEA
                 fresh_exceed=exceedance(d, f, search_size, max_drop),
                 ai_gain=ai_of(accepted) / FLOAT_AI, search_ai_gain=ai_of(search_config) / FLOAT_AI,
                 search_true_drop=100 * sd, sequence_length=len(sequence), accepted_index=index,
-                cut_back=index < len(sequence) - 1, confirm_evaluations=confirm_evals,
+                cut_back=ai_of(accepted) < ai_of(search_config), confirm_evaluations=confirm_evals,
                 search_evaluations=g["evaluations"])
+
+
+def _confirm_both(net, g, est, budget, greedy_seq, rule, max_drop, confirm_z, confirm_step):
+    """Stage 3's Pareto search after the greedy, then both lists confirmed under `rule`: (accepted configuration,
+    its index in the greedy's list or -1 if it came from Pareto's or is float, confirm evaluations)."""
+    options = {grp: [(FLOAT_BITS, bytes_of(grp, FLOAT_BITS), 0.0)] + [(w, bytes_of(grp, w), est[grp, w]) for w in W_LADDER]
+               for grp in GROUPS}
+    search = lambda cfg: net.evaluate(cfg, "search")   # noqa: E731
+    p = verify_frontier(pareto_frontier(options), search, budget, ai_of, 24, seed_config=g["config"])
+    answer = p["config"] or dict(FLOAT_CONFIG)
+    pareto_seq = frontier_sequence([v["config"] for v in p["verified"] if v["feasible"] and v["ai"] < ai_of(answer)]
+                                   + [answer], ai_of)
+    confirm = lambda cfg: net.evaluate(cfg, "confirm")   # noqa: E731
+    if rule == "chain":
+        top = ai_of(greedy_seq[-1]) if greedy_seq else FLOAT_AI
+        tail = thin_sequence([c for c in pareto_seq if ai_of(c) > top], ai_of, confirm_step)
+        gc, pc = confirm_chain([greedy_seq, tail], confirm, max_drop, confirm_z)
+        evals = gc["evaluations"] + pc["evaluations"]
+    elif rule == "bonferroni":
+        z2 = bonferroni_z(2)
+        gc = confirm_sequence(greedy_seq, confirm, max_drop, z2)
+        pc = confirm_sequence(thin_sequence(pareto_seq, ai_of, confirm_step), confirm, max_drop, z2)
+        evals = gc["evaluations"] + pc["evaluations"]
+    else:
+        raise ValueError(f"rule must be greedy, chain or bonferroni, got {rule!r}")
+    best = max((c for c in (gc, pc) if c["config"] is not None), key=lambda c: ai_of(c["config"]), default=None)
+    if best is None:
+        return dict(FLOAT_CONFIG), -1, evals
+    return dict(best["config"]), gc["accepted"] if best is gc else -1, evals
 
 
 def summarize(trials) -> dict:

@@ -553,6 +553,21 @@ def test_search_margin_can_shrink(confirmed):
         assert diff.mean() > 2 * diff.std(ddof=1) / math.sqrt(n), (structure, diff.mean())
 
 
+def test_simulated_chain_never_accepts_less_than_the_greedys_list_alone():
+    """The chain tests the greedy's list first at the same z and reaches the Pareto part only after it, whose
+    candidates have more AI: per simulated network its answer has at least the AI of the greedy-only test's, and
+    both-at-2.5% (Bonferroni) confirms through the same code path."""
+    for structure in sim.STRUCTURES:
+        for seed in range(8):
+            alone = sim.run_trial(structure, seed, 0.0, 2000, 2000)
+            chain = sim.run_trial(structure, seed, 0.0, 2000, 2000, rule="chain")
+            split = sim.run_trial(structure, seed, 0.0, 2000, 2000, rule="bonferroni")
+            assert chain["ai_gain"] >= alone["ai_gain"] - 1e-12 and chain["confirm_evaluations"] >= alone["confirm_evaluations"]
+            assert split["ai_gain"] >= 1.0 and split["search_ai_gain"] == alone["search_ai_gain"]
+    with pytest.raises(ValueError, match="rule"):
+        sim.run_trial("shared", 0, 0.0, 2000, 2000, rule="both")
+
+
 def test_budget_simulation_benchmark_runs(tmp_path):
     """benchmarks/budget_simulation.py cannot rot: a few seeds, one margin, a JSON report with a row
     per (structure, pipeline) and the fields the README quotes."""
@@ -561,6 +576,8 @@ def test_budget_simulation_benchmark_runs(tmp_path):
     spec.loader.exec_module(mod)
     out = tmp_path / "sim.json"
     rows = mod.main(["--seeds", "6", "--z", "0", "1", "--confirm-steps", "0", "0.05", "--json", str(out)])
+    rules = mod.main(["--seeds", "4", "--z", "0", "--rules", "chain", "bonferroni", "--no-old"])
+    assert [r["rule"] for r in rules] == ["chain", "bonferroni"] * 2
     r = json.loads(out.read_text())
     assert len(rows) == len(r["rows"]) == 2 * (2 * 2 + 2) and r["recommended_z_search"] in (0.0, 1.0, None)
     assert r["recommended_confirm_step"] in (0.0, 0.05, None) and r["confirm_steps"] == [0.0, 0.05]
