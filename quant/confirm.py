@@ -170,6 +170,14 @@ def confirm_chain(parts, evaluate: Callable, max_drop: float, z: float = CONFIRM
     return out
 
 
+def chain_parts(greedy: list, pareto: list, ai_of: Callable, step: float = 0.0) -> list[list[dict]]:
+    """Stage 3's two lists as ``confirm_chain``'s parts: the greedy's, and the Pareto candidates with more AI than
+    its last configuration (all of Pareto's when the greedy's is empty, from float), each thinned to `step`."""
+    greedy = thin_sequence(greedy, ai_of, step)
+    top = ai_of(greedy[-1]) if greedy else None
+    return [greedy, thin_sequence([c for c in pareto if top is None or ai_of(c) > top], ai_of, step)]
+
+
 def greedy_sequence(result: dict, start_config: dict) -> list[dict]:
     """The greedy's trajectory as a fixed sequence: the configuration after each step, from the
     all-float ``start_config`` (every group of the search at ``FLOAT_BITS``; a caller's base widths
@@ -195,6 +203,14 @@ def greedy_sequence(result: dict, start_config: dict) -> list[dict]:
         if any(last.get(g) != b for g, b in final.items()):
             raise ValueError("replaying the trajectory from the start config does not reach result['config']")
     return out
+
+
+def pareto_sequence(result: dict, ai_of) -> list[dict]:
+    """``verify_frontier``'s result (its answer in ``config``) as a fixed sequence: the frontier points it verified
+    within budget below the answer's AI, then the answer, in order of AI."""
+    answer_ai = ai_of(result["config"])
+    return frontier_sequence([v["config"] for v in result["verified"] if v["feasible"] and v["ai"] < answer_ai]
+                             + [result["config"]], ai_of)
 
 
 def frontier_sequence(points, ai_of) -> list[dict]:

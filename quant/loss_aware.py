@@ -38,7 +38,6 @@ def loss_aware_ranges(model, table, ranges: dict, x_u8: torch.Tensor, normalize,
     names = [n for n in (ranges if tensors is None else tensors) if ranges[n]["scales"]]
     ev = CachedEvaluator(model, table, x_u8, torch.zeros(len(x_u8), dtype=torch.long, device=x_u8.device),
                          normalize, ranges, batch_size=batch_size)
-    out = {n: {**r, "scales": dict(r["scales"])} for n, r in ranges.items()}
     chosen = {}
     for name in names:
         for b, s0 in ranges[name]["scales"].items():
@@ -46,13 +45,11 @@ def loss_aware_ranges(model, table, ranges: dict, x_u8: torch.Tensor, normalize,
             for m in multipliers:
                 ev.set_tensor_scale(name, int(b), s0 * m)
                 kl[m] = ev.evaluate({(A, name): int(b)}).kl
-            best = min(multipliers, key=lambda m: kl[m])   # the first of equal ones: the nearest to 1.0
+            chosen.setdefault(name, {})[b] = min(multipliers, key=lambda m: kl[m])   # ties: the first, nearest 1.0
             ev.set_tensor_scale(name, int(b), s0)           # the next tensor is chosen with this one float anyway
-            out[name]["scales"][b] = s0 * best
-            chosen.setdefault(name, {})[b] = best
         if progress is not None:
             progress(name)
-    return out, chosen
+    return rescaled(ranges, chosen, names)
 
 
 def rescaled(ranges: dict, multipliers: dict, tensors) -> tuple[dict, dict] | None:

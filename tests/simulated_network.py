@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quant.confirm import (CONFIRM_Z, confirm_chain, confirm_sequence, frontier_sequence, greedy_sequence,
-                           thin_sequence)
+from quant.confirm import (CONFIRM_Z, chain_parts, confirm_chain, confirm_sequence, greedy_sequence,
+                           pareto_sequence, thin_sequence)
 from quant.confirm import confirm_z as bonferroni_z
 from quant.search import Measured, greedy_search, pareto_frontier, verify_frontier
 from quant.stats import Budget
@@ -262,14 +262,10 @@ def _confirm_both(net, g, est, budget, greedy_seq, rule, max_drop, confirm_z, co
                for grp in GROUPS}
     search = lambda cfg: net.evaluate(cfg, "search")   # noqa: E731
     p = verify_frontier(pareto_frontier(options), search, budget, ai_of, 24, seed_config=g["config"])
-    answer = p["config"] or dict(FLOAT_CONFIG)
-    pareto_seq = frontier_sequence([v["config"] for v in p["verified"] if v["feasible"] and v["ai"] < ai_of(answer)]
-                                   + [answer], ai_of)
+    pareto_seq = pareto_sequence({**p, "config": p["config"] or dict(FLOAT_CONFIG)}, ai_of)
     confirm = lambda cfg: net.evaluate(cfg, "confirm")   # noqa: E731
-    if rule == "chain":
-        top = ai_of(greedy_seq[-1]) if greedy_seq else FLOAT_AI
-        tail = thin_sequence([c for c in pareto_seq if ai_of(c) > top], ai_of, confirm_step)
-        gc, pc = confirm_chain([greedy_seq, tail], confirm, max_drop, confirm_z)
+    if rule == "chain":   # greedy_seq is thinned already; thinning it again keeps it as it is
+        gc, pc = confirm_chain(chain_parts(greedy_seq, pareto_seq, ai_of, confirm_step), confirm, max_drop, confirm_z)
         evals = gc["evaluations"] + pc["evaluations"]
     elif rule == "bonferroni":
         z2 = bonferroni_z(2)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quant.confirm import CONFIRM_Z, confirm_chain, frontier_sequence, greedy_sequence, thin_sequence
+from quant.confirm import CONFIRM_Z, chain_parts, confirm_chain, greedy_sequence, pareto_sequence, thin_sequence
 from quant.cost import CostModel, bitops
 from quant.recipe import Recipe
 from quant.search import (EvalCache, Measured, audit_pruning, greedy_search, most_accurate_above, pareto_frontier,
@@ -231,11 +231,10 @@ def search_widths(opts: SearchOptions) -> dict:
         """The fixed sequences the search fixed ({name: configurations}), thinned, tested on the confirm images:
         one sequence alone, or greedy then Pareto as one chain (quant.confirm.confirm_chain), the Pareto part
         being its candidates above the greedy's last AI."""
-        seqs = {m: thin_sequence(q, ai_of, opts.confirm_step) for m, q in sequences.items()}
-        if len(seqs) == 2:
-            top = ai_of(seqs["greedy"][-1]) if seqs["greedy"] else ai_of(float_cfg)
-            seqs["pareto"] = thin_sequence([c for c in sequences["pareto"] if ai_of(c) > top], ai_of,
-                                           opts.confirm_step)
+        if len(sequences) == 2:
+            seqs = dict(zip(sequences, chain_parts(sequences["greedy"], sequences["pareto"], ai_of, opts.confirm_step)))
+        else:
+            seqs = {m: thin_sequence(q, ai_of, opts.confirm_step) for m, q in sequences.items()}
         parts = confirm_chain(list(seqs.values()), measure_confirm, opts.max_drop, z_confirm)
         for c, q in zip(parts, seqs.values()):
             c["images"], c["sequence"] = confirm_eval.n, len(q)
@@ -328,10 +327,7 @@ def search_widths(opts: SearchOptions) -> dict:
                             seed_config=greedy_cfg)
         if p["config"] is None:
             p.update(config=float_cfg, ai=ai_of(float_cfg), measured=cache(float_cfg), source="float")
-        # the fixed sequence: the frontier points the search verified within budget, in order of AI, then its answer
-        answer_ai = ai_of(p["config"])
-        seq = frontier_sequence([v["config"] for v in p["verified"] if v["feasible"] and v["ai"] < answer_ai]
-                                + [p["config"]], ai_of)
+        seq = pareto_sequence(p, ai_of)   # the verified frontier points below its answer, then the answer
         searched["pareto"] = (p["config"], p["measured"], seq, dict(
             source=p["source"], evaluations=p["evaluations"],
             note=p["note"], frontier_size=len(frontier), dp_seconds=dp_seconds,
